@@ -1,0 +1,122 @@
+"""The three generators of a DDL sublayer (SPEC §2): direction k, target v, gate β.
+
+k = k̃ / sqrt(‖k̃‖² + ε²)                        k̃ = the branch output h = F(c)
+v = W_v c                (value_head="paper")
+  = s·σ(W_v u + b_v)     (value_head="official", u = the un-normalised x_in, s = 4)
+β = 2σ(W_β c + b_β)      (gate="linear")
+  = 2σ(W₂ tanh(W₁ c + b₁) + b₂)                 (gate="mlp"), logits in fp32
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltalearn.ops import normalize_direction
+
+ValueHeadKind = Literal["paper", "official"]
+GateKind = Literal["linear", "mlp"]
+DirectionForm = Literal["l2", "rms"]
+
+VALUE_HEADS = ("paper", "official")
+GATES = ("linear", "mlp")
+DIRECTION_FORMS = ("l2", "rms")
+
+# β₀/2 is clamped away from 0 and 1 so that its logit is finite.
+_BETA_INIT_CLAMP = 1e-4
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def direction_rms(k_raw: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The precision-friendly form of §3.1: `RMSNorm(k̃; eps²/d) / sqrt(d)`.
+
+    Algebraically equal to `normalize_direction(k_raw, eps)`; the mean-square keeps fp16/bf16 sums
+    in range for wide d.
+    """
+    d = k_raw.shape[-1]
+    kf = k_raw.float()
+    k_hat = kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps * eps / d)
+    return (k_hat / math.sqrt(d)).to(k_raw.dtype)
+
+
+def direction(k_raw: torch.Tensor, eps: float = 1e-5, form: DirectionForm = "l2") -> torch.Tensor:
+    """Unit direction from an unnormalised proposal, in the exact L2 or the RMS form."""
+    _check_choice("form", form, DIRECTION_FORMS)
+    return normalize_direction(k_raw, eps) if form == "l2" else direction_rms(k_raw, eps)
+
+
+def beta_init_bias(beta_init: float) -> float:
+    """The gate's output bias that makes `2σ(bias) = beta_init` (clamped inside (0, 2))."""
+    if not 0.0 <= beta_init <= 2.0:
+        raise ValueError(f"beta_init must lie in [0, 2], got {beta_init}")
+    p = min(max(beta_init / 2.0, _BETA_INIT_CLAMP), 1.0 - _BETA_INIT_CLAMP)
+    return math.log(p / (1.0 - p))
+
+
+class ValueHead(nn.Module):
+    """Target `v ∈ R^{dv}` per token. `forward(c, u)`: c normalised context, u un-normalised x_in."""
+
+    def __init__(
+        self,
+        dim: int,
+        value_channels: int = 1,
+        kind: ValueHeadKind = "paper",
+        sigmoid_scale: float = 4.0,
+    ) -> None:
+        super().__init__()
+        _check_choice("value_head", kind, VALUE_HEADS)
+        self.kind = kind
+        self.sigmoid_scale = sigmoid_scale
+        self.proj = nn.Linear(dim, value_channels, bias=(kind == "official"))
+
+    def forward(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.kind == "paper":
+            return self.proj(c)
+        return self.sigmoid_scale * torch.sigmoid(self.proj(u))
+
+
+class GateHead(nn.Module):
+    """Gate `β = 2σ(g(c)) ∈ (0, 2)` per token, computed in fp32; returns shape `c.shape[:-1]`."""
+
+    def __init__(
+        self,
+        dim: int,
+        kind: GateKind = "linear",
+        hidden: int = 128,
+        beta_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_choice("gate", kind, GATES)
+        self.kind = kind
+        if kind == "linear":
+            self.hidden = None
+            self.out = nn.Linear(dim, 1)
+        else:
+            if hidden < 1:
+                raise ValueError(f"gate hidden size must be >= 1, got {hidden}")
+            self.hidden = nn.Linear(dim, hidden)
+            self.out = nn.Linear(hidden, 1)
+        self.beta_init = beta_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.out.bias.fill_(beta_init_bias(self.beta_init))
+
+    def logits(self, c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=c.device.type, enabled=False):
+            z = c.float()
+            if self.hidden is not None:
+                z = torch.tanh(F.linear(z, self.hidden.weight.float(), self.hidden.bias.float()))
+            return F.linear(z, self.out.weight.float(), self.out.bias.float()).squeeze(-1)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(self.logits(c))

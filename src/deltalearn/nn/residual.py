@@ -1,0 +1,233 @@
+"""DDL residual connections: the rewrite step (`DeltaUpdate`) and a drop-in wrapper (`DeltaResidual`).
+
+x_in = X                (dv = 1)       or   Compress(X)  (dv > 1)
+c    = RMSNorm(x_in)
+h    = F(c)                                                  the wrapped branch
+X'   = X + h                                                 rule="additive"
+     = X + β k (vᵀ − kᵀX),  k = h/‖h‖, v = v(c, x_in), β = β(c)   rule="delta"
+     = X + β k vᵀ                                            rule="write_only"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deltalearn.nn.generators import (
+    DirectionForm,
+    GateHead,
+    GateKind,
+    ValueHead,
+    ValueHeadKind,
+    _check_choice,
+    direction,
+)
+from deltalearn.nn.state import ChannelCompressor
+from deltalearn.ops import delta_rewrite, delta_rewrite_reference, write_only, write_only_reference
+
+Rule = Literal["additive", "delta", "write_only"]
+RULES = ("additive", "delta", "write_only")
+
+
+@dataclass
+class GateRecord:
+    """What one rewrite did, per token (detached). Shapes: `(...)` for β, `(..., dv)` otherwise
+    (`dv` squeezed away for a vector state)."""
+
+    beta: torch.Tensor
+    readout: torch.Tensor  # kᵀX before the write
+    target: torch.Tensor  # v
+    discrepancy: torch.Tensor  # v − kᵀX
+
+
+class DeltaUpdate(nn.Module):
+    """The Rewrite step of a DDL sublayer: owns the value and gate heads, applies the update rule.
+
+    `forward(X, h, c, u)`: state X `(..., d)` or `(..., d, dv)`, branch output h `(..., d)` (the raw
+    direction k̃), normalised context c and un-normalised sublayer input u (both `(..., d)`).
+    Set `record = True` to keep a `GateRecord` of the last call in `last_record`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        value_channels: int = 1,
+        *,
+        rule: Rule = "delta",
+        value_head: ValueHeadKind = "paper",
+        value_sigmoid_scale: float = 4.0,
+        gate: GateKind = "linear",
+        gate_hidden: int = 128,
+        beta_init: float = 1.0,
+        k_eps: float = 1e-5,
+        direction_form: DirectionForm = "l2",
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_choice("rule", rule, RULES)
+        if rule == "additive":
+            raise ValueError("DeltaUpdate has no parameters for rule='additive'; add h directly")
+        if value_channels < 1:
+            raise ValueError(f"value_channels must be >= 1, got {value_channels}")
+        if k_eps < 0:
+            raise ValueError(f"k_eps must be >= 0, got {k_eps}")
+        self.rule = rule
+        self.value_channels = value_channels
+        self.k_eps = k_eps
+        self.direction_form = direction_form
+        self.fused = fused
+        self.value = ValueHead(dim, value_channels, value_head, value_sigmoid_scale)
+        self.gate = GateHead(dim, gate, gate_hidden, beta_init)
+        self.record = False
+        self.last_record: GateRecord | None = None
+
+    def forward(
+        self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor
+    ) -> torch.Tensor:
+        k = direction(h, self.k_eps, self.direction_form)
+        beta = self.gate(c)
+        v = self.value(c, u)  # (..., dv)
+        if X.dim() == h.dim():  # vector state: scalar target
+            if self.value_channels != 1:
+                raise ValueError(
+                    f"a vector state {tuple(X.shape)} needs value_channels=1, "
+                    f"got {self.value_channels}"
+                )
+            v = v.squeeze(-1)
+        v = v.to(X.dtype)
+        if self.rule == "delta":
+            op = delta_rewrite if self.fused else delta_rewrite_reference
+        else:
+            op = write_only if self.fused else write_only_reference
+        out = op(X, k, beta, v)
+        if self.record:
+            self.last_record = _record(X, k, beta, v)
+        return out
+
+
+@torch.no_grad()
+def _record(X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor) -> GateRecord:
+    kf, Xf = k.float(), X.float()
+    if X.dim() == k.dim():
+        readout = (kf * Xf).sum(-1)
+    else:
+        readout = torch.einsum("...d,...dv->...v", kf, Xf)
+    return GateRecord(
+        beta=beta.detach().float(),
+        readout=readout,
+        target=v.detach().float(),
+        discrepancy=v.detach().float() - readout,
+    )
+
+
+class DeltaResidual(nn.Module):
+    """Wrap any residual branch `F: (..., dim) -> (..., dim)` as a DDL residual connection.
+
+    Args:
+        dim: width d of the branch input/output.
+        branch: the residual branch F (attention, MLP, conv-as-linear, ...).
+        value_channels: dv; 1 keeps an ordinary vector state `(..., dim)`, more needs a matrix state
+            `(..., dim, dv)` (see `repeat_expansion`) and uses `compressor` to read it.
+        rule: "delta" (DDL), "write_only" (the control) or "additive" (exactly `x + F(RMSNorm(x))`).
+        value_head, gate, gate_hidden, beta_init, k_eps, direction_form: the generators (SPEC §2).
+        compressor: module `(..., dim, dv) -> (..., dim)`; default a `ChannelCompressor` when dv > 1.
+        norm_eps: epsilon of the pre-norm RMSNorm.
+        fused: use the custom-autograd operator (default) or the plain reference.
+        record_gates: keep β, readout, target and discrepancy of the last call in `last_gates`.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        >>> layer = DeltaResidual(64, mlp)
+        >>> y = layer(torch.randn(8, 64))     # same shape; layer.last_gates holds β, readout, ...
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        branch: nn.Module,
+        value_channels: int = 1,
+        *,
+        rule: Rule = "delta",
+        value_head: ValueHeadKind = "paper",
+        value_sigmoid_scale: float = 4.0,
+        gate: GateKind = "linear",
+        gate_hidden: int = 128,
+        beta_init: float = 1.0,
+        k_eps: float = 1e-5,
+        direction_form: DirectionForm = "l2",
+        compressor: nn.Module | None = None,
+        norm_eps: float = 1e-6,
+        fused: bool = True,
+        record_gates: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_choice("rule", rule, RULES)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if value_channels < 1:
+            raise ValueError(f"value_channels must be >= 1, got {value_channels}")
+        self.dim = dim
+        self.value_channels = value_channels
+        self.rule = rule
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.branch = branch
+        if value_channels > 1 and compressor is None:
+            compressor = ChannelCompressor(dim, value_channels)
+        self.compressor = compressor
+        self.update: DeltaUpdate | None = None
+        if rule != "additive":
+            self.update = DeltaUpdate(
+                dim,
+                value_channels,
+                rule=rule,
+                value_head=value_head,
+                value_sigmoid_scale=value_sigmoid_scale,
+                gate=gate,
+                gate_hidden=gate_hidden,
+                beta_init=beta_init,
+                k_eps=k_eps,
+                direction_form=direction_form,
+                fused=fused,
+            )
+            self.update.record = record_gates
+
+    @property
+    def record_gates(self) -> bool:
+        return self.update is not None and self.update.record
+
+    @record_gates.setter
+    def record_gates(self, on: bool) -> None:
+        if self.update is not None:
+            self.update.record = on
+
+    @property
+    def last_gates(self) -> GateRecord | None:
+        """β, readout kᵀX, target v and discrepancy of the last call (None for additive or
+        when `record_gates` is off)."""
+        return None if self.update is None else self.update.last_record
+
+    def _check_state(self, X: torch.Tensor) -> None:
+        want = (self.dim,) if self.value_channels == 1 else (self.dim, self.value_channels)
+        if X.dim() < len(want) or tuple(X.shape[-len(want) :]) != want:
+            shape = "(..., dim)" if self.value_channels == 1 else "(..., dim, value_channels)"
+            raise ValueError(
+                f"state must have shape {shape} ending in {want}, got {tuple(X.shape)}"
+            )
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        self._check_state(X)
+        x_in = X if self.compressor is None else self.compressor(X)
+        c = self.norm(x_in)
+        h = self.branch(c)
+        if h.shape != x_in.shape:
+            raise ValueError(
+                f"branch must map (..., {self.dim}) to the same shape; got {tuple(h.shape)} "
+                f"for input {tuple(c.shape)}"
+            )
+        if self.update is None:
+            # Additive: a matrix state receives the branch output in every value channel.
+            return X + (h if self.value_channels == 1 else h.unsqueeze(-1))
+        return self.update(X, h, c, x_in)

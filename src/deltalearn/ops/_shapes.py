@@ -1,0 +1,72 @@
+"""Shape checks shared by every implementation of the operator.
+
+Index legend used across `deltalearn.ops`:
+    ...  any leading batch shape (tokens, batch, heads, ...)
+    d    state width (the direction k lives in R^d)
+    dv   value channels of a matrix state; a vector state has no dv axis
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, float64 when any input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_rewrite_inputs(
+    X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor
+) -> bool:
+    """Validate the four operands of a rewrite; return True for a matrix state `(..., d, dv)`.
+
+    The state is a matrix state exactly when `v` has one more axis than `beta` (a `dv` axis);
+    otherwise it is a vector state `(..., d)` and `v` has the shape of `beta`.
+    """
+    for name, t in (("X", X), ("k", k), ("beta", beta), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if k.dim() == 0 or X.dim() == 0:
+        raise ValueError(f"X and k need at least one axis (d); got X {_fmt(X)} and k {_fmt(k)}")
+    lead = k.shape[:-1]
+    d = k.shape[-1]
+    if beta.shape != lead:
+        raise ValueError(
+            f"beta must have the leading shape of k {tuple(lead)}, got beta {_fmt(beta)} "
+            f"(k {_fmt(k)})"
+        )
+    if X.shape == k.shape:
+        if v.shape != lead:
+            raise ValueError(
+                f"vector state X {_fmt(X)} needs a scalar target per row, v of shape "
+                f"{tuple(lead)}; got v {_fmt(v)}"
+            )
+        return False
+    if X.dim() == k.dim() + 1 and X.shape[:-1] == k.shape:
+        dv = X.shape[-1]
+        if v.shape != (*lead, dv):
+            raise ValueError(
+                f"matrix state X {_fmt(X)} needs v of shape {(*tuple(lead), dv)}; got v {_fmt(v)}"
+            )
+        return True
+    raise ValueError(
+        f"X {_fmt(X)} does not match k {_fmt(k)}: expected X of shape {_fmt(k)} (vector state) "
+        f"or {(*tuple(lead), d, 'dv')} (matrix state)"
+    )
+
+
+def check_direction_and_gate(k: torch.Tensor, beta: torch.Tensor) -> None:
+    if k.dim() == 0:
+        raise ValueError(f"k needs at least one axis (d); got k {_fmt(k)}")
+    if beta.shape != k.shape[:-1]:
+        raise ValueError(
+            f"beta must have the leading shape of k {tuple(k.shape[:-1])}, got beta {_fmt(beta)}"
+        )

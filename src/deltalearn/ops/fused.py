@@ -1,0 +1,123 @@
+"""The Delta rewrite as a custom autograd Function with a hand-written backward.
+
+Why: the reference path keeps every intermediate (readout, discrepancy, broadcast products) alive for
+autograd, several state-sized tensors per sublayer. This Function saves only X, k, beta and the tiny
+discrepancy e (dv numbers per row) and recomputes nothing state-sized twice.
+
+Derivation, matrix state (a vector state is the case dv = 1):
+    r = kᵀX,  e = v − r,  Y = X + β k eᵀ;     G = ∂L/∂Y,  s = kᵀG   (both (..., dv))
+    ∂L/∂X = G − β k sᵀ        ∂L/∂k = β (G e − X s)
+    ∂L/∂β = sᵀe               ∂L/∂v = β s
+Write-only control, Y = X + β k vᵀ:
+    ∂L/∂X = G   ∂L/∂k = β G v   ∂L/∂β = sᵀv   ∂L/∂v = β s
+Reductions (kᵀX, kᵀG, sᵀe) accumulate in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deltalearn.ops._shapes import accumulation_dtype, check_rewrite_inputs
+
+
+def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """kᵀX in (at least) fp32: (..., d), (..., d, dv) -> (..., dv)."""
+    acc = accumulation_dtype(k, X)
+    return torch.einsum("...d,...dv->...v", k.to(acc), X.to(acc))
+
+
+class _DeltaRewrite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor):
+        acc = accumulation_dtype(X, k, beta, v)
+        e = v.to(acc) - _readout(k, X)  # (..., dv), kept in the accumulation dtype
+        bf = beta.to(acc)
+        Y = X.to(acc) + bf[..., None, None] * k.to(acc)[..., :, None] * e[..., None, :]
+        ctx.save_for_backward(X, k, beta, e)
+        ctx.v_dtype = v.dtype
+        return Y.to(X.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, G: torch.Tensor):
+        X, k, beta, e = ctx.saved_tensors
+        need_X, need_k, need_beta, need_v = ctx.needs_input_grad
+        acc = e.dtype
+        Gf, kf, bf = G.to(acc), k.to(acc), beta.to(acc)
+        s = _readout(kf, Gf)  # kᵀG: (..., dv)
+        gX = gk = gb = gv = None
+        if need_X:
+            gX = (Gf - bf[..., None, None] * kf[..., :, None] * s[..., None, :]).to(X.dtype)
+        if need_k:
+            Ge = torch.einsum("...dv,...v->...d", Gf, e)
+            Xs = torch.einsum("...dv,...v->...d", X.to(acc), s)
+            gk = (bf[..., None] * (Ge - Xs)).to(k.dtype)
+        if need_beta:
+            gb = (s * e).sum(-1).to(beta.dtype)
+        if need_v:
+            gv = (bf[..., None] * s).to(ctx.v_dtype)
+        return gX, gk, gb, gv
+
+
+class _WriteOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor):
+        acc = accumulation_dtype(X, k, beta, v)
+        bf = beta.to(acc)
+        Y = X.to(acc) + bf[..., None, None] * k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
+        ctx.save_for_backward(k, beta, v)
+        ctx.X_dtype = X.dtype
+        return Y.to(X.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, G: torch.Tensor):
+        k, beta, v = ctx.saved_tensors
+        need_X, need_k, need_beta, need_v = ctx.needs_input_grad
+        acc = accumulation_dtype(G, k, beta, v)
+        Gf, kf, bf, vf = G.to(acc), k.to(acc), beta.to(acc), v.to(acc)
+        s = _readout(kf, Gf)
+        gX = G.to(ctx.X_dtype) if need_X else None
+        gk = (
+            (bf[..., None] * torch.einsum("...dv,...v->...d", Gf, vf)).to(k.dtype)
+            if need_k
+            else None
+        )
+        gb = (s * vf).sum(-1).to(beta.dtype) if need_beta else None
+        gv = (bf[..., None] * s).to(v.dtype) if need_v else None
+        return gX, gk, gb, gv
+
+
+def _apply(fn: type[torch.autograd.Function], X, k, beta, v) -> torch.Tensor:
+    matrix = check_rewrite_inputs(X, k, beta, v)
+    if matrix:
+        return fn.apply(X, k, beta, v)
+    # Vector state: the matrix case with dv = 1.
+    return fn.apply(X.unsqueeze(-1), k, beta, v.unsqueeze(-1)).squeeze(-1)
+
+
+def delta_rewrite(
+    X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """`X + beta·k·(vᵀ − kᵀX)` with a memory-lean hand-written backward.
+
+    Args:
+        X: state, `(..., d)` (vector) or `(..., d, dv)` (matrix).
+        k: direction `(..., d)`, assumed unit norm (see `normalize_direction`).
+        beta: gate `(...)`.
+        v: target, `(...)` for a vector state or `(..., dv)`.
+    Returns:
+        The rewritten state, shape and dtype of `X`.
+
+    Example:
+        >>> X = torch.randn(2, 8, 4); k = normalize_direction(torch.randn(2, 8))
+        >>> Y = delta_rewrite(X, k, torch.ones(2), torch.randn(2, 4))  # β=1: kᵀY == v
+    """
+    return _apply(_DeltaRewrite, X, k, beta, v)
+
+
+def write_only(
+    X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """`X + beta·k·vᵀ`: the write-only control (no read, no erase), same shapes as `delta_rewrite`."""
+    return _apply(_WriteOnly, X, k, beta, v)
