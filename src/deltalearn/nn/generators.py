@@ -112,11 +112,12 @@ class GateHead(nn.Module):
             self.out.bias.fill_(beta_init_bias(self.beta_init))
 
     def logits(self, c: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(c.dtype, torch.float32)  # at least fp32, float64 stays float64
         with torch.autocast(device_type=c.device.type, enabled=False):
-            z = c.float()
+            z = c.to(acc)
             if self.hidden is not None:
-                z = torch.tanh(F.linear(z, self.hidden.weight.float(), self.hidden.bias.float()))
-            return F.linear(z, self.out.weight.float(), self.out.bias.float()).squeeze(-1)
+                z = torch.tanh(F.linear(z, self.hidden.weight.to(acc), self.hidden.bias.to(acc)))
+            return F.linear(z, self.out.weight.to(acc), self.out.bias.to(acc)).squeeze(-1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return 2.0 * torch.sigmoid(self.logits(c))

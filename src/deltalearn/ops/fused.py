@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from deltalearn.ops._shapes import accumulation_dtype, check_rewrite_inputs
 
@@ -40,6 +41,7 @@ class _DeltaRewrite(torch.autograd.Function):
         return Y.to(X.dtype)
 
     @staticmethod
+    @once_differentiable  # the saved discrepancy e carries no graph back to v, X, k
     def backward(ctx: Any, G: torch.Tensor):
         X, k, beta, e = ctx.saved_tensors
         need_X, need_k, need_beta, need_v = ctx.needs_input_grad
@@ -71,6 +73,7 @@ class _WriteOnly(torch.autograd.Function):
         return Y.to(X.dtype)
 
     @staticmethod
+    @once_differentiable  # backward uses only saved tensors; second derivatives are not supported
     def backward(ctx: Any, G: torch.Tensor):
         k, beta, v = ctx.saved_tensors
         need_X, need_k, need_beta, need_v = ctx.needs_input_grad

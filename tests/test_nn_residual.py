@@ -1,0 +1,202 @@
+"""DeltaResidual and its generators: the three rules, the generators' forms, β₀ init, recording."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deltalearn.nn import (
+    ChannelCompressor,
+    DeltaResidual,
+    GateHead,
+    ValueHead,
+    beta_init_bias,
+    direction,
+    direction_rms,
+    repeat_expansion,
+)
+from deltalearn.ops import normalize_direction
+
+
+def _mlp(dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+
+def test_additive_rule_is_exactly_plain_prenorm_residual():
+    branch = _mlp(12)
+    layer = DeltaResidual(12, branch, rule="additive")
+    x = torch.randn(4, 5, 12)
+    expected = x + branch(nn.functional.rms_norm(x, (12,), layer.norm.weight, eps=1e-6))
+    assert torch.equal(layer(x), expected)
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"norm.weight"} | {f"branch.{n}" for n, _ in branch.named_parameters()}
+    assert layer.last_gates is None
+
+
+@pytest.mark.parametrize("value_head", ["paper", "official"])
+@pytest.mark.parametrize("gate", ["linear", "mlp"])
+def test_delta_rule_matches_the_spec_written_out(value_head, gate):
+    dim = 10
+    torch.manual_seed(1)
+    layer = DeltaResidual(dim, _mlp(dim), value_head=value_head, gate=gate, gate_hidden=6).double()
+    x = torch.randn(3, dim, dtype=torch.float64)
+    c = nn.functional.rms_norm(x, (dim,), layer.norm.weight, eps=1e-6)
+    h = layer.branch(c)
+    k = h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + 1e-10)
+    upd = layer.update
+    if value_head == "paper":
+        v = c @ upd.value.proj.weight.T
+    else:
+        v = 4 * torch.sigmoid(x @ upd.value.proj.weight.T + upd.value.proj.bias)
+    if gate == "linear":
+        logit = c @ upd.gate.out.weight.T + upd.gate.out.bias
+    else:
+        hid = torch.tanh(c @ upd.gate.hidden.weight.T + upd.gate.hidden.bias)
+        logit = hid @ upd.gate.out.weight.T + upd.gate.out.bias
+    beta = 2 * torch.sigmoid(logit)[..., 0]
+    v = v[..., 0]
+    expected = x + (beta * (v - (k * x).sum(-1)))[..., None] * k
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_write_only_rule_has_no_erase_term():
+    torch.manual_seed(2)
+    dim = 8
+    layer = DeltaResidual(dim, _mlp(dim), rule="write_only").double()
+    x = torch.randn(6, dim, dtype=torch.float64)
+    y = layer(x)
+    rec = layer.last_gates
+    k = normalize_direction(layer.branch(layer.norm(x)))
+    torch.testing.assert_close(y, x + (rec.beta * rec.target)[..., None] * k)
+    # Scaling the state along k changes nothing about the write: no read, no erase.
+    y2 = layer.update(x * 3, layer.branch(layer.norm(x)), layer.norm(x), x)
+    torch.testing.assert_close(y2 - 3 * x, y - x)
+
+
+def test_fused_and_reference_paths_agree_with_gradients():
+    torch.manual_seed(3)
+    dim, dv = 9, 4
+    fused = DeltaResidual(dim, _mlp(dim), dv, gate="mlp", gate_hidden=5).double()
+    plain = DeltaResidual(dim, _mlp(dim), dv, gate="mlp", gate_hidden=5, fused=False).double()
+    plain.load_state_dict(fused.state_dict())
+    X = repeat_expansion(torch.randn(2, 7, dim, dtype=torch.float64), dv)
+    X = X + 0.1 * torch.randn_like(X)
+    up = torch.randn_like(X)
+    out_f, out_p = fused(X), plain(X)
+    torch.testing.assert_close(out_f, out_p)
+    (out_f * up).sum().backward()
+    (out_p * up).sum().backward()
+    for (n, pf), (_, pp) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(pf.grad, pp.grad, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_matrix_state_recording_has_per_channel_shapes():
+    layer = DeltaResidual(16, _mlp(16), value_channels=4)
+    X = repeat_expansion(torch.randn(2, 3, 16), 4)
+    Y = layer(X)
+    assert Y.shape == X.shape
+    rec = layer.last_gates
+    assert rec.beta.shape == (2, 3)
+    assert rec.readout.shape == rec.target.shape == rec.discrepancy.shape == (2, 3, 4)
+    torch.testing.assert_close(rec.discrepancy, rec.target - rec.readout)
+    assert torch.all((rec.beta > 0) & (rec.beta < 2))
+
+
+def test_recording_can_be_switched_off():
+    layer = DeltaResidual(8, _mlp(8), record_gates=False)
+    layer(torch.randn(2, 8))
+    assert layer.last_gates is None
+    layer.record_gates = True
+    layer(torch.randn(2, 8))
+    assert layer.last_gates is not None
+
+
+@pytest.mark.parametrize("beta0", [0.0, 0.5, 1.0, 1.7, 2.0])
+def test_gate_starts_at_configured_beta(beta0):
+    gate = GateHead(12, beta_init=beta0)
+    nn.init.zeros_(gate.out.weight)
+    beta = gate(torch.randn(5, 12))
+    torch.testing.assert_close(beta, torch.full((5,), beta0), atol=3e-4, rtol=0)
+    assert math.isfinite(beta_init_bias(beta0))
+
+
+def test_gate_logits_are_fp32_under_bf16_input():
+    gate = GateHead(8, kind="mlp", hidden=4).to(torch.bfloat16)
+    beta = gate(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert beta.dtype == torch.float32
+
+
+def test_direction_forms_agree():
+    k_raw = torch.randn(7, 33, dtype=torch.float64) * 3
+    for eps in (0.0, 1e-5, 0.5):
+        torch.testing.assert_close(direction_rms(k_raw, eps), normalize_direction(k_raw, eps))
+        torch.testing.assert_close(direction(k_raw, eps, "rms"), direction(k_raw, eps, "l2"))
+
+
+def test_value_head_forms():
+    paper = ValueHead(6, 3, "paper")
+    official = ValueHead(6, 3, "official")
+    assert paper.proj.bias is None and official.proj.bias is not None
+    c, u = torch.randn(4, 6), torch.randn(4, 6)
+    v = official(c, u)
+    assert torch.all((v > 0) & (v < 4))
+    # the official head reads the un-normalised input u, the paper head the context c
+    assert not torch.allclose(official(c, 2 * u), v)
+    torch.testing.assert_close(official(2 * c, u), v)
+    torch.testing.assert_close(paper(2 * c, u), 2 * paper(c, u))
+
+
+def test_drop_in_resnet_trains():
+    torch.manual_seed(0)
+    dim = 16
+    net = nn.Sequential(*[DeltaResidual(dim, _mlp(dim)) for _ in range(4)])
+    x = torch.randn(64, dim)
+    target = torch.sin(x)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = (net(x) - target).pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+class TestBadInput:
+    def test_unknown_rule(self):
+        with pytest.raises(ValueError, match=r"rule must be one of .*'multiply'"):
+            DeltaResidual(8, _mlp(8), rule="multiply")
+
+    def test_unknown_value_head_and_gate(self):
+        with pytest.raises(ValueError, match="value_head"):
+            DeltaResidual(8, _mlp(8), value_head="nope")
+        with pytest.raises(ValueError, match="gate"):
+            DeltaResidual(8, _mlp(8), gate="nope")
+
+    def test_bad_beta_init(self):
+        with pytest.raises(ValueError, match=r"beta_init must lie in \[0, 2\], got 3"):
+            DeltaResidual(8, _mlp(8), beta_init=3)
+
+    def test_state_of_wrong_width(self):
+        with pytest.raises(ValueError, match=r"ending in \(8,\), got \(2, 9\)"):
+            DeltaResidual(8, _mlp(8))(torch.randn(2, 9))
+
+    def test_vector_state_given_to_matrix_layer(self):
+        with pytest.raises(ValueError, match=r"\(8, 4\), got \(2, 8\)"):
+            DeltaResidual(8, _mlp(8), value_channels=4)(torch.randn(2, 8))
+
+    def test_branch_that_changes_width(self):
+        with pytest.raises(ValueError, match="same shape"):
+            DeltaResidual(8, nn.Linear(8, 4))(torch.randn(2, 8))
+
+    def test_bad_value_channels(self):
+        with pytest.raises(ValueError, match="value_channels must be >= 1, got 0"):
+            DeltaResidual(8, _mlp(8), value_channels=0)
+
+    def test_compressor_shape_mismatch(self):
+        with pytest.raises(ValueError, match="does not end in"):
+            ChannelCompressor(8, 4)(torch.randn(2, 8, 3))
