@@ -34,8 +34,8 @@ class _DeltaRewrite(torch.autograd.Function):
     def forward(ctx: Any, X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor):
         acc = accumulation_dtype(X, k, beta, v)
         e = v.to(acc) - _readout(k, X)  # (..., dv), kept in the accumulation dtype
-        bf = beta.to(acc)
-        Y = X.to(acc) + bf[..., None, None] * k.to(acc)[..., :, None] * e[..., None, :]
+        bk = beta.to(acc)[..., None] * k.to(acc)  # (..., d): the outer product βk eᵀ is fused
+        Y = torch.addcmul(X.to(acc), bk[..., :, None], e[..., None, :])
         ctx.save_for_backward(X, k, beta, e)
         ctx.v_dtype = v.dtype
         return Y.to(X.dtype)
@@ -50,7 +50,8 @@ class _DeltaRewrite(torch.autograd.Function):
         s = _readout(kf, Gf)  # kᵀG: (..., dv)
         gX = gk = gb = gv = None
         if need_X:
-            gX = (Gf - bf[..., None, None] * kf[..., :, None] * s[..., None, :]).to(X.dtype)
+            bk = bf[..., None] * kf
+            gX = torch.addcmul(Gf, bk[..., :, None], s[..., None, :], value=-1).to(X.dtype)
         if need_k:
             Ge = torch.einsum("...dv,...v->...d", Gf, e)
             Xs = torch.einsum("...dv,...v->...d", X.to(acc), s)
@@ -66,8 +67,8 @@ class _WriteOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor):
         acc = accumulation_dtype(X, k, beta, v)
-        bf = beta.to(acc)
-        Y = X.to(acc) + bf[..., None, None] * k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
+        bk = beta.to(acc)[..., None] * k.to(acc)
+        Y = torch.addcmul(X.to(acc), bk[..., :, None], v.to(acc)[..., None, :])
         ctx.save_for_backward(k, beta, v)
         ctx.X_dtype = X.dtype
         return Y.to(X.dtype)
