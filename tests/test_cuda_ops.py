@@ -35,7 +35,9 @@ def test_fused_matches_reference_on_cuda(dtype):
 
 def test_delta_residual_under_bf16_autocast_is_finite():
     dev = torch.device("cuda")
-    branch = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    branch = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
+    )
     layer = DeltaResidual(64, branch, value_channels=4).to(dev)
     X = repeat_expansion(torch.randn(8, 32, 64, device=dev), 4)
     with torch.autocast("cuda", dtype=torch.bfloat16):

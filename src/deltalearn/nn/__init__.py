@@ -8,16 +8,25 @@ from deltalearn.nn.generators import (
     direction_rms,
 )
 from deltalearn.nn.residual import DeltaResidual, DeltaUpdate, GateRecord
-from deltalearn.nn.state import ChannelCompressor, repeat_expansion
+from deltalearn.nn.state import (
+    ChannelCompressor,
+    EmbeddingConv,
+    TokenCompressor,
+    causal_conv,
+    repeat_expansion,
+)
 
 __all__ = [
     "ChannelCompressor",
     "DeltaResidual",
     "DeltaUpdate",
+    "EmbeddingConv",
     "GateHead",
     "GateRecord",
+    "TokenCompressor",
     "ValueHead",
     "beta_init_bias",
+    "causal_conv",
     "direction",
     "direction_rms",
     "repeat_expansion",

@@ -1,11 +1,24 @@
 """Expanded residual state (d_v > 1): expansion at the input and compressors (SPEC §3).
 
-State layout `(..., d, dv)`. A compressor maps it to the width-d vector `x_in` a sublayer reads.
+Index legend: B batch, T tokens, d model width, dv value channels, K kernel size.
+
+State layout `(..., d, dv)`. The expansion maps token embeddings `(B, T, d)` to `X_0` `(B, T, d, dv)`;
+a compressor maps a state back to the width-d vector `x_in` a sublayer reads.
+
+    repeat_expansion     X_0[t, i, j] = e[t, i]                                   ("w/o EC")
+    EmbeddingConv (EC)   X_0[t, i, j] = Σ_τ w[i, j, τ] e[t − K + 1 + τ, i]        causal over tokens
+    ChannelCompressor    x_in[t, i] = Σ_j c[i, j] X[t, i, j]                      (CC, this token only)
+    TokenCompressor      x_in[t, i] = Σ_j r[j] Σ_τ w[i, j, τ] X[t − K + 1 + τ, i, j]   (TC)
+
+The token-axis convolutions (EC, TC) are causal and zero-padded on the left; `forward_cached` runs
+them on a chunk of new tokens given the last `K − 1` inputs and returns the updated history, so that
+incremental decoding gives the same result as one pass over the whole sequence.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,22 +29,168 @@ def repeat_expansion(x: torch.Tensor, value_channels: int) -> torch.Tensor:
     return x.unsqueeze(-1).expand(*x.shape, value_channels).contiguous()
 
 
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, history: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped causal convolution over the token axis, with an explicit history of past inputs.
+
+    Args:
+        x: new inputs `(B, T, C)`.
+        weight: `(C * m, 1, K)` in `nn.Conv1d` layout with `groups = C` (each input channel feeds `m`
+            consecutive output channels); tap `K − 1` multiplies the current token.
+        history: the `K − 1` inputs before `x`, `(B, K − 1, C)`; zeros (the left padding of a fresh
+            sequence) when None.
+
+    Returns:
+        `y` `(B, T, C * m)` and the new history `(B, K − 1, C)` (the last `K − 1` inputs seen).
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    if history is None:
+        history = x.new_zeros(B, K - 1, C)
+    elif history.shape != (B, K - 1, C):
+        raise ValueError(f"history must have shape {(B, K - 1, C)}, got {tuple(history.shape)}")
+    xs = torch.cat([history.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
+    y = F.conv1d(xs.transpose(1, 2), weight.to(x.dtype), groups=C)  # (B, C*m, T)
+    return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
+
+
+class EmbeddingConv(nn.Module):
+    """EC: depthwise causal conv over tokens from `d` features to `d·dv` channels (no bias).
+
+    `weight` `(d·dv, 1, K)` in `nn.Conv1d` layout (output channel `i·dv + j` reads feature `i`).
+    Initialised to the identity (weight 1 on the current token), so it starts as repetition.
+    """
+
+    def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
+        super().__init__()
+        if value_channels < 1 or kernel_size < 1:
+            raise ValueError(
+                f"value_channels and kernel_size must be >= 1, got {value_channels}, {kernel_size}"
+            )
+        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(dim * value_channels, 1, kernel_size))
+        self.reset_parameters()
+
+    @property
+    def history_len(self) -> int:
+        return self.kernel_size - 1
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, 0, -1] = 1.0
+
+    def forward_cached(
+        self, e: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`e` `(B, T, d)`, history `(B, K−1, d)` -> `X_0` `(B, T, d, dv)`, new history."""
+        y, history = causal_conv(e, self.weight, history)  # (B, T, d*dv)
+        return y.unflatten(-1, (self.dim, self.value_channels)), history
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.forward_cached(e)[0]
+
+
 class ChannelCompressor(nn.Module):
     """CC: per-feature mixing of the current token's dv values, `x_in_i = Σ_j c_ij X_ij`.
 
-    Initialised to the uniform average (c_ij = 1/dv) so that a repeated state reads back unchanged.
+    Parameterised as the authors' code does: a "same"-padded depthwise conv along the value axis
+    (taps `weight` `(d, K)`, `K ≤ dv`, default `K = dv`) followed by a read vector `read` `(dv)`
+    that pools the conv output; `mixing_matrix()` folds both into the `(d, dv)` matrix `c`.
+    Initialised to an identity conv and `read = 1/dv`, i.e. the uniform average `c_ij = 1/dv`.
     """
 
-    def __init__(self, dim: int, value_channels: int) -> None:
+    history_len = 0  # no token history
+
+    def __init__(self, dim: int, value_channels: int, kernel_size: int | None = None) -> None:
         super().__init__()
         if value_channels < 1:
             raise ValueError(f"value_channels must be >= 1, got {value_channels}")
-        self.weight = nn.Parameter(torch.full((dim, value_channels), 1.0 / value_channels))
+        kernel_size = value_channels if kernel_size is None else kernel_size
+        if not 1 <= kernel_size <= value_channels:
+            raise ValueError(
+                f"kernel_size of the channel compressor must lie in [1, value_channels="
+                f"{value_channels}], got {kernel_size}"
+            )
+        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, kernel_size))
+        self.read = nn.Parameter(torch.empty(value_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, (self.kernel_size - 1) // 2] = 1.0  # the centre tap of a "same" conv
+            self.read.fill_(1.0 / self.value_channels)
+
+    def mixing_matrix(self) -> torch.Tensor:
+        """The folded per-feature weights `c` `(d, dv)`: `c[i, j] = Σ_o read[o] · w[i, j − o + p]`.
+
+        The conv output at value position `o` is `Σ_t w[i, t] X[i, o + t − p]` (`p = (K − 1) // 2`
+        left padding), so input channel `j` meets tap `t = j − o + p` when that tap exists.
+        """
+        dv, K, p = self.value_channels, self.kernel_size, (self.kernel_size - 1) // 2
+        o = torch.arange(dv, device=self.weight.device)
+        tap = o[None, :] - o[:, None] + p  # (o, j): the tap that links output o to input j
+        valid = (tap >= 0) & (tap < K)
+        w = self.weight[:, tap.clamp(0, K - 1)] * valid  # (d, o, j)
+        return torch.einsum("o,doj->dj", self.read.to(w.dtype), w)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        if X.shape[-2:] != self.weight.shape:
+        if X.shape[-2:] != (self.dim, self.value_channels):
             raise ValueError(
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
-                f"{tuple(self.weight.shape)}"
+                f"{(self.dim, self.value_channels)}"
             )
-        return (X * self.weight.to(X.dtype)).sum(-1)
+        return (X * self.mixing_matrix().to(X.dtype)).sum(-1)
+
+
+class TokenCompressor(nn.Module):
+    """TC: causal depthwise conv over tokens on the `d·dv` channels, then a read vector over dv.
+
+    `weight` `(d, dv, K)` (tap `K − 1` is the current token), `read` `(dv)`. Initialised to the
+    identity conv and `read = 1/dv`, i.e. the uniform average of the current token's channels.
+    Generation keeps the last `K − 1` states it read (`forward_cached`).
+    """
+
+    def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
+        super().__init__()
+        if value_channels < 1 or kernel_size < 1:
+            raise ValueError(
+                f"value_channels and kernel_size must be >= 1, got {value_channels}, {kernel_size}"
+            )
+        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, value_channels, kernel_size))
+        self.read = nn.Parameter(torch.empty(value_channels))
+        self.reset_parameters()
+
+    @property
+    def history_len(self) -> int:
+        return self.kernel_size - 1
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[..., -1] = 1.0
+            self.read.fill_(1.0 / self.value_channels)
+
+    def forward_cached(
+        self, X: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`X` `(B, T, d, dv)`, history `(B, K−1, d, dv)` -> `x_in` `(B, T, d)`, new history."""
+        B, T, d, dv = X.shape
+        if (d, dv) != (self.dim, self.value_channels):
+            raise ValueError(
+                f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
+                f"{(self.dim, self.value_channels)}"
+            )
+        # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
+        w = (self.weight * self.read[:, None]).reshape(d * dv, 1, self.kernel_size)
+        flat_history = None if history is None else history.flatten(-2)  # (B, K-1, d*dv)
+        y, flat_history = causal_conv(X.flatten(-2), w, flat_history)  # (B, T, d*dv)
+        x_in = y.unflatten(-1, (d, dv)).sum(-1)  # (B, T, d)
+        return x_in, flat_history.unflatten(-1, (d, dv))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.forward_cached(X)[0]

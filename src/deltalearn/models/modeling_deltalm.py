@@ -1,0 +1,394 @@
+"""DeltaLM: one decoder-only Transformer for the baseline and every Deep Delta Learning variant.
+
+Index legend: B batch, T new tokens, d width, dv value channels, L layers, V vocabulary.
+
+    input_ids ─ embed ─ e (B, T, d)
+      dv = 1:  X = e                                   vector state (B, T, d)
+      dv > 1:  X = EC(e) or e 1ᵀ                        matrix state (B, T, d, dv)
+    for each block (one compressor, shared by its two sublayers):
+      X = sublayer(X, attention);  X = sublayer(X, SwiGLU MLP)
+    logits = lm_head(RMSNorm(Compress_final(X) or X))   lm_head tied to embed
+
+    sublayer(X, F):   x_in = Compress(X) if dv > 1 else X
+                      c    = RMSNorm(x_in);  h = F(c)
+                      X'   = X + h                          residual="additive"
+                           = DeltaUpdate(X, h, c, x_in)     residual="delta" | "write_only"
+
+Generation: `DeltaLMCache` holds the KV cache and the histories of the token-axis convolutions
+(EC, TC). With left padding, pad tokens are hidden from attention and zeroed before every causal
+conv, and RoPE positions count real tokens only, so a padded row gives the logits of the same
+row without padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+
+from deltalearn.models.cache import DeltaLMCache
+from deltalearn.models.configuration_deltalm import DeltaLMConfig
+from deltalearn.models.layers import (
+    MLP,
+    Attention,
+    OutProj,
+    RMSNorm,
+    attention_mask_4d,
+    rope_angles,
+)
+from deltalearn.models.outputs import CACHE_FIELD, DeltaLMGates, DeltaLMOutput
+from deltalearn.nn import (
+    ChannelCompressor,
+    DeltaUpdate,
+    EmbeddingConv,
+    GateHead,
+    TokenCompressor,
+    beta_init_bias,
+    repeat_expansion,
+)
+
+Compressor = ChannelCompressor | TokenCompressor
+
+
+@dataclass
+class _Step:
+    """Per-forward context shared by all blocks."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, T, 1, D/2)
+    attn_mask: torch.Tensor | None  # (B|1, 1, T, S) bool, or None for plain causal
+    token_mask: torch.Tensor | None  # (B, T) 1 = real token, 0 = padding; None = no padding
+    cache: DynamicCache | None
+
+
+def _make_compressor(config: DeltaLMConfig) -> Compressor | None:
+    if not config.expanded:
+        return None
+    d, dv, k = config.hidden_size, config.value_channels, config.compressor_kernel_size
+    return ChannelCompressor(d, dv, k) if config.compressor == "cc" else TokenCompressor(d, dv, k)
+
+
+def _make_update(config: DeltaLMConfig) -> DeltaUpdate | None:
+    if config.residual == "additive":
+        return None  # the baseline has no DDL parameters at all
+    return DeltaUpdate(
+        config.hidden_size,
+        config.value_channels,
+        rule=config.residual,
+        value_head=config.value_head,
+        value_sigmoid_scale=config.value_sigmoid_scale,
+        gate=config.gate,
+        gate_hidden=config.gate_hidden_size,
+        beta_init=config.beta_init,
+        k_eps=config.k_eps,
+        direction_form=config.direction_form,
+    )
+
+
+def _mask_padding(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the pad tokens of `x` `(B, T, ...)`, so that a causal conv sees them as left padding."""
+    if token_mask is None:
+        return x
+    return x * token_mask.view(*token_mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def _read_state(
+    compress: Compressor | None, X: torch.Tensor, step: _Step, key: str
+) -> torch.Tensor:
+    """x_in: the state itself (dv = 1) or its compression, keeping the conv history in the cache."""
+    if compress is None:
+        return X
+    if compress.history_len == 0:  # CC reads only the current token
+        return compress(X)
+    X = _mask_padding(X, step.token_mask)
+    if step.cache is None:
+        return compress(X)
+    x_in, step.cache.conv[key] = compress.forward_cached(X, step.cache.conv.get(key))
+    return x_in
+
+
+class DeltaLMBlock(nn.Module):
+    """One Transformer block; its residual interface is chosen by the config (module docstring)."""
+
+    def __init__(self, config: DeltaLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.compress = _make_compressor(config)
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.attn_update = _make_update(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+        self.mlp_update = _make_update(config)
+
+    def sublayer(
+        self,
+        X: torch.Tensor,
+        norm: RMSNorm,
+        branch: Callable[[torch.Tensor], torch.Tensor],
+        update: DeltaUpdate | None,
+        step: _Step,
+        key: str,
+    ) -> torch.Tensor:
+        """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
+        x_in = _read_state(self.compress, X, step, key)
+        c = norm(x_in)
+        h = branch(c)
+        if update is None:  # additive; a matrix state receives h in every value channel
+            return X + (h.unsqueeze(-1) if X.dim() == h.dim() + 1 else h)
+        return update(X, h, c, x_in)
+
+    def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
+        attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
+        i = self.layer_idx
+        X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
+        return self.sublayer(X, self.mlp_norm, self.mlp, self.mlp_update, step, f"{i}.mlp")
+
+
+class DeltaLM(PreTrainedModel, GenerationMixin):
+    """Decoder-only LM with additive, delta or write-only residuals (see `DeltaLMConfig`)."""
+
+    config_class = DeltaLMConfig
+    base_model_prefix = "deltalm"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+    _no_split_modules = ["DeltaLMBlock"]
+    _supports_sdpa = True
+
+    def __init__(self, config: DeltaLMConfig) -> None:
+        super().__init__(config)
+        d, dv = config.hidden_size, config.value_channels
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.expand = (
+            EmbeddingConv(d, dv, config.expansion_kernel_size)
+            if config.expanded and config.expansion == "ec"
+            else None
+        )
+        self.layers = nn.ModuleList(DeltaLMBlock(config, i) for i in range(config.num_layers))
+        self.final_compress = _make_compressor(config)
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        use_cache: bool | None = None,
+        output_gates: bool = False,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> DeltaLMOutput:
+        """Logits for `input_ids` `(B, T)` (`(B, T, V)`, or the last `logits_to_keep` positions).
+
+        Args:
+            labels: `(B, T)`; the loss is the mean cross-entropy of predicting `labels[:, 1:]` from
+                positions `:-1` (shifted inside), ignoring `-100`.
+            attention_mask: `(B, S)` with S = cached + new tokens, 1 = real token, 0 = padding
+                (left padding for batched generation).
+            past_key_values / cache: a `DeltaLMCache` (or, for models without token-axis convs, any
+                `transformers.DynamicCache`) from an earlier call; `cache` is the name `generate` uses.
+            use_cache: return a cache (a new `DeltaLMCache` if none was passed); defaults to True
+                exactly when a cache was passed.
+            output_gates: also return `gates`, a `DeltaLMGates` of every rewrite (None for additive).
+            position_ids: RoPE positions `(B, T)`; by default counted over real tokens only.
+            kwargs: further `generate` arguments, ignored.
+        """
+        if past_key_values is not None and cache is not None:
+            raise ValueError("pass the cache as either past_key_values or cache, not both")
+        cache = cache if cache is not None else past_key_values
+        self._check_ids(input_ids)
+        use_cache = cache is not None if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DeltaLMCache()
+        if cache is not None and not isinstance(cache, DeltaLMCache) and self._has_conv_history:
+            raise ValueError(
+                "this model keeps short-convolution histories (EC/TC); pass a DeltaLMCache, "
+                f"got {type(cache).__name__}"
+            )
+        step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
+
+        updates = self._updates()
+        for u in updates:
+            u.record = output_gates
+        try:
+            X = self._embed(input_ids, step)
+            for block in self.layers:
+                X = block(X, step)
+            gates = self._collect_gates(updates) if output_gates and updates else None
+        finally:
+            for u in updates:
+                u.record, u.last_record = False, None
+
+        x = self.norm(_read_state(self.final_compress, X, step, "final"))  # (B, T, d)
+        keep = logits_to_keep if labels is None else 0  # the loss needs every position
+        logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        out = DeltaLMOutput(loss=loss, logits=logits, gates=gates)
+        if use_cache:  # a None entry would still show up as a key of the output
+            out[CACHE_FIELD] = cache
+        return out
+
+    def _prepare_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+    ) -> _Step:
+        """RoPE angles, the attention mask and the padding mask of the new tokens."""
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        S = past + T
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new tokens) = {(B, S)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if bool((attention_mask == 0).any()):
+                token_mask = attention_mask[:, past:]  # (B, T)
+            else:
+                attention_mask = None  # all real tokens: plain causal attention
+        if position_ids is None:
+            if attention_mask is not None:  # count real tokens only (pads get position 0)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        return _Step(
+            rope=rope_angles(position_ids, self.config.head_dim, self.config.rope_theta),
+            attn_mask=attention_mask_4d(attention_mask, T, S, input_ids.device),
+            token_mask=token_mask,
+            cache=cache,
+        )
+
+    def _embed(self, input_ids: torch.Tensor, step: _Step) -> torch.Tensor:
+        """The initial state X_0: `(B, T, d)` for dv = 1, `(B, T, d, dv)` otherwise."""
+        e = self.embed(input_ids)  # (B, T, d)
+        if not self.config.expanded:
+            return e
+        if self.expand is None:
+            return repeat_expansion(e, self.config.value_channels)
+        e = _mask_padding(e, step.token_mask)
+        if step.cache is None:
+            return self.expand(e)
+        X, step.cache.conv["embed"] = self.expand.forward_cached(e, step.cache.conv.get("embed"))
+        return X
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+            )
+        if torch.compiler.is_compiling():
+            return  # the check reads a tensor on the host: a graph break under torch.compile
+        V = self.config.vocab_size
+        bad = (input_ids < 0) | (input_ids >= V)
+        if bool(bad.any()):
+            raise ValueError(
+                f"token id {int(input_ids[bad][0])} is out of range for vocab_size {V} "
+                f"(ids must lie in [0, {V - 1}])"
+            )
+
+    @property
+    def _has_conv_history(self) -> bool:
+        return self.expand is not None or isinstance(self.final_compress, TokenCompressor)
+
+    def _updates(self) -> list[DeltaUpdate]:
+        """The rewrite modules in order: layer 0 attention, layer 0 MLP, layer 1 attention, ..."""
+        blocks = list(self.layers)
+        return [u for b in blocks for u in (b.attn_update, b.mlp_update) if u is not None]
+
+    def _collect_gates(self, updates: list[DeltaUpdate]) -> DeltaLMGates:
+        recs = [u.last_record for u in updates]
+        L = len(self.layers)
+
+        def stack(field: str, channel_axis: bool) -> torch.Tensor:
+            xs = [getattr(r, field) for r in recs]
+            if channel_axis and not self.config.expanded:
+                xs = [x.unsqueeze(-1) for x in xs]  # vector state: dv = 1
+            out = torch.stack(xs)  # (2L, B, T, ...)
+            return out.view(L, 2, *out.shape[1:])
+
+        return DeltaLMGates(
+            beta=stack("beta", False),
+            readout=stack("readout", True),
+            target=stack("target", True),
+            discrepancy=stack("discrepancy", True),
+        )
+
+    # ---- transformers glue ---------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # `generate` builds a plain DynamicCache; ours also carries the conv histories.
+        out = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
+        for key in ("cache", "past_key_values"):
+            if type(model_kwargs.get(key)) is DynamicCache:
+                model_kwargs[key] = DeltaLMCache()
+        return out
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # `_init_weights` only uses the guarded `transformers.initialization` functions, so the
+        # custom-code shortcut (skip modules without direct parameters, e.g. GateHead) must not apply.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """SPEC §3: ≥2-D weights ~ N(0, (f/√d)²), output projections / √L, embedding std from the
+        config, RMSNorm weights 1, EC the identity, gate output bias logit(β₀/2), read vectors 1/dv.
+        Parents run after their children, so GateHead's bias overrides the generic Linear bias."""
+        cfg = self.config
+        std = cfg.init_std_factor / math.sqrt(cfg.hidden_size)
+        if isinstance(module, nn.Embedding) or module is self.lm_head:
+            init.normal_(module.weight, std=cfg.embedding_init_std)
+        elif isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(cfg.num_layers) if isinstance(module, OutProj) else 1.0
+            init.normal_(module.weight, std=std * scale)
+            if module.bias is not None:  # PyTorch's default, as the authors' value-head bias
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, GateHead):
+            init.constant_(module.out.bias, beta_init_bias(module.beta_init))
+            if module.hidden is not None:
+                init.zeros_(module.hidden.bias)
+        elif isinstance(module, ChannelCompressor | TokenCompressor):
+            init.normal_(module.weight, std=std)
+            init.constant_(module.read, 1.0 / module.value_channels)
+        elif isinstance(module, EmbeddingConv):
+            identity = torch.zeros_like(module.weight)
+            identity[:, 0, -1] = 1.0
+            init.copy_(module.weight, identity)

@@ -1,0 +1,201 @@
+"""DeltaLM forward: every variant trains, the baseline is a plain pre-norm Transformer, gates are
+reported, saving round-trips, bad input is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_helpers import ALL_VARIANTS, VOCAB, random_ids, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from deltalearn import DeltaLM, DeltaLMConfig
+from deltalearn.models import DeltaLMGates
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_forward_backward_and_loss(variant):
+    model = tiny_model(variant).train()
+    ids = random_ids(2, 9)
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 9, VOCAB)
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_labels_ignore_index():
+    model = tiny_model("ddl")
+    ids = random_ids(2, 9)
+    labels = ids.clone()
+    labels[:, 5:] = -100
+    out = model(ids, labels=labels)
+    want = F.cross_entropy(out.logits[:, :4].reshape(-1, VOCAB), ids[:, 1:5].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_loss_decreases_on_a_fixed_batch(variant):
+    model = tiny_model(variant).train()
+    ids = random_ids(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_save_load_round_trip(variant, tmp_path):
+    model = tiny_model(variant)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "deltalm"
+    for cls in (DeltaLM, AutoModelForCausalLM):
+        loaded = cls.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, DeltaLM)
+        assert loaded.lm_head.weight is loaded.embed.weight
+        loaded_params = dict(loaded.named_parameters())
+        for name, p in model.named_parameters():
+            assert torch.equal(loaded_params[name], p), name  # bit-identical weights
+        with torch.no_grad():
+            # Weights memory-mapped from safetensors are not 64-byte aligned, so BLAS may take
+            # another kernel path: identical up to a few ulps.
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=1e-6)
+
+
+# ---- the baseline is exactly a plain pre-norm Transformer --------------------------------------
+
+
+def _rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, theta=10000.0):
+    """Rotate halves of each head of `(B, T, H, D)` by position·θ^(−2i/D), written out directly."""
+    T, D = x.shape[1], x.shape[-1]
+    freqs = torch.tensor([theta ** (-2 * i / D) for i in range(D // 2)])
+    ang = torch.arange(T, dtype=torch.float32)[:, None] * freqs  # (T, D/2)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    a, b = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+def _reference_forward(model: DeltaLM, ids: torch.Tensor) -> torch.Tensor:
+    """nanoGPT-style pre-norm Transformer with the model's weights and no DDL at all."""
+    cfg = model.config
+    B, T = ids.shape
+    H, D = cfg.num_heads, cfg.head_dim
+    x = model.embed.weight[ids]
+    causal = torch.ones(T, T).tril().bool()
+    for blk in model.layers:
+        a = blk.attn
+        c = _rms(x, blk.attn_norm.weight)
+        q = _rms(_rope((c @ a.q_proj.weight.T).view(B, T, H, D)), a.q_norm.weight)
+        k = _rms(_rope((c @ a.k_proj.weight.T).view(B, T, H, D)), a.k_norm.weight)
+        v = (c @ a.v_proj.weight.T).view(B, T, H, D)
+        s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("bhts,bshd->bthd", p, v).reshape(B, T, H * D)
+        x = x + y @ a.o_proj.weight.T
+        m = blk.mlp
+        c = _rms(x, blk.mlp_norm.weight)
+        x = x + (F.silu(c @ m.gate_proj.weight.T) * (c @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+    return _rms(x, model.norm.weight) @ model.embed.weight.T
+
+
+def test_additive_baseline_equals_plain_prenorm_transformer():
+    model = tiny_model("baseline")
+    with torch.no_grad():
+        for p in model.parameters():  # move norms off 1 so a missing weight would show
+            p.add_(0.05 * torch.randn_like(p))
+        ids = random_ids(2, 11)
+        torch.testing.assert_close(model(ids).logits, _reference_forward(model, ids))
+
+
+def test_additive_baseline_has_no_ddl_parameters():
+    names = [n for n, _ in tiny_model("baseline").named_parameters()]
+    ddl = ("update", "compress", "expand", "gate.", "value.", "read")
+    assert not [n for n in names if any(s in n for s in ddl)]
+    # ... while a DDL model has exactly the generators on top of the same backbone
+    ddl_names = {n for n, _ in tiny_model("ddl").named_parameters()}
+    assert set(names) < ddl_names
+
+
+# ---- gates ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, dv", [("ddl", 1), ("ddl-cc", 4), ("write-only-cc", 4)])
+def test_output_gates_format(variant, dv):
+    model = tiny_model(variant)
+    out = model(random_ids(3, 5), output_gates=True)
+    g = out.gates
+    assert isinstance(g, DeltaLMGates)
+    assert g.beta.shape == (2, 2, 3, 5)  # (layers, {attn, mlp}, B, T)
+    for t in (g.readout, g.target, g.discrepancy):
+        assert t.shape == (2, 2, 3, 5, dv)
+    torch.testing.assert_close(g.discrepancy, g.target - g.readout)
+    assert ((g.beta > 0) & (g.beta < 2)).all()
+    assert model(random_ids(3, 5)).gates is None  # off by default
+    assert all(not u.record and u.last_record is None for u in model._updates())
+
+
+def test_gate_starts_at_beta_init():
+    model = tiny_model("ddl", beta_init=0.3, init_std_factor=0.0)  # zero weights: β = β₀ exactly
+    g = model(random_ids(1, 4), output_gates=True).gates
+    torch.testing.assert_close(g.beta, torch.full_like(g.beta, 0.3))
+
+
+def test_baseline_has_no_gates():
+    assert tiny_model("baseline")(random_ids(1, 4), output_gates=True).gates is None
+
+
+# ---- init and bad input --------------------------------------------------------------------------
+
+
+def test_init_follows_the_spec():
+    torch.manual_seed(0)
+    cfg = DeltaLMConfig.preset("ddl-cc", "tiny", num_layers=4)
+    model = DeltaLM(cfg)
+    std = 0.5 / math.sqrt(cfg.hidden_size)
+    blk = model.layers[0]
+    assert abs(blk.attn.q_proj.weight.std().item() / std - 1) < 0.05
+    assert abs(blk.mlp.down_proj.weight.std().item() / (std / 2) - 1) < 0.05  # / sqrt(L = 4)
+    assert abs(model.embed.weight.std().item() / 0.02 - 1) < 0.05
+    torch.testing.assert_close(blk.compress.read, torch.full((4,), 0.25))
+    assert blk.attn_update.gate.out.bias.item() == 0.0  # logit(1/2) for β₀ = 1
+    ec = model.expand.weight
+    assert ec[:, 0, -1].eq(1).all() and ec[:, 0, :-1].eq(0).all()  # EC starts as repetition
+
+
+def test_out_of_range_ids_raise():
+    model = tiny_model("ddl")
+    ids = random_ids(1, 4)
+    ids[0, 2] = VOCAB
+    with pytest.raises(
+        ValueError, match=f"token id {VOCAB} is out of range for vocab_size {VOCAB}"
+    ):
+        model(ids)
+    with pytest.raises(ValueError, match="token id -3 is out of range"):
+        model(torch.tensor([[1, -3]]))
+
+
+def test_bad_attention_mask_shape_raises():
+    with pytest.raises(ValueError, match=r"attention_mask must have shape"):
+        tiny_model("ddl")(random_ids(2, 4), attention_mask=torch.ones(2, 3))
+
+
+def test_tiny_preset_is_cpu_sized():
+    model = DeltaLM(tiny_config("ddl-cc", num_layers=4, hidden_size=128, num_heads=4, head_dim=32))
+    assert sum(p.numel() for p in model.parameters()) < 1e6

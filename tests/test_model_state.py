@@ -1,0 +1,59 @@
+"""Expanded-state modules: CC equals its conv-along-dv definition, TC/EC chunked equals one pass,
+identity inits start as repetition / the uniform average."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltalearn.nn import ChannelCompressor, EmbeddingConv, TokenCompressor, repeat_expansion
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4])
+def test_channel_compressor_is_a_same_padded_conv_along_dv_then_read(kernel):
+    d, dv = 5, 4
+    cc = ChannelCompressor(d, dv, kernel)
+    with torch.no_grad():
+        cc.weight.normal_()
+        cc.read.normal_()
+    X = torch.randn(2, 3, d, dv)
+    left = (kernel - 1) // 2
+    x = F.pad(X.reshape(-1, d, dv), (left, kernel - 1 - left))  # (N, d, dv + K - 1)
+    conv = F.conv1d(x, cc.weight[:, None, :], groups=d)  # (N, d, dv)
+    want = (conv * cc.read).sum(-1).reshape(2, 3, d)
+    torch.testing.assert_close(cc(X), want)
+
+
+def test_channel_compressor_starts_as_the_average():
+    X = torch.randn(2, 3, 6, 4)
+    torch.testing.assert_close(ChannelCompressor(6, 4)(X), X.mean(-1))
+
+
+def test_channel_compressor_rejects_a_kernel_longer_than_dv():
+    with pytest.raises(ValueError, match=r"kernel_size of the channel compressor must lie in"):
+        ChannelCompressor(6, 4, 5)
+
+
+@pytest.mark.parametrize("module", ["tc", "ec"])
+def test_token_axis_convs_chunked_equal_one_pass(module):
+    d, dv, k = 6, 3, 4
+    m = TokenCompressor(d, dv, k) if module == "tc" else EmbeddingConv(d, dv, k)
+    with torch.no_grad():
+        m.weight.normal_()
+    shape = (2, 9, d, dv) if module == "tc" else (2, 9, d)
+    x = torch.randn(shape)
+    full = m(x)
+    history, parts = None, []
+    for a, b in [(0, 1), (1, 3), (3, 4), (4, 9)]:  # first chunks shorter than the kernel
+        y, history = m.forward_cached(x[:, a:b], history)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    assert history.shape == (2, k - 1, *shape[2:])
+
+
+def test_identity_inits():
+    e = torch.randn(2, 5, 6)
+    torch.testing.assert_close(EmbeddingConv(6, 4)(e), repeat_expansion(e, 4))
+    X = torch.randn(2, 5, 6, 4)
+    torch.testing.assert_close(TokenCompressor(6, 4)(X), X.mean(-1))
