@@ -7,10 +7,6 @@ import torch
 from deltalearn import DeltaLM, DeltaLMConfig
 from deltalearn.models import VARIANTS
 
-# Two intra-op threads on a shared 2-core machine spin against other processes: the tiny training
-# loops below ran 10-100x slower than on one thread.
-torch.set_num_threads(1)
-
 ALL_VARIANTS = list(VARIANTS)
 VOCAB = 61  # odd on purpose
 
