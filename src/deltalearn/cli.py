@@ -1,0 +1,330 @@
+"""``deltalearn`` command line: argparse → one library function per subcommand.
+
+User mistakes (bad paths, bad config, corrupt checkpoints, ...) print one line
+``deltalearn: error: ...`` and exit with status 2; a diverged run exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+# Flags of `train` that map onto config keys (flag dest → dotted key).
+TRAIN_FLAGS = {
+    "variant": "model.variant",
+    "size": "model.size",
+    "data": "data.source",
+    "cache_dir": "data.cache_dir",
+    "vocab_size": "data.vocab_size",
+    "tokenizer": "data.tokenizer",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "grad_clip": "optim.grad_clip",
+    "warmup_steps": "schedule.warmup_steps",
+    "min_lr_ratio": "schedule.min_lr_ratio",
+    "out": "run.out",
+    "steps": "run.steps",
+    "batch_size": "run.batch_size",
+    "grad_accum": "run.grad_accum",
+    "seq_len": "run.seq_len",
+    "seed": "run.seed",
+    "device": "run.device",
+    "dtype": "run.dtype",
+    "compile": "run.compile",
+    "fsdp": "run.fsdp",
+    "eval_interval": "run.eval_interval",
+    "eval_batches": "run.eval_batches",
+    "checkpoint_interval": "run.checkpoint_interval",
+    "keep_checkpoints": "run.keep_checkpoints",
+    "stop_after": "run.stop_after",
+    "skip_nonfinite": "run.skip_nonfinite",
+    "no_progress": "run.progress",
+    "no_tensorboard": "run.tensorboard",
+}
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` (YAML-parsed value), e.g. ``--set model.overrides.num_layers=2``."""
+    import yaml
+
+    from deltalearn.train.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {}
+    for dest, key in TRAIN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        if dest.startswith("no_"):
+            value = False  # --no-progress → run.progress = False
+        overrides[key] = value
+    overrides.update(_parse_set(args.set or []))
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deltalearn.train.config import resolve_config
+    from deltalearn.train.trainer import train
+
+    cfg = resolve_config(args.config, _train_overrides(args), resume=args.resume)
+    result = train(cfg, resume=args.resume)
+    if result.status != "finished":
+        print(
+            f"{result.status} after step {result.step}; checkpoint saved in "
+            f"{result.run_dir}/checkpoints — continue with --resume --out {result.run_dir}",
+            file=sys.stderr,
+        )
+    else:
+        loss = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+        print(f"finished {result.step} steps: val loss {loss}; model in {result.run_dir}/model")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltalearn.experiments.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig()
+    if args.variants:
+        cfg.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.seeds:
+        try:
+            cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            from deltalearn.train.errors import ConfigError
+
+            raise ConfigError(
+                f"--seeds expects comma-separated integers, got {args.seeds!r}"
+            ) from None
+    names = (
+        "out",
+        "steps",
+        "batch_size",
+        "seq_len",
+        "data",
+        "size",
+        "lr",
+        "device",
+        "vocab_size",
+        "max_chars",
+        "cache_dir",
+    )
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.no_progress:
+        cfg.progress = False
+    report = run_compare(cfg)
+    print(report.table)
+    print(f"report: {report.markdown_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deltalearn.eval.perplexity import evaluate_run
+
+    result = evaluate_run(
+        args.run_dir,
+        data_source=args.data,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=args.device,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deltalearn.train.runs import generate_text
+
+    text = generate_text(
+        args.run_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        greedy=args.greedy,
+        seed=args.seed,
+    )
+    print(text)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from deltalearn.analysis.audit import audit_run, format_table
+
+    result = audit_run(args.run_dir, batch_size=args.batch_size, max_batches=args.max_batches)
+    print(format_table(result["layers"]))
+    print(f"saved {result['path']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:  # imported only when asked for: it pulls in benchmark-only code
+        bench = importlib.import_module("deltalearn.bench")
+    except ModuleNotFoundError as e:
+        if e.name != "deltalearn.bench":
+            raise
+        from deltalearn.train.errors import UserError
+
+        raise UserError("the bench command is not available in this installation") from None
+    return int(bench.main(args.bench_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltalearn",
+        description="Deep Delta Learning: train, compare and inspect DDL language models.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one model variant (single process or under torchrun)")
+    t.add_argument(
+        "--config", help="YAML/TOML config file (sections model, data, optim, schedule, run)"
+    )
+    t.add_argument(
+        "--variant",
+        help="model variant: baseline, ddl, ddl-cc, write-only-cc, ... (default ddl-cc)",
+    )
+    t.add_argument("--size", help="model size preset: tiny, small, medium (default tiny)")
+    t.add_argument("--out", help="run folder (default runs/train)")
+    t.add_argument("--data", help="shakespeare | bible | PATH | hf:NAME (default shakespeare)")
+    t.add_argument("--cache-dir", help="where prepared tokens are cached")
+    t.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    t.add_argument("--tokenizer", help="bpe or gpt2")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    t.add_argument("--stop-after", type=int, help="stop with a checkpoint after this step")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    t.add_argument("--batch-size", type=int, help="global batch size in sequences")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step per process")
+    t.add_argument("--seq-len", type=int, help="tokens per sequence")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
+    t.add_argument("--grad-clip", type=float, help="gradient-norm clip (0 = off)")
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
+    t.add_argument("--min-lr-ratio", type=float, help="final lr as a fraction of the peak")
+    t.add_argument("--seed", type=int, help="seed for init and batch order")
+    t.add_argument("--device", help="auto, cpu or cuda")
+    t.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    t.add_argument(
+        "--fsdp", action="store_true", default=None, help="FSDP2 instead of DDP under torchrun"
+    )
+    t.add_argument("--eval-interval", type=int, help="evaluate every N steps")
+    t.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    t.add_argument("--checkpoint-interval", type=int, help="checkpoint every N steps")
+    t.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep")
+    t.add_argument(
+        "--skip-nonfinite", action="store_true", default=None, help="skip batches with NaN/inf loss"
+    )
+    t.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    t.add_argument(
+        "--no-tensorboard", action="store_true", default=None, help="no TensorBoard logs"
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config key, e.g. --set model.overrides.num_layers=2 (repeatable)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser(
+        "compare", help="train baseline and DDL variants on Shakespeare and write a report"
+    )
+    c.add_argument("--out", help="report/run folder (default runs/compare)")
+    c.add_argument("--variants", help="comma-separated (default baseline,ddl,ddl-cc,write-only-cc)")
+    c.add_argument("--seeds", help="comma-separated seeds (several → mean ± std)")
+    c.add_argument("--steps", type=int, help="training steps per run")
+    c.add_argument("--batch-size", type=int, help="sequences per step")
+    c.add_argument("--seq-len", type=int, help="tokens per sequence")
+    c.add_argument("--lr", type=float, help="peak learning rate")
+    c.add_argument("--size", help="model size preset (default tiny)")
+    c.add_argument("--data", help="corpus (default shakespeare)")
+    c.add_argument("--device", help="auto, cpu or cuda")
+    c.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    c.add_argument("--max-chars", type=int, help="use only the first N characters of the corpus")
+    c.add_argument("--cache-dir", help="where prepared tokens are cached")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="another corpus (default: the run's own)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=50)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("audit", help="per-layer gate (β) and discrepancy summary of a trained run")
+    a.add_argument("run_dir")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--max-batches", type=int, default=8)
+    a.set_defaults(func=cmd_audit)
+
+    b = sub.add_parser(
+        "bench", help="speed/memory benchmarks (options: deltalearn bench --help)", add_help=False
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:  # everything after `bench` (options included) belongs to it
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    from deltalearn.train.errors import NonFiniteLossError, UserError
+
+    user_errors: tuple[type[BaseException], ...] = (UserError,)
+    try:
+        from deltalearn.data import DataError
+
+        user_errors = (UserError, DataError)
+    except ImportError:
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except NonFiniteLossError as e:
+        print(f"deltalearn: error: {e}", file=sys.stderr)
+        return 1
+    except user_errors as e:
+        print(f"deltalearn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltalearn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiments: the one-command variant comparison and its report."""

@@ -1,0 +1,245 @@
+"""Atomic, resumable checkpoints: ``RUN_DIR/checkpoints/step_000010/``.
+
+Each checkpoint folder holds
+
+* ``model.safetensors`` — the full (unsharded) model weights; tied tensors stored once,
+* ``trainer_state.pt`` — optimizer state, step, RNG states, config (a dict of tensors and plain
+  values, loaded with ``weights_only=True``),
+* ``meta.json`` — step and file list, for people and tools.
+
+Writes go to a hidden temp folder beside the final one, every file and the folder are fsynced,
+then the folder is renamed into place. A crash therefore leaves either the previous complete
+checkpoints or an ignorable ``.tmp-*`` folder, never a half checkpoint named ``step_*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltalearn.train.distributed import DistEnv, unwrap
+from deltalearn.train.errors import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "clean_temp",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders are never listed)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def clean_temp(run_dir: str | Path) -> None:
+    """Remove temp folders left by a crash during a save."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def _model_state(model: nn.Module) -> dict[str, Any]:
+    if _is_fsdp(model):  # collective: every rank must call
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return unwrap(model).state_dict()
+
+
+def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    return optimizer.state_dict()
+
+
+def _dedup(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied (shared-storage) tensors once; return the tensors and an alias → name map."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+        )
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Some filesystems refuse to fsync a directory; the rename is still atomic there.
+    with contextlib.suppress(OSError):
+        _fsync_file(path)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Save after ``step`` optimizer steps; all ranks call it, rank 0 writes. Keeps the last ``keep``."""
+    model_state = _model_state(model)
+    optim_state = _optim_state(model, optimizer)
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:06d}"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors, aliases = _dedup(model_state)
+        save_file(tensors, tmp / MODEL_FILE, metadata={"aliases": json.dumps(aliases)})
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"step": step, "optimizer": optim_state, "rng": rng, **(extra or {})}
+        torch.save(state, tmp / STATE_FILE)
+        meta = {"step": step, "time": time.time(), "files": [MODEL_FILE, STATE_FILE]}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    if env.distributed:
+        torch.distributed.barrier()
+    return final
+
+
+def _read_model_file(path: Path) -> dict[str, Any]:
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt or truncated checkpoint file {path}: {e}") from None
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Load ``trainer_state.pt`` (weights_only) or raise a one-line :class:`CheckpointError`."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file missing: {file}")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, ...: all mean "this file is broken"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"corrupt or truncated checkpoint file {file}: {msg}") from None
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from ``path`` (all ranks call it); return the state dict."""
+    path = Path(path)
+    file = path / MODEL_FILE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file missing: {file}")
+    weights = _read_model_file(file)
+    state = read_state(path)
+    try:
+        if _is_fsdp(model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, dict(weights), options=opts)
+            if optimizer is not None:
+                set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+        else:
+            unwrap(model).load_state_dict(weights)
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not match the model: {msg}") from None
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if (
+        "cuda" in rng
+        and torch.cuda.is_available()
+        and len(rng["cuda"]) == torch.cuda.device_count()
+    ):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

@@ -1,0 +1,60 @@
+"""AdamW with decoupled decay on weight matrices only, and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from deltalearn.train.config import OptimConfig, ScheduleConfig
+
+__all__ = ["build_optimizer", "lr_at", "param_groups"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters: ≥2-D matrices decay; norms, biases, gate biases and embeddings do not.
+
+    Embeddings are 2-D but are looked up, not multiplied; decaying them (and with tied weights,
+    the LM head) hurts small models, so any parameter whose name contains ``embed`` is excluded.
+    Each shared (tied) parameter appears once.
+    """
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() >= 2 and "embed" not in name and "wte" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW (SPEC §4: β = 0.9, 0.95, decay 0.1). The lr is set every step by :func:`lr_at`."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
+
+
+def lr_at(step: int, peak_lr: float, total_steps: int, sched: ScheduleConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (step 0 already gets ``peak/warmup``, never 0), then a
+    cosine from the peak down to ``min_lr_ratio · peak`` at the last step. A pure function of the
+    step, so resuming needs no scheduler state.
+    """
+    warmup = min(sched.warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    span = max(total_steps - 1 - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    floor = sched.min_lr_ratio * peak_lr
+    return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,41 @@
+"""Run logs: JSONL fields, TensorBoard mirror, and a torn last line from a crash."""
+
+import json
+
+import pytest
+
+from deltalearn.train.config import TrainConfig
+from deltalearn.train.logging import RunLogger, read_log
+from deltalearn.train.trainer import train
+
+
+def test_jsonl_fields_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = TrainConfig()
+    cfg.model.variant = "ddl"
+    cfg.model.overrides = {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16}
+    cfg.data.max_chars, cfg.data.vocab_size, cfg.data.cache_dir = 100_000, 300, str(tmp_path / "c")
+    r = cfg.run
+    r.out, r.steps, r.batch_size, r.seq_len, r.eval_interval, r.eval_batches = (
+        str(tmp_path / "run"), 4, 4, 32, 2, 1,
+    )  # fmt: skip
+    r.progress, r.tensorboard = False, True
+    train(cfg)
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens"):
+        assert all(key in x for x in log), key
+    assert "val_loss" in log[1] and "val_loss" not in log[0]
+    assert len(log[1]["beta_mean"]) == 2  # one mean β per layer
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_read_log_skips_torn_line(tmp_path):
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.log({"step": 1, "loss": 2.0})
+    logger.log({"step": 2, "loss": 1.5})
+    with (tmp_path / "log.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # a crash mid-write
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
+    logger.truncate_after(1)
+    assert (tmp_path / "log.jsonl").read_text() == json.dumps({"step": 1, "loss": 2.0}) + "\n"
