@@ -43,7 +43,7 @@ def train(rule: str, steps: int, dim: int = 16, depth: int = 8, seed: int = 0) -
     model = build(rule, dim, depth, 4 * dim)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (256,))
         loss = (model(x[idx]) - y[idx]).pow(2).mean()
         opt.zero_grad()

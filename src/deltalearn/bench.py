@@ -144,7 +144,7 @@ def model_benchmark(
         steps[variant] = train_step
     times = median_seconds(steps, device, repeats)
     base = variants[0]
-    return [
+    rows: list[dict[str, object]] = [
         {
             "variant": v,
             "size": size,
@@ -154,6 +154,14 @@ def model_benchmark(
         }
         for v in variants
     ]
+    if device.type == "cuda":  # activation peak of one step above what is resident before it
+        for row in rows:
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+            steps[str(row["variant"])]()
+            _sync(device)
+            row["step_peak_GiB"] = (torch.cuda.max_memory_allocated(device) - resident) / 2**30
+    return rows
 
 
 def _table(rows: list[dict[str, object]]) -> str:
