@@ -5,21 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import tiny_train_args as tiny_args
 
 from deltalearn.cli import main
 from deltalearn.train import checkpoint as ckpt
-
-OVERRIDES = {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16}
-
-
-def tiny_args(out, cache, *extra):
-    args = [
-        "train", "--out", str(out), "--variant", "ddl-cc", "--steps", "6", "--batch-size", "4",
-        "--seq-len", "32", "--eval-interval", "3", "--eval-batches", "2", "--vocab-size", "300",
-        "--cache-dir", str(cache), "--no-progress", "--no-tensorboard", "--warmup-steps", "2",
-        "--set", "data.max_chars=100000", *extra,
-    ]  # fmt: skip
-    return args + [f"--set=model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,15 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import tiny_train_args
 
 from deltalearn.train.logging import read_log
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16}
-
 
 def train_args(out, cache, *extra):
-    args = [
-        "train", "--out", str(out), "--variant", "ddl-cc", "--steps", "5", "--batch-size", "4",
-        "--seq-len", "32", "--eval-interval", "5", "--eval-batches", "2", "--vocab-size", "300",
-        "--cache-dir", str(cache), "--no-progress", "--no-tensorboard", "--warmup-steps", "2",
-        "--set", "data.max_chars=100000", *extra,
-    ]  # fmt: skip
-    return args + [f"--set=model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
+    return tiny_train_args(out, cache, *extra, steps=5, eval_interval=5)
 
 
 def run(cmd, timeout=180):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import TINY_MODEL, tiny_train_args
 
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train import trainer as trainer_mod
@@ -18,8 +19,6 @@ from deltalearn.train.config import TrainConfig
 from deltalearn.train.errors import CheckpointError, ConfigError, NonFiniteLossError
 from deltalearn.train.logging import read_log
 from deltalearn.train.trainer import train
-
-OVERRIDES = {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def tiny(out: Path, cache: Path, variant: str = "ddl-cc", **run) -> TrainConfig:
     """2 layers, d=32, seq 32, batch 4, vocab 300 on the first 100k characters of Shakespeare."""
     cfg = TrainConfig()
     cfg.model.variant = variant
-    cfg.model.overrides = dict(OVERRIDES)
+    cfg.model.overrides = dict(TINY_MODEL)
     cfg.data.max_chars, cfg.data.vocab_size, cfg.data.cache_dir = 100_000, 300, str(cache)
     cfg.schedule.warmup_steps = 3
     r = cfg.run
@@ -158,14 +157,9 @@ def test_skip_nonfinite_skips_the_batch(tmp_path, cache, monkeypatch):
 @pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path, cache):
     run = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "deltalearn.cli", "train", "--out", str(run),
-        "--variant", "ddl-cc", "--steps", "100000", "--batch-size", "4", "--seq-len", "32",
-        "--eval-interval", "100000", "--eval-batches", "1", "--checkpoint-interval", "100000",
-        "--vocab-size", "300", "--cache-dir", str(cache), "--no-progress", "--no-tensorboard",
-        "--set", "data.max_chars=100000",
-    ]  # fmt: skip
-    args += [f"--set=model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
+    args = [sys.executable, "-m", "deltalearn.cli"] + tiny_train_args(
+        run, cache, "--checkpoint-interval", "100000", steps=100000, eval_interval=100000
+    )
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "log.jsonl"
     deadline = time.time() + 60
