@@ -9,122 +9,68 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["audit_run", "collect_gate_stats", "format_table", "iter_gate_tensors"]
+__all__ = ["audit_run", "collect_gate_stats", "format_table"]
 
-_QUANTITIES = ("beta", "readout", "discrepancy")
-
-
-def _quantity(name: str) -> str | None:
-    name = name.lower()
-    for q in _QUANTITIES:
-        if q in name:
-            return q
-    return "beta" if name in ("b", "gate", "gates") else None
-
-
-SUBLAYERS = ("attn", "mlp")  # order of DeltaLMGates' sublayer axis
-
-
-def iter_gate_tensors(gates: Any, path: tuple = ()) -> Iterator[tuple[int, str, str, torch.Tensor]]:
-    """Flatten ``out.gates`` to ``(layer, sublayer, quantity, tensor)``.
-
-    The model returns a ``DeltaLMGates``: ``beta`` ``(L, 2, B, T)`` and ``discrepancy``/``readout``
-    ``(L, 2, B, T, dv)``, sublayer axis = (attention, MLP). Nested lists (outer index = layer) and
-    dicts keyed by sublayer and quantity names are accepted too.
-    """
-    if gates is None:
-        return
-    beta = getattr(gates, "beta", None)
-    if isinstance(beta, torch.Tensor) and beta.dim() >= 2 and not path:
-        for q in _QUANTITIES:
-            t = getattr(gates, q, None)
-            if not isinstance(t, torch.Tensor):
-                continue
-            for layer in range(t.shape[0]):
-                for j in range(t.shape[1]):
-                    sub = SUBLAYERS[j] if t.shape[1] == len(SUBLAYERS) else str(j)
-                    yield layer, sub, q, t[layer, j]
-        return
-    if isinstance(gates, torch.Tensor):
-        ints = [p for p in path if isinstance(p, int)]
-        names = [p for p in path if isinstance(p, str)]
-        found = [_quantity(n) for n in reversed(names)]
-        quantity = next((f for f in found if f is not None), "beta")
-        subs = [n for n in names if _quantity(n) is None]
-        sublayer = subs[-1] if subs else (str(ints[1]) if len(ints) > 1 else "all")
-        yield (ints[0] if ints else -1), sublayer, quantity, gates
-        return
-    if isinstance(gates, dict):
-        items: Iterable[tuple[Any, Any]] = gates.items()
-    elif isinstance(gates, (list, tuple)):
-        items = enumerate(gates)
-    elif hasattr(gates, "__dict__"):
-        items = vars(gates).items()
-    else:
-        return
-    for key, value in items:
-        yield from iter_gate_tensors(value, (*path, key))
-
-
-def _sublayer_tensors(gates: Any) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for layer, sub, q, t in iter_gate_tensors(gates):
-        grouped.setdefault((layer, sub), {})[q] = t
-    return grouped
+SUBLAYERS = ("attn", "mlp")  # order of the sublayer axis of `DeltaLMGates`
 
 
 @torch.no_grad()
 def collect_gate_stats(model: nn.Module, batches: Iterable[Any]) -> list[dict[str, Any]]:
-    """Per (layer, sublayer): mean/std β, fraction β > 1, mean |discrepancy|, over all tokens."""
-    acc: dict[tuple[int, str], dict[str, float]] = {}
+    """Per (layer, sublayer): mean/std β, fraction β > 1, mean |discrepancy|, over all tokens.
+
+    Reads `DeltaLMGates` (β `(L, 2, B, T)`, discrepancy `(L, 2, B, T, dv)`); returns [] for a model
+    without gates (the additive baseline).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    totals: torch.Tensor | None = None  # (L, 2, 5): tokens, Σβ, Σβ², #β>1, mean-over-dv Σ|disc|
     try:
         for x in batches:
             x = torch.as_tensor(x, dtype=torch.long, device=device)
-            out = model(x, output_gates=True)
-            gates = getattr(out, "gates", None)
+            gates = model(x, output_gates=True).gates
             if gates is None:
                 return []
-            for key, qs in _sublayer_tensors(gates).items():
-                a = acc.setdefault(key, {"n": 0, "s": 0.0, "s2": 0.0, "gt1": 0, "dn": 0, "ds": 0.0})
-                if "beta" in qs:
-                    b = qs["beta"].detach().double()
-                    a["n"] += b.numel()
-                    a["s"] += b.sum().item()
-                    a["s2"] += (b * b).sum().item()
-                    a["gt1"] += (b > 1).sum().item()
-                if "discrepancy" in qs:
-                    d = qs["discrepancy"].detach().double().abs()
-                    a["dn"] += d.numel()
-                    a["ds"] += d.sum().item()
+            beta = gates.beta.double().flatten(2)  # (L, 2, B·T)
+            disc = gates.discrepancy.double().abs().mean(-1).flatten(2)  # (L, 2, B·T)
+            batch = torch.stack(
+                [
+                    torch.full_like(beta[..., 0], beta.shape[-1]),
+                    beta.sum(-1),
+                    beta.pow(2).sum(-1),
+                    (beta > 1).sum(-1).double(),
+                    disc.sum(-1),
+                ],
+                dim=-1,
+            ).cpu()
+            totals = batch if totals is None else totals + batch
     finally:
         model.train(was_training)
+    if totals is None:
+        return []
     rows = []
-    for (layer, sub), a in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        if not a["n"]:
-            continue
-        mean = a["s"] / a["n"]
-        var = max(a["s2"] / a["n"] - mean * mean, 0.0)
-        rows.append(
-            {
-                "layer": layer,
-                "sublayer": sub,
-                "beta_mean": mean,
-                "beta_std": math.sqrt(var),
-                "frac_beta_gt_1": a["gt1"] / a["n"],
-                "abs_discrepancy_mean": a["ds"] / a["dn"] if a["dn"] else None,
-                "tokens": a["n"],
-            }
-        )
+    for layer in range(totals.shape[0]):
+        for j, sub in enumerate(SUBLAYERS):
+            n, s, s2, above, disc_sum = totals[layer, j].tolist()
+            mean = s / n
+            rows.append(
+                {
+                    "layer": layer,
+                    "sublayer": sub,
+                    "beta_mean": mean,
+                    "beta_std": math.sqrt(max(s2 / n - mean * mean, 0.0)),
+                    "frac_beta_gt_1": above / n,
+                    "abs_discrepancy_mean": disc_sum / n,
+                    "tokens": int(n),
+                }
+            )
     return rows
 
 
@@ -133,10 +79,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'layer':>5}  {'sublayer':<10} {'beta mean':>9} {'beta std':>9} {'beta>1':>7} {'|disc|':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        disc = "-" if r["abs_discrepancy_mean"] is None else f"{r['abs_discrepancy_mean']:.4f}"
         lines.append(
             f"{r['layer']:>5}  {r['sublayer']:<10} {r['beta_mean']:>9.4f} {r['beta_std']:>9.4f} "
-            f"{r['frac_beta_gt_1']:>7.3f} {disc:>9}"
+            f"{r['frac_beta_gt_1']:>7.3f} {r['abs_discrepancy_mean']:>9.4f}"
         )
     return "\n".join(lines)
 

@@ -73,10 +73,7 @@ def mean_beta_per_layer(model: nn.Module, x: torch.Tensor) -> list[float] | None
     """Mean gate β of each layer on one batch (None for models without gates)."""
     from deltalearn.analysis.audit import collect_gate_stats
 
-    try:
-        stats = collect_gate_stats(model, [x])
-    except (TypeError, ValueError):
-        return None
+    stats = collect_gate_stats(model, [x])
     if not stats:
         return None
     by_layer: dict[int, list[float]] = {}
