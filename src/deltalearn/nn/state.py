@@ -55,7 +55,24 @@ def causal_conv(
     return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
 
 
-class EmbeddingConv(nn.Module):
+class _TokenConv(nn.Module):
+    """Shared shape of the token-axis convolutions (EC, TC): sizes, validation, history length."""
+
+    def __init__(self, dim: int, value_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        if value_channels < 1 or kernel_size < 1:
+            raise ValueError(
+                f"value_channels and kernel_size must be >= 1, got {value_channels}, {kernel_size}"
+            )
+        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+
+    @property
+    def history_len(self) -> int:
+        """Past inputs a cached call needs: `K − 1`."""
+        return self.kernel_size - 1
+
+
+class EmbeddingConv(_TokenConv):
     """EC: depthwise causal conv over tokens from `d` features to `d·dv` channels (no bias).
 
     `weight` `(d·dv, 1, K)` in `nn.Conv1d` layout (output channel `i·dv + j` reads feature `i`).
@@ -63,18 +80,9 @@ class EmbeddingConv(nn.Module):
     """
 
     def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
-        super().__init__()
-        if value_channels < 1 or kernel_size < 1:
-            raise ValueError(
-                f"value_channels and kernel_size must be >= 1, got {value_channels}, {kernel_size}"
-            )
-        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+        super().__init__(dim, value_channels, kernel_size)
         self.weight = nn.Parameter(torch.empty(dim * value_channels, 1, kernel_size))
         self.reset_parameters()
-
-    @property
-    def history_len(self) -> int:
-        return self.kernel_size - 1
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -146,7 +154,7 @@ class ChannelCompressor(nn.Module):
         return (X * self.mixing_matrix().to(X.dtype)).sum(-1)
 
 
-class TokenCompressor(nn.Module):
+class TokenCompressor(_TokenConv):
     """TC: causal depthwise conv over tokens on the `d·dv` channels, then a read vector over dv.
 
     `weight` `(d, dv, K)` (tap `K − 1` is the current token), `read` `(dv)`. Initialised to the
@@ -155,19 +163,10 @@ class TokenCompressor(nn.Module):
     """
 
     def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
-        super().__init__()
-        if value_channels < 1 or kernel_size < 1:
-            raise ValueError(
-                f"value_channels and kernel_size must be >= 1, got {value_channels}, {kernel_size}"
-            )
-        self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
+        super().__init__(dim, value_channels, kernel_size)
         self.weight = nn.Parameter(torch.empty(dim, value_channels, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
         self.reset_parameters()
-
-    @property
-    def history_len(self) -> int:
-        return self.kernel_size - 1
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
