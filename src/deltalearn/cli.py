@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -304,26 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
     else:
         args = parser.parse_args(argv)
+    from deltalearn.data import DataError
     from deltalearn.train.errors import NonFiniteLossError, UserError
 
-    user_errors: tuple[type[BaseException], ...] = (UserError,)
-    try:
-        from deltalearn.data import DataError
-
-        user_errors = (UserError, DataError)
-    except ImportError:
-        pass
     try:
         return int(args.func(args) or 0)
     except NonFiniteLossError as e:
         print(f"deltalearn: error: {e}", file=sys.stderr)
         return 1
-    except user_errors as e:
+    except (UserError, DataError) as e:
         print(f"deltalearn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deltalearn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
