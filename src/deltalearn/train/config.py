@@ -182,20 +182,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation in (int, float):
+        # ints accept int or text; floats also accept ints; bools are never numbers here
+        accepted = (int, str) if annotation is int else (int, float, str)
+        noun = "an integer" if annotation is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{key} must be {noun}, got {value!r}")
         try:
-            return int(value)
+            return annotation(value)
         except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+            raise ConfigError(f"{key} must be {noun}, got {value!r}") from None
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
