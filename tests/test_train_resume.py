@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import TINY_MODEL, tiny_train_args
 
+from deltalearn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train import trainer as trainer_mod
 from deltalearn.train.config import TrainConfig
-from deltalearn.train.errors import CheckpointError, ConfigError, NonFiniteLossError
 from deltalearn.train.logging import read_log
 from deltalearn.train.trainer import train
 
@@ -125,18 +125,18 @@ def test_truncated_checkpoint_error_names_file(tmp_path, cache, victim):
 
 def _nan_on_call(n: int):
     calls = {"n": 0}
-    real = trainer_mod.lm_loss
+    real = trainer_mod.next_token_loss
 
-    def lm_loss(logits, targets):
+    def next_token_loss(logits, targets):
         calls["n"] += 1
         loss = real(logits, targets)
         return loss * float("nan") if calls["n"] == n else loss
 
-    return lm_loss
+    return next_token_loss
 
 
 def test_nonfinite_loss_stops_with_step(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "lm_loss", _nan_on_call(3))
+    monkeypatch.setattr(trainer_mod, "next_token_loss", _nan_on_call(3))
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         train(tiny(run, cache, checkpoint_interval=2))
@@ -147,7 +147,7 @@ def test_nonfinite_loss_stops_with_step(tmp_path, cache, monkeypatch):
 
 
 def test_skip_nonfinite_skips_the_batch(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "lm_loss", _nan_on_call(3))
+    monkeypatch.setattr(trainer_mod, "next_token_loss", _nan_on_call(3))
     result = train(tiny(tmp_path / "run", cache, steps=5, skip_nonfinite=True))
     assert result.status == "finished" and math.isfinite(result.val_loss)
     log = read_log(tmp_path / "run" / "log.jsonl")

@@ -52,7 +52,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     """``--set key=value`` (YAML-parsed value), e.g. ``--set model.overrides.num_layers=2``."""
     import yaml
 
-    from deltalearn.train.errors import ConfigError
+    from deltalearn.errors import ConfigError
 
     out = {}
     for item in items:
@@ -104,7 +104,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
-            from deltalearn.train.errors import ConfigError
+            from deltalearn.errors import ConfigError
 
             raise ConfigError(
                 f"--seeds expects comma-separated integers, got {args.seeds!r}"
@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         if e.name != "deltalearn.bench":
             raise
-        from deltalearn.train.errors import UserError
+        from deltalearn.errors import UserError
 
         raise UserError("the bench command is not available in this installation") from None
     return int(bench.main(args.bench_args) or 0)
@@ -305,15 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from deltalearn.data import DataError
-    from deltalearn.train.errors import NonFiniteLossError, UserError
+    from deltalearn.errors import NonFiniteLossError, UserError
 
     try:
         return int(args.func(args) or 0)
     except NonFiniteLossError as e:
         print(f"deltalearn: error: {e}", file=sys.stderr)
         return 1
-    except (UserError, DataError) as e:
+    except UserError as e:
         print(f"deltalearn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -94,8 +94,8 @@ def audit_run(
 ) -> dict[str, Any]:
     """Gate summary of ``RUN_DIR/model`` on its validation split; saved as ``RUN_DIR/audit.json``."""
     from deltalearn.data import eval_batches
+    from deltalearn.errors import UserError
     from deltalearn.train.build import prepare_data
-    from deltalearn.train.errors import UserError
     from deltalearn.train.runs import load_run
 
     run = load_run(run_dir)

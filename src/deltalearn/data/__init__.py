@@ -10,11 +10,11 @@ Modules: `corpora` (sources → documents), `split` (the train/val rule), `token
 """
 
 from deltalearn.data.corpora import BUILTIN_SOURCES, markdown_to_dialogue, resolve_source
-from deltalearn.data.errors import DataError
 from deltalearn.data.prepare import PreparedData, default_cache_dir, prepare_dataset
 from deltalearn.data.sampler import BatchSampler, eval_batches, shard_rows
 from deltalearn.data.split import split_documents
 from deltalearn.data.tokenizer import EOS_TOKEN, TOKENIZER_KINDS
+from deltalearn.errors import DataError
 
 __all__ = [
     "BUILTIN_SOURCES",

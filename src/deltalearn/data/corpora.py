@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltalearn.data.errors import DataError
+from deltalearn.errors import DataError
 
 BUILTIN_SOURCES = ("shakespeare", "bible")
 TEXT_SUFFIXES = (".txt", ".md")

@@ -33,9 +33,9 @@ from transformers import PreTrainedTokenizerFast
 
 from deltalearn.data import tokenizer as tok
 from deltalearn.data.corpora import Corpus, clean_document, resolve_source
-from deltalearn.data.errors import DataError
 from deltalearn.data.split import check_val_fraction, split_documents
 from deltalearn.data.tokens import token_dtype, write_token_file
+from deltalearn.errors import DataError
 
 FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches are then ignored
 META_FILE = "meta.json"

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from deltalearn.data.errors import DataError
+from deltalearn.errors import DataError
 
 
 def _integer(name: str, value: object, *, minimum: int) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from deltalearn.data.errors import DataError
+from deltalearn.errors import DataError
 
 MIN_SPLIT_CHARS = 2_000  # below this a document is assigned whole to one split
 

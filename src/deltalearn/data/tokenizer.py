@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from deltalearn.data.errors import DataError
+from deltalearn.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "gpt2")

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from deltalearn.data.errors import DataError
+from deltalearn.errors import DataError
 
 _ENCODE_BATCH_CHARS = 4_000_000  # documents per encode_batch call, by size: bounds memory
 _CHUNK_CHARS = 1_000_000  # longer documents are encoded in pieces cut at line ends

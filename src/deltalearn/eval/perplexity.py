@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["evaluate_loss", "evaluate_run", "lm_loss"]
+from deltalearn.train.validation import evaluate_loss
 
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``targets`` are already shifted (the sampler's ``y``)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast when asked for; fp32 needs no context."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    tokens: Any,
-    seq_len: int,
-    batch_size: int,
-    max_batches: int | None,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-) -> float:
-    """Token-weighted mean loss over ``eval_batches`` of ``tokens`` (the same batches every call)."""
-    from deltalearn.data import eval_batches
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in eval_batches(tokens, seq_len, batch_size, max_batches):
-            x = torch.as_tensor(x, dtype=torch.long, device=device)
-            y = torch.as_tensor(y, dtype=torch.long, device=device)
-            with autocast_context(device, dtype):
-                logits = model(x).logits
-            total += lm_loss(logits, y).item() * y.numel()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        from deltalearn.train.errors import UserError
-
-        raise UserError(f"validation split is shorter than one sequence of {seq_len + 1} tokens")
-    return total / count
+__all__ = ["encode_val_split", "evaluate_run"]
 
 
 def encode_val_split(

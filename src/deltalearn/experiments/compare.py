@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltalearn.errors import UserError
 from deltalearn.train.config import TrainConfig, config_diff, load_config
-from deltalearn.train.errors import UserError
 
 __all__ = ["CompareConfig", "run_compare", "run_config"]
 

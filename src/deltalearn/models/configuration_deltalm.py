@@ -19,13 +19,12 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 from deltalearn.models.presets import preset_fields
+from deltalearn.nn.choices import DIRECTION_FORMS, GATES, RULES, VALUE_HEADS, check_choice
 
-RESIDUALS = ("additive", "delta", "write_only")
+# The residual rule and the generators share their choices with `deltalearn.nn`.
+RESIDUALS = RULES
 COMPRESSORS = ("cc", "tc")
 EXPANSIONS = ("ec", "repeat")
-VALUE_HEADS = ("paper", "official")
-GATES = ("linear", "mlp")
-DIRECTION_FORMS = ("l2", "rms")
 
 # The token-axis compressor's default kernel (the channel compressor defaults to K = dv).
 _TC_KERNEL = 4
@@ -105,12 +104,12 @@ class DeltaLMConfig(PretrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        _choice("residual", self.residual, RESIDUALS)
-        _choice("compressor", self.compressor, COMPRESSORS)
-        _choice("expansion", self.expansion, EXPANSIONS)
-        _choice("value_head", self.value_head, VALUE_HEADS)
-        _choice("gate", self.gate, GATES)
-        _choice("direction_form", self.direction_form, DIRECTION_FORMS)
+        check_choice("residual", self.residual, RESIDUALS)
+        check_choice("compressor", self.compressor, COMPRESSORS)
+        check_choice("expansion", self.expansion, EXPANSIONS)
+        check_choice("value_head", self.value_head, VALUE_HEADS)
+        check_choice("gate", self.gate, GATES)
+        check_choice("direction_form", self.direction_form, DIRECTION_FORMS)
         if self.compressor == "cc" and self.compressor_kernel_size > self.value_channels:
             raise ValueError(
                 f"compressor_kernel_size must lie in [1, value_channels={self.value_channels}] "
@@ -156,8 +155,3 @@ def _is_number(value: object) -> bool:
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

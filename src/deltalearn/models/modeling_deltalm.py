@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -43,6 +42,7 @@ from deltalearn.models.layers import (
     attention_mask_4d,
     rope_angles,
 )
+from deltalearn.models.loss import next_token_loss
 from deltalearn.models.outputs import CACHE_FIELD, DeltaLMGates, DeltaLMOutput
 from deltalearn.nn import (
     ChannelCompressor,
@@ -52,6 +52,7 @@ from deltalearn.nn import (
     TokenCompressor,
     beta_init_bias,
     repeat_expansion,
+    residual_step,
 )
 
 Compressor = ChannelCompressor | TokenCompressor
@@ -137,12 +138,7 @@ class DeltaLMBlock(nn.Module):
         key: str,
     ) -> torch.Tensor:
         """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
-        x_in = _read_state(self.compress, X, step, key)
-        c = norm(x_in)
-        h = branch(c)
-        if update is None:  # additive; a matrix state receives h in every value channel
-            return X + (h.unsqueeze(-1) if X.dim() == h.dim() + 1 else h)
-        return update(X, h, c, x_in)
+        return residual_step(X, _read_state(self.compress, X, step, key), norm, branch, update)
 
     def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
         attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
@@ -237,11 +233,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
+            loss = next_token_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
         out = DeltaLMOutput(loss=loss, logits=logits, gates=gates)
         if use_cache:  # a None entry would still show up as a key of the output
             out[CACHE_FIELD] = cache

@@ -7,7 +7,7 @@ from deltalearn.nn.generators import (
     direction,
     direction_rms,
 )
-from deltalearn.nn.residual import DeltaResidual, DeltaUpdate, GateRecord
+from deltalearn.nn.residual import DeltaResidual, DeltaUpdate, GateRecord, residual_step
 from deltalearn.nn.state import (
     ChannelCompressor,
     EmbeddingConv,
@@ -30,4 +30,5 @@ __all__ = [
     "direction",
     "direction_rms",
     "repeat_expansion",
+    "residual_step",
 ]

@@ -10,29 +10,24 @@ v = W_v c                (value_head="paper")
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltalearn.nn.choices import (
+    DIRECTION_FORMS,
+    GATES,
+    VALUE_HEADS,
+    DirectionForm,
+    GateKind,
+    ValueHeadKind,
+    check_choice,
+)
 from deltalearn.ops import normalize_direction
-
-ValueHeadKind = Literal["paper", "official"]
-GateKind = Literal["linear", "mlp"]
-DirectionForm = Literal["l2", "rms"]
-
-VALUE_HEADS = ("paper", "official")
-GATES = ("linear", "mlp")
-DIRECTION_FORMS = ("l2", "rms")
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
 _BETA_INIT_CLAMP = 1e-4
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def direction_rms(k_raw: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -49,7 +44,7 @@ def direction_rms(k_raw: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def direction(k_raw: torch.Tensor, eps: float = 1e-5, form: DirectionForm = "l2") -> torch.Tensor:
     """Unit direction from an unnormalised proposal, in the exact L2 or the RMS form."""
-    _check_choice("form", form, DIRECTION_FORMS)
+    check_choice("form", form, DIRECTION_FORMS)
     return normalize_direction(k_raw, eps) if form == "l2" else direction_rms(k_raw, eps)
 
 
@@ -72,7 +67,7 @@ class ValueHead(nn.Module):
         sigmoid_scale: float = 4.0,
     ) -> None:
         super().__init__()
-        _check_choice("value_head", kind, VALUE_HEADS)
+        check_choice("value_head", kind, VALUE_HEADS)
         self.kind = kind
         self.sigmoid_scale = sigmoid_scale
         self.proj = nn.Linear(dim, value_channels, bias=(kind == "official"))
@@ -94,7 +89,7 @@ class GateHead(nn.Module):
         beta_init: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_choice("gate", kind, GATES)
+        check_choice("gate", kind, GATES)
         self.kind = kind
         if kind == "linear":
             self.hidden = None

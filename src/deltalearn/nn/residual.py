@@ -10,26 +10,24 @@ X'   = X + h                                                 rule="additive"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from deltalearn.nn.generators import (
+from deltalearn.nn.choices import (
+    DIRECTION_FORMS,
+    RULES,
     DirectionForm,
-    GateHead,
     GateKind,
-    ValueHead,
+    Rule,
     ValueHeadKind,
-    _check_choice,
-    direction,
+    check_choice,
 )
+from deltalearn.nn.generators import GateHead, ValueHead, direction
 from deltalearn.nn.state import ChannelCompressor
 from deltalearn.ops import delta_rewrite, delta_rewrite_reference, write_only, write_only_reference
-
-Rule = Literal["additive", "delta", "write_only"]
-RULES = ("additive", "delta", "write_only")
 
 
 @dataclass
@@ -67,7 +65,8 @@ class DeltaUpdate(nn.Module):
         fused: bool = True,
     ) -> None:
         super().__init__()
-        _check_choice("rule", rule, RULES)
+        check_choice("rule", rule, RULES)
+        check_choice("direction_form", direction_form, DIRECTION_FORMS)
         if rule == "additive":
             raise ValueError("DeltaUpdate has no parameters for rule='additive'; add h directly")
         if value_channels < 1:
@@ -164,7 +163,7 @@ class DeltaResidual(nn.Module):
         record_gates: bool = True,
     ) -> None:
         super().__init__()
-        _check_choice("rule", rule, RULES)
+        check_choice("rule", rule, RULES)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if value_channels < 1:
@@ -220,14 +219,26 @@ class DeltaResidual(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         self._check_state(X)
         x_in = X if self.compressor is None else self.compressor(X)
-        c = self.norm(x_in)
-        h = self.branch(c)
-        if h.shape != x_in.shape:
-            raise ValueError(
-                f"branch must map (..., {self.dim}) to the same shape; got {tuple(h.shape)} "
-                f"for input {tuple(c.shape)}"
-            )
-        if self.update is None:
-            # Additive: a matrix state receives the branch output in every value channel.
-            return X + (h if self.value_channels == 1 else h.unsqueeze(-1))
-        return self.update(X, h, c, x_in)
+        return residual_step(X, x_in, self.norm, self.branch, self.update)
+
+
+def residual_step(
+    X: torch.Tensor,
+    x_in: torch.Tensor,
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    branch: Callable[[torch.Tensor], torch.Tensor],
+    update: DeltaUpdate | None,
+) -> torch.Tensor:
+    """One pre-norm DDL sublayer from its read state: `c = norm(x_in)`, `h = branch(c)`, then the
+    rewrite `update(X, h, c, x_in)`, or `X + h` for the additive rule (`update` None), where a
+    matrix state `(..., d, dv)` receives `h` in every value channel."""
+    c = norm(x_in)
+    h = branch(c)
+    if h.shape != x_in.shape:
+        raise ValueError(
+            f"branch must map (..., {x_in.shape[-1]}) to the same shape; got {tuple(h.shape)} "
+            f"for input {tuple(c.shape)}"
+        )
+    if update is None:
+        return X + (h.unsqueeze(-1) if X.dim() == h.dim() + 1 else h)
+    return update(X, h, c, x_in)

@@ -5,8 +5,8 @@ cfg = TrainConfig(); cfg.model.variant = "ddl-cc"; cfg.run.out = "runs/ddl-cc"
 result = train(cfg)
 """
 
+from deltalearn.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from deltalearn.train.config import TrainConfig, load_config, resolve_config, save_config
-from deltalearn.train.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from deltalearn.train.trainer import Trainer, TrainResult, train
 
 __all__ = [

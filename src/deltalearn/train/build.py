@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from deltalearn.errors import ConfigError
 from deltalearn.train.config import TrainConfig
-from deltalearn.train.errors import ConfigError
 
 __all__ = ["build_model", "model_config", "prepare_data"]
 

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltalearn.errors import CheckpointError
 from deltalearn.train.distributed import DistEnv, unwrap
-from deltalearn.train.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",

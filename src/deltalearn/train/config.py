@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from deltalearn.train.errors import ConfigError
+from deltalearn.errors import ConfigError
 
 __all__ = [
     "ConfigError",

@@ -48,7 +48,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from deltalearn.train.errors import ConfigError
+        from deltalearn.errors import ConfigError
 
         raise ConfigError("run.device is cuda but no CUDA device is available")
     return torch.device(device)

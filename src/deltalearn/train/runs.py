@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltalearn.errors import UserError
 from deltalearn.train.config import TrainConfig, load_config
-from deltalearn.train.errors import UserError
 
 __all__ = ["Run", "generate_text", "load_run", "quiet_hf"]
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from deltalearn.eval.perplexity import autocast_context, evaluate_loss, lm_loss
+from deltalearn.errors import ConfigError, NonFiniteLossError
+from deltalearn.models.loss import next_token_loss
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train.build import build_model, model_config, prepare_data
 from deltalearn.train.config import TrainConfig, config_diff, load_config, save_config
@@ -36,10 +36,10 @@ from deltalearn.train.distributed import (
     unwrap,
     wrap_model,
 )
-from deltalearn.train.errors import ConfigError, NonFiniteLossError
 from deltalearn.train.logging import RunLogger
 from deltalearn.train.optim import build_optimizer, lr_at
 from deltalearn.train.runs import quiet_hf
+from deltalearn.train.validation import autocast_context, evaluate_loss, mean_beta_per_layer
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -67,19 +67,6 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     # ru_maxrss is KiB on Linux: the peak resident set of this whole process.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-
-
-def mean_beta_per_layer(model: nn.Module, x: torch.Tensor) -> list[float] | None:
-    """Mean gate β of each layer on one batch (None for models without gates)."""
-    from deltalearn.analysis.audit import collect_gate_stats
-
-    stats = collect_gate_stats(model, [x])
-    if not stats:
-        return None
-    by_layer: dict[int, list[float]] = {}
-    for row in stats:
-        by_layer.setdefault(row["layer"], []).append(row["beta_mean"])
-    return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
 
 
 class Trainer:
@@ -123,7 +110,7 @@ class Trainer:
         with no_grad_sync(self.model, skip=not sync):
             with autocast_context(self.device, self.dtype):
                 logits = self.model(x).logits
-            loss = lm_loss(logits, y)
+            loss = next_token_loss(logits, y)
             (loss / self.cfg.run.grad_accum).backward()
         return loss.detach()
 
