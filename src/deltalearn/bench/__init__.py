@@ -1,0 +1,140 @@
+"""`deltalearn bench`: speed and memory benchmarks.
+
+    deltalearn bench operator   one Delta rewrite, fused vs reference vs additive (the default)
+    deltalearn bench model      DeltaLM variants vs the additive baseline: training, full-sequence
+                                inference, cached generation and the training step's peak memory
+
+Every figure comes with its ratio to the reference measured in the same run (interleaved repeats,
+median), and every report names the machine, the torch version and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from deltalearn.bench.model import (
+    DEFAULT_VARIANTS,
+    DTYPES,
+    IMPLS,
+    MEASURES,
+    ModelBench,
+    format_model_report,
+    model_benchmark,
+    model_report,
+    parse_overrides,
+)
+from deltalearn.bench.model import __doc__ as MODEL_DOC
+from deltalearn.bench.operator import operator_benchmark
+from deltalearn.bench.timing import format_table, run_header, write_json
+
+__all__ = ["ModelBench", "main", "model_benchmark", "operator_benchmark"]
+
+_SUBCOMMANDS = ("operator", "model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltalearn bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    op = sub.add_parser("operator", help="one rewrite of a (B, T, d, dv) state, fwd + bwd")
+    op.add_argument("--device", default=default_device)
+    op.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    op.add_argument("--batch", type=int, default=8)
+    op.add_argument("--seq", type=int, default=256)
+    op.add_argument("--dim", type=int, default=256)
+    op.add_argument("--value-channels", type=int, default=4)
+    op.add_argument("--repeats", type=int, default=10)
+    op.add_argument("--json", type=Path, help="also write the report as JSON here")
+
+    m = sub.add_parser(
+        "model",
+        help="DeltaLM variants vs the baseline: train, infer, generate, memory",
+        description=MODEL_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--device", default=default_device)
+    m.add_argument("--size", default="tiny", help="preset size: tiny, small, medium")
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a DeltaLMConfig field for every variant (repeatable), "
+        "e.g. --set hidden_size=256 --set num_heads=8",
+    )
+    m.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated presets; the first is the reference of every ratio",
+    )
+    m.add_argument("--batch", type=int, default=8, help="rows of the train/infer batch")
+    m.add_argument("--seq", type=int, default=256, help="tokens per row of the train/infer batch")
+    m.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (autocast)")
+    m.add_argument(
+        "--impl", default="default", help=f"{' | '.join(IMPLS)}: reference = unfused DeltaUpdate"
+    )
+    m.add_argument("--compile", action="store_true", help="torch.compile every model (in place)")
+    m.add_argument("--measure", default=",".join(MEASURES), help="comma-separated subset")
+    m.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (prefill)")
+    m.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (timed)")
+    m.add_argument("--gen-batch", type=int, default=1, help="rows decoded together")
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--json", type=Path, help="also write the report as JSON here")
+    return parser
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in (*_SUBCOMMANDS, "-h", "--help"):
+        argv = ["operator", *argv]  # `deltalearn bench [options]` is the operator benchmark
+    args = build_parser().parse_args(argv)
+    if args.what == "operator":
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        rows = operator_benchmark(
+            args.batch, args.seq, args.dim, args.value_channels, device, dtype, args.repeats
+        )
+        report = {"benchmark": "operator", **run_header(device), "rows": rows}
+        print(
+            f"operator benchmark on {report['machine']}, torch {report['torch']}, {report['date']}"
+        )
+        print(format_table(rows))
+    else:
+        bench = ModelBench(
+            variants=_split(args.variants),
+            size=args.size,
+            overrides=parse_overrides(args.set),
+            batch=args.batch,
+            seq=args.seq,
+            dtype=args.dtype,
+            impl=args.impl,
+            compile=args.compile,
+            measures=_split(args.measure),
+            gen_prompt=args.gen_prompt,
+            gen_tokens=args.gen_tokens,
+            gen_batch=args.gen_batch,
+            repeats=args.repeats,
+            device=args.device,
+        )
+        report = model_report(bench, model_benchmark(bench))
+        print(format_model_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

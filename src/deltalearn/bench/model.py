@@ -1,0 +1,336 @@
+"""`deltalearn bench model`: what a user of each DeltaLM variant feels, against the first variant
+(the additive baseline by default), all measured in one run:
+
+    train     tokens/s of one training step as `deltalearn train` takes it: forward with the loss,
+              backward, grad-norm clip 1.0, AdamW (the trainer's groups and betas)
+    infer     tokens/s of a full-sequence forward, eval mode, under `torch.no_grad`
+    generate  tokens/s of cached greedy decoding: prefill the prompt (not timed), then one call
+              per new token with the cache and the last token (argmax, no `generate` overhead)
+    memory    peak bytes allocated during one training step above the resident parameters and
+              AdamW state (CUDA: `max_memory_allocated`; CPU: PyTorch's CPU allocator as reported
+              by `torch.profiler` memory events — both deterministic, neither counts caching)
+
+Variants are timed interleaved (A B C A B C ...) and summarised by the median; `--dtype bfloat16`
+runs every measurement under bf16 autocast (weights and AdamW state stay fp32, as in training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deltalearn.bench.timing import format_table, interleaved_medians, run_header, sync, timed
+from deltalearn.errors import ConfigError
+
+MEASURES = ("train", "infer", "generate", "memory")
+DEFAULT_VARIANTS = ("baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc")
+IMPLS = ("default", "reference")
+DTYPES = ("float32", "bfloat16")
+GRAD_CLIP = 1.0  # the trainer's default
+
+NOTES = {
+    "train": "tokens/s of forward + loss + backward + grad clip + AdamW step (train mode)",
+    "infer": "tokens/s of a full-sequence forward (eval mode, no_grad)",
+    "generate": "tokens/s of cached greedy decoding, one token per call; prefill not timed",
+    "memory": "peak MB allocated during one training step above the resident parameters + AdamW "
+    "state (CUDA: max_memory_allocated; CPU: CPU-allocator events from torch.profiler)",
+}
+
+
+@dataclass
+class ModelBench:
+    """The settings of one `bench model` run (every field is a command-line option)."""
+
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    size: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set: DeltaLMConfig fields
+    batch: int = 8
+    seq: int = 256
+    dtype: str = "float32"
+    impl: str = "default"  # "reference": every DeltaUpdate uses the plain (unfused) operator
+    compile: bool = False
+    measures: list[str] = field(default_factory=lambda: list(MEASURES))
+    gen_prompt: int = 64
+    gen_tokens: int = 64
+    gen_batch: int = 1
+    repeats: int = 5
+    device: str = "cpu"
+
+    def check(self) -> None:
+        """Raise `ConfigError` (one line) for the first bad setting, configs included."""
+        for name in ("batch", "seq", "gen_prompt", "gen_tokens", "gen_batch", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer >= 1, got {value}"
+                )
+        _check_choices("--measure", self.measures, MEASURES)
+        _check_choices("--dtype", [self.dtype], DTYPES)
+        _check_choices("--impl", [self.impl], IMPLS)
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"--variants must name distinct presets, got {self.variants}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        for variant in self.variants:
+            build_config(self, variant)
+
+
+def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ConfigError(f"{option} takes {', '.join(allowed)}; got {bad or values}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as config overrides (values YAML-parsed: `256` is an int)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (a DeltaLMConfig field), got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def build_config(bench: ModelBench, variant: str):
+    """The `DeltaLMConfig` of `variant` at `bench.size` with the `--set` overrides (validated)."""
+    from deltalearn import DeltaLMConfig
+
+    try:
+        return DeltaLMConfig.preset(variant, bench.size, **bench.overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"variant {variant!r}, size {bench.size!r}, --set: {e}") from None
+
+
+@dataclass
+class VariantRun:
+    """One variant's model, optimizer and inputs, and the three things a user does with them."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ids: torch.Tensor  # (batch, seq) training / inference tokens
+    prompt: torch.Tensor  # (gen_batch, gen_prompt)
+    gen_tokens: int
+    dtype: torch.dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        device = self.ids.device.type
+        return torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self.autocast():
+            loss = self.model(self.ids, labels=self.ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer(self) -> None:
+        self.model.eval()
+        with self.autocast():
+            self.model(self.ids)
+
+    def decode_seconds(self) -> float:
+        self.model.eval()
+        with self.autocast():
+            return greedy_decode(self.model, self.prompt, self.gen_tokens)[1]
+
+
+def build_variant(bench: ModelBench, variant: str) -> VariantRun:
+    """Model (seed 0, `--impl` applied, compiled in place if asked), the trainer's AdamW, inputs."""
+    from deltalearn import DeltaLM
+    from deltalearn.nn import DeltaUpdate
+    from deltalearn.train.config import OptimConfig
+    from deltalearn.train.optim import build_optimizer
+
+    device = torch.device(bench.device)
+    cfg = build_config(bench, variant)
+    torch.manual_seed(0)
+    model = DeltaLM(cfg).to(device)
+    if bench.impl == "reference":
+        for module in model.modules():
+            if isinstance(module, DeltaUpdate):
+                module.fused = False
+    if bench.compile:
+        model.compile()  # in place, as the trainer does
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (bench.batch, bench.seq), generator=gen)
+    prompt = torch.randint(0, cfg.vocab_size, (bench.gen_batch, bench.gen_prompt), generator=gen)
+    return VariantRun(
+        model=model,
+        optimizer=build_optimizer(model, OptimConfig()),
+        ids=ids.to(device),
+        prompt=prompt.to(device),
+        gen_tokens=bench.gen_tokens,
+        dtype=getattr(torch, bench.dtype),
+    )
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, float]:
+    """Prefill `prompt` `(B, P)`, take its argmax, then decode `new_tokens` more one call each
+    (cache + last token). Returns the ids `(B, P + 1 + new_tokens)` and the decode loop's seconds.
+    """
+    from deltalearn.models.outputs import CACHE_FIELD
+
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    tokens = [prompt, out.logits[:, -1].argmax(-1, keepdim=True)]
+    cache = out[CACHE_FIELD]
+    run = timed(lambda: _decode_loop(model, tokens, cache, new_tokens), prompt.device)
+    seconds = run()
+    return torch.cat(tokens, dim=1), seconds
+
+
+def _decode_loop(model: torch.nn.Module, tokens: list[torch.Tensor], cache, n: int) -> None:
+    from deltalearn.models.outputs import CACHE_FIELD
+
+    for _ in range(n):
+        out = model(tokens[-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out[CACHE_FIELD]
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+
+
+def resident_bytes(run: VariantRun) -> int:
+    """Bytes of the parameters, buffers and optimizer state (distinct storages)."""
+    tensors = [*run.model.parameters(), *run.model.buffers()]
+    tensors += [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(
+        {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()
+    )
+
+
+def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated while `step` runs, above what was allocated before it (see `NOTES`).
+
+    Run one step first, so that lazily created state (AdamW moments, compiled graphs) is resident.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints a line when it starts and stops
+        prof.start()
+    try:
+        step()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    # Each allocation (+bytes) and free (-bytes) of the CPU allocator, in order: a running sum.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def model_benchmark(bench: ModelBench) -> list[dict[str, object]]:
+    """One row per variant (in order) with each measured figure and its ratio to the first."""
+    bench.check()
+    device = torch.device(bench.device)
+    runs = {v: build_variant(bench, v) for v in bench.variants}
+    rows: dict[str, dict[str, object]] = {
+        v: {"variant": v, "params_M": sum(p.numel() for p in r.model.parameters()) / 1e6}
+        for v, r in runs.items()
+    }
+    train_tokens = bench.batch * bench.seq
+    timings: dict[str, tuple[Callable[[VariantRun], Callable[[], float]], int, int]] = {
+        "train": (lambda r: timed(r.train_step, device), train_tokens, 2),
+        "infer": (lambda r: timed(r.infer, device), train_tokens, 2),
+        "generate": (lambda r: r.decode_seconds, bench.gen_batch * bench.gen_tokens, 1),
+    }
+    for measure, (make, tokens, warmup) in timings.items():
+        if measure not in bench.measures:
+            continue
+        seconds = interleaved_medians({v: make(r) for v, r in runs.items()}, bench.repeats, warmup)
+        for v in bench.variants:
+            rows[v][f"{measure}_tokens_per_s"] = tokens / seconds[v]
+        _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
+    if "memory" in bench.measures:
+        for v, run in runs.items():
+            run.train_step()  # lazily created state (AdamW moments, compiled code) is resident
+            rows[v]["step_peak_MB"] = step_peak_bytes(run.train_step, device) / 2**20
+            rows[v]["resident_MB"] = resident_bytes(run) / 2**20
+        _add_ratios(rows, "step_peak_MB", "memory_ratio")
+    return list(rows.values())
+
+
+def _add_ratios(rows: dict[str, dict[str, object]], key: str, ratio: str) -> None:
+    reference = next(iter(rows.values()))[key]
+    for row in rows.values():
+        row[ratio] = row[key] / reference
+
+
+def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, object]:
+    """The JSON report: machine, torch, date, settings, definitions and rows."""
+    notes = {m: NOTES[m] for m in MEASURES if m in bench.measures}
+    return {
+        "benchmark": "model",
+        **run_header(torch.device(bench.device)),
+        "reference": bench.variants[0],
+        "settings": dataclasses.asdict(bench),
+        "notes": notes,
+        "rows": rows,
+    }
+
+
+def format_model_report(report: dict[str, Any]) -> str:
+    """The printed form: machine line, settings, definitions, then the table."""
+    s, ref = report["settings"], report["reference"]
+    sets = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
+    lines = [
+        f"model benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
+        f"size {s['size']}{' ' + sets if sets else ''}, batch {s['batch']} x seq {s['seq']}, "
+        f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}, "
+        f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens; "
+        f"median of {s['repeats']}",
+        *(f"  {m}: {note}" for m, note in report["notes"].items()),
+    ]
+    x = f"× {ref}"
+    columns = {
+        "variant": "variant",
+        "params_M": "params M",
+        "train_tokens_per_s": "train tok/s",
+        "train_ratio": x,
+        "infer_tokens_per_s": "infer tok/s",
+        "infer_ratio": x,
+        "generate_tokens_per_s": "decode tok/s",
+        "generate_ratio": x,
+        "step_peak_MB": "step peak MB",
+        "memory_ratio": x,
+        "resident_MB": "resident MB",
+    }
+    return "\n".join([*lines, format_table(report["rows"], columns)])

@@ -1,0 +1,136 @@
+"""What every benchmark shares: interleaved timing, saved-for-backward bytes, the machine line, the
+table and the atomic JSON write.
+
+Timing runs the contenders interleaved (A B C A B C ...) and keeps the median, because shared
+machines have bursts where everything runs several times slower; a ratio of two medians measured in
+the same run survives such bursts far better than two absolute figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """`fn` as a callable returning its own wall time in seconds (device work included)."""
+
+    def run() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median of the seconds each callable reports about itself, run interleaved (A B C A B C).
+
+    Each callable times itself, so it can leave set-up work (e.g. a prefill) out of its figure.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds[name].append(fn())
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def median_seconds(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time of each callable, run interleaved (A B C A B C ...)."""
+    return interleaved_medians({n: timed(f, device) for n, f in fns.items()}, repeats, warmup)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward while running `fn` (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what the platform says elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device: torch.device) -> str:
+    """The machine line: the CUDA device name, or the CPU model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def run_header(device: torch.device) -> dict[str, str]:
+    """Machine, torch version and UTC date: what every report starts with."""
+    return {
+        "machine": machine(device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def format_table(rows: list[dict[str, object]], columns: dict[str, str] | None = None) -> str:
+    """A Markdown table of `rows`; `columns` maps row keys to headers (default: every key)."""
+    columns = columns or {k: k for k in rows[0]}
+    keys = [k for k in columns if any(k in r for r in rows)]
+
+    def fmt(x: object) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1e3 else f"{x:,.0f}"
+        return "–" if x is None else str(x)
+
+    lines = ["| " + " | ".join(columns[k] for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict[str, object]) -> None:
+    """Write `report` to `path` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

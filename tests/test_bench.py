@@ -1,0 +1,184 @@
+"""`deltalearn bench`: the model benchmark's measurements, its JSON, ratios and errors, at a minute
+size (1 layer, d = 32, vocab 256), and the operator benchmark still answering."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from deltalearn.cli import main as cli_main
+
+MINUTE = [
+    *("--set", "hidden_size=32", "--set", "num_heads=1", "--set", "num_layers=1"),
+    *("--set", "vocab_size=256"),
+    *("--batch", "2", "--seq", "16", "--repeats", "1"),
+    *("--gen-prompt", "4", "--gen-tokens", "2"),
+]
+VARIANTS = ["baseline", "ddl", "ddl-tc"]
+RATIOS = ["train_ratio", "infer_ratio", "generate_ratio", "memory_ratio"]
+
+
+def run_bench(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["bench", *argv])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "model.json"
+    code, out = run_bench(["model", *MINUTE, "--variants", ",".join(VARIANTS), "--json", str(path)])
+    assert code == 0
+    return out, json.loads(path.read_text())
+
+
+def test_every_measurement_is_a_positive_figure_per_variant(model_run):
+    _, report = model_run
+    assert [r["variant"] for r in report["rows"]] == VARIANTS
+    for row in report["rows"]:
+        for key in ("train_tokens_per_s", "infer_tokens_per_s", "generate_tokens_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["variant"], key)
+        assert row["step_peak_MB"] > 0 and row["resident_MB"] > 0
+        assert row["params_M"] > 0
+    ddl, baseline = report["rows"][1], report["rows"][0]
+    assert ddl["params_M"] > baseline["params_M"]  # DDL adds its heads to the same backbone
+
+
+def test_json_names_machine_torch_date_and_settings(model_run):
+    _, report = model_run
+    assert report["benchmark"] == "model" and report["reference"] == "baseline"
+    assert report["machine"] and report["torch"] == torch.__version__
+    assert len(report["date"]) >= 10 and report["date"][4] == "-"
+    settings = report["settings"]
+    assert settings["overrides"] == {
+        "hidden_size": 32,
+        "num_heads": 1,
+        "num_layers": 1,
+        "vocab_size": 256,
+    }
+    assert (settings["batch"], settings["seq"], settings["gen_tokens"]) == (2, 16, 2)
+    assert settings["impl"] == "default" and settings["dtype"] == "float32"
+    assert "memory" in report["notes"]
+
+
+def test_baseline_ratio_to_itself_is_one_and_others_are_ratios(model_run):
+    _, report = model_run
+    base = report["rows"][0]
+    assert all(base[k] == 1.0 for k in RATIOS)
+    for row in report["rows"][1:]:
+        assert row["train_ratio"] == pytest.approx(
+            row["train_tokens_per_s"] / base["train_tokens_per_s"]
+        )
+        assert row["memory_ratio"] == pytest.approx(row["step_peak_MB"] / base["step_peak_MB"])
+
+
+def test_table_has_machine_line_and_a_row_per_variant(model_run):
+    out, report = model_run
+    assert report["machine"] in out and torch.__version__ in out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + len(VARIANTS)  # header + rows
+    assert "train tok/s" in lines[0] and "decode tok/s" in lines[0] and "step peak MB" in lines[0]
+    for variant, line in zip(VARIANTS, lines[1:], strict=True):
+        assert line.startswith(f"| {variant} |")
+
+
+def test_measure_selects_columns(tmp_path):
+    path = tmp_path / "m.json"
+    argv = ["model", *MINUTE, "--variants", "baseline,ddl", "--measure", "infer", "--json"]
+    assert run_bench([*argv, str(path)])[0] == 0
+    row = json.loads(path.read_text())["rows"][1]
+    assert "infer_tokens_per_s" in row and "infer_ratio" in row
+    assert not {"train_tokens_per_s", "generate_tokens_per_s", "step_peak_MB"} & set(row)
+
+
+def test_step_peak_is_deterministic_and_grows_with_the_batch():
+    from deltalearn.bench.model import ModelBench, build_variant, step_peak_bytes
+
+    def peak(batch: int) -> int:
+        bench = ModelBench(
+            variants=["ddl-cc"],
+            overrides=dict(hidden_size=32, num_heads=1, num_layers=1, vocab_size=256),
+            batch=batch,
+            seq=16,
+        )
+        run = build_variant(bench, "ddl-cc")
+        run.train_step()  # AdamW state exists: later steps start from the resident level
+        return step_peak_bytes(run.train_step, torch.device("cpu"))
+
+    first = peak(2)
+    assert first > 0 and peak(2) == first
+    assert peak(4) > 1.5 * first  # activations and logits scale with the batch
+
+
+def test_greedy_decode_uses_the_cache_correctly():
+    """The decode loop (one token per call, with the cache) gives the tokens of a greedy loop
+    that re-reads the whole prefix each step, for a model with conv histories (EC + TC)."""
+    from deltalearn.bench.model import ModelBench, build_variant, greedy_decode
+
+    bench = ModelBench(
+        variants=["ddl-tc"], overrides=dict(hidden_size=32, num_heads=1, num_layers=2)
+    )
+    model = build_variant(bench, "ddl-tc").model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    ids, seconds = greedy_decode(model, prompt, 6)
+    assert ids.shape == (2, 5 + 1 + 6) and seconds > 0
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(7):
+            nxt = model(expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(ids, expected)
+
+
+@pytest.mark.parametrize("impl, fused", [("default", True), ("reference", False)])
+def test_impl_switches_every_delta_update(impl, fused):
+    from deltalearn.bench.model import ModelBench, build_variant
+    from deltalearn.nn import DeltaUpdate
+
+    bench = ModelBench(variants=["ddl-cc"], overrides=dict(num_layers=2), impl=impl)
+    updates = [
+        m for m in build_variant(bench, "ddl-cc").model.modules() if isinstance(m, DeltaUpdate)
+    ]
+    assert len(updates) == 4 and all(u.fused is fused for u in updates)
+
+
+def test_width_256_preset_keeps_head_dim_32():
+    from deltalearn.bench.model import ModelBench, build_config
+
+    bench = ModelBench(overrides=dict(hidden_size=256, num_heads=8))
+    cfg = build_config(bench, "ddl")
+    assert (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.num_layers) == (256, 8, 32, 4)
+
+
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        (["--set", "hiden_size=32"], "hiden_size"),
+        (["--set", "hidden_size=256"], "hidden_size"),
+        (["--set", "hidden_size"], "KEY=VALUE"),
+        (["--variants", "baseline,ddl-xx"], "ddl-xx"),
+        (["--measure", "train,speed"], "speed"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys, extra, names):
+    assert cli_main(["bench", "model", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltalearn: error: ") and "\n" not in err
+    assert names in err
+
+
+def test_operator_benchmark_still_runs(tmp_path):
+    path = tmp_path / "op.json"
+    argv = ["--batch", "1", "--seq", "4", "--dim", "8", "--repeats", "1", "--json", str(path)]
+    code, out = run_bench(argv)  # `operator` is the default subcommand
+    assert code == 0 and "fused" in out
+    report = json.loads(path.read_text())
+    assert [r["impl"] for r in report["rows"]] == ["additive", "reference", "fused"]
+    assert report["rows"][0]["time_vs_additive"] == 1.0
+    assert report["benchmark"] == "operator" and report["machine"]
