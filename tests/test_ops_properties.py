@@ -37,6 +37,23 @@ def _operands(lead, d, dv, dtype=torch.float64, beta=None):
     return X, k, b, v
 
 
+def _mirror_pair(lead, d, dtype=torch.float64):
+    """Random a, b with ‖a‖ = ‖b‖ and the unit normal k = (a − b)/‖a − b‖ of the plane between them."""
+    a = torch.randn((*lead, d), dtype=dtype)
+    b = torch.randn((*lead, d), dtype=dtype)
+    b = b * (a.norm(dim=-1, keepdim=True) / b.norm(dim=-1, keepdim=True))
+    if d == 1:
+        b = -a  # the only other vector of the same norm
+    k = (a - b) / (a - b).norm(dim=-1, keepdim=True)
+    return a, b, k
+
+
+def _orthogonal_to(k, n):
+    """n random vectors orthogonal to k (Gram-Schmidt against k): `(..., d, n)`."""
+    r = torch.randn((*k.shape, n), dtype=k.dtype)
+    return r - k[..., :, None] * (k[..., :, None] * r).sum(-2, keepdim=True)
+
+
 def _readout(k, X):
     return (k * X).sum(-1) if X.dim() == k.dim() else torch.einsum("...d,...dv->...v", k, X)
 
@@ -59,15 +76,19 @@ class TestRewriteFacts:
         torch.testing.assert_close(_readout(k, Y), v, rtol=1e-12, atol=1e-12)
 
     def test_beta_two_shortcut_is_householder_reflection(self, shape, impl):
-        X, k, b, v = _operands(*shape, beta=2.0)
-        Y = REWRITES[impl](X, k, b, torch.zeros_like(v))  # v = 0 leaves only the shortcut A X
-        d = k.shape[-1]
-        H = torch.eye(d, dtype=k.dtype) - 2 * k[..., :, None] * k[..., None, :]
-        AX = H @ X if X.dim() > k.dim() else (H @ X[..., None])[..., 0]
-        torch.testing.assert_close(Y, AX)
-        torch.testing.assert_close(
-            H @ H.transpose(-1, -2), torch.eye(d, dtype=k.dtype).expand_as(H)
-        )
+        # β = 2 with v = 0 leaves only the shortcut, which must be the mirror with normal k: it swaps
+        # any two vectors a, b of equal norm with k ∥ a − b, and fixes every vector orthogonal to k.
+        lead, d, dv = shape
+        a, b, k = _mirror_pair(lead, d)
+        beta = torch.full(lead, 2.0, dtype=k.dtype)
+        if dv is None:
+            X, want = a, b
+        else:
+            w = _orthogonal_to(k, dv)  # (..., d, dv)
+            X = torch.cat([a[..., None], b[..., None], w], -1)[..., :dv]
+            want = torch.cat([b[..., None], a[..., None], w], -1)[..., :dv]
+        v = torch.zeros((*lead, dv) if dv else lead, dtype=k.dtype)
+        torch.testing.assert_close(REWRITES[impl](X, k, beta, v), want)
 
     def test_error_contracts_by_one_minus_beta(self, shape, impl):
         X, k, b, v = _operands(*shape)
@@ -109,6 +130,23 @@ def test_write_only_has_no_erase_term(shape):
         # the readout grows by β·v regardless of what X already holds along k
         expected = _readout(k, X) + (b * v if X.dim() == k.dim() else b[..., None] * v)
         torch.testing.assert_close(_readout(k, Y), expected)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 13])
+def test_delta_operator_at_beta_two_is_the_mirror(d):
+    a, b, k = _mirror_pair((4,), d)
+    H = delta_operator(k, torch.full((4,), 2.0, dtype=k.dtype))
+    apply = lambda x: (H @ x[..., None])[..., 0]  # noqa: E731
+    torch.testing.assert_close(apply(a), b)
+    torch.testing.assert_close(apply(b), a)
+    torch.testing.assert_close(apply(k), -k)
+    w = _orthogonal_to(k, 3)
+    torch.testing.assert_close(H @ w, w)
+    # a reflection is orthogonal, symmetric and its own inverse
+    eye = torch.eye(d, dtype=k.dtype).expand_as(H)
+    torch.testing.assert_close(H @ H.transpose(-1, -2), eye)
+    torch.testing.assert_close(H, H.transpose(-1, -2))
+    torch.testing.assert_close(torch.linalg.det(H), torch.full((4,), -1.0, dtype=k.dtype))
 
 
 @pytest.mark.parametrize("d", [1, 2, 5, 8, 13])

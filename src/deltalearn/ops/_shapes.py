@@ -8,7 +8,21 @@ Index legend used across `deltalearn.ops`:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off on `t`'s device (a no-op where autocast does not exist).
+
+    Autocast would run the operator's matmuls (`kᵀX` is an einsum, i.e. a bmm) in bf16/fp16 even on
+    fp32 operands; the rewrite's reductions must accumulate in fp32 under autocast too.
+    """
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -5,6 +5,7 @@
     X' = X + beta * k v^T                     write-only control (no erase term)
 
 Shapes: X (..., d) or (..., d, dv); k (..., d), unit norm; beta (...); v (...) or (..., dv).
+Every function computes in (at least) fp32 with autocast switched off, and returns the input dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from deltalearn.ops._shapes import (
     accumulation_dtype,
     check_direction_and_gate,
     check_rewrite_inputs,
+    no_autocast,
 )
 
 
@@ -25,8 +27,9 @@ def normalize_direction(k_raw: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     acc = accumulation_dtype(k_raw)
-    sq = k_raw.to(acc).pow(2).sum(-1, keepdim=True)
-    return (k_raw.to(acc) * torch.rsqrt(sq + eps * eps)).to(k_raw.dtype)
+    with no_autocast(k_raw):
+        sq = k_raw.to(acc).pow(2).sum(-1, keepdim=True)
+        return (k_raw.to(acc) * torch.rsqrt(sq + eps * eps)).to(k_raw.dtype)
 
 
 def delta_rewrite_reference(
@@ -35,14 +38,15 @@ def delta_rewrite_reference(
     """`X + beta·k·(vᵀ − kᵀX)`, computed in fp32 and returned in X's dtype."""
     matrix = check_rewrite_inputs(X, k, beta, v)
     acc = accumulation_dtype(X, k, beta, v)
-    Xf, kf, bf, vf = X.to(acc), k.to(acc), beta.to(acc), v.to(acc)
-    if matrix:
-        readout = torch.einsum("...d,...dv->...v", kf, Xf)  # k^T X: (..., dv)
-        out = Xf + bf[..., None, None] * kf[..., :, None] * (vf - readout)[..., None, :]
-    else:
-        readout = (kf * Xf).sum(-1)  # (...)
-        out = Xf + (bf * (vf - readout))[..., None] * kf
-    return out.to(X.dtype)
+    with no_autocast(X):
+        Xf, kf, bf, vf = X.to(acc), k.to(acc), beta.to(acc), v.to(acc)
+        if matrix:
+            readout = torch.einsum("...d,...dv->...v", kf, Xf)  # k^T X: (..., dv)
+            out = Xf + bf[..., None, None] * kf[..., :, None] * (vf - readout)[..., None, :]
+        else:
+            readout = (kf * Xf).sum(-1)  # (...)
+            out = Xf + (bf * (vf - readout))[..., None] * kf
+        return out.to(X.dtype)
 
 
 def write_only_reference(
@@ -51,12 +55,13 @@ def write_only_reference(
     """`X + beta·k·vᵀ`: the same write without reading or erasing."""
     matrix = check_rewrite_inputs(X, k, beta, v)
     acc = accumulation_dtype(X, k, beta, v)
-    Xf, kf, bf, vf = X.to(acc), k.to(acc), beta.to(acc), v.to(acc)
-    if matrix:
-        out = Xf + bf[..., None, None] * kf[..., :, None] * vf[..., None, :]
-    else:
-        out = Xf + (bf * vf)[..., None] * kf
-    return out.to(X.dtype)
+    with no_autocast(X):
+        Xf, kf, bf, vf = X.to(acc), k.to(acc), beta.to(acc), v.to(acc)
+        if matrix:
+            out = Xf + bf[..., None, None] * kf[..., :, None] * vf[..., None, :]
+        else:
+            out = Xf + (bf * vf)[..., None] * kf
+        return out.to(X.dtype)
 
 
 def delta_operator(k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
