@@ -9,6 +9,8 @@ never sees ``argv``. Unknown keys raise :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 import types
 import typing
@@ -29,6 +31,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "bad_value",
     "config_diff",
     "config_from_dict",
     "config_to_dict",
@@ -108,25 +111,179 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for values that cannot work together."""
+        """Raise :class:`ConfigError` for the first value outside its allowed range.
+
+        Every field of every section is checked (type, then range); the message names the dotted
+        key, the value and what is allowed. The model section is checked by building its
+        ``DeltaLMConfig`` (cheap: no weights), so a bad override fails here, before any data is
+        prepared. A warm-up longer than the run is legal: the lr then rises until the last step.
+        """
+        for section in (self.model, self.data, self.optim, self.schedule, self.run):
+            name = _SECTION_NAMES[type(section)]
+            for f in dataclasses.fields(section):
+                _check_type(
+                    f"{name}.{f.name}", getattr(section, f.name), _HINTS[type(section)][f.name]
+                )
+        self._validate_model()
+        self._validate_data()
+        o = self.optim
+        _check_range("optim.lr", o.lr, low=0.0, low_open=True)
+        _check_range("optim.beta1", o.beta1, low=0.0, high=1.0, high_open=True)
+        _check_range("optim.beta2", o.beta2, low=0.0, high=1.0, high_open=True)
+        _check_range("optim.eps", o.eps, low=0.0, low_open=True)
+        _check_range("optim.weight_decay", o.weight_decay, low=0.0)
+        _check_range("optim.grad_clip", o.grad_clip, low=0.0, note="0 disables clipping")
+        _check_range("schedule.warmup_steps", self.schedule.warmup_steps, low=0)
+        _check_range("schedule.min_lr_ratio", self.schedule.min_lr_ratio, low=0.0, high=1.0)
+        self._validate_run()
+
+    def _validate_model(self) -> None:
+        from deltalearn.models import SIZES, VARIANTS
+        from deltalearn.train.build import model_config
+
+        _check_choice("model.variant", self.model.variant, tuple(VARIANTS))
+        _check_choice("model.size", self.model.size, tuple(SIZES))
+        for key in self.model.overrides:
+            if not isinstance(key, str):
+                raise _invalid("model.overrides", key, "field names (strings) as keys")
+        model_config(self, self._model_vocab_size())
+
+    def _model_vocab_size(self) -> int:
+        """The vocabulary the model will get (known exactly for gpt2; at most this for bpe)."""
+        from deltalearn.data.tokenizer import GPT2_VOCAB_SIZE
+
+        return GPT2_VOCAB_SIZE if self.data.tokenizer == "gpt2" else self.data.vocab_size
+
+    def _validate_data(self) -> None:
+        from deltalearn.data.split import check_val_fraction
+        from deltalearn.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_KINDS
+        from deltalearn.errors import DataError
+
+        d = self.data
+        if not d.source.strip():
+            raise _invalid("data.source", d.source, "a corpus name, a path or hf:NAME")
+        if d.cache_dir is not None and not d.cache_dir.strip():
+            raise _invalid("data.cache_dir", d.cache_dir, "a folder path, or null for the default")
+        _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
+        if d.tokenizer == "bpe":
+            _check_range("data.vocab_size", d.vocab_size, low=MIN_BPE_VOCAB, note="for bpe")
+        try:  # the data layer owns the rule
+            check_val_fraction(d.val_fraction)
+        except DataError as e:
+            raise bad_value("data.val_fraction", f"data.{e}") from None
+        if d.max_chars is not None:
+            _check_range("data.max_chars", d.max_chars, low=1, note="or null for the whole corpus")
+
+    def _validate_run(self) -> None:
         r = self.run
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_interval"):
-            if getattr(r, name) < 1:
-                raise ConfigError(f"run.{name} must be >= 1, got {getattr(r, name)}")
-        if r.keep_checkpoints < 1:
-            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {r.keep_checkpoints}")
-        if r.stop_after is not None and r.stop_after < 1:
-            raise ConfigError(f"run.stop_after must be >= 1, got {r.stop_after}")
-        if r.dtype not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"run.dtype must be auto, fp32 or bf16, got {r.dtype!r}")
-        if r.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
-        if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
-            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
-        if self.schedule.warmup_steps < 0:
-            raise ConfigError("schedule.warmup_steps must be >= 0")
+        if not r.out.strip():
+            raise _invalid("run.out", r.out, "a folder path")
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ):
+            _check_range(f"run.{name}", getattr(r, name), low=1)
+        if r.batch_size % r.grad_accum:
+            raise bad_value(
+                "run.batch_size",
+                f"run.batch_size ({r.batch_size}) must be divisible by run.grad_accum "
+                f"({r.grad_accum})",
+            )
+        _check_range("run.seed", r.seed, low=0)
+        if r.seed >= 2**64:  # torch.manual_seed's limit
+            raise _invalid("run.seed", r.seed, "below 2**64")
+        _check_choice("run.device", r.device, ("auto", "cpu", "cuda"))
+        _check_choice("run.dtype", r.dtype, ("auto", "fp32", "bf16"))
+        if r.stop_after is not None:
+            _check_range("run.stop_after", r.stop_after, low=1, note="or null to run to the end")
+
+
+_SECTION_NAMES = {
+    ModelConfig: "model",
+    DataConfig: "data",
+    OptimConfig: "optim",
+    ScheduleConfig: "schedule",
+    RunConfig: "run",
+}
+_HINTS = {cls: typing.get_type_hints(cls) for cls in _SECTION_NAMES}
+
+
+def bad_value(key: str, message: str) -> ConfigError:
+    """A :class:`ConfigError` about the dotted ``key`` (kept as ``.key``, so that the caller
+    can also name the file the value came from)."""
+    error = ConfigError(message)
+    error.key = key  # type: ignore[attr-defined]
+    return error
+
+
+def _invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    return bad_value(key, f"{key} must be {allowed}, got {value!r}")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _invalid(key, value, f"one of {', '.join(allowed)}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    note: str = "",
+) -> None:
+    """``value`` must be finite and lie within the bounds (open or closed at each end)."""
+    ok = isinstance(value, int) or math.isfinite(value)  # (huge ints overflow isfinite)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    lo, hi = _number(low), _number(high)
+    if low is not None and high is not None:
+        allowed = f"lie in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"be {'>' if low_open else '>='} {lo}"
+    else:
+        allowed = f"be {'<' if high_open else '<='} {hi}"
+    suffix = f" ({note})" if note else ""
+    raise bad_value(key, f"{key} must {allowed}{suffix}, got {value!r}")
+
+
+def _number(x: float | None) -> str:
+    return str(x) if isinstance(x, int | None) else f"{x:g}"
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` has the field's type (ints count as floats,
+    bools never as numbers). Catches values set in Python, which skip :func:`_coerce`."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        ok, noun = isinstance(value, bool), "true or false"
+    elif annotation is int:
+        ok, noun = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        noun = "a number"
+    elif annotation is str:
+        ok, noun = isinstance(value, str), "a string"
+    else:  # dict[str, Any]
+        ok, noun = isinstance(value, dict), "a mapping"
+    if not ok:
+        raise _invalid(key, value, noun)
 
 
 # Keys that may change when a run is resumed: they do not change the trained weights
@@ -236,25 +393,73 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return apply_overrides(cfg, _flatten(d))
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file."""
-    path = Path(path)
+def _read_file(path: Path) -> dict[str, Any]:
+    """The nested mapping in a YAML or TOML file; one-line :class:`ConfigError` naming the file
+    when it is missing, not a file, unreadable, not text, not parseable or not a mapping."""
+    what = f"config file {path}"
+    if not path.exists():
+        raise ConfigError(f"{what}: not found")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what}: is a folder, expected a YAML or TOML file")
     try:
-        if path.suffix == ".toml":
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        else:
-            data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not UTF-8 text (corrupt?)") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data)
+        raise ConfigError(f"{what}: cannot parse it: {str(e).splitlines()[0]}") from None
+    if data is None:  # an empty YAML file: all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{what}: expected a mapping of sections (model, data, optim, schedule, run), "
+            f"got {type(data).__name__} {_short(data)}"
+        )
+    return data
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_config(path: str | Path, *, complete: bool = False) -> TrainConfig:
+    """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file.
+
+    ``complete=True`` also requires every key (as :func:`save_config` writes them): a run's
+    ``config.yaml`` with keys missing is truncated, and defaults must not fill the gap. Every
+    error names the file.
+    """
+    path = Path(path)
+    data = _read_file(path)
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if complete:
+        missing = sorted(set(_flatten(config_to_dict(TrainConfig()))) - set(_flatten(data)))
+        if missing:
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if missing[3:] else ""
+            )
+            raise ConfigError(
+                f"config file {path}: {shown} missing (truncated, or not written by deltalearn)"
+            )
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a crash leaves the old file or the new)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def config_diff(
@@ -277,28 +482,39 @@ def resolve_config(
     """Defaults ← (saved run config when resuming) ← config file ← overrides.
 
     When resuming, only what the user states explicitly (keys in the file, flags) replaces the
-    saved config, so ``--resume --out RUN_DIR`` alone continues the run exactly as it was.
+    saved config, so ``--resume --out RUN_DIR`` alone continues the run exactly as it was. A bad
+    value names its key, and also the file it came from when no flag replaced it.
     """
     cfg = TrainConfig()
-    out = overrides.get("run.out")
     file_values: dict[str, Any] = {}
     if config_file is not None:
-        file_values = _flatten(config_to_dict(load_config(config_file)))
-        if resume:  # keep only the keys the file actually sets
-            raw = Path(config_file)
-            data = (
-                tomllib.loads(raw.read_text())
-                if raw.suffix == ".toml"
-                else yaml.safe_load(raw.read_text())
-            ) or {}
-            file_values = _flatten(data)
-        out = out or file_values.get("run.out")
+        load_config(config_file)  # names and types, errors naming the file
+        file_values = _flatten(_read_file(Path(config_file)))  # only the keys it sets
+    saved: Path | None = None
     if resume:
-        saved = Path(out or cfg.run.out) / "config.yaml"
-        if saved.is_file():
-            cfg = load_config(saved)
+        out = overrides.get("run.out") or file_values.get("run.out") or cfg.run.out
+        saved = Path(out) / "config.yaml"
+        if saved.exists():
+            cfg = load_config(saved, complete=True)
             cfg.run.stop_after = None  # a pause point of the earlier invocation, not of the run
+        else:
+            saved = None
     apply_overrides(cfg, file_values)
     apply_overrides(cfg, overrides)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        key = getattr(e, "key", None)
+        if key is None or any(_covers(k, key) for k in overrides):
+            raise
+        if config_file is not None and any(_covers(k, key) for k in file_values):
+            raise ConfigError(f"config file {config_file}: {e}") from None
+        if saved is not None:
+            raise ConfigError(f"config file {saved}: {e}") from None
+        raise
     return cfg
+
+
+def _covers(set_key: str, bad_key: str) -> bool:
+    """Whether setting ``set_key`` (e.g. ``model.overrides``) set ``bad_key``."""
+    return bad_key == set_key or bad_key.startswith(set_key + ".")
