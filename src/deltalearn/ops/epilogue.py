@@ -1,0 +1,289 @@
+"""The rewrite epilogue of a DDL sublayer: from the sublayer's projections to the new state.
+
+The sublayer's matmuls (branch output h, gate logit z, value pre-activation p) are done by cuBLAS;
+what remains per row (token) is elementwise work plus three row reductions, all of it fused here:
+
+    k = h / sqrt(‖h‖² + ε²)          β = 2σ(z)          v = p  ("paper")  or  s·σ(p)  ("official")
+    Y = X + β k (vᵀ − kᵀX)           rule="delta"
+    Y = X + β k vᵀ                   rule="write_only"
+    x_next[i] = Σ_j C[i, j] Y[i, j]  optional: the next sublayer's channel-compressor read
+
+(the "rms" direction form of SPEC §3.1 is algebraically the L2 form above, so one epilogue serves
+both). Shapes: X `(..., d)` (vector state) or `(..., d, dv)`; h `(..., d)`; z `(...)`; p `(...)`
+for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
+
+`rewrite_epilogue` runs one Triton kernel (forward and backward, `ops/triton_epilogue.py`) for CUDA
+tensors when triton is installed, else the same math in PyTorch: the generators, then the
+memory-lean `delta_rewrite`/`write_only` of `ops/fused.py`. `rewrite_epilogue_reference` is the
+plain composition every path is tested against. Backend choice: `BACKEND` below, else the
+environment variable DELTALEARN_EPILOGUE, each one of "auto" (default), "triton", "torch". "triton"
+forces the kernel, e.g. on CPU tensors under TRITON_INTERPRET=1 (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from deltalearn.ops._shapes import _fmt, accumulation_dtype
+from deltalearn.ops.fused import delta_rewrite, write_only
+from deltalearn.ops.reference import (
+    delta_rewrite_reference,
+    normalize_direction,
+    write_only_reference,
+)
+
+EPILOGUE_RULES = ("delta", "write_only")
+EPILOGUE_VALUE_HEADS = ("paper", "official")
+BACKENDS = ("auto", "triton", "torch")
+# Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
+BACKEND: str | None = None
+# Input dtypes the kernel accumulates in fp32 without loss; float64 stays on the PyTorch path.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `import triton` works (cached; triton is an optional dependency)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def _backend() -> str:
+    choice = BACKEND if BACKEND is not None else os.environ.get("DELTALEARN_EPILOGUE", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"epilogue backend (deltalearn.ops.epilogue.BACKEND or DELTALEARN_EPILOGUE) must be "
+            f"one of {list(BACKENDS)}, got {choice!r}"
+        )
+    return choice
+
+
+def check_epilogue_inputs(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    compress: torch.Tensor | None = None,
+) -> bool:
+    """Validate the operands of the epilogue; return True for a matrix state `(..., d, dv)`."""
+    named = [("X", X), ("h", h), ("z", z), ("p", p)]
+    if compress is not None:
+        named.append(("compress", compress))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if h.dim() == 0 or X.dim() == 0:
+        raise ValueError(f"X and h need at least one axis (d); got X {_fmt(X)} and h {_fmt(h)}")
+    lead, d = h.shape[:-1], h.shape[-1]
+    if z.shape != lead:
+        raise ValueError(
+            f"gate logits z must have the leading shape of h {tuple(lead)}, got z {_fmt(z)} "
+            f"(h {_fmt(h)})"
+        )
+    if X.shape == h.shape:
+        matrix, dv = False, 1
+        want_p = tuple(lead)
+    elif X.dim() == h.dim() + 1 and X.shape[:-1] == h.shape:
+        matrix, dv = True, X.shape[-1]
+        want_p = (*tuple(lead), dv)
+    else:
+        raise ValueError(
+            f"X {_fmt(X)} does not match h {_fmt(h)}: expected X of shape {_fmt(h)} (vector "
+            f"state) or {(*tuple(lead), d, 'dv')} (matrix state)"
+        )
+    if p.shape != want_p:
+        kind = "matrix" if matrix else "vector"
+        raise ValueError(
+            f"{kind} state X {_fmt(X)} needs value pre-activations p of shape {want_p}; "
+            f"got p {_fmt(p)}"
+        )
+    if compress is not None:
+        if not matrix:
+            raise ValueError(
+                f"compress reads a matrix state (..., d, dv); X {_fmt(X)} is a vector state"
+            )
+        if compress.shape != (d, dv):
+            raise ValueError(
+                f"compress must be the (d, dv) = {(d, dv)} mixing matrix of X {_fmt(X)}; "
+                f"got compress {_fmt(compress)}"
+            )
+    return matrix
+
+
+def _check_options(rule: str, value_head: str, k_eps: float) -> None:
+    if rule not in EPILOGUE_RULES:
+        raise ValueError(f"rule must be one of {list(EPILOGUE_RULES)}, got {rule!r}")
+    if value_head not in EPILOGUE_VALUE_HEADS:
+        raise ValueError(
+            f"value_head must be one of {list(EPILOGUE_VALUE_HEADS)}, got {value_head!r}"
+        )
+    if k_eps < 0:
+        raise ValueError(f"k_eps must be >= 0, got {k_eps}")
+
+
+def epilogue_generators(
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    value_head: str = "paper",
+    value_scale: float = 4.0,
+    k_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(k, β, v)` from `(h, z, p)`, in fp32 (float64 if any input is): shapes of h, z, p.
+
+    The kernel keeps k and v in fp32 registers; computing them here in the same precision (not
+    rounded to h's dtype first) keeps every path on the same numbers.
+    """
+    acc = accumulation_dtype(h, z, p)
+    k = normalize_direction(h.to(acc), k_eps)
+    beta = 2.0 * torch.sigmoid(z.to(acc))
+    pf = p.to(acc)
+    v = pf if value_head == "paper" else value_scale * torch.sigmoid(pf)
+    return k, beta, v
+
+
+def _compose(
+    X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    _check_options(rule, value_head, k_eps)
+    check_epilogue_inputs(X, h, z, p, compress)
+    k, beta, v = epilogue_generators(
+        h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
+    )
+    if reference:
+        op = delta_rewrite_reference if rule == "delta" else write_only_reference
+    else:
+        op = delta_rewrite if rule == "delta" else write_only
+    Y = op(X, k, beta, v)
+    if compress is None:
+        return Y
+    acc = accumulation_dtype(Y, compress)
+    x_next = (Y.to(acc) * compress.to(acc)).sum(-1)
+    return Y, x_next.to(torch.promote_types(X.dtype, compress.dtype))
+
+
+def rewrite_epilogue_reference(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    rule: str = "delta",
+    value_head: str = "paper",
+    value_scale: float = 4.0,
+    k_eps: float = 1e-5,
+    compress: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The epilogue as the spec composes it: `normalize_direction`, the gate and value squashes, then
+    `delta_rewrite_reference` / `write_only_reference`. All reductions in fp32 (float64 stays).
+
+    Args:
+        X: state `(..., d)` or `(..., d, dv)`.
+        h: raw direction (the branch output) `(..., d)`.
+        z: gate logits `(...)`; β = 2σ(z).
+        p: value pre-activation `(...)` (vector state) or `(..., dv)`.
+        rule: "delta" or "write_only".
+        value_head: "paper" (v = p) or "official" (v = value_scale·σ(p)).
+        value_scale: the sigmoid scale s of the official value head.
+        k_eps: ε of the direction normalisation.
+        compress: optional `(d, dv)` mixing matrix C of the next channel compressor.
+    Returns:
+        Y, shape and dtype of X; with `compress`, the pair `(Y, x_next)`: x_next `(..., d)`,
+        `x_next[i] = Σ_j C[i, j] Y[i, j]` read from Y as rounded to X's dtype, in the dtype
+        `ChannelCompressor` returns (X's promoted with C's: fp32 for a bf16 state and fp32 C).
+    """
+    return _compose(
+        X,
+        h,
+        z,
+        p,
+        rule=rule,
+        value_head=value_head,
+        value_scale=value_scale,
+        k_eps=k_eps,
+        compress=compress,
+        reference=True,
+    )
+
+
+def _use_triton(tensors: list[torch.Tensor]) -> bool:
+    backend = _backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    X = tensors[0]
+    return (
+        X.is_cuda
+        and all(t.device == X.device for t in tensors)
+        and all(t.dtype in _KERNEL_DTYPES for t in tensors[:4])
+        and not torch.compiler.is_compiling()  # Inductor fuses the PyTorch composition itself
+        and triton_available()
+    )
+
+
+def rewrite_epilogue(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    rule: str = "delta",
+    value_head: str = "paper",
+    value_scale: float = 4.0,
+    k_eps: float = 1e-5,
+    compress: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The fused epilogue: arguments, shapes and result as `rewrite_epilogue_reference`.
+
+    One Triton kernel per direction (forward and backward) on CUDA; elsewhere the PyTorch
+    composition with the hand-written rewrite backward of `ops/fused.py`.
+
+    Example:
+        >>> X = torch.randn(2, 8, 64, 4); h = torch.randn(2, 8, 64)
+        >>> Y = rewrite_epilogue(X, h, torch.zeros(2, 8), torch.randn(2, 8, 4))  # β = 1
+    """
+    tensors = [X, h, z, p] + ([compress] if compress is not None else [])
+    if not _use_triton(tensors):
+        return _compose(
+            X,
+            h,
+            z,
+            p,
+            rule=rule,
+            value_head=value_head,
+            value_scale=value_scale,
+            k_eps=k_eps,
+            compress=compress,
+            reference=False,
+        )
+    _check_options(rule, value_head, k_eps)
+    check_epilogue_inputs(X, h, z, p, compress)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(
+            f"X, h, z, p{', compress' if compress is not None else ''} must be on one device for "
+            f"the Triton epilogue, got {[str(t.device) for t in tensors]}"
+        )
+    from deltalearn.ops.triton_epilogue import rewrite_epilogue_triton
+
+    return rewrite_epilogue_triton(
+        X,
+        h,
+        z,
+        p,
+        rule=rule,
+        value_head=value_head,
+        value_scale=value_scale,
+        k_eps=k_eps,
+        compress=compress,
+    )

@@ -1,0 +1,423 @@
+"""The rewrite epilogue of a DDL sublayer as one Triton kernel, forward and backward.
+
+Per row (token) the kernel reads the projections the sublayer already computed — the raw direction
+h `(d)`, the gate logit z `()`, the value pre-activation p `(dv)` — and the state X `(d, dv)`, and
+writes Y `(d, dv)`; nothing else of the row's size ever reaches global memory. Saved for backward:
+the inputs X, h, z, p only; the norm, β, v and the readout are recomputed there (a few flops per
+element against a second state-sized tensor kept alive for every sublayer).
+
+Forward (a vector state is the case dv = 1):
+    n = sqrt(‖h‖² + ε²),  k = h / n,  β = 2σ(z),  v = p  or  s·σ(p)        ("paper" / "official")
+    r = kᵀX = (hᵀX)/n,  e = v − r  (delta)  or  e = v  (write-only, no read)
+    Y = X + β k eᵀ = X + h ⊗ c,  c = (β/n) e                                       c: (dv)
+    x_next[i] = Σ_j C[i, j] Y[i, j]           (optional: the next sublayer's channel compressor)
+
+Backward, G = ∂L/∂Y `(d, dv)`; with the compressor read, G ← G + g_next ⊗ C first (g_next = ∂L/∂x_next).
+One pass over the row gives the three reductions ‖h‖², hᵀX, hᵀG; then, with sG = kᵀG = (hᵀG)/n:
+    ∂X = G − β k sGᵀ                         (write-only: ∂X = G)
+    ∂k = β (G e − [delta] X sG)              (d)
+    ∂β = sGᵀ e,   ∂v = β sG
+    ∂h = (∂k − k (kᵀ∂k)) / n,   kᵀ∂k = β (sGᵀe − [delta] rᵀsG)   — a row scalar, so ∂h needs no
+                                              third pass: kᵀG e and kᵀX sG are the reductions above
+    ∂z = ∂β · β (1 − β/2)                    (dβ/dz = 2σ(1 − σ))
+    ∂p = ∂v  or  ∂v · s σ(p)(1 − σ(p))       ("paper" / "official")
+    ∂C = Σ_rows g_next ⊗ Y                   (per-program partial sums, then one deterministic sum)
+Everything is computed in fp32 and stored in each input's dtype.
+
+Tiling: a program owns BLOCK_M rows. When a row fits one tile (BLOCK_D = next_power_of_2(d) with
+BLOCK_D·dv ≤ MAX_TILE) the forward holds h and X in registers between the reduction and the write;
+wider rows are processed in NUM_CHUNKS chunks of BLOCK_D columns, twice (reduce, then write). The
+backward always takes the two passes; the second re-reads a tile the same program just read.
+
+Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) runs these kernels only when the variable is
+set before triton is first imported: triton.language's own jitted helpers (`tl.sum`, `tl.sigmoid`)
+are decorated for one mode at that import. The tests run it in a subprocess for that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
+# d ≤ 1024 at dv = 4 (the paper's models) in one tile; wider rows are chunked.
+MAX_TILE = 4096
+# Most rows one program owns (narrow rows: several per program amortise the gate/value loads).
+MAX_ROWS = 16
+# Programs of the backward when it also reduces ∂C: each owns a (d, dv) fp32 partial sum, so the
+# grid is capped (None: 4 per SM on CUDA, 2 under the interpreter, which exercises the row loop).
+COMPRESS_PROGRAMS: int | None = None
+
+
+@triton.jit
+def _fwd_kernel(
+    X, H, Z, P, C, Y, XN,
+    n_rows, d, eps2, value_scale,
+    sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v,
+    DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
+    COMPRESS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    rows = rows.to(tl.int64)  # row offsets of large batches overflow int32
+    vcol = tl.arange(0, BLOCK_V)
+    vmask = vcol < DV
+    dcol = tl.arange(0, BLOCK_D)
+
+    beta = 2.0 * tl.sigmoid(tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32))
+    pv_mask = rmask[:, None] & vmask[None, :]
+    pre = tl.load(P + rows[:, None] * sp_m + vcol[None, :] * sp_v, mask=pv_mask, other=0.0)
+    pre = pre.to(tl.float32)
+    if OFFICIAL:
+        v = value_scale * tl.sigmoid(pre)
+    else:
+        v = pre  # (BLOCK_M, BLOCK_V); padded value lanes meet G = X = C = 0 below
+
+    h_row = H + rows[:, None] * sh_m  # (BLOCK_M, 1) pointers
+    x_row = X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v  # (BLOCK_M, 1, BLOCK_V)
+    y_row = Y + rows[:, None, None] * (d * DV) + vcol[None, None, :]  # Y is contiguous
+    xn_row = XN + rows[:, None] * d
+
+    if NUM_CHUNKS == 1:
+        # The whole row is one tile: read h and X once, keep them in registers for the write.
+        dmask = dcol < d
+        hm = rmask[:, None] & dmask[None, :]
+        xm = hm[:, :, None] & vmask[None, None, :]
+        hf = tl.load(h_row + dcol[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+        xf = tl.load(x_row + dcol[None, :, None] * sx_d, mask=xm, other=0.0).to(tl.float32)
+        inv_n = tl.rsqrt(tl.sum(hf * hf, axis=1) + eps2)
+        if DELTA:
+            e = v - tl.sum(hf[:, :, None] * xf, axis=1) * inv_n[:, None]
+        else:
+            e = v
+        coef = (beta * inv_n)[:, None] * e  # Y = X + h ⊗ coef
+        y = (xf + hf[:, :, None] * coef[:, None, :]).to(Y.dtype.element_ty)
+        tl.store(y_row + dcol[None, :, None] * DV, y, mask=xm)
+        if COMPRESS:
+            cmask = dmask[:, None] & vmask[None, :]
+            cm = tl.load(C + dcol[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
+            xn = tl.sum(y.to(tl.float32) * cm.to(tl.float32)[None, :, :], axis=2)
+            tl.store(xn_row + dcol[None, :], xn.to(XN.dtype.element_ty), mask=hm)
+    else:
+        # Pass 1: ‖h‖² and hᵀX over the chunks.
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        hx = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK_D + dcol
+            hm = rmask[:, None] & (offs < d)[None, :]
+            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+            sq += tl.sum(hf * hf, axis=1)
+            if DELTA:
+                xm = hm[:, :, None] & vmask[None, None, :]
+                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
+        inv_n = tl.rsqrt(sq + eps2)
+        if DELTA:
+            e = v - hx * inv_n[:, None]
+        else:
+            e = v
+        coef = (beta * inv_n)[:, None] * e
+        # Pass 2: the write (and the compressor read of the written row).
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK_D + dcol
+            dmask = offs < d
+            hm = rmask[:, None] & dmask[None, :]
+            xm = hm[:, :, None] & vmask[None, None, :]
+            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+            xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0).to(tl.float32)
+            y = (xf + hf[:, :, None] * coef[:, None, :]).to(Y.dtype.element_ty)
+            tl.store(y_row + offs[None, :, None] * DV, y, mask=xm)
+            if COMPRESS:
+                cmask = dmask[:, None] & vmask[None, :]
+                cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
+                xn = tl.sum(y.to(tl.float32) * cm.to(tl.float32)[None, :, :], axis=2)
+                tl.store(xn_row + offs[None, :], xn.to(XN.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _bwd_kernel(
+    X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC,
+    n_rows, d, eps2, value_scale, iters,
+    sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
+    DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
+    COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    vcol = tl.arange(0, BLOCK_V)
+    vmask = vcol < DV
+    dcol = tl.arange(0, BLOCK_D)
+    # Program pid owns row blocks pid, pid + nprog, ...: a fixed assignment, so the ∂C partial
+    # sums (one per program, in GC[pid]) are accumulated in a fixed order — deterministic.
+    for it in range(0, iters):
+        rows = (pid + it * nprog) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        rows = rows.to(tl.int64)
+
+        zf = tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32)
+        beta = 2.0 * tl.sigmoid(zf)
+        pv_mask = rmask[:, None] & vmask[None, :]
+        pre = tl.load(P + rows[:, None] * sp_m + vcol[None, :] * sp_v, mask=pv_mask, other=0.0)
+        pre = pre.to(tl.float32)
+        if OFFICIAL:
+            sig = tl.sigmoid(pre)
+            v = value_scale * sig
+            dv_dp = value_scale * sig * (1.0 - sig)
+        else:
+            v = pre
+            dv_dp = tl.full([BLOCK_M, BLOCK_V], 1.0, tl.float32)
+
+        h_row = H + rows[:, None] * sh_m
+        x_row = X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v
+        g_row = G + rows[:, None, None] * sg_m + vcol[None, None, :] * sg_v
+        gn_row = GN + rows[:, None] * sn_m
+
+        # Pass 1: ‖h‖², hᵀX, hᵀG (G including the compressor term).
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        hx = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        hg = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK_D + dcol
+            dmask = offs < d
+            hm = rmask[:, None] & dmask[None, :]
+            xm = hm[:, :, None] & vmask[None, None, :]
+            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+            gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
+            if COMPRESS:
+                gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
+                cmask = dmask[:, None] & vmask[None, :]
+                cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
+                gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+            sq += tl.sum(hf * hf, axis=1)
+            hg += tl.sum(hf[:, :, None] * gf, axis=1)
+            if DELTA:
+                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
+
+        inv_n = tl.rsqrt(sq + eps2)
+        s_g = hg * inv_n[:, None]  # kᵀG
+        if DELTA:
+            r = hx * inv_n[:, None]  # kᵀX
+            e = v - r
+            k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
+        else:
+            e = v
+            k_dk = beta * tl.sum(s_g * e, axis=1)
+        g_beta = tl.sum(s_g * e, axis=1)
+        gz = g_beta * beta * (1.0 - 0.5 * beta)
+        tl.store(GZ + rows, gz.to(GZ.dtype.element_ty), mask=rmask)
+        gp = beta[:, None] * s_g * dv_dp
+        tl.store(GP + rows[:, None] * DV + vcol[None, :], gp.to(GP.dtype.element_ty), mask=pv_mask)
+        coef = (beta * inv_n)[:, None] * e  # Y = X + h ⊗ coef (for ∂C)
+        bks = (beta * inv_n)[:, None] * s_g  # ∂X = G − h ⊗ bks
+
+        # Pass 2: the row-sized gradients ∂h, ∂X (and the ∂C partial sums).
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK_D + dcol
+            dmask = offs < d
+            hm = rmask[:, None] & dmask[None, :]
+            xm = hm[:, :, None] & vmask[None, None, :]
+            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+            gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
+            if COMPRESS:
+                gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
+                cmask = dmask[:, None] & vmask[None, :]
+                cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
+                gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+            gk = tl.sum(gf * e[:, None, :], axis=2)
+            if DELTA or COMPRESS:
+                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                xf = xf.to(tl.float32)
+            if DELTA:
+                gk -= tl.sum(xf * s_g[:, None, :], axis=2)
+            gk = beta[:, None] * gk
+            gh = (gk - hf * (inv_n * k_dk)[:, None]) * inv_n[:, None]
+            gh_ptr = GH + rows[:, None] * d + offs[None, :]
+            tl.store(gh_ptr, gh.to(GH.dtype.element_ty), mask=hm)
+            if WRITE_GX:
+                if DELTA:
+                    gx = gf - hf[:, :, None] * bks[:, None, :]
+                else:
+                    gx = gf
+                gx_ptr = GX + rows[:, None, None] * (d * DV) + offs[None, :, None] * DV
+                tl.store(gx_ptr + vcol[None, None, :], gx.to(GX.dtype.element_ty), mask=xm)
+            if COMPRESS:
+                # The forward read the rounded Y; so does its gradient.
+                y = (xf + hf[:, :, None] * coef[:, None, :]).to(X.dtype.element_ty)
+                part = tl.sum(gn[:, :, None] * y.to(tl.float32), axis=0)  # (BLOCK_D, BLOCK_V)
+                gc_ptr = GC + pid * (d * DV) + offs[:, None] * DV + vcol[None, :]
+                acc = tl.load(gc_ptr, mask=cmask, other=0.0)
+                tl.store(gc_ptr, acc + part, mask=cmask)
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def launch_config(d: int, dv: int, max_tile: int | None = None) -> tuple[int, int, int, int]:
+    """`(BLOCK_M, BLOCK_D, NUM_CHUNKS, BLOCK_V)` for rows of width `d` with `dv` value channels."""
+    tile = _floor_pow2(MAX_TILE if max_tile is None else max_tile)
+    block_v = triton.next_power_of_2(dv)
+    block_d = min(triton.next_power_of_2(d), max(tile // block_v, 16))
+    num_chunks = triton.cdiv(d, block_d)
+    block_m = min(_floor_pow2(tile // (block_d * block_v)), _floor_pow2(MAX_ROWS))
+    return block_m, block_d, num_chunks, block_v
+
+
+def _num_warps(block_m: int, block_d: int, block_v: int) -> int:
+    return 4 if block_m * block_d * block_v <= 2048 else 8
+
+
+def _compress_programs(num_blocks: int, device: torch.device) -> int:
+    if COMPRESS_PROGRAMS is not None:
+        cap = COMPRESS_PROGRAMS
+    elif device.type == "cuda":
+        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = 2
+    return max(1, min(num_blocks, cap))
+
+
+class _RewriteEpilogue(torch.autograd.Function):
+    """Rows flattened: X `(N, d, dv)`, h `(N, d)`, z `(N,)`, p `(N, dv)`, C `(d, dv)` or None.
+
+    Returns Y `(N, d, dv)` (X's dtype), and x_next `(N, d)` (X's dtype promoted with C's) when C is
+    given.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        X: torch.Tensor,
+        h: torch.Tensor,
+        z: torch.Tensor,
+        p: torch.Tensor,
+        C: torch.Tensor | None,
+        delta: bool,
+        official: bool,
+        value_scale: float,
+        k_eps: float,
+    ):
+        n_rows, d, dv = X.shape
+        block_m, block_d, num_chunks, block_v = launch_config(d, dv)
+        Y = torch.empty((n_rows, d, dv), dtype=X.dtype, device=X.device)
+        compress = C is not None
+        Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
+        if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
+            xn_dtype = torch.promote_types(X.dtype, C.dtype)
+            XN = torch.empty((n_rows, d), dtype=xn_dtype, device=X.device)
+        else:
+            XN = Y
+        grid = (triton.cdiv(n_rows, block_m),)
+        if n_rows > 0:
+            _fwd_kernel[grid](
+                X, h, z, p, Cc, Y, XN,
+                n_rows, d, float(k_eps) ** 2, float(value_scale),
+                *X.stride(), *h.stride(), z.stride(0), *p.stride(),
+                DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
+                NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
+                num_warps=_num_warps(block_m, block_d, block_v),
+            )  # fmt: skip
+        ctx.save_for_backward(X, h, z, p, C)
+        ctx.delta, ctx.official = delta, official
+        ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
+        ctx.set_materialize_grads(False)
+        return (Y, XN) if compress else Y
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        X, h, z, p, C = ctx.saved_tensors
+        gY = grads[0]
+        gN = grads[1] if C is not None else None
+        n_rows, d, dv = X.shape
+        need_X, need_h, need_z, need_p, need_C = ctx.needs_input_grad[:5]
+        compress = gN is not None
+        if gY is None:
+            if not compress:
+                return (None,) * 9
+            gY = X.new_zeros(()).expand(n_rows, d, dv)  # stride 0: read, never materialised
+        write_gx = need_X and (ctx.delta or compress)
+
+        block_m, block_d, num_chunks, block_v = launch_config(d, dv)
+        num_blocks = triton.cdiv(n_rows, block_m)
+        nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
+        iters = triton.cdiv(num_blocks, nprog) if num_blocks else 0
+        gX = torch.empty_like(X, memory_format=torch.contiguous_format) if write_gx else gY
+        gh = torch.empty((n_rows, d), dtype=h.dtype, device=h.device)
+        gz = torch.empty((n_rows,), dtype=z.dtype, device=z.device)
+        gp = torch.empty((n_rows, dv), dtype=p.dtype, device=p.device)
+        if compress:
+            Cc = C.contiguous()
+            gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
+            sn = gN.stride()
+        else:
+            Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
+        if n_rows > 0:
+            _bwd_kernel[(nprog,)](
+                X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
+                n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
+                *X.stride(), *h.stride(), z.stride(0), *p.stride(), *gY.stride(), *sn,
+                DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
+                NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
+                COMPRESS=compress, WRITE_GX=write_gx,
+                num_warps=_num_warps(block_m, block_d, block_v),
+            )  # fmt: skip
+        if need_X and not write_gx:
+            gX = gY.to(X.dtype)  # write-only, no compressor read: ∂X = G
+        gC = None
+        if need_C:
+            gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
+        return (
+            gX if need_X else None,
+            gh if need_h else None,
+            gz if need_z else None,
+            gp if need_p else None,
+            gC,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def rewrite_epilogue_triton(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    rule: str,
+    value_head: str,
+    value_scale: float,
+    k_eps: float,
+    compress: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `deltalearn.ops.epilogue.rewrite_epilogue` (inputs already validated).
+
+    X `(..., d)` or `(..., d, dv)`, h `(..., d)`, z `(...)`, p `(...)` or `(..., dv)`, compress
+    `(d, dv)` or None. Returns Y (shape and dtype of X), and x_next `(..., d)` with `compress`
+    (X's dtype promoted with compress's).
+    """
+    d = h.shape[-1]
+    lead = h.shape[:-1]
+    matrix = X.dim() == h.dim() + 1
+    dv = X.shape[-1] if matrix else 1
+    n_rows = lead.numel()
+    # reshape is a view whenever the leading axes can be merged; the kernels take the strides.
+    X3 = X.reshape(n_rows, d, dv)
+    h2 = h.reshape(n_rows, d)
+    z1 = z.reshape(n_rows)
+    p2 = p.reshape(n_rows, dv)
+    out = _RewriteEpilogue.apply(
+        X3, h2, z1, p2, compress, rule == "delta", value_head == "official", value_scale, k_eps
+    )
+    if compress is None:
+        return out.reshape(X.shape)
+    Y, XN = out
+    return Y.reshape(X.shape), XN.reshape(h.shape)

@@ -1,0 +1,345 @@
+"""The fused rewrite epilogue: the Triton kernels (run by Triton's interpreter on CPU tensors) and the
+PyTorch fallback against the plain composition `rewrite_epilogue_reference`.
+
+Triton's interpreter works only when TRITON_INTERPRET=1 is set before triton is first imported
+(triton.language decorates its own helpers, `tl.sum` and the like, for one mode at import) — and
+torch imports triton early. So unless this process already runs under the interpreter, the kernel
+tests (those using the `interpreted` fixture) are skipped here and run by
+`test_kernels_under_the_interpreter` in a fresh `pytest` subprocess started with TRITON_INTERPRET=1;
+the rest of the session (Inductor's CUDA kernels included) never sees the switch.
+
+Tolerances (scale-aware: `atol` is relative to the largest magnitude of the expected tensor, because
+the elements near zero come out of cancelling fp32 sums whose rounding scales with that magnitude):
+* fp32: rtol = atol = 1e-5. Both sides compute the same fp32 expressions with sums in a different
+  order; the longest sums here (d·dv ≤ 1600 terms) carry errors of a few 1e-7 relative to their
+  terms. The d = 8192 case sums 32768 terms for ∂z and gets 1e-4.
+* bf16: inputs are bf16 on both sides, both compute in fp32 and round once to bf16, so results
+  differ by at most one rounding step: rtol = 2 ulps (2⁻⁶), atol = one ulp of the largest magnitude
+  (2⁻⁷·max|expected|). The same bf16 tolerance applies to every result of the compressor path on a
+  bf16 state, fp32 ones included: x_next is read off the bf16-rounded Y, and the reference's
+  autograd rounds ∂L/∂Y = G + g_next ⊗ C to bf16 where the kernel keeps it in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from deltalearn.nn.generators import GateHead, ValueHead, direction  # noqa: E402
+from deltalearn.ops import delta_rewrite, write_only  # noqa: E402
+from deltalearn.ops import epilogue as ep  # noqa: E402
+from deltalearn.ops import triton_epilogue as te  # noqa: E402
+
+BF16_ULP = 2.0**-7
+# triton was imported with TRITON_INTERPRET=1: its own helpers are interpreted functions.
+IN_INTERPRETER = isinstance(tl.sum, InterpretedFunction)
+_CHILD_ENV = "DELTALEARN_EPILOGUE_INTERPRETER_CHILD"
+_IN_CHILD = os.environ.get(_CHILD_ENV) == "1"
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Route `rewrite_epilogue` to the Triton kernels, run by the interpreter on CPU tensors."""
+    if not IN_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1 before triton's import: run in the subprocess")
+    monkeypatch.setattr(ep, "BACKEND", "triton")
+
+
+@pytest.fixture(autouse=True)
+def _child_runs_kernel_tests_only(request):
+    # The subprocess exists for the kernel tests; the others ran in the parent already.
+    if _IN_CHILD and "interpreted" not in request.fixturenames:
+        pytest.skip("run by the parent process")
+
+
+def test_kernels_under_the_interpreter():
+    if IN_INTERPRETER:
+        pytest.skip("this process runs under the interpreter: the kernel tests ran in-process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_ENV: "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    passed = re.search(r"(\d+) passed", out)
+    # Guard against a child that skipped everything (e.g. the interpreter did not switch on).
+    assert passed and int(passed.group(1)) >= 70, out[-6000:]
+
+
+def _close(actual, expected, tol=1e-5, coarse=False):
+    """Tolerance by the expected tensor's dtype (module docstring); `coarse`: bf16's whatever the
+    dtype (results that pass through a bf16 rounding on one side only)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    if coarse or expected.dtype == torch.bfloat16:
+        rtol, atol = 2 * BF16_ULP, BF16_ULP * scale
+    else:
+        rtol, atol = tol, tol * scale
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def _inputs(lead, d, dv, dtype=torch.float32, matrix=None, compress=False):
+    """Leaves X, h, z, p (and C): a vector state for dv = 1 unless `matrix`."""
+    matrix = dv > 1 if matrix is None else matrix
+    X = torch.randn(*lead, d, dv) if matrix else torch.randn(*lead, d)
+    h = torch.randn(*lead, d) * 3  # an unnormalised proposal, norm far from 1
+    z = torch.randn(*lead) * 2  # fp32 gate logits, as GateHead.logits gives them
+    p = torch.randn(*lead, dv) if matrix else torch.randn(*lead)
+    leaves = [X.to(dtype), h.to(dtype), z, p.to(dtype)]
+    if compress:
+        leaves.append(torch.randn(d, dv) / dv)  # fp32 mixing matrix
+    return [t.requires_grad_() for t in leaves]
+
+
+def _run(fn, leaves, rule, value_head, ups=None):
+    """Outputs and gradients of all leaves for upstream gradients `ups` (random when None)."""
+    C = leaves[4] if len(leaves) == 5 else None
+    out = fn(*leaves[:4], rule=rule, value_head=value_head, compress=C)
+    outs = out if isinstance(out, tuple) else (out,)
+    if ups is None:
+        ups = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, ups)
+    return outs, grads, ups
+
+
+def _check_against_reference(leaves, rule, value_head, tol=1e-5):
+    outs, grads, ups = _run(ep.rewrite_epilogue, leaves, rule, value_head)
+    ref_outs, ref_grads, _ = _run(ep.rewrite_epilogue_reference, leaves, rule, value_head, ups)
+    # With a bf16 state, x_next is read off Y after its rounding to bf16, and the reference
+    # rounds ∂L/∂Y = G + g_next ⊗ C to bf16 where the kernel keeps it in fp32: every result of
+    # the compressor path is then one bf16 step apart at most.
+    coarse = leaves[0].dtype == torch.bfloat16 and len(leaves) == 5
+    for a, b in zip(outs, ref_outs, strict=True):
+        _close(a, b, tol, coarse)
+    for leaf, a, b in zip(leaves, grads, ref_grads, strict=True):
+        assert a.shape == leaf.shape and a.dtype == leaf.dtype
+        _close(a, b, tol, coarse)
+
+
+RULES = ["delta", "write_only"]
+HEADS = ["paper", "official"]
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dv", [1, 2, 4, 8])
+@pytest.mark.parametrize("d", [96, 200, 128])
+def test_kernel_matches_reference_fp32(interpreted, d, dv, rule, value_head):
+    _check_against_reference(_inputs((5,), d, dv), rule, value_head)
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("d", "dv"), [(200, 1), (96, 2), (128, 4), (200, 8)])
+def test_kernel_matches_reference_bf16(interpreted, d, dv, rule, value_head):
+    leaves = _inputs((3,), d, dv, torch.bfloat16)
+    _check_against_reference(leaves, rule, value_head)
+
+
+def test_mixed_dtypes_as_under_autocast(interpreted):
+    # An fp32 state with the branch output and value projection in bf16 (bf16 autocast), fp32
+    # logits and mixing matrix: Y and x_next fp32, each gradient in its input's dtype.
+    X, h, z, p, C = _inputs((4,), 96, 4, compress=True)
+    leaves = [X, h.detach().bfloat16().requires_grad_(), z, p.detach().bfloat16().requires_grad_()]
+    _check_against_reference([*leaves, C], "delta", "official")
+
+
+def test_matrix_state_with_one_value_channel(interpreted):
+    _check_against_reference(_inputs((4,), 96, 1, matrix=True), "delta", "paper")
+
+
+def test_value_channels_not_a_power_of_two(interpreted):
+    _check_against_reference(_inputs((4,), 96, 3), "delta", "official")
+
+
+@pytest.mark.parametrize("rule", ["delta", "write_only"])
+def test_chunked_rows_and_several_rows_per_program(interpreted, monkeypatch, rule):
+    # A 64-element tile forces 13 chunks of 16 columns at d = 200 (the path of wide rows) ...
+    monkeypatch.setattr(te, "MAX_TILE", 64)
+    assert te.launch_config(200, 4)[1:3] == (16, 13)
+    _check_against_reference(_inputs((3,), 200, 4), rule, "official")
+    # ... and a narrow row packs several rows into one program (with masked rows in the last).
+    monkeypatch.setattr(te, "MAX_TILE", 4096)
+    assert te.launch_config(24, 2)[0] == 16
+    _check_against_reference(_inputs((19,), 24, 2), rule, "paper")
+
+
+def test_wide_rows_d8192(interpreted):
+    assert te.launch_config(8192, 4)[2] > 1  # chunked
+    leaves = _inputs((2,), 8192, 4)
+    _check_against_reference(leaves, "delta", "official", tol=1e-4)
+
+
+def test_non_contiguous_inputs_and_two_leading_axes(interpreted):
+    d, dv = 96, 4
+    # Every operand a strided view: X with the value axis outermost, h every other column, z and
+    # p transposed out of larger tensors.
+    X = torch.randn(dv, 2, 3, d).permute(1, 2, 3, 0)
+    h = torch.randn(2, 3, 2 * d)[..., ::2]
+    z = torch.randn(3, 2).t()
+    p = torch.randn(dv, 3, 2).permute(2, 1, 0)
+    leaves = [t.detach().requires_grad_() for t in (X, h, z, p)]
+    assert not any(t.is_contiguous() for t in leaves)
+    _check_against_reference(leaves, "delta", "official")
+
+
+def test_upstream_gradient_with_zero_strides(interpreted):
+    # Y.sum() hands backward an expanded (stride 0) gradient; the kernel reads it in place.
+    leaves = _inputs((3,), 96, 2)
+    Y = ep.rewrite_epilogue(*leaves)
+    grads = torch.autograd.grad(Y.sum(), leaves)
+    ref = torch.autograd.grad(ep.rewrite_epilogue_reference(*leaves).sum(), leaves)
+    for a, b in zip(grads, ref, strict=True):
+        _close(a, b)
+
+
+def test_empty_batch(interpreted):
+    leaves = _inputs((0,), 96, 4)
+    Y = ep.rewrite_epilogue(*leaves)
+    assert Y.shape == (0, 96, 4)
+    grads = torch.autograd.grad(Y, leaves, torch.ones_like(Y))
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
+@pytest.mark.parametrize("rule", ["delta", "write_only"])
+def test_compressor_read_and_its_gradient(interpreted, monkeypatch, rule):
+    # Chunked rows, one row per program and two programs for 5 rows: the ∂C partial sums are
+    # accumulated over several row blocks per program and over chunks.
+    monkeypatch.setattr(te, "MAX_TILE", 64)
+    monkeypatch.setattr(te, "COMPRESS_PROGRAMS", 2)
+    leaves = _inputs((5,), 96, 4, compress=True)
+    _check_against_reference(leaves, rule, "official")
+
+
+def test_compressor_read_bf16(interpreted):
+    leaves = _inputs((3,), 96, 4, torch.bfloat16, compress=True)
+    _check_against_reference(leaves, "delta", "paper")
+
+
+def test_compressor_gradient_is_deterministic_and_partial_outputs(interpreted, monkeypatch):
+    monkeypatch.setattr(te, "COMPRESS_PROGRAMS", 2)
+    monkeypatch.setattr(te, "MAX_TILE", 64)
+    leaves = _inputs((6,), 40, 4, compress=True)
+    ref = ep.rewrite_epilogue_reference(*leaves[:4], compress=leaves[4])
+    # Only x_next used: ∂L/∂Y arrives as None and is read as zeros.
+    Y, xn = ep.rewrite_epilogue(*leaves[:4], compress=leaves[4])
+    up = torch.randn_like(xn)
+    g1 = torch.autograd.grad(xn, leaves, up)
+    g_ref = torch.autograd.grad(ref[1], leaves, up, retain_graph=True)
+    for a, b in zip(g1, g_ref, strict=True):
+        _close(a, b)
+    Y, xn = ep.rewrite_epilogue(*leaves[:4], compress=leaves[4])
+    g2 = torch.autograd.grad(xn, leaves, up)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    # Only Y used: the compressor gets a zero gradient.
+    Y, xn = ep.rewrite_epilogue(*leaves[:4], compress=leaves[4])
+    up = torch.randn_like(Y)
+    g3 = torch.autograd.grad(Y, leaves, up)
+    g_ref = torch.autograd.grad(ref[0], leaves, up, allow_unused=True)
+    for a, b in zip(g3[:4], g_ref[:4], strict=True):
+        _close(a, b)
+    assert torch.equal(g3[4], torch.zeros_like(leaves[4]))
+
+
+@pytest.mark.parametrize("rule", ["delta", "write_only"])
+@pytest.mark.parametrize("value_head", ["paper", "official"])
+def test_reference_and_fallback_gradcheck_float64(rule, value_head):
+    for matrix, lead, dv in ((False, (3,), 1), (True, (2, 2), 3)):
+        leaves = [t.detach().double().requires_grad_() for t in _inputs(lead, 7, dv, matrix=matrix)]
+        C = torch.randn(7, dv, dtype=torch.float64, requires_grad=True) if matrix else None
+        for fn in (ep.rewrite_epilogue_reference, ep.rewrite_epilogue):
+
+            def f(X, h, z, p, C, fn=fn):
+                return fn(X, h, z, p, rule=rule, value_head=value_head, value_scale=3.0, compress=C)
+
+            assert torch.autograd.gradcheck(f, (*leaves, C))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fallback_matches_reference(dtype):
+    leaves = _inputs((2, 3), 40, 4, dtype, compress=True)
+    assert not ep._use_triton(leaves)  # CPU tensors, auto backend
+    _check_against_reference(leaves, "delta", "official")
+
+
+@pytest.mark.parametrize("value_channels", [1, 4])
+@pytest.mark.parametrize("rule", ["delta", "write_only"])
+@pytest.mark.parametrize("value_head", ["paper", "official"])
+@pytest.mark.parametrize("form", ["l2", "rms"])
+def test_equals_the_deltaupdate_composition(value_channels, rule, value_head, form):
+    """k = direction(h), β = GateHead(c), v = ValueHead(c, u), then the fused rewrite (CPU)."""
+    d = 32
+    gate = GateHead(d, "mlp", hidden=16)
+    value = ValueHead(d, value_channels, value_head, sigmoid_scale=3.0)
+    c, u, h = torch.randn(3, 2, 5, d).unbind(0)
+    X = torch.randn(2, 5, d, value_channels) if value_channels > 1 else torch.randn(2, 5, d)
+    v = value(c, u)
+    if value_channels == 1:
+        v = v.squeeze(-1)
+    op = delta_rewrite if rule == "delta" else write_only
+    want = op(X, direction(h, 1e-5, form), gate(c), v)
+    pre = value.proj(c if value_head == "paper" else u)
+    if value_channels == 1:
+        pre = pre.squeeze(-1)
+    got = ep.rewrite_epilogue(
+        X, h, gate.logits(c), pre, rule=rule, value_head=value_head, value_scale=3.0, k_eps=1e-5
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shape_errors_name_both_shapes():
+    X, h, z, p = torch.randn(2, 8, 4), torch.randn(2, 8), torch.randn(2), torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"X \(2, 9, 4\).*h \(2, 8\)"):
+        ep.rewrite_epilogue(torch.randn(2, 9, 4), h, z, p)
+    with pytest.raises(ValueError, match=r"z \(3,\).*h \(2, 8\)"):
+        ep.rewrite_epilogue(X, h, torch.randn(3), p)
+    with pytest.raises(ValueError, match=r"X \(2, 8, 4\).*p of shape \(2, 4\).*p \(2, 3\)"):
+        ep.rewrite_epilogue(X, h, z, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"\(d, dv\) = \(8, 4\).*compress \(4, 8\)"):
+        ep.rewrite_epilogue(X, h, z, p, compress=torch.randn(4, 8))
+    with pytest.raises(ValueError, match="vector state"):
+        ep.rewrite_epilogue(torch.randn(2, 8), h, z, torch.randn(2), compress=torch.randn(8, 1))
+    with pytest.raises(ValueError, match="rule"):
+        ep.rewrite_epilogue(X, h, z, p, rule="additive")
+    with pytest.raises(ValueError, match="value_head"):
+        ep.rewrite_epilogue(X, h, z, p, value_head="other")
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setattr(ep, "BACKEND", None)
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "torch")
+    assert not ep._use_triton([torch.randn(2)])
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "triton")
+    assert ep._use_triton([torch.randn(2)])
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "nope")
+    with pytest.raises(ValueError, match="DELTALEARN_EPILOGUE"):
+        ep._use_triton([torch.randn(2)])
+
+
+def test_works_without_triton():
+    """With `import triton` failing, deltalearn imports and the epilogue takes the PyTorch path."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        from deltalearn.ops import epilogue as ep
+        assert not ep.triton_available()
+        X, h = torch.randn(3, 16, 2), torch.randn(3, 16)
+        Y = ep.rewrite_epilogue(X, h, torch.zeros(3), torch.randn(3, 2))
+        assert Y.shape == X.shape
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
