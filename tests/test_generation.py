@@ -129,3 +129,36 @@ def test_cache_holds_the_conv_histories():
     assert not cache.is_croppable
     cache.batch_select_indices(torch.tensor([1]))
     assert cache.conv["final"].shape[0] == 1 and cache.layers[0].keys.shape[0] == 1
+
+
+@pytest.mark.parametrize("variant", ["ddl", "ddl-tc"])
+@torch.no_grad()
+def test_lm_evaluation_harness_calls(variant):
+    """What lm-evaluation-harness's `hf` model does: `model(ids)` (sometimes with an attention
+    mask) for log-likelihoods, and `generate` with a mask, `max_length`, `pad_token_id`, a cache."""
+    model = tiny_model(variant)
+    ids = random_ids(2, 6)
+    logits = model(ids).logits
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, logits, rtol=0, atol=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_length=10,
+        pad_token_id=0,
+        use_cache=True,
+        do_sample=False,
+    )
+    assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+def test_generate_refuses_what_the_model_cannot_return():
+    model = tiny_model("ddl-cc")
+    prompt = random_ids(1, 3)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model.generate(
+            prompt, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True
+        )
+    with pytest.raises(ValueError, match="output_gate"):  # generate checks against forward's names
+        model.generate(prompt, max_new_tokens=2, output_gate=True)

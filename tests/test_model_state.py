@@ -57,3 +57,20 @@ def test_identity_inits():
     torch.testing.assert_close(EmbeddingConv(6, 4)(e), repeat_expansion(e, 4))
     X = torch.randn(2, 5, 6, 4)
     torch.testing.assert_close(TokenCompressor(6, 4)(X), X.mean(-1))
+
+
+@pytest.mark.parametrize("module", ["ec", "tc", "cc"])
+def test_state_modules_keep_fp32_under_bf16_autocast(module):
+    """EC, TC and CC read or write the residual state: under autocast they must neither lower it to
+    bf16 nor round their weights (the EC variants used to carry a bf16 state, the others fp32)."""
+    d, dv = 6, 4
+    m = {"ec": EmbeddingConv, "tc": TokenCompressor, "cc": ChannelCompressor}[module](d, dv)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    x = torch.randn((2, 9, d) if module == "ec" else (2, 9, d, dv)) * 10
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # bf16 would be off by ~0.1

@@ -93,15 +93,26 @@ def test_fused_and_reference_paths_agree_with_gradients():
         torch.testing.assert_close(pf.grad, pp.grad, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_matrix_state_recording_has_per_channel_shapes():
+def test_matrix_state_recording_is_the_state_read_along_k():
+    torch.manual_seed(4)
     layer = DeltaResidual(16, _mlp(16), value_channels=4)
-    X = repeat_expansion(torch.randn(2, 3, 16), 4)
+    X = repeat_expansion(torch.randn(2, 3, 16), 4) + 0.3 * torch.randn(2, 3, 16, 4)
     Y = layer(X)
     assert Y.shape == X.shape
     rec = layer.last_gates
     assert rec.beta.shape == (2, 3)
     assert rec.readout.shape == rec.target.shape == rec.discrepancy.shape == (2, 3, 4)
-    torch.testing.assert_close(rec.discrepancy, rec.target - rec.readout)
+    # Recomputed from the layer's parts: x_in = Compress(X), c = RMSNorm(x_in), k = F(c)/‖F(c)‖,
+    # readout kᵀX of the state *before* the write, target W_v c (the paper head).
+    with torch.no_grad():
+        c = layer.norm(layer.compressor(X))
+        h = layer.branch(c)
+        k = h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + 1e-10)
+        readout = (k[..., :, None] * X).sum(-2)
+        target = c @ layer.update.value.proj.weight.T
+    torch.testing.assert_close(rec.readout, readout)
+    torch.testing.assert_close(rec.target, target)
+    torch.testing.assert_close(rec.discrepancy, target - readout)
     assert torch.all((rec.beta > 0) & (rec.beta < 2))
 
 

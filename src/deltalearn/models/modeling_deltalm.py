@@ -18,6 +18,20 @@ Generation: `DeltaLMCache` holds the KV cache and the histories of the token-axi
 (EC, TC). With left padding, pad tokens are hidden from attention and zeroed before every causal
 conv, and RoPE positions count real tokens only, so a padded row gives the logits of the same
 row without padding.
+
+Precision: the residual stream X has the dtype of the model's weights for every variant — fp32 for
+an fp32 model, also under bf16/fp16 autocast (the embedding output is fp32, `X + h` promotes, and
+the rewrite, the EC/TC convolutions and the CC compressor run with autocast off and return the
+state's dtype). Autocast lowers only the branches (attention, MLP, value head) and the LM head; every
+reduction of the rewrite (`kᵀX`) and the gate logits are fp32. A model cast to bf16 keeps a bf16
+stream, with the rewrite still accumulating in fp32.
+
+Host syncs: the forward reads no tensor value on the host when its inputs live on an accelerator.
+Out-of-range token ids raise `ValueError` for CPU inputs; on CUDA they trip an asynchronous
+device-side assert (`torch._assert_async`), which surfaces as a CUDA error at a later
+synchronisation and leaves the CUDA context unusable. An `attention_mask` on the CPU that marks no
+padding is dropped (plain causal attention); on an accelerator it is always applied, since finding
+out would need a sync (the logits are the same either way).
 """
 
 from __future__ import annotations
@@ -175,7 +189,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
     # ---- forward -----------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: DynamicCache | None = None,
@@ -185,9 +199,15 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> DeltaLMOutput:
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> DeltaLMOutput | tuple:
         """Logits for `input_ids` `(B, T)` (`(B, T, V)`, or the last `logits_to_keep` positions).
+
+        Every argument is named below; anything else is a `TypeError` naming it (no `**kwargs`).
 
         Args:
             labels: `(B, T)`; the loss is the mean cross-entropy of predicting `labels[:, 1:]` from
@@ -200,12 +220,33 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 exactly when a cache was passed.
             output_gates: also return `gates`, a `DeltaLMGates` of every rewrite (None for additive).
             position_ids: RoPE positions `(B, T)`; by default counted over real tokens only.
-            kwargs: further `generate` arguments, ignored.
+            logits_to_keep: compute logits for the last this many positions only (0 = all).
+            return_dict: False returns `DeltaLMOutput.to_tuple()` instead of the output object.
+            output_attentions, output_hidden_states: accepted as None/False (`generate` and other
+                callers pass them); True raises `ValueError`: this model returns neither.
+            inputs_embeds: accepted as None only; DeltaLM reads token ids.
+            cache_position: accepted for callers that pass it (older `generate`); the positions of
+                the new tokens are the cache's length onwards, so it is checked for shape only.
         """
+        if output_attentions or output_hidden_states:
+            name = "output_attentions" if output_attentions else "output_hidden_states"
+            raise ValueError(
+                f"{name}=True is not supported: DeltaLM does not return attentions or hidden "
+                "states (output_gates=True returns β, readouts and discrepancies of every rewrite)"
+            )
+        if inputs_embeds is not None:
+            raise ValueError("DeltaLM takes input_ids; inputs_embeds is not supported")
+        if input_ids is None:
+            raise ValueError("input_ids is required: token ids of shape (batch, tokens)")
         if past_key_values is not None and cache is not None:
             raise ValueError("pass the cache as either past_key_values or cache, not both")
         cache = cache if cache is not None else past_key_values
         self._check_ids(input_ids)
+        if cache_position is not None and tuple(cache_position.shape[-1:]) != (input_ids.shape[1],):
+            raise ValueError(
+                f"cache_position must hold one position per new token ({input_ids.shape[1]}), "
+                f"got shape {tuple(cache_position.shape)}"
+            )
         use_cache = cache is not None if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DeltaLMCache()
@@ -237,7 +278,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         out = DeltaLMOutput(loss=loss, logits=logits, gates=gates)
         if use_cache:  # a None entry would still show up as a key of the output
             out[CACHE_FIELD] = cache
-        return out
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return out if return_dict else out.to_tuple()
 
     def _prepare_step(
         self,
@@ -257,10 +300,12 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                     f"attention_mask must have shape (batch, cached + new tokens) = {(B, S)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            if bool((attention_mask == 0).any()):
-                token_mask = attention_mask[:, past:]  # (B, T)
-            else:
+            # Dropping a mask without padding saves the masked attention path, but finding out
+            # reads the mask on the host: only done where that costs no device sync.
+            if attention_mask.device.type == "cpu" and not bool((attention_mask == 0).any()):
                 attention_mask = None  # all real tokens: plain causal attention
+            else:
+                token_mask = attention_mask[:, past:]  # (B, T)
         if position_ids is None:
             if attention_mask is not None:  # count real tokens only (pads get position 0)
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -294,8 +339,14 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if torch.compiler.is_compiling():
             return  # the check reads a tensor on the host: a graph break under torch.compile
         V = self.config.vocab_size
+        if input_ids.device.type == "cuda":  # no host sync: a device-side assert (module docstring)
+            in_range = ((input_ids >= 0) & (input_ids < V)).all()
+            torch._assert_async(in_range, f"token ids must lie in [0, {V - 1}] (vocab_size {V})")
+            return
+        if input_ids.device.type == "meta":
+            return  # no values to check
         bad = (input_ids < 0) | (input_ids >= V)
-        if bool(bad.any()):
+        if bool(bad.any()):  # free on the CPU; a sync on other accelerators, which lack the assert
             raise ValueError(
                 f"token id {int(input_ids[bad][0])} is out of range for vocab_size {V} "
                 f"(ids must lie in [0, {V - 1}])"

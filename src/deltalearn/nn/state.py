@@ -13,6 +13,11 @@ a compressor maps a state back to the width-d vector `x_in` a sublayer reads.
 The token-axis convolutions (EC, TC) are causal and zero-padded on the left; `forward_cached` runs
 them on a chunk of new tokens given the last `K − 1` inputs and returns the updated history, so that
 incremental decoding gives the same result as one pass over the whole sequence.
+
+Precision: these modules read and write the residual state, so they keep its dtype. They run with
+autocast switched off, in the promoted dtype of input and weights (fp32 for an fp32 model, under
+bf16 autocast too). Under autocast `F.conv1d` and the einsum folding CC's weights would otherwise run
+in bf16, and the EC variants would carry a bf16 state while every other variant carries fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deltalearn.ops._shapes import no_autocast
 
 
 def repeat_expansion(x: torch.Tensor, value_channels: int) -> torch.Tensor:
@@ -42,16 +49,19 @@ def causal_conv(
             sequence) when None.
 
     Returns:
-        `y` `(B, T, C * m)` and the new history `(B, K − 1, C)` (the last `K − 1` inputs seen).
+        `y` `(B, T, C * m)` and the new history `(B, K − 1, C)` (the last `K − 1` inputs seen), both
+        in the promoted dtype of `x` and `weight`, computed with autocast off (module docstring).
     """
     B, T, C = x.shape
     K = weight.shape[-1]
+    dtype = torch.promote_types(x.dtype, weight.dtype)
     if history is None:
-        history = x.new_zeros(B, K - 1, C)
+        history = x.new_zeros(B, K - 1, C, dtype=dtype)
     elif history.shape != (B, K - 1, C):
         raise ValueError(f"history must have shape {(B, K - 1, C)}, got {tuple(history.shape)}")
-    xs = torch.cat([history.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
-    y = F.conv1d(xs.transpose(1, 2), weight.to(x.dtype), groups=C)  # (B, C*m, T)
+    with no_autocast(x):
+        xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
+        y = F.conv1d(xs.transpose(1, 2), weight.to(dtype), groups=C)  # (B, C*m, T)
     return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
 
 
@@ -143,7 +153,8 @@ class ChannelCompressor(nn.Module):
         tap = o[None, :] - o[:, None] + p  # (o, j): the tap that links output o to input j
         valid = (tap >= 0) & (tap < K)
         w = self.weight[:, tap.clamp(0, K - 1)] * valid  # (d, o, j)
-        return torch.einsum("o,doj->dj", self.read.to(w.dtype), w)
+        with no_autocast(w):  # autocast would fold the weights in bf16
+            return torch.einsum("o,doj->dj", self.read.to(w.dtype), w)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if X.shape[-2:] != (self.dim, self.value_channels):
@@ -151,7 +162,8 @@ class ChannelCompressor(nn.Module):
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
                 f"{(self.dim, self.value_channels)}"
             )
-        return (X * self.mixing_matrix().to(X.dtype)).sum(-1)
+        dtype = torch.promote_types(X.dtype, self.weight.dtype)
+        return (X.to(dtype) * self.mixing_matrix().to(dtype)).sum(-1)
 
 
 class TokenCompressor(_TokenConv):
