@@ -24,3 +24,18 @@ def tiny_model(variant: str, seed: int = 0, **overrides) -> DeltaLM:
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def assert_within_rounding(actual, expected, eps: float, d: int, what: str = "") -> None:
+    """`|actual − expected| ≤ eps·|expected| + d·eps_fp32·max|expected|` elementwise.
+
+    For an op that computes in fp32 and rounds once to a dtype of machine epsilon `eps`: the first
+    term is one ulp (the rounding is half an ulp, eps/2 relative), the second bounds the fp32
+    accumulation over d-long reductions, so that entries made small by cancellation are not held
+    to a relative bound. `expected` is a float64 result from the same (rounded) inputs.
+    """
+    expected = expected.double().cpu()
+    err = (actual.double().cpu() - expected).abs()
+    bound = eps * expected.abs() + d * torch.finfo(torch.float32).eps * expected.abs().max()
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"{what}: error {err.max().item():.3g} exceeds the bound by {worst:.3g}x"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import assert_within_rounding
 
 from deltalearn.ops import (
     delta_rewrite,
@@ -78,20 +79,6 @@ def test_only_requested_gradients_are_computed(rule):
     torch.testing.assert_close(gk_f, gk_r)
 
 
-def _assert_within_rounding(actual, expected, eps, d, what=""):
-    """`|actual − expected| ≤ eps·|expected| + d·eps_fp32·max|expected|` elementwise.
-
-    The first term is one ulp: the fused op computes in fp32 and rounds once to the half dtype (half
-    an ulp, eps/2 relative). The second bounds the fp32 accumulation over the d-long reductions, so
-    that entries made small by cancellation are not held to a relative bound.
-    """
-    expected = expected.double()
-    err = (actual.double() - expected).abs()
-    bound = eps * expected.abs() + d * torch.finfo(torch.float32).eps * expected.abs().max()
-    worst = (err / bound).max().item()
-    assert worst <= 1, f"{what}: error {err.max().item():.3g} exceeds the bound by {worst:.3g}x"
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rule", list(PAIRS))
 def test_half_precision_is_within_rounding_of_float64(rule, dtype):
@@ -102,15 +89,16 @@ def test_half_precision_is_within_rounding_of_float64(rule, dtype):
     out = fused(*leaves)
     assert out.dtype == dtype
     grads = torch.autograd.grad(out, leaves, upstream)
-    # The reference in float64 from the very same half-precision inputs: what is left is rounding.
+    # The reference in float64 from the very same half-precision inputs: what is left is the
+    # rounding of an fp32 result to the half dtype, at most one ulp.
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     out64 = ref(*leaves64)
     grads64 = torch.autograd.grad(out64, leaves64, upstream.double())
     eps = torch.finfo(dtype).eps
-    _assert_within_rounding(out, out64, eps, d, "values")
+    assert_within_rounding(out, out64, eps, d, "values")
     for name, g, g64, t in zip(["X", "k", "beta", "v"], grads, grads64, leaves, strict=True):
         assert g.dtype == t.dtype
-        _assert_within_rounding(g, g64, eps, d, f"d/d{name}")
+        assert_within_rounding(g, g64, eps, d, f"d/d{name}")
 
 
 # ---- autocast: the rewrite's reductions stay fp32 -------------------------------------------------
