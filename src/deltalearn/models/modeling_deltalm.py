@@ -23,8 +23,9 @@ Precision: the residual stream X has the dtype of the model's weights for every 
 an fp32 model, also under bf16/fp16 autocast (the embedding output is fp32, `X + h` promotes, and
 the rewrite, the EC/TC convolutions and the CC compressor run with autocast off and return the
 state's dtype). Autocast lowers only the branches (attention, MLP, value head) and the LM head; every
-reduction of the rewrite (`kᵀX`) and the gate logits are fp32. A model cast to bf16 keeps a bf16
-stream, with the rewrite still accumulating in fp32.
+reduction of the rewrite (`kᵀX`) and the gate logits are fp32 (the direction k is normalised in
+fp32 and passed on in the branch's dtype). A model cast to bf16 keeps a bf16 stream, with the rewrite
+still accumulating in fp32.
 
 Host syncs: the forward reads no tensor value on the host when its inputs live on an accelerator.
 Out-of-range token ids raise `ValueError` for CPU inputs; on CUDA they trip an asynchronous
