@@ -213,3 +213,81 @@ def test_concurrent_preparations_share_one_folder(corpus: Path, tmp_path: Path):
     assert first == second
     assert [p.name for p in cache.iterdir()] == [first.root.name]  # no temporary folders left
     assert len(first.tokens("train")) == first.num_tokens("train")
+
+
+# ----------------------------------------------------------------------------- damaged caches
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "half":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(1001))
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+    elif how == "json-without-fields":
+        path.write_text(json.dumps({"format_version": prep.FORMAT_VERSION}))
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [
+        ("train.bin", "half"),
+        ("val.bin", "empty"),
+        ("val.bin", "garbage"),
+        ("train.bin", "folder"),
+        ("meta.json", "half"),
+        ("meta.json", "garbage"),
+        ("meta.json", "folder"),
+        ("meta.json", "json-without-fields"),
+        ("tokenizer/tokenizer.json", "half"),
+        ("tokenizer/tokenizer_config.json", "garbage"),
+        ("tokenizer/tokenizer.json", "folder"),
+    ],
+)
+def test_damaged_cache_is_rebuilt_atomically(corpus: Path, tmp_path: Path, caplog, name, how):
+    cache = tmp_path / "cache"
+    first = _prepare(corpus, cache)
+    files = sorted(p.relative_to(first.root) for p in first.root.rglob("*") if p.is_file())
+    files.remove(Path("meta.json"))  # holds the preparation time
+    original = {f: (first.root / f).read_bytes() for f in files}
+    meta = {k: v for k, v in first.meta.items() if k != "seconds"}
+    _damage(first.root / name, how)
+    again = _prepare(corpus, cache)
+    assert again == first
+    assert {f: (again.root / f).read_bytes() for f in files} == original  # rebuilt identically
+    assert {k: v for k, v in again.meta.items() if k != "seconds"} == meta
+    assert [p.name for p in cache.iterdir()] == [first.root.name]  # nothing half-done left over
+    assert len(again.tokens("val")) == again.num_tokens("val")
+    if name != "meta.json":  # a damaged meta.json is the same as an unfinished preparation
+        assert f"{first.root / name}" in caplog.text and "preparing" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["train.bin", "val.bin"])
+def test_damaged_token_file_of_an_open_preparation_is_named(corpus: Path, tmp_path: Path, name):
+    data = _prepare(corpus, tmp_path / "cache")
+    _damage(data.root / name, "folder")
+    with pytest.raises(DataError, match=rf"{data.root / name}: is a folder.*delete"):
+        data.tokens(name.removesuffix(".bin"))
+
+
+def test_damaged_tokenizer_file_is_named(corpus: Path, tmp_path: Path):
+    data = _prepare(corpus, tmp_path / "cache")
+    path = data.tokenizer_dir / "tokenizer.json"
+    _damage(path, "half")
+    with pytest.raises(DataError, match=rf"{path}: not valid JSON, truncated or corrupt"):
+        data.load_tokenizer()
+    _damage(path, "empty")
+    with pytest.raises(DataError, match=rf"{path}: empty"):
+        data.load_tokenizer()
+
+
+def test_cache_dir_that_is_a_file(corpus: Path, tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for cache in (blocker, blocker / "sub"):
+        with pytest.raises(DataError, match=rf"cache folder {cache}: is a file"):
+            _prepare(corpus, cache)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches ar
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -115,12 +118,9 @@ class PreparedData:
         info = meta["splits"][check_split(split)]
         dtype, length = np.dtype(meta["dtype"]), int(info["tokens"])
         path = self.root / info["file"]
-        size = path.stat().st_size if path.is_file() else -1
-        if size != length * dtype.itemsize:
-            raise DataError(
-                f"{path}: expected {length} {dtype} tokens ({length * dtype.itemsize} bytes), "
-                f"found {size} bytes; delete {self.root} to prepare it again"
-            )
+        problem = _token_file_problem(path, dtype, length)
+        if problem:
+            raise DataError(f"{problem}; delete {self.root} to prepare it again")
         return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
@@ -134,14 +134,73 @@ class PreparedData:
 
 
 def read_meta(root: Path) -> dict[str, Any] | None:
-    """meta.json of a finished preparation of this `FORMAT_VERSION`, else None."""
+    """meta.json of a finished preparation of this `FORMAT_VERSION`, else None (also when it is
+    damaged: not JSON, or without the fields and types that readers rely on)."""
     try:
         meta = json.loads((Path(root) / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         return None
-    return meta
+    return meta if _meta_is_whole(meta) else None
+
+
+def _meta_is_whole(meta: dict[str, Any]) -> bool:
+    """Whether `meta` has every field `PreparedData` reads, with usable types."""
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not (isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str)):
+        return False
+    if not (integer(meta.get("vocab_size")) and integer(meta.get("eos_token_id"))):
+        return False
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return False
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return False
+    for split in SPLITS:
+        info = splits.get(split)
+        if not isinstance(info, dict) or not integer(info.get("tokens")):
+            return False
+        if info.get("file") != f"{split}.bin":  # never a path that leaves the folder
+            return False
+    return True
+
+
+def damage(root: Path) -> str | None:
+    """Why the preparation in `root` cannot be used (meta.json missing or damaged, a token file
+    of the wrong size, tokenizer files missing or not JSON), or None when it is whole. Cheap:
+    reads meta.json and the tokenizer files, and only the sizes of the token files."""
+    meta = read_meta(root)
+    if meta is None:
+        return f"meta file {root / META_FILE}: missing or damaged"
+    for split in SPLITS:
+        info = meta["splits"][split]
+        problem = _token_file_problem(root / info["file"], np.dtype(meta["dtype"]), info["tokens"])
+        if problem:
+            return problem
+    try:
+        tok.check_tokenizer_files(root / TOKENIZER_DIR)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def _token_file_problem(path: Path, dtype: np.dtype, length: int) -> str | None:
+    """A one-line description of what is wrong with a token file, or None."""
+    if not path.exists():
+        return f"token file {path}: missing"
+    if not path.is_file():
+        return f"token file {path}: is a folder, expected a file"
+    size = path.stat().st_size
+    if size != length * dtype.itemsize:
+        return (
+            f"token file {path}: {size} bytes, expected {length * dtype.itemsize} "
+            f"({length} {dtype} tokens); truncated or corrupt"
+        )
+    return None
 
 
 def cache_key(corpus: Corpus, tokenizer: str, vocab_size: int, val_fraction: float) -> str:
@@ -197,10 +256,18 @@ def prepare_dataset(
     size_tag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else tokenizer
     name = f"{corpus.name}-{size_tag}-{cache_key(corpus, tokenizer, vocab_size, val_fraction)}"
     root = cache_root / name
-    if read_meta(root) is not None:
-        return PreparedData.open(root)
+    _check_cache_root(cache_root)
+    if root.exists() or root.is_symlink():
+        problem = damage(root)
+        if problem is None:
+            return PreparedData.open(root)
+        if (root / META_FILE).exists():  # finished once, damaged since: say so, then rebuild
+            logger.warning("deltalearn: warning: %s; preparing %s again", problem, root)
 
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cache folder {cache_root}: cannot create it ({e.strerror})") from None
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=cache_root))
     work.chmod(0o755)  # mkdtemp makes it private; the published cache should be shareable
     try:
@@ -211,15 +278,36 @@ def prepare_dataset(
     return PreparedData.open(root)
 
 
+def _check_cache_root(cache_root: Path) -> None:
+    """`DataError` when the cache folder, or the nearest of its parents that exists, is a file."""
+    existing = cache_root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == cache_root else f" ({existing} is a file)"
+        raise DataError(f"cache folder {cache_root}: is a file, expected a folder{where}")
+
+
 def _publish(work: Path, root: Path) -> None:
-    """Rename the finished `work` folder to `root`, atomically."""
-    if root.exists() and read_meta(root) is None:
-        shutil.rmtree(root, ignore_errors=True)  # a leftover without meta.json: never finished
+    """Rename the finished `work` folder to `root`, atomically, replacing a damaged one."""
+    if (root.exists() or root.is_symlink()) and damage(root) is not None:
+        # Never finished (a crash before meta.json) or damaged since: move it aside, then delete.
+        # The rename is atomic, so readers see the old folder or none, never a half-deleted one.
+        trash = root.with_name(f".{root.name}.{os.getpid()}.damaged")
+        try:
+            os.replace(root, trash)
+        except OSError:
+            pass  # another process moved it first
+        else:
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
     try:
         os.replace(work, root)
     except OSError:
         # Another process published the same preparation first; theirs is as good as ours.
-        if read_meta(root) is None:
+        if damage(root) is not None:
             raise
 
 

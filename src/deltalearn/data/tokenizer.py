@@ -10,6 +10,7 @@ saved as Hugging Face files (``tokenizer.json`` + ``tokenizer_config.json``) so 
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -101,11 +102,42 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     wrap(tokenizer).save_pretrained(str(out_dir))
 
 
+def check_tokenizer_files(directory: str | Path) -> None:
+    """Raise `DataError` naming the file when `tokenizer.json` is missing, or it or
+    `tokenizer_config.json` is a folder, empty, truncated or not a JSON object (a half-written
+    or damaged copy), so that loading never fails deep inside `tokenizers`."""
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").exists():
+        raise DataError(f"no tokenizer files in {directory} (tokenizer.json is missing)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = directory / name
+        if not path.exists():
+            continue
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path}: is a folder, expected a file")
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"tokenizer file {path}: cannot read it ({e.strerror})") from None
+        if not raw:
+            raise DataError(f"tokenizer file {path}: empty (0 bytes)")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            reason = str(e).splitlines()[0]
+            raise DataError(
+                f"tokenizer file {path}: not valid JSON, truncated or corrupt ({reason})"
+            ) from None
+        if not isinstance(data, dict):
+            raise DataError(f"tokenizer file {path}: expected a JSON object")
+
+
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """Load tokenizer files written by `save_tokenizer` (offline: a local folder only)."""
     directory = Path(directory)
-    if not (directory / "tokenizer.json").is_file():
-        raise DataError(f"no tokenizer files in {directory}")
+    if not directory.is_dir():
+        raise DataError(f"tokenizer folder {directory}: not found, or not a folder")
+    check_tokenizer_files(directory)
     loaded = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if not isinstance(loaded, PreTrainedTokenizerFast):
         raise DataError(f"{directory} holds a {type(loaded).__name__}, not a fast tokenizer")
