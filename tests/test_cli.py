@@ -130,3 +130,22 @@ def test_resume_with_only_out_finishes_the_run(trained, tmp_path, capsys):
     # (stop_after excepted: it paused the earlier invocation, not the run).
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert "finished 6 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "run.log_interval=0",
+        "run.checkpoint_interval=0",
+        "run.eval_batches=0",
+        "optim.beta2=1.5",
+        "model.overrides.beta_init=x",
+    ],
+)
+def test_bad_config_value_fails_before_data_preparation(tmp_path, capsys, setting):
+    cache = tmp_path / "cache"
+    msg = one_line_error(capsys, 2, tiny_args(tmp_path / "run", cache, "--set", setting))
+    key, value = setting.split("=")
+    assert key in msg and value in msg, msg
+    assert not cache.exists() or not any(cache.iterdir())  # no data was prepared
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -78,9 +79,11 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deltalearn.train.config import resolve_config
+    from deltalearn.train.runs import check_run_paths
     from deltalearn.train.trainer import train
 
     cfg = resolve_config(args.config, _train_overrides(args), resume=args.resume)
+    check_run_paths(cfg.run.out)  # before data preparation, not halfway through the run
     result = train(cfg, resume=args.resume)
     if result.status != "finished":
         print(
@@ -128,6 +131,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.no_progress:
         cfg.progress = False
+    from deltalearn.train.runs import check_folder_path
+
+    check_folder_path(cfg.out, "compare folder")
+    if cfg.cache_dir is not None:
+        check_folder_path(cfg.cache_dir, "cache folder")
     report = run_compare(cfg)
     print(report.table)
     print(f"report: {report.markdown_path}")
@@ -184,7 +192,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from deltalearn.errors import UserError
 
         raise UserError("the bench command is not available in this installation") from None
+    _check_bench_json(args.bench_args)
     return int(bench.main(args.bench_args) or 0)
+
+
+def _check_bench_json(bench_args: list[str]) -> None:
+    """``bench --json FILE``: refuse a FILE that cannot be written before the benchmarks run,
+    not after (bench's own parser reports a malformed command line)."""
+    from deltalearn.errors import UserError
+
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--json")
+    try:
+        known, _ = pre.parse_known_args(bench_args)
+    except argparse.ArgumentError:
+        return
+    if known.json is None:
+        return
+    path = Path(known.json)
+    if path.is_dir():
+        raise UserError(f"--json file {path}: is a folder, expected a file")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"--json file {path}: its folder {path.absolute().parent} does not exist")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,22 @@ def audit_run(
     max_batches: int = 8,
     out_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Gate summary of ``RUN_DIR/model`` on its validation split; saved as ``RUN_DIR/audit.json``."""
+    """Gate summary of ``RUN_DIR/model`` on its validation split; saved as ``RUN_DIR/audit.json``
+    (atomically: a failed audit leaves no file, or the previous one, behind)."""
     from deltalearn.data import eval_batches
     from deltalearn.errors import UserError
     from deltalearn.train.build import prepare_data
     from deltalearn.train.runs import load_run
 
+    for flag, value in (("--batch-size", batch_size), ("--max-batches", max_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{flag} must be an integer >= 1, got {value!r}")
     run = load_run(run_dir)
+    path = Path(out_file) if out_file else Path(run_dir) / "audit.json"
+    if path.is_dir():  # found now, not after the model has run
+        raise UserError(f"audit file {path}: is a folder, expected a file")
+    if not path.parent.is_dir():
+        raise UserError(f"audit file {path}: its folder {path.parent} does not exist")
     cfg = run.config
     data = prepare_data(cfg, progress=False)
     batches = (
@@ -108,7 +118,20 @@ def audit_run(
     if not rows:
         raise UserError(f"{run_dir}: the model ({cfg.model.variant}) has no gates to audit")
     result = {"run_dir": str(run_dir), "variant": cfg.model.variant, "layers": rows}
-    path = Path(out_file) if out_file else Path(run_dir) / "audit.json"
-    path.write_text(json.dumps(result, indent=1))
+    _write_atomic(path, json.dumps(result, indent=1))
     result["path"] = str(path)
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    from deltalearn.errors import UserError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"audit file {path}: cannot write it ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

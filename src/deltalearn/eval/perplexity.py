@@ -40,10 +40,19 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Validation loss/perplexity of ``RUN_DIR/model`` on its own validation split, or on the
     validation split of ``data_source`` tokenised with the run's tokenizer."""
+    from deltalearn.errors import UserError
     from deltalearn.train.build import prepare_data
     from deltalearn.train.distributed import resolve_device
     from deltalearn.train.runs import load_run
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise UserError(f"--max-batches must be an integer >= 1, got {max_batches!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     run = load_run(run_dir)
     cfg = run.config
     if data_source is None or data_source == cfg.data.source:
