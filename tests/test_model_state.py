@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import ALL_VARIANTS, random_ids, tiny_model
 
 from deltalearn.nn import ChannelCompressor, EmbeddingConv, TokenCompressor, repeat_expansion
 
@@ -74,3 +75,16 @@ def test_state_modules_keep_fp32_under_bf16_autocast(module):
         got = m(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # bf16 would be off by ~0.1
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_residual_state_is_token_major_contiguous(variant):
+    """Every block reads a contiguous `(B, T, d[, dv])` state: a token-minor layout left by the EC
+    conv would make every per-token reduction of the rewrite stride through memory."""
+    model = tiny_model(variant).eval()
+    layouts = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda mod, args: layouts.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(random_ids(2, 9))
+    assert layouts == [True] * len(model.layers)

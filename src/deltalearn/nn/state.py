@@ -62,7 +62,9 @@ def causal_conv(
     with no_autocast(x):
         xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
         y = F.conv1d(xs.transpose(1, 2), weight.to(dtype), groups=C)  # (B, C*m, T)
-    return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
+    # Token-major again: left as a transposed view, the whole residual stream after EC would keep a
+    # token-minor layout, and every per-token reduction (readout kᵀX, compressors) would stride.
+    return y.transpose(1, 2).contiguous(), xs[:, xs.shape[1] - (K - 1) :]
 
 
 class _TokenConv(nn.Module):
