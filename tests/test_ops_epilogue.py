@@ -164,14 +164,19 @@ def test_value_channels_not_a_power_of_two(interpreted):
     _check_against_reference(_inputs((4,), 96, 3), "delta", "official")
 
 
-@pytest.mark.parametrize("rule", ["delta", "write_only"])
-def test_chunked_rows_and_several_rows_per_program(interpreted, monkeypatch, rule):
-    # A 64-element tile forces 13 chunks of 16 columns at d = 200 (the path of wide rows) ...
-    monkeypatch.setattr(te, "MAX_TILE", 64)
-    assert te.launch_config(200, 4)[1:3] == (16, 13)
+@pytest.mark.parametrize("rule", RULES)
+def test_chunked_rows(interpreted, monkeypatch, rule):
+    # A 128-element tile forces 7 chunks of 32 columns at d = 200: the path of wide rows.
+    monkeypatch.setattr(te, "MAX_TILE", 128)
+    monkeypatch.setattr(te, "MAX_TILE_BWD", 128)
+    assert te.launch_config(200, 4)[1:3] == (32, 7)
     _check_against_reference(_inputs((3,), 200, 4), rule, "official")
-    # ... and a narrow row packs several rows into one program (with masked rows in the last).
-    monkeypatch.setattr(te, "MAX_TILE", 4096)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_several_rows_per_program(interpreted, rule):
+    # Narrow rows: 16 rows a program, the second program with 13 masked rows.
+    assert te.launch_config(24, 2, te.MAX_TILE)[0] == te.launch_config(24, 2, te.MAX_TILE_BWD)[0]
     assert te.launch_config(24, 2)[0] == 16
     _check_against_reference(_inputs((19,), 24, 2), rule, "paper")
 
@@ -217,7 +222,8 @@ def test_empty_batch(interpreted):
 def test_compressor_read_and_its_gradient(interpreted, monkeypatch, rule):
     # Chunked rows, one row per program and two programs for 5 rows: the ∂C partial sums are
     # accumulated over several row blocks per program and over chunks.
-    monkeypatch.setattr(te, "MAX_TILE", 64)
+    monkeypatch.setattr(te, "MAX_TILE", 128)
+    monkeypatch.setattr(te, "MAX_TILE_BWD", 128)
     monkeypatch.setattr(te, "COMPRESS_PROGRAMS", 2)
     leaves = _inputs((5,), 96, 4, compress=True)
     _check_against_reference(leaves, rule, "official")
@@ -230,7 +236,8 @@ def test_compressor_read_bf16(interpreted):
 
 def test_compressor_gradient_is_deterministic_and_partial_outputs(interpreted, monkeypatch):
     monkeypatch.setattr(te, "COMPRESS_PROGRAMS", 2)
-    monkeypatch.setattr(te, "MAX_TILE", 64)
+    monkeypatch.setattr(te, "MAX_TILE", 128)
+    monkeypatch.setattr(te, "MAX_TILE_BWD", 128)
     leaves = _inputs((6,), 40, 4, compress=True)
     ref = ep.rewrite_epilogue_reference(*leaves[:4], compress=leaves[4])
     # Only x_next used: ∂L/∂Y arrives as None and is read as zeros.
