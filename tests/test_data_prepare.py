@@ -228,6 +228,8 @@ def _damage(path: Path, how: str) -> None:
     elif how == "folder":
         path.unlink()
         path.mkdir()
+    elif how == "same-size-garbage":  # the size check alone cannot see it
+        path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
     elif how == "json-without-fields":
         path.write_text(json.dumps({"format_version": prep.FORMAT_VERSION}))
 
@@ -239,6 +241,7 @@ def _damage(path: Path, how: str) -> None:
         ("val.bin", "empty"),
         ("val.bin", "garbage"),
         ("train.bin", "folder"),
+        ("val.bin", "same-size-garbage"),
         ("meta.json", "half"),
         ("meta.json", "garbage"),
         ("meta.json", "folder"),

@@ -118,7 +118,7 @@ class PreparedData:
         info = meta["splits"][check_split(split)]
         dtype, length = np.dtype(meta["dtype"]), int(info["tokens"])
         path = self.root / info["file"]
-        problem = _token_file_problem(path, dtype, length)
+        problem = _token_file_problem(path, dtype, length, self.eos_token_id)
         if problem:
             raise DataError(f"{problem}; delete {self.root} to prepare it again")
         return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
@@ -178,7 +178,8 @@ def damage(root: Path) -> str | None:
         return f"meta file {root / META_FILE}: missing or damaged"
     for split in SPLITS:
         info = meta["splits"][split]
-        problem = _token_file_problem(root / info["file"], np.dtype(meta["dtype"]), info["tokens"])
+        path, dtype = root / info["file"], np.dtype(meta["dtype"])
+        problem = _token_file_problem(path, dtype, info["tokens"], meta["eos_token_id"])
         if problem:
             return problem
     try:
@@ -188,8 +189,10 @@ def damage(root: Path) -> str | None:
     return None
 
 
-def _token_file_problem(path: Path, dtype: np.dtype, length: int) -> str | None:
-    """A one-line description of what is wrong with a token file, or None."""
+def _token_file_problem(path: Path, dtype: np.dtype, length: int, eos_id: int) -> str | None:
+    """A one-line description of what is wrong with a token file, or None. O(1): the size, and
+    the last id, which is always eos (it follows every document) — overwritten bytes of the
+    right size are caught with high probability, without reading the whole file."""
     if not path.exists():
         return f"token file {path}: missing"
     if not path.is_file():
@@ -200,6 +203,14 @@ def _token_file_problem(path: Path, dtype: np.dtype, length: int) -> str | None:
             f"token file {path}: {size} bytes, expected {length * dtype.itemsize} "
             f"({length} {dtype} tokens); truncated or corrupt"
         )
+    if length:
+        with path.open("rb") as f:
+            f.seek((length - 1) * dtype.itemsize)
+            last = int(np.frombuffer(f.read(dtype.itemsize), dtype=dtype)[0])
+        if last != eos_id:
+            return (
+                f"token file {path}: ends with id {last}, not the end-of-text id {eos_id}; corrupt"
+            )
     return None
 
 
