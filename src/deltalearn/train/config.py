@@ -124,7 +124,6 @@ class TrainConfig:
                 _check_type(
                     f"{name}.{f.name}", getattr(section, f.name), _HINTS[type(section)][f.name]
                 )
-        self._validate_model()
         self._validate_data()
         o = self.optim
         _check_range("optim.lr", o.lr, low=0.0, low_open=True)
@@ -136,6 +135,7 @@ class TrainConfig:
         _check_range("schedule.warmup_steps", self.schedule.warmup_steps, low=0)
         _check_range("schedule.min_lr_ratio", self.schedule.min_lr_ratio, low=0.0, high=1.0)
         self._validate_run()
+        self._validate_model()  # last: the model takes its vocabulary and context from the rest
 
     def _validate_model(self) -> None:
         from deltalearn.models import SIZES, VARIANTS
