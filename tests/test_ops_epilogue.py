@@ -37,6 +37,7 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from deltalearn.nn import DeltaUpdate  # noqa: E402
 from deltalearn.nn.generators import GateHead, ValueHead, direction  # noqa: E402
 from deltalearn.ops import delta_rewrite, write_only  # noqa: E402
 from deltalearn.ops import epilogue as ep  # noqa: E402
@@ -297,13 +298,41 @@ def test_equals_the_deltaupdate_composition(value_channels, rule, value_head, fo
         v = v.squeeze(-1)
     op = delta_rewrite if rule == "delta" else write_only
     want = op(X, direction(h, 1e-5, form), gate(c), v)
-    pre = value.proj(c if value_head == "paper" else u)
+    pre = value.pre_activation(c, u)
     if value_channels == 1:
         pre = pre.squeeze(-1)
     got = ep.rewrite_epilogue(
         X, h, gate.logits(c), pre, rule=rule, value_head=value_head, value_scale=3.0, k_eps=1e-5
     )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value_channels", [1, 4])
+def test_deltaupdate_fused_path_and_its_record(value_channels):
+    """DeltaUpdate(fused=True) goes through the epilogue; output, gradients and GateRecord agree
+    with the step-by-step reference path (fused=False)."""
+    d = 24
+    kw = dict(value_head="official", gate="mlp", gate_hidden=8, direction_form="rms")
+    fused = DeltaUpdate(d, value_channels, **kw)
+    plain = DeltaUpdate(d, value_channels, fused=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    fused.record = plain.record = True
+    shape = (2, 3, d, value_channels) if value_channels > 1 else (2, 3, d)
+    X, (h, c, u) = torch.randn(shape), torch.randn(3, 2, 3, d).unbind(0)
+    up = torch.randn(shape)
+    outs = []
+    for m in (fused, plain):
+        m.zero_grad()
+        leaves = [t.detach().requires_grad_() for t in (X, h, c, u)]
+        Y = m(*leaves)
+        grads = torch.autograd.grad(Y, [*leaves, *m.parameters()], up)
+        outs.append((Y, grads, m.last_record))
+    (Yf, gf, rf), (Yp, gp, rp) = outs
+    torch.testing.assert_close(Yf, Yp, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gf, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for field in ("beta", "readout", "target", "discrepancy"):
+        torch.testing.assert_close(getattr(rf, field), getattr(rp, field), rtol=1e-5, atol=1e-5)
 
 
 def test_shape_errors_name_both_shapes():

@@ -72,10 +72,14 @@ class ValueHead(nn.Module):
         self.sigmoid_scale = sigmoid_scale
         self.proj = nn.Linear(dim, value_channels, bias=(kind == "official"))
 
+    def pre_activation(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """`(..., dv)` before the squash: `W_v c` ("paper", which has none) or `W_v u + b_v`
+        ("official"); the fused rewrite epilogue applies `s·σ(·)` itself."""
+        return self.proj(c if self.kind == "paper" else u)
+
     def forward(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.kind == "paper":
-            return self.proj(c)
-        return self.sigmoid_scale * torch.sigmoid(self.proj(u))
+        p = self.pre_activation(c, u)
+        return p if self.kind == "paper" else self.sigmoid_scale * torch.sigmoid(p)
 
 
 class GateHead(nn.Module):

@@ -27,7 +27,8 @@ from deltalearn.nn.choices import (
 )
 from deltalearn.nn.generators import GateHead, ValueHead, direction
 from deltalearn.nn.state import ChannelCompressor
-from deltalearn.ops import delta_rewrite, delta_rewrite_reference, write_only, write_only_reference
+from deltalearn.ops import delta_rewrite_reference, write_only_reference
+from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
 
 
 @dataclass
@@ -47,6 +48,11 @@ class DeltaUpdate(nn.Module):
     `forward(X, h, c, u)`: state X `(..., d)` or `(..., d, dv)`, branch output h `(..., d)` (the raw
     direction k̃), normalised context c and un-normalised sublayer input u (both `(..., d)`).
     Set `record = True` to keep a `GateRecord` of the last call in `last_record`.
+
+    `fused=True` hands the gate logits and the value pre-activation to `rewrite_epilogue` (one Triton
+    kernel on CUDA), which normalises h, squashes both and rewrites in fp32; it takes the L2 form
+    of the direction, which the "rms" form equals algebraically. `fused=False` composes the
+    generators and `delta_rewrite_reference` step by step, in `direction_form`.
     """
 
     def __init__(
@@ -86,21 +92,40 @@ class DeltaUpdate(nn.Module):
     def forward(
         self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor
     ) -> torch.Tensor:
+        vector = X.dim() == h.dim()  # vector state: scalar target
+        if vector and self.value_channels != 1:
+            raise ValueError(
+                f"a vector state {tuple(X.shape)} needs value_channels=1, got {self.value_channels}"
+            )
+        if not self.fused:
+            return self._forward_reference(X, h, c, u, vector)
+        z = self.gate.logits(c)  # (...), fp32
+        p = self.value.pre_activation(c, u)  # (..., dv)
+        if vector:
+            p = p.squeeze(-1)
+        value_head, value_scale = self.value.kind, self.value.sigmoid_scale
+        out = rewrite_epilogue(
+            X, h, z, p, rule=self.rule, value_head=value_head, value_scale=value_scale,
+            k_eps=self.k_eps,
+        )  # fmt: skip
+        if self.record:
+            with torch.no_grad():  # the generators again, outside the fused op, only to record
+                k, beta, v = epilogue_generators(
+                    h, z, p, value_head=value_head, value_scale=value_scale, k_eps=self.k_eps
+                )
+            self.last_record = _record(X, k, beta, v)
+        return out
+
+    def _forward_reference(
+        self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor, vector: bool
+    ) -> torch.Tensor:
         k = direction(h, self.k_eps, self.direction_form)
         beta = self.gate(c)
         v = self.value(c, u)  # (..., dv)
-        if X.dim() == h.dim():  # vector state: scalar target
-            if self.value_channels != 1:
-                raise ValueError(
-                    f"a vector state {tuple(X.shape)} needs value_channels=1, "
-                    f"got {self.value_channels}"
-                )
+        if vector:
             v = v.squeeze(-1)
         v = v.to(X.dtype)
-        if self.rule == "delta":
-            op = delta_rewrite if self.fused else delta_rewrite_reference
-        else:
-            op = write_only if self.fused else write_only_reference
+        op = delta_rewrite_reference if self.rule == "delta" else write_only_reference
         out = op(X, k, beta, v)
         if self.record:
             self.last_record = _record(X, k, beta, v)
@@ -134,7 +159,8 @@ class DeltaResidual(nn.Module):
         value_head, gate, gate_hidden, beta_init, k_eps, direction_form: the generators (SPEC §2).
         compressor: module `(..., dim, dv) -> (..., dim)`; default a `ChannelCompressor` when dv > 1.
         norm_eps: epsilon of the pre-norm RMSNorm.
-        fused: use the custom-autograd operator (default) or the plain reference.
+        fused: the fused rewrite epilogue (default; one Triton kernel on CUDA) or the plain
+            reference composition (see `DeltaUpdate`).
         record_gates: keep β, readout, target and discrepancy of the last call in `last_gates`.
 
     Example:
