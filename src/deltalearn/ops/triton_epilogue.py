@@ -289,6 +289,16 @@ def _compress_programs(num_blocks: int, device: torch.device) -> int:
     return max(1, min(num_blocks, cap))
 
 
+def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied to contiguous when an offset inside one row would overflow int32.
+
+    The kernels form row offsets in int64 and offsets within a row (column · stride) in int32;
+    only an exotic layout (say the value axis outermost of a > 2³¹-element state) needs the copy.
+    """
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True))
+    return t if span < 2**31 else t.contiguous()
+
+
 class _RewriteEpilogue(torch.autograd.Function):
     """Rows flattened: X `(N, d, dv)`, h `(N, d)`, z `(N,)`, p `(N, dv)`, C `(d, dv)` or None.
 
@@ -347,6 +357,7 @@ class _RewriteEpilogue(torch.autograd.Function):
             if not compress:
                 return (None,) * 9
             gY = X.new_zeros(()).expand(n_rows, d, dv)  # stride 0: read, never materialised
+        gY = _row_offsets_fit_int32(gY)
         write_gx = need_X and (ctx.delta or compress)
 
         block_m, block_d, num_chunks, block_v = launch_config(d, dv, MAX_TILE_BWD)
@@ -415,10 +426,10 @@ def rewrite_epilogue_triton(
     dv = X.shape[-1] if matrix else 1
     n_rows = lead.numel()
     # reshape is a view whenever the leading axes can be merged; the kernels take the strides.
-    X3 = X.reshape(n_rows, d, dv)
-    h2 = h.reshape(n_rows, d)
+    X3 = _row_offsets_fit_int32(X.reshape(n_rows, d, dv))
+    h2 = _row_offsets_fit_int32(h.reshape(n_rows, d))
     z1 = z.reshape(n_rows)
-    p2 = p.reshape(n_rows, dv)
+    p2 = _row_offsets_fit_int32(p.reshape(n_rows, dv))
     out = _RewriteEpilogue.apply(
         X3, h2, z1, p2, compress, rule == "delta", value_head == "official", value_scale, k_eps
     )
