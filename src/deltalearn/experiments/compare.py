@@ -2,7 +2,7 @@
 
 Each (variant, seed) trains in its own fresh process (``multiprocessing`` spawn), so the peak
 memory measured for one variant is not inflated by another, and runs are resumable: a run that
-finished (``summary.json`` present) is skipped when the command is repeated with the same out
+finished (a complete ``summary.json``) is skipped when the command is repeated with the same out
 folder, and an interrupted one continues from its last checkpoint.
 """
 
@@ -74,8 +74,11 @@ def _child(cfg_dict: dict[str, Any]) -> None:
 
 
 def _finished(t: TrainConfig) -> bool:
+    """A complete ``summary.json`` (a torn one does not count) and the same settings."""
+    from deltalearn.train.trainer import read_summary
+
     run = Path(t.run.out)
-    if not (run / "summary.json").is_file() or not (run / "config.yaml").is_file():
+    if read_summary(run) is None or not (run / "config.yaml").is_file():
         return False
     return not config_diff(load_config(run / "config.yaml"), t)
 
@@ -95,7 +98,9 @@ def _train_one(t: TrainConfig) -> None:
     proc = mp.get_context("spawn").Process(target=_child, args=(asdict(t),))
     proc.start()
     proc.join()
-    if proc.exitcode == 0 and not (run / "summary.json").is_file():  # stopped by a signal
+    from deltalearn.train.trainer import read_summary
+
+    if proc.exitcode == 0 and read_summary(run) is None:  # stopped by a signal
         raise UserError(
             f"training {t.model.variant} (seed {t.run.seed}) was interrupted; "
             "run the same command again to resume"

@@ -10,16 +10,23 @@ Each checkpoint folder holds
 Writes go to a hidden temp folder beside the final one, every file and the folder are fsynced,
 then the folder is renamed into place. A crash therefore leaves either the previous complete
 checkpoints or an ignorable ``.tmp-*`` folder, never a half checkpoint named ``step_*``.
+
+Re-saving a step that exists (a resumed run that stops where it started) cannot be one rename:
+the old folder is first renamed to ``.old-step_*-PID``, then the new one into place, then the old
+one removed. A crash between the two renames leaves the step only as ``.old-*``; it still counts
+as that step (:func:`list_checkpoints`) and :func:`clean_temp` renames it back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
+import struct
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltalearn.atomic import fsync_dir, fsync_file
 from deltalearn.errors import CheckpointError
-from deltalearn.train.distributed import DistEnv, unwrap
+from deltalearn.train.distributed import DistEnv, barrier, unwrap
 
 __all__ = [
     "CheckpointError",
@@ -44,18 +52,34 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-(step_\d+)-\d+$")  # a complete checkpoint moved aside for a re-save
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _moved_aside(root: Path) -> dict[str, Path]:
+    """``.old-step_N-PID`` folders whose ``step_N`` is missing (a crash mid re-save): name → path."""
+    out: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        m = _OLD_DIR.match(p.name)
+        if m and not (root / m.group(1)).exists():
+            out.setdefault(m.group(1), p)
+    return out
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp folders are never listed)."""
+    """Complete checkpoints, oldest first (``.tmp-*`` folders are never listed).
+
+    A step whose folder was moved aside for a re-save when the process died is listed under its
+    ``.old-*`` path (:func:`clean_temp` renames it back).
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    found += [(int(name[5:]), p) for name, p in _moved_aside(root).items()]
     return [p for _, p in sorted(found)]
 
 
@@ -65,12 +89,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def clean_temp(run_dir: str | Path) -> None:
-    """Remove temp folders left by a crash during a save."""
+    """Tidy up after a crash during a save (rank 0, before anyone reads a checkpoint).
+
+    A step that exists only as ``.old-*`` (moved aside for a re-save) is renamed back first;
+    then the remaining ``.tmp-*`` and ``.old-*`` folders are removed.
+    """
     root = checkpoint_root(run_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for name, old in _moved_aside(root).items():
+        os.replace(old, root / name)
+    fsync_dir(root)
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -118,20 +150,6 @@ def _dedup(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, aliases
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Some filesystems refuse to fsync a directory; the rename is still atomic there.
-    with contextlib.suppress(OSError):
-        _fsync_file(path)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -161,20 +179,22 @@ def save_checkpoint(
         meta = {"step": step, "time": time.time(), "files": [MODEL_FILE, STATE_FILE]}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step: move the old one aside first
             old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)  # a crash from here on: the step survives as `old`
+            fsync_dir(root)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)  # only once the new one is in place
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
-    if env.distributed:
-        torch.distributed.barrier()
+    barrier(env)
     return final
 
 
@@ -185,11 +205,45 @@ def _read_model_file(path: Path) -> dict[str, Any]:
 
         with safe_open(path, framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt or truncated checkpoint file {path}: {e}") from None
+    except (SafetensorError, OSError, ValueError) as e:  # ValueError: bad aliases JSON
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"corrupt or truncated checkpoint file {path}: {msg}") from None
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     return tensors
+
+
+# What torch.load(weights_only=True) raises for a damaged file, found by cutting real state files
+# (zip and legacy format) at every length and flipping random bytes: RuntimeError ("failed
+# finding central directory"), OSError (EINVAL), EOFError (empty), UnpicklingError (random bytes,
+# a rewritten pickle), UnicodeDecodeError/ValueError, IndexError, KeyError, struct.error and
+# AssertionError ("storage key ... not found") from the readers. Raised by torch.load on this file
+# they all mean "the file is damaged"; anything else (TypeError, AttributeError, ...) is a bug
+# and keeps its traceback.
+_BAD_STATE_FILE = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    ValueError,
+    IndexError,
+    KeyError,
+    struct.error,
+    AssertionError,
+)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, pickle.UnpicklingError):  # torch's text is a page about weights_only
+        text = str(e)
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler" in text else ""
+        detail = " ".join(detail.split()[:8])
+        return "not a trainer state (unpickling refused" + (f": {detail})" if detail else ")")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] if not isinstance(e, KeyError) else f"{type(e).__name__} {lines[0]}"
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -198,10 +252,16 @@ def read_state(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint file missing: {file}")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, ...: all mean "this file is broken"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"corrupt or truncated checkpoint file {file}: {msg}") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except _BAD_STATE_FILE as e:
+        raise CheckpointError(
+            f"corrupt or truncated checkpoint file {file}: {_first_line(e)}"
+        ) from None
+    if not isinstance(state, dict) or not {"step", "optimizer"} <= state.keys():
+        raise CheckpointError(
+            f"corrupt checkpoint file {file}: expected a trainer state with step and optimizer"
+        )
+    return state
 
 
 def load_checkpoint(

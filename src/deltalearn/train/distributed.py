@@ -1,8 +1,13 @@
-"""Process-group setup and model wrapping for data-parallel training (DDP or FSDP2).
+"""Process-group setup, model wrapping and collectives for data-parallel training (DDP or FSDP2).
 
 Launch with ``torchrun --standalone --nproc_per_node=N -m deltalearn.cli train ...``. Every rank
 draws the same global batch from the sampler and trains on its own contiguous slice of rows, so
 N processes see exactly the tokens one process would.
+
+Every collective of the trainer goes through the helpers here (:func:`all_reduce_sum`,
+:func:`all_reduce_mean`, :func:`all_reduce_max`, :func:`barrier`). They take the
+:class:`DistEnv` and refuse a tensor that is not on ``env.device``: NCCL serves CUDA tensors only,
+so a flag built on the CPU works with gloo and crashes on GPUs.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from torch import nn
 
 __all__ = [
     "DistEnv",
-    "all_reduce_mean",
     "all_reduce_max",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
     "init_distributed",
     "shutdown",
     "wrap_model",
@@ -32,7 +39,8 @@ class DistEnv:
     rank: int  # global rank of this process
     world_size: int  # number of processes
     local_rank: int  # rank within this machine (selects the CUDA device)
-    device: torch.device  # where this rank computes
+    device: torch.device  # where this rank computes; every collective's tensors live here
+    process_group: bool = False  # launched by torchrun: a process group exists, even for 1 rank
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +49,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Collectives run (DDP/FSDP wrapping, all-reduces): under torchrun, any world size."""
+        return self.process_group or self.world_size > 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,18 +64,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE), or run as a single process."""
+    """Join the process group torchrun describes (RANK/WORLD_SIZE), or run as a single process.
+
+    Under torchrun the group is created even for one process (``--nproc_per_node=1``), so a
+    one-GPU launch runs the same DDP/FSDP2 and NCCL code as a multi-GPU one.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = resolve_device(device)
-    if world == 1:
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # a plain single process
         return DistEnv(0, 1, 0, base)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
         torch.cuda.set_device(local_rank)
         base = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo")
-    return DistEnv(rank, world, local_rank, base)
+        if base.type == "cuda":  # bind the group to this rank's GPU (barriers use it too)
+            dist.init_process_group(backend="nccl", device_id=base)
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistEnv(rank, world, local_rank, base, process_group=True)
 
 
 def shutdown() -> None:
@@ -129,7 +145,28 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
+def _on_device(value: torch.Tensor, env: DistEnv) -> None:
+    """A collective's tensor must live on ``env.device`` (a bare "cuda" matches any index)."""
+    want, got = env.device, value.device
+    if got.type != want.type or (want.index is not None and got.index != want.index):
+        raise RuntimeError(
+            f"collective on a tensor on {got}, but this rank's collectives run on {want} "
+            "(NCCL serves CUDA tensors only): create it with device=env.device"
+        )
+
+
+def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of ``value`` over all ranks (a new tensor; ``value`` itself is left as it is)."""
+    _on_device(value, env)
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean of ``value`` over all ranks (a new tensor)."""
+    _on_device(value, env)
     if env.distributed:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -138,7 +175,19 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Maximum of ``value`` over all ranks (a new tensor)."""
+    _on_device(value, env)
     if env.distributed:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (on this rank's GPU under NCCL); a no-op for a single process."""
+    if not env.distributed:
+        return
+    if env.device.type == "cuda" and env.device.index is not None:
+        dist.barrier(device_ids=[env.device.index])
+    else:
+        dist.barrier()

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deltalearn.atomic import atomic_write_text
+
 __all__ = ["RunLogger", "read_log"]
 
 
@@ -32,11 +34,14 @@ class RunLogger:
         return self._tb
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (a resumed run re-logs them)."""
+        """Drop lines logged after ``step`` (a resumed run re-logs them).
+
+        The shortened log replaces the old one atomically: a crash here leaves one or the other.
+        """
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -4,6 +4,21 @@ Step ``s`` (0-based) always trains on ``sampler.batch(s, ...)`` with lr ``lr_at(
 checkpoint after ``n`` steps holds everything the next step reads (weights, AdamW moments, RNG).
 Stopping after step 10 and resuming therefore gives bitwise the same weights as running
 straight through (on CPU; CUDA kernels may be non-deterministic).
+
+A step never waits for the device: its loss, gradient norm and "finite" flag stay device tensors
+until the next *sync point* (every ``run.log_interval`` steps, an evaluation or checkpoint step,
+the last step, and the first step of a process, whose warm-up is timed apart). There a single
+read-back brings every pending step to the host, together with the stop flag (a signal on any
+rank, all-reduced on ``env.device``); the log lines are written and tokens/s is measured over
+the interval.
+
+A non-finite loss or gradient norm is caught on the device. With a fused optimizer
+(``found_inf``, the protocol of ``torch.amp.GradScaler``) the update of such a step is skipped by
+the kernel itself: weights, moments and step count stay bitwise as they were, with no sync. Other
+optimizers get zeroed gradients for that step, so the weights stay finite; with
+``run.skip_nonfinite`` they instead check each step on the host (one sync per step) to skip it
+exactly. Without ``skip_nonfinite`` the run stops at the next sync point with
+:class:`NonFiniteLossError` naming the first bad step, before any evaluation or checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +29,14 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from deltalearn.atomic import atomic_write_text, remove_stale_temps
 from deltalearn.errors import ConfigError, NonFiniteLossError
 from deltalearn.models.loss import next_token_loss
 from deltalearn.train import checkpoint as ckpt
@@ -30,6 +46,8 @@ from deltalearn.train.distributed import (
     DistEnv,
     all_reduce_max,
     all_reduce_mean,
+    all_reduce_sum,
+    barrier,
     init_distributed,
     no_grad_sync,
     shutdown,
@@ -39,9 +57,16 @@ from deltalearn.train.distributed import (
 from deltalearn.train.logging import RunLogger
 from deltalearn.train.optim import build_optimizer, lr_at
 from deltalearn.train.runs import quiet_hf
-from deltalearn.train.validation import autocast_context, evaluate_loss, mean_beta_per_layer
+from deltalearn.train.validation import (
+    autocast_context,
+    loss_sums,
+    mean_beta_per_layer,
+    mean_from_sums,
+)
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["StepStats", "TrainResult", "Trainer", "read_summary", "train"]
+
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -51,9 +76,36 @@ class TrainResult:
     step: int  # optimizer steps completed
     val_loss: float | None  # last validation loss
     params: int  # trainable parameters (tied ones counted once)
-    train_tokens_per_s: float  # training throughput of this process' run (all ranks together)
-    peak_memory_mb: float  # see memory_kind
+    # training throughput of the run (all ranks together; over every process that trained it,
+    # each one's first, warm-up step left out)
+    train_tokens_per_s: float
+    peak_memory_mb: float  # see memory_kind; the highest of the processes that trained the run
     memory_kind: str  # "cuda_max_allocated" or "cpu_peak_rss" (whole process, incl. Python)
+
+
+@dataclass
+class StepStats:
+    """One optimizer step whose numbers are still on the device (read at the next sync point)."""
+
+    step: int  # 1-based: steps completed after this one
+    lr: float
+    loss: torch.Tensor  # mean over all ranks and micro-batches (0-dim)
+    grad_norm: torch.Tensor  # global gradient norm before clipping (0-dim)
+    finite: torch.Tensor  # bool (0-dim): loss and grad norm finite, i.e. the update was applied
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/summary.json`` if it is complete (every TrainResult field, status finished);
+    None when it is missing, torn or from an unfinished run. Its presence marks a finished run."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "finished":
+        return None
+    if any(f.name not in summary for f in fields(TrainResult)):
+        return None
+    return summary
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -93,6 +145,8 @@ class Trainer:
             model.compile()  # in place: state-dict keys stay unprefixed
         self.model = wrap_model(model, env, fsdp=cfg.run.fsdp)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # Fused Adam/AdamW/SGD skip a step on the device when handed found_inf = 1.
+        self._device_skip = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
         self.sampler = BatchSampler(
             data.tokens("train"), cfg.run.seq_len, cfg.run.batch_size, cfg.run.seed
         )
@@ -100,8 +154,14 @@ class Trainer:
         self.val_loss: float | None = None
         self.logger = RunLogger(self.run_dir, env.is_main, cfg.run.tensorboard)
         self._stop_signal: int | None = None
+        self._resumed_step: int | None = None  # the step of the checkpoint resumed from
+        self.steps_run = 0  # optimizer steps taken by this process
+        self._skipped: list[int] = []  # skipped steps not yet named in a log line
+        self._last_seen = (math.nan, 0.0)  # loss and tokens/s at the last sync point
+        # Throughput and memory of the whole run (carried over from the checkpoint on resume).
         self._train_time = 0.0
         self._train_tokens = 0
+        self._peak_before: tuple[float, str] | None = None
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -114,8 +174,32 @@ class Trainer:
             (loss / self.cfg.run.grad_accum).backward()
         return loss.detach()
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """Optimizer step ``step`` (0-based) on this rank's slice of the global batch."""
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """``optimizer.step()``, unless ``finite`` (a device bool) is false; see the module doc."""
+        opt: Any = self.optimizer
+        if self._device_skip:
+            opt.found_inf = (~finite).float()  # read by fused Adam(W).step, as GradScaler does
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+            return
+        if self.cfg.run.skip_nonfinite:
+            if bool(finite):  # a host sync: the price of an exact skip without a fused kernel
+                opt.step()
+            return
+        bad = ~finite
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.masked_fill_(bad, 0.0)
+        opt.step()
+
+    def train_step(self, step: int) -> StepStats:
+        """Optimizer step ``step`` (0-based) on this rank's slice of the global batch.
+
+        Returns the step's numbers as device tensors; nothing here waits for the device.
+        """
         cfg, env = self.cfg, self.env
         lr = lr_at(step, cfg.optim.lr, cfg.run.steps, cfg.schedule)
         for group in self.optimizer.param_groups:
@@ -133,63 +217,159 @@ class Trainer:
             )
             for i in range(accum)
         ]
+        # The same on every rank (like the gradient norm), so every rank skips the same steps.
         loss = all_reduce_mean(torch.stack(losses).mean(), env)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss_v, norm_v = loss.item(), grad_norm.item()
-        record = {"step": step + 1, "loss": loss_v, "lr": lr, "grad_norm": norm_v}
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            # Checked before optimizer.step(), so NaN never reaches the weights.
-            if not cfg.run.skip_nonfinite:
-                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self._optimizer_step(finite)
+        return StepStats(step + 1, lr, loss, grad_norm, finite)
+
+    # ---- sync points ------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self._stop_signal = signum  # acted on at the next sync point
+
+    def _stop_requested(self) -> torch.Tensor:
+        """1.0 when any rank got a stop signal (a device tensor, all-reduced on env.device)."""
+        flag = torch.full((1,), float(self._stop_signal is not None), device=self.device)
+        return all_reduce_max(flag, self.env)  # every rank stops at the same step
+
+    def _read_back(self, pending: list[StepStats]) -> tuple[list[tuple[float, ...]], bool]:
+        """The one host sync of a sync point: (loss, grad norm, finite) per pending step, stop."""
+        stop = self._stop_requested()
+        packed = torch.cat(
+            [
+                torch.stack([s.loss.float() for s in pending]),
+                torch.stack([s.grad_norm.float() for s in pending]),
+                torch.stack([s.finite.float() for s in pending]),
+                stop.float(),
+            ]
+        ).tolist()
+        n = len(pending)
+        rows = list(zip(packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], strict=True))
+        return rows, packed[-1] > 0
+
+    def _log(self, records: list[dict[str, Any]]) -> None:
+        every = max(self.cfg.run.log_interval, 1)
+        for record in records:
+            if record["step"] % every == 0 or "val_loss" in record:
+                if self._skipped:
+                    record["skipped_steps"] = self._skipped
+                    self._skipped = []
+                self.logger.log(record)
+
+    def _sync_point(
+        self, pending: list[StepStats], seconds: float, timed: bool, evaluate: bool
+    ) -> bool:
+        """Read back ``pending`` (taken in ``seconds`` since the last sync point), raise on the
+        first non-finite step (without skip_nonfinite), evaluate, log; True when asked to stop."""
+        cfg = self.cfg
+        tokens_per_step = cfg.run.batch_size * cfg.run.seq_len
+        rows, stop = self._read_back(pending)
+        seconds = max(time.perf_counter() - seconds, 1e-9)  # the read-back waited for the device
+        if timed:
+            self._train_time += seconds
+            self._train_tokens += len(pending) * tokens_per_step
+        tokens_per_s = len(pending) * tokens_per_step / seconds
+        records = []
+        for stats, (loss, norm, finite) in zip(pending, rows, strict=True):
+            if not finite and not cfg.run.skip_nonfinite:
+                self._log(records)
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
                 raise NonFiniteLossError(
-                    f"non-finite {what} ({loss_v if what == 'loss' else norm_v}) at step {step + 1}; "
+                    f"non-finite {what} ({value}) at step {stats.step}; "
                     "lower --lr, or pass --skip-nonfinite to skip such batches"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            record["skipped"] = True
-            return record
-        self.optimizer.step()
-        return record
+            record: dict[str, Any] = {
+                "step": stats.step,
+                "loss": loss,
+                "lr": stats.lr,
+                "grad_norm": norm,
+                "tokens_per_s": tokens_per_s,
+                "tokens": stats.step * tokens_per_step,
+            }
+            if not finite:
+                record["skipped"] = True
+                self._skipped.append(stats.step)
+            records.append(record)
+        if evaluate:
+            records[-1].update(self.evaluate())
+            self.val_loss = records[-1]["val_loss"]
+        self._log(records)
+        self._last_seen = (records[-1]["loss"], tokens_per_s)
+        return stop
 
     # ---- evaluation, checkpoints ------------------------------------------------------------
+
+    def _eval_model(self) -> torch.nn.Module:
+        # DDP: the bare module (its forward needs no collectives). FSDP: the sharded model
+        # itself, since its forward gathers parameters across ranks.
+        return self.model if self.cfg.run.fsdp else unwrap(self.model)
+
+    def _val_loss_sums(self) -> torch.Tensor:
+        """``[Σ loss·tokens, Σ tokens]`` over the validation batches, each rank evaluating its
+        share, summed over ranks on ``env.device`` (no host sync)."""
+        cfg, env = self.cfg, self.env
+        # The same eval_batches × batch_size windows (in micro-batch chunks) whatever the world
+        # size or grad_accum; batch i is evaluated by rank i % world_size.
+        accum = cfg.run.grad_accum
+        sums = loss_sums(
+            self._eval_model(),
+            self.data.tokens("val"),
+            cfg.run.seq_len,
+            cfg.run.batch_size // accum,
+            cfg.run.eval_batches * accum,
+            self.device,
+            self.dtype,
+            rank=env.rank,
+            world_size=env.world_size,
+            lockstep=cfg.run.fsdp and env.distributed,
+        )
+        return all_reduce_sum(sums, env)
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss (same batches every time) and mean β per layer on the first batch."""
         from deltalearn.data import eval_batches
 
         cfg = self.cfg
-        # DDP: evaluate the bare module on every rank (no collectives needed). FSDP: the sharded
-        # model itself, since its forward gathers parameters across ranks.
-        model = self.model if cfg.run.fsdp else unwrap(self.model)
-        val = self.data.tokens("val")
-        # Every rank evaluates the same eval_batches × batch_size windows (in micro-batch chunks),
-        # so the number depends neither on the world size nor on grad_accum.
-        accum = cfg.run.grad_accum
-        eval_rows = cfg.run.batch_size // accum
-        loss = evaluate_loss(
-            model,
-            val,
-            cfg.run.seq_len,
-            eval_rows,
-            cfg.run.eval_batches * accum,
-            self.device,
-            self.dtype,
-        )
-        out: dict[str, Any] = {"val_loss": loss}
-        if cfg.model.variant != "baseline":
-            first = next(iter(eval_batches(val, cfg.run.seq_len, min(eval_rows, 4), 1)), None)
+        total, count = self._val_loss_sums().tolist()
+        out: dict[str, Any] = {"val_loss": mean_from_sums(total, count, cfg.run.seq_len)}
+        # β is logged by rank 0 only; under FSDP every rank must run the forward with it.
+        if cfg.model.variant != "baseline" and (self.env.is_main or cfg.run.fsdp):
+            val, rows = self.data.tokens("val"), min(cfg.run.batch_size // cfg.run.grad_accum, 4)
+            first = next(iter(eval_batches(val, cfg.run.seq_len, rows, 1)), None)
             if first is not None:
                 x = torch.as_tensor(first[0], dtype=torch.long, device=self.device)
-                betas = mean_beta_per_layer(model, x)
+                betas = mean_beta_per_layer(self._eval_model(), x)
                 if betas is not None:
                     out["beta_mean"] = betas
         return out
 
+    def _run_stats(self) -> dict[str, Any]:
+        """Throughput and peak memory of the run so far (saved in each checkpoint)."""
+        peak, kind = _peak_memory(self.device)
+        if self._peak_before is not None and (self.steps_run == 0 or kind == self._peak_before[1]):
+            # a process that trained nothing keeps the figures of those that did
+            peak = self._peak_before[0] if self.steps_run == 0 else max(peak, self._peak_before[0])
+            kind = self._peak_before[1]
+        return {
+            "time_s": self._train_time,
+            "tokens": self._train_tokens,
+            "peak_memory_mb": peak,
+            "memory_kind": kind,
+        }
+
     def save(self) -> None:
-        extra = {"config": asdict(self.cfg), "val_loss": self.val_loss}
+        extra = {
+            "config": asdict(self.cfg),
+            "val_loss": self.val_loss,
+            "train_stats": self._run_stats(),
+        }
         ckpt.save_checkpoint(
             self.run_dir,
             self.step,
@@ -206,27 +386,24 @@ class Trainer:
         if path is None:
             return False
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        self.step = int(state["step"])
+        self.step = self._resumed_step = int(state["step"])
         self.val_loss = state.get("val_loss")
+        stats = state.get("train_stats") or {}
+        self._train_time = float(stats.get("time_s", 0.0))
+        self._train_tokens = int(stats.get("tokens", 0))
+        if "peak_memory_mb" in stats:
+            self._peak_before = (float(stats["peak_memory_mb"]), str(stats["memory_kind"]))
         self.logger.truncate_after(self.step)
         return True
 
     # ---- the loop -------------------------------------------------------------------------------
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self._stop_signal = signum  # acted on after the current step
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0)
-        return bool(all_reduce_max(flag, self.env).item())  # every rank stops at the same step
 
     def fit(self) -> str:
         """Train until ``run.steps`` (or stop_after, or a signal); returns the status."""
         cfg, env = self.cfg, self.env
         total = cfg.run.steps
         stop_at = min(total, cfg.run.stop_after or total)
+        log_every = max(cfg.run.log_interval, 1)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -238,43 +415,38 @@ class Trainer:
             desc=f"train {cfg.model.variant}",
             dynamic_ncols=True,
         )
-        tokens_per_step = cfg.run.batch_size * cfg.run.seq_len
         status = "finished"
-        first = True
+        pending: list[StepStats] = []
         try:
             self.model.train()
+            since = time.perf_counter()
             while self.step < stop_at:
-                t0 = time.perf_counter()
-                record = self.train_step(self.step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
+                pending.append(self.train_step(self.step))
                 self.step += 1
-                if not first or self.step == stop_at:  # the first step of a process warms up
-                    self._train_time += dt
-                    self._train_tokens += tokens_per_step
-                first = False
-                record["tokens_per_s"] = tokens_per_step / dt
-                record["tokens"] = self.step * tokens_per_step
-                if self.step % cfg.run.eval_interval == 0 or self.step == total:
-                    record.update(self.evaluate())
-                    self.val_loss = record["val_loss"]
-                if self.step % cfg.run.log_interval == 0 or "val_loss" in record:
-                    self.logger.log(record)
+                self.steps_run += 1
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    refresh=False,
-                )
-                if self._stop_requested():
+                evaluate = self.step % cfg.run.eval_interval == 0 or self.step == total
+                checkpoint = self.step % cfg.run.checkpoint_interval == 0 and self.step < stop_at
+                warmup = self.steps_run == 1  # timed apart: compilation, allocator, caches
+                sync = evaluate or checkpoint or warmup or self.step == stop_at
+                if not sync and self.step % log_every:
+                    continue  # no sync point: on to the next step without waiting
+                timed = not warmup or self.step == stop_at
+                stop = self._sync_point(pending, since, timed, evaluate)
+                pending = []
+                if not bar.disable:
+                    loss, tokens_per_s = self._last_seen
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                if stop:
                     status = "interrupted"
                     break
-                if self.step % cfg.run.checkpoint_interval == 0 and self.step < stop_at:
+                if checkpoint:
                     self.save()
+                since = time.perf_counter()
             if status == "finished" and self.step < total:
                 status = "stopped"
-            self.save()
+            if self.steps_run or self._resumed_step != self.step:  # else that checkpoint exists
+                self.save()
         finally:
             bar.close()
             for sig, handler in handlers.items():
@@ -305,17 +477,26 @@ class Trainer:
         self.data.load_tokenizer().save_pretrained(out)
 
     def result(self, status: str) -> TrainResult:
-        peak, kind = _peak_memory(self.device)
+        stats = self._run_stats()
         return TrainResult(
             run_dir=str(self.run_dir),
             status=status,
             step=self.step,
             val_loss=self.val_loss,
             params=self.params,
-            train_tokens_per_s=self._train_tokens / self._train_time if self._train_time else 0.0,
-            peak_memory_mb=peak,
-            memory_kind=kind,
+            train_tokens_per_s=stats["tokens"] / stats["time_s"] if stats["time_s"] else 0.0,
+            peak_memory_mb=stats["peak_memory_mb"],
+            memory_kind=stats["memory_kind"],
         )
+
+
+def _write_summary(run_dir: Path, result: TrainResult, steps_run: int) -> TrainResult:
+    """Write ``summary.json`` atomically (it marks the run finished); a process that trained
+    no step (resuming a finished run) keeps a complete one as it is, figures and all."""
+    if steps_run == 0 and (kept := read_summary(run_dir)) is not None:
+        return TrainResult(**{f.name: kept[f.name] for f in fields(TrainResult)})
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(asdict(result), indent=1))
+    return result
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
@@ -351,13 +532,14 @@ def train(cfg: TrainConfig, resume: bool = False, data: Any = None) -> TrainResu
             # Rank 0 prepares (and caches) first, so the other ranks only read the cache.
             if env.is_main:
                 data = prepare_data(cfg, progress=cfg.run.progress)
-            if env.distributed:
-                torch.distributed.barrier()
+            barrier(env)
             if not env.is_main:
                 data = prepare_data(cfg, progress=False)
         trainer = Trainer(cfg, env, data)
-        if env.is_main:
-            ckpt.clean_temp(run_dir)  # leftovers of a crash mid-save
+        if env.is_main:  # leftovers of a crash mid-save
+            ckpt.clean_temp(run_dir)
+            remove_stale_temps(run_dir)
+        barrier(env)  # the other ranks look for checkpoints once rank 0 has tidied up
         # Load the checkpoint before writing anything, so a bad one leaves the folder untouched.
         if not (resume and trainer.resume()):
             trainer.logger.truncate_after(0)  # a fresh start: drop lines of an earlier attempt
@@ -372,7 +554,7 @@ def train(cfg: TrainConfig, resume: bool = False, data: Any = None) -> TrainResu
         if env.is_main:
             trainer.logger.close()
             if status == "finished":
-                (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=1))
+                result = _write_summary(run_dir, result, trainer.steps_run)
         return result
     finally:
         shutdown()

@@ -15,7 +15,13 @@ from torch import nn
 from deltalearn.errors import UserError
 from deltalearn.models.loss import next_token_loss
 
-__all__ = ["autocast_context", "evaluate_loss", "mean_beta_per_layer"]
+__all__ = [
+    "autocast_context",
+    "evaluate_loss",
+    "loss_sums",
+    "mean_beta_per_layer",
+    "mean_from_sums",
+]
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -23,6 +29,60 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def loss_sums(
+    model: nn.Module,
+    tokens: Any,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    lockstep: bool = False,
+) -> torch.Tensor:
+    """``[Σ loss·tokens, Σ tokens]`` (float64, on ``device``) over this rank's share of the batches.
+
+    Batch ``i`` of ``eval_batches(tokens, ...)`` belongs to rank ``i % world_size``; summing the
+    result over ranks gives exactly the one-process sums (each batch's loss is computed on the
+    same rows either way; the sums are float64). Nothing is read back to the host, so the caller
+    decides when to synchronise. ``lockstep``: every rank runs the same number of forwards
+    (FSDP gathers parameters inside forward), so a rank with fewer batches repeats one with
+    weight 0.
+    """
+    from deltalearn.data import eval_batches
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def forward(x: torch.Tensor, y: torch.Tensor, weight: int) -> None:
+        x = torch.as_tensor(x, dtype=torch.long).to(device, non_blocking=True)
+        y = torch.as_tensor(y, dtype=torch.long).to(device, non_blocking=True)
+        with autocast_context(device, dtype):
+            logits = model(x).logits
+        if weight:
+            sums[0] += next_token_loss(logits, y).double() * y.numel()
+            sums[1] += y.numel()
+
+    try:
+        count, spare = 0, None  # batches seen (all ranks'); one to repeat with weight 0
+        for i, (x, y) in enumerate(eval_batches(tokens, seq_len, batch_size, max_batches)):
+            count = i + 1
+            if i % world_size == rank:
+                forward(x, y, 1)
+                spare = (x, y)
+            elif spare is None:
+                spare = (x, y)
+        if lockstep and spare is not None:  # every rank runs ceil(count / world) forwards
+            for _ in range(-(-count // world_size) - len(range(rank, count, world_size))):
+                forward(*spare, 0)
+    finally:
+        model.train(was_training)
+    return sums
 
 
 @torch.no_grad()
@@ -36,21 +96,14 @@ def evaluate_loss(
     dtype: torch.dtype | None = None,
 ) -> float:
     """Token-weighted mean loss over ``eval_batches`` of ``tokens`` (the same batches every call)."""
-    from deltalearn.data import eval_batches
+    total, count = loss_sums(
+        model, tokens, seq_len, batch_size, max_batches, device, dtype
+    ).tolist()
+    return mean_from_sums(total, count, seq_len)
 
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in eval_batches(tokens, seq_len, batch_size, max_batches):
-            x = torch.as_tensor(x, dtype=torch.long, device=device)
-            y = torch.as_tensor(y, dtype=torch.long, device=device)
-            with autocast_context(device, dtype):
-                logits = model(x).logits
-            total += next_token_loss(logits, y).item() * y.numel()
-            count += y.numel()
-    finally:
-        model.train(was_training)
+
+def mean_from_sums(total: float, count: float, seq_len: int) -> float:
+    """The mean loss of :func:`loss_sums` (summed over ranks); an error if nothing was evaluated."""
     if count == 0:
         raise UserError(f"validation split is shorter than one sequence of {seq_len + 1} tokens")
     return total / count
