@@ -335,6 +335,30 @@ def test_deltaupdate_fused_path_and_its_record(value_channels):
         torch.testing.assert_close(getattr(rf, field), getattr(rp, field), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or IN_INTERPRETER, reason="compiled kernels need a CUDA device"
+)
+@pytest.mark.parametrize(("d", "dv"), [(768, 4), (768, 1), (8192, 4), (200, 3)])
+def test_compiled_kernels_on_cuda(d, dv):
+    """The compiled kernels on the device, as bf16 autocast feeds them: fp32 state and logits,
+    bf16 branch output and value pre-activation; auto backend, no forcing."""
+    dev = torch.device("cuda")
+    for compress in (False, True) if dv > 1 else (False,):
+        X, h, z, p, *C = (t.detach().to(dev) for t in _inputs((4, 64), d, dv, compress=compress))
+        leaves = [X, h.bfloat16(), z, p.bfloat16(), *C]
+        leaves = [t.requires_grad_() for t in leaves]
+        assert ep._use_triton(leaves)
+        _check_against_reference(leaves, "delta", "official", tol=1e-4)
+        if compress:  # ∂C twice: bitwise equal
+            gC = [
+                torch.autograd.grad(
+                    ep.rewrite_epilogue(*leaves[:4], compress=leaves[4])[1].sum(), C
+                )
+                for _ in range(2)
+            ]
+            assert torch.equal(gC[0][0], gC[1][0])
+
+
 def test_shape_errors_name_both_shapes():
     X, h, z, p = torch.randn(2, 8, 4), torch.randn(2, 8), torch.randn(2), torch.randn(2, 4)
     with pytest.raises(ValueError, match=r"X \(2, 9, 4\).*h \(2, 8\)"):
