@@ -39,3 +39,25 @@ def test_read_log_skips_torn_line(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
     logger.truncate_after(1)
     assert (tmp_path / "log.jsonl").read_text() == json.dumps({"step": 1, "loss": 2.0}) + "\n"
+
+
+def test_log_interval_keeps_keys_and_report_reads_the_run(tmp_path):
+    """log_interval 3: a line every 3 steps and at each evaluation, with the same keys as every
+    step; tokens/s is measured over the interval. The compare report reads the run."""
+    from train_helpers import tiny_config
+
+    from deltalearn.experiments.report import _aggregate, _collect
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", steps=8, eval_interval=4)
+    cfg.run.log_interval = 3
+    result = train(cfg)
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [x["step"] for x in log] == [3, 4, 6, 8]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens"):
+        assert all(key in x for x in log), key
+    assert all(x["tokens_per_s"] > 0 and x["tokens"] == x["step"] * 4 * 32 for x in log)
+    assert [("val_loss" in x, "beta_mean" in x) for x in log] == [(False, False), (True, True)] * 2
+    per_run, curves = _collect([cfg])
+    assert [s for s, _ in curves["ddl-cc"][0]] == [4, 8]
+    row = _aggregate(per_run, ["ddl-cc"])[0]
+    assert row["val_loss"] == result.val_loss and row["train_tokens_per_s"] > 0
