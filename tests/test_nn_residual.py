@@ -211,3 +211,21 @@ class TestBadInput:
     def test_compressor_shape_mismatch(self):
         with pytest.raises(ValueError, match="does not end in"):
             ChannelCompressor(8, 4)(torch.randn(2, 8, 3))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_recorded_readout_is_fp32_under_bf16_autocast(fused):
+    """The audit reads `last_gates.readout`: under bf16 autocast it must still be kᵀX in fp32."""
+    torch.manual_seed(0)
+    d, dv = 64, 4
+    layer = DeltaResidual(d, nn.Linear(d, d), value_channels=dv, fused=fused)
+    X = torch.randn(3, 5, d, dv) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(X)
+    rec = layer.last_gates
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = layer.branch(layer.norm(layer.compressor(X)))  # the same bf16 branch output
+    k = normalize_direction(h.double())
+    want = torch.einsum("btd,btdv->btv", k, X.double())
+    # Only the readout's own rounding is left: fp32 gives ~1e-7 relative, bf16 ~4e-3.
+    assert (rec.readout.double() - want).abs().max() < 1e-4 * want.abs().max()

@@ -28,6 +28,7 @@ from deltalearn.nn.choices import (
 from deltalearn.nn.generators import GateHead, ValueHead, direction
 from deltalearn.nn.state import ChannelCompressor
 from deltalearn.ops import delta_rewrite_reference, write_only_reference
+from deltalearn.ops._shapes import no_autocast
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
 
 
@@ -119,7 +120,10 @@ class DeltaUpdate(nn.Module):
     def _forward_reference(
         self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor, vector: bool
     ) -> torch.Tensor:
-        k = direction(h, self.k_eps, self.direction_form)
+        # k in (at least) fp32: a bf16 k is 1e-3 off unit norm, so a β = 1 write would miss v.
+        k = direction(
+            h.to(torch.promote_types(h.dtype, torch.float32)), self.k_eps, self.direction_form
+        )
         beta = self.gate(c)
         v = self.value(c, u)  # (..., dv)
         if vector:
@@ -135,10 +139,11 @@ class DeltaUpdate(nn.Module):
 @torch.no_grad()
 def _record(X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor) -> GateRecord:
     kf, Xf = k.float(), X.float()
-    if X.dim() == k.dim():
-        readout = (kf * Xf).sum(-1)
-    else:
-        readout = torch.einsum("...d,...dv->...v", kf, Xf)
+    with no_autocast(X):  # the einsum is a bmm, which autocast would run in bf16
+        if X.dim() == k.dim():
+            readout = (kf * Xf).sum(-1)
+        else:
+            readout = torch.einsum("...d,...dv->...v", kf, Xf)
     return GateRecord(
         beta=beta.detach().float(),
         readout=readout,

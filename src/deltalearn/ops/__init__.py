@@ -1,9 +1,11 @@
 """The Delta operator as pure tensor functions (no parameters, any leading batch shape).
 
 `delta_rewrite` and `write_only` are the fused paths (custom autograd); `*_reference` are the plain
-spec implementations they are tested against.
+spec implementations they are tested against. `rewrite_epilogue` is a whole sublayer's rewrite from
+its projections (direction norm, gate, value head, rewrite) — one Triton kernel on CUDA.
 """
 
+from deltalearn.ops.epilogue import rewrite_epilogue, rewrite_epilogue_reference
 from deltalearn.ops.fused import delta_rewrite, write_only
 from deltalearn.ops.reference import (
     delta_operator,
@@ -18,6 +20,8 @@ __all__ = [
     "delta_rewrite",
     "delta_rewrite_reference",
     "normalize_direction",
+    "rewrite_epilogue",
+    "rewrite_epilogue_reference",
     "shortcut_spectrum",
     "write_only",
     "write_only_reference",
