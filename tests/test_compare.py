@@ -43,3 +43,18 @@ def test_compare_unknown_variant_is_a_user_error(tmp_path, capsys):
     code = main(compare_args(tmp_path / "cmp", tmp_path / "cache", "--variants", "baseline,nope"))
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_compare_gives_the_same_losses_with_the_fast_paths_off(tmp_path, monkeypatch):
+    """`DELTALEARN_EPILOGUE=reference` (every fast path off) reproduces the default runs' losses to
+    round-off: the fast paths change how, not what, is computed."""
+    cache = tmp_path / "cache"
+    losses = {}
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("DELTALEARN_EPILOGUE", backend)  # inherited by the spawned runs
+        out = tmp_path / backend
+        assert main(compare_args(out, cache, "--variants", "ddl,ddl-cc", "--seeds", "1")) == 0
+        rows = json.loads((out / "results.json").read_text())["variants"]
+        losses[backend] = {r["variant"]: r["val_loss"] for r in rows}
+    for variant, loss in losses["auto"].items():
+        assert loss == pytest.approx(losses["reference"][variant], rel=1e-5, abs=1e-5), variant

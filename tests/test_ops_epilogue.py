@@ -403,3 +403,22 @@ def test_works_without_triton():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_reference_backend_switches_the_fast_rewrite_off(monkeypatch):
+    """DELTALEARN_EPILOGUE=reference must route around the custom-autograd rewrite entirely."""
+    import deltalearn.ops.epilogue as epilogue
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fast rewrite ran")
+
+    monkeypatch.setattr(epilogue, "delta_rewrite", fail)
+    X, h = torch.randn(3, 16, 4), torch.randn(3, 16)
+    z, p = torch.randn(3), torch.randn(3, 4)
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "reference")
+    torch.testing.assert_close(
+        epilogue.rewrite_epilogue(X, h, z, p), epilogue.rewrite_epilogue_reference(X, h, z, p)
+    )
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "torch")
+    with pytest.raises(AssertionError, match="fast rewrite ran"):
+        epilogue.rewrite_epilogue(X, h, z, p)

@@ -16,8 +16,10 @@ for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
 tensors when triton is installed, else the same math in PyTorch: the generators, then the
 memory-lean `delta_rewrite`/`write_only` of `ops/fused.py`. `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Backend choice: `BACKEND` below, else the
-environment variable DELTALEARN_EPILOGUE, each one of "auto" (default), "triton", "torch". "triton"
-forces the kernel, e.g. on CPU tensors under TRITON_INTERPRET=1 (the tests).
+environment variable DELTALEARN_EPILOGUE, each one of "auto" (default), "triton", "torch",
+"reference". "triton" forces the kernel, e.g. on CPU tensors under TRITON_INTERPRET=1 (the tests);
+"reference" switches every fast path off (the plain composition, autograd through every step), so a
+whole run can be repeated without them (`DELTALEARN_EPILOGUE=reference deltalearn compare`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from deltalearn.ops.reference import (
 
 EPILOGUE_RULES = ("delta", "write_only")
 EPILOGUE_VALUE_HEADS = ("paper", "official")
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 # Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
 BACKEND: str | None = None
 # Input dtypes the kernel accumulates in fp32 without loss; float64 stays on the PyTorch path.
@@ -217,7 +219,7 @@ def rewrite_epilogue_reference(
 
 def _use_triton(tensors: list[torch.Tensor]) -> bool:
     backend = _backend()
-    if backend == "torch":
+    if backend in ("torch", "reference"):
         return False
     if backend == "triton":
         return True
@@ -254,7 +256,7 @@ def rewrite_epilogue(
     """
     tensors = [X, h, z, p] + ([compress] if compress is not None else [])
     if not _use_triton(tensors):
-        return _compose(
+        return _compose(  # reference=True: the fast paths switched off by the backend choice
             X,
             h,
             z,
@@ -264,7 +266,7 @@ def rewrite_epilogue(
             value_scale=value_scale,
             k_eps=k_eps,
             compress=compress,
-            reference=False,
+            reference=_backend() == "reference",
         )
     _check_options(rule, value_head, k_eps)
     check_epilogue_inputs(X, h, z, p, compress)
