@@ -55,7 +55,7 @@ def temp_path(path: str | Path) -> Path:
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the temp files a killed writer left in ``folder`` (those of :func:`temp_path`
     whose process is gone); return them. Call it where no other process writes the folder."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

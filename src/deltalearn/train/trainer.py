@@ -239,7 +239,7 @@ class Trainer:
         flag = torch.full((1,), float(self._stop_signal is not None), device=self.device)
         return all_reduce_max(flag, self.env)  # every rank stops at the same step
 
-    def _read_back(self, pending: list[StepStats]) -> tuple[list[tuple[float, ...]], bool]:
+    def _read_back(self, pending: list[StepStats]) -> tuple[list[tuple[float, float, float]], bool]:
         """The one host sync of a sync point: (loss, grad norm, finite) per pending step, stop."""
         stop = self._stop_requested()
         packed = torch.cat(
@@ -252,7 +252,7 @@ class Trainer:
         ).tolist()
         n = len(pending)
         rows = list(zip(packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], strict=True))
-        return rows, packed[-1] > 0
+        return rows, bool(packed[-1] > 0)
 
     def _log(self, records: list[dict[str, Any]]) -> None:
         every = max(self.cfg.run.log_interval, 1)
@@ -264,19 +264,20 @@ class Trainer:
                 self.logger.log(record)
 
     def _sync_point(
-        self, pending: list[StepStats], seconds: float, timed: bool, evaluate: bool
+        self, pending: list[StepStats], since: float, timed: bool, evaluate: bool
     ) -> bool:
-        """Read back ``pending`` (taken in ``seconds`` since the last sync point), raise on the
-        first non-finite step (without skip_nonfinite), evaluate, log; True when asked to stop."""
+        """Read back ``pending`` (steps begun at ``perf_counter() == since``), raise on the first
+        non-finite step (without skip_nonfinite), evaluate, log; True when asked to stop.
+        ``timed``: count the interval in the run's throughput (not the warm-up step)."""
         cfg = self.cfg
         tokens_per_step = cfg.run.batch_size * cfg.run.seq_len
         rows, stop = self._read_back(pending)
-        seconds = max(time.perf_counter() - seconds, 1e-9)  # the read-back waited for the device
+        seconds = max(time.perf_counter() - since, 1e-9)  # the read-back waited for the device
         if timed:
             self._train_time += seconds
             self._train_tokens += len(pending) * tokens_per_step
         tokens_per_s = len(pending) * tokens_per_step / seconds
-        records = []
+        records: list[dict[str, Any]] = []
         for stats, (loss, norm, finite) in zip(pending, rows, strict=True):
             if not finite and not cfg.run.skip_nonfinite:
                 self._log(records)
