@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from train_helpers import tiny_config, tiny_train_args
 
 from deltalearn.cli import main as cli_main
-from deltalearn.errors import CheckpointError, ConfigError, NonFiniteLossError
+from deltalearn.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train import trainer as trainer_mod
 from deltalearn.train.config import TrainConfig
@@ -458,3 +458,14 @@ def test_sigkill_then_resume_equals_straight_run(tmp_path, cache, straight, wher
     assert [r["loss"] for r in log] == [reference[r["step"]] for r in log]
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")]
     assert not [n for n in os.listdir(run) if n.endswith(".tmp")]  # removed on resume
+
+
+def test_library_train_checks_run_paths_before_data_preparation(tmp_path):
+    """`train()` itself (not only the command line) refuses a run folder holding a file where the
+    run writes a folder, before it prepares any data."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(UserError, match="checkpoints"):
+        train(tiny_config(run, cache))
+    assert not cache.exists()

@@ -79,11 +79,9 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deltalearn.train.config import resolve_config
-    from deltalearn.train.runs import check_run_paths
     from deltalearn.train.trainer import train
 
     cfg = resolve_config(args.config, _train_overrides(args), resume=args.resume)
-    check_run_paths(cfg.run.out)  # before data preparation, not halfway through the run
     result = train(cfg, resume=args.resume)
     if result.status != "finished":
         print(

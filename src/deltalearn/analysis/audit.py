@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -124,14 +123,11 @@ def audit_run(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to ``path`` atomically; an unwritable place is the user's to fix."""
+    from deltalearn.atomic import atomic_write_text
     from deltalearn.errors import UserError
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as e:
         raise UserError(f"audit file {path}: cannot write it ({e.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)

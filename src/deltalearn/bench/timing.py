@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from deltalearn.atomic import atomic_write_text
 
 
 def sync(device: torch.device) -> None:
@@ -122,15 +122,7 @@ def format_table(rows: list[dict[str, object]], columns: dict[str, str] | None =
 
 
 def write_json(path: Path, report: dict[str, object]) -> None:
-    """Write `report` to `path` atomically (a temporary file in the same folder, then a rename)."""
+    """Write `report` to `path` atomically (see `deltalearn.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(report, indent=1) + "\n")

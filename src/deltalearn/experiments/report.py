@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deltalearn.atomic import atomic_write_text
 from deltalearn.train.config import TrainConfig
 from deltalearn.train.logging import read_log
 
@@ -134,8 +135,9 @@ def write_report(cfg: Any, runs: list[TrainConfig], wall_time_s: float | None = 
     per_run, curves = _collect(runs)
     rows = _aggregate(per_run, list(dict.fromkeys(t.model.variant for t in runs)))
     table = _table(rows)
-    (out / "results.json").write_text(
-        json.dumps({"settings": asdict(cfg), "variants": rows, "runs": per_run}, indent=1)
+    atomic_write_text(
+        out / "results.json",
+        json.dumps({"settings": asdict(cfg), "variants": rows, "runs": per_run}, indent=1),
     )
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
@@ -171,5 +173,5 @@ def write_report(cfg: Any, runs: list[TrainConfig], wall_time_s: float | None = 
     if wall_time_s is not None:
         md += [f"Wall time of this invocation: {wall_time_s / 60:.1f} min.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    atomic_write_text(path, "\n".join(md))
     return Report(rows, table, path, plot)

@@ -116,8 +116,8 @@ class DeltaLMConfig(PretrainedConfig):
                 f"for compressor='cc' (the conv runs along the value axis), got "
                 f"{self.compressor_kernel_size}"
             )
-        if not 0.0 <= self.beta_init <= 2.0:
-            raise ValueError(f"beta_init must lie in [0, 2], got {self.beta_init}")
+        if not (_is_number(self.beta_init) and 0.0 <= self.beta_init <= 2.0):
+            raise ValueError(f"beta_init must be a number in [0, 2], got {self.beta_init!r}")
         for name in ("k_eps", "embedding_init_std", "init_std_factor"):
             if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")

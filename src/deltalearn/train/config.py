@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tomllib
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from deltalearn.atomic import atomic_write_text
 from deltalearn.errors import ConfigError
 
 __all__ = [
@@ -453,13 +453,7 @@ def load_config(path: str | Path, *, complete: bool = False) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash leaves the old file or the new)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_diff(

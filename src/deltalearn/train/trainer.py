@@ -56,7 +56,7 @@ from deltalearn.train.distributed import (
 )
 from deltalearn.train.logging import RunLogger
 from deltalearn.train.optim import build_optimizer, lr_at
-from deltalearn.train.runs import quiet_hf
+from deltalearn.train.runs import check_run_paths, quiet_hf
 from deltalearn.train.validation import (
     autocast_context,
     loss_sums,
@@ -501,8 +501,10 @@ def _write_summary(run_dir: Path, result: TrainResult, steps_run: int) -> TrainR
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
-    """Refuse to overwrite a run without ``--resume``, or to resume with a different config."""
+    """Refuse a run folder with a path of the wrong kind in it, to overwrite a run without
+    ``--resume``, or to resume with a different config — before any data preparation."""
     run_dir = Path(cfg.run.out)
+    check_run_paths(run_dir)
     saved = run_dir / "config.yaml"
     has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
     if not resume and has_ckpt:
