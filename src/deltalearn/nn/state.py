@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltalearn.ops._shapes import no_autocast
+from deltalearn.ops.mixing import channel_mix
 
 
 def repeat_expansion(x: torch.Tensor, value_channels: int) -> torch.Tensor:
@@ -62,9 +63,8 @@ def causal_conv(
     with no_autocast(x):
         xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
         y = F.conv1d(xs.transpose(1, 2), weight.to(dtype), groups=C)  # (B, C*m, T)
-    # Token-major again: left as a transposed view, the whole residual stream after EC would keep a
-    # token-minor layout, and every per-token reduction (readout kᵀX, compressors) would stride.
-    return y.transpose(1, 2).contiguous(), xs[:, xs.shape[1] - (K - 1) :]
+    # A token-minor view: callers that keep y as state must make it token-major (EC does).
+    return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
 
 
 class _TokenConv(nn.Module):
@@ -105,8 +105,10 @@ class EmbeddingConv(_TokenConv):
         self, e: torch.Tensor, history: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`e` `(B, T, d)`, history `(B, K−1, d)` -> `X_0` `(B, T, d, dv)`, new history."""
-        y, history = causal_conv(e, self.weight, history)  # (B, T, d*dv)
-        return y.unflatten(-1, (self.dim, self.value_channels)), history
+        y, history = causal_conv(e, self.weight, history)  # (B, T, d*dv), token-minor
+        # Token-major: left as the conv's view, the whole residual stream would keep a token-minor
+        # layout, and every per-token reduction (readout kᵀX, compressors) would stride.
+        return y.contiguous().unflatten(-1, (self.dim, self.value_channels)), history
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(e)[0]
@@ -164,8 +166,7 @@ class ChannelCompressor(nn.Module):
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
                 f"{(self.dim, self.value_channels)}"
             )
-        dtype = torch.promote_types(X.dtype, self.weight.dtype)
-        return (X.to(dtype) * self.mixing_matrix().to(dtype)).sum(-1)
+        return channel_mix(X, self.mixing_matrix())  # one channel at a time: see ops/mixing.py
 
 
 class TokenCompressor(_TokenConv):
@@ -198,12 +199,34 @@ class TokenCompressor(_TokenConv):
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
                 f"{(self.dim, self.value_channels)}"
             )
-        # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
-        w = (self.weight * self.read[:, None]).reshape(d * dv, 1, self.kernel_size)
-        flat_history = None if history is None else history.flatten(-2)  # (B, K-1, d*dv)
-        y, flat_history = causal_conv(X.flatten(-2), w, flat_history)  # (B, T, d*dv)
-        x_in = y.unflatten(-1, (d, dv)).sum(-1)  # (B, T, d)
-        return x_in, flat_history.unflatten(-1, (d, dv))
+        K = self.kernel_size
+        if history is not None and history.shape != (B, K - 1, d, dv):
+            raise ValueError(
+                f"history must have shape {(B, K - 1, d, dv)}, got {tuple(history.shape)}"
+            )
+        with no_autocast(X):
+            # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
+            w = self.weight * self.read[:, None]  # (d, dv, K)
+            # Past inputs before X: the cached history, or the zero left padding of a fresh
+            # sequence (then simply not read).
+            xs = X if history is None else torch.cat([history.to(X.dtype), X], dim=1)
+            past = 0 if history is None else K - 1
+            # One channel-mix read per tap, on the state as it lies (token-major): no d·dv-wide
+            # conv output, no transposes (measured ~3× faster on CPU than a grouped conv1d).
+            x_in = None
+            for tap in range(K):
+                first = past - (K - 1 - tap)  # index in xs of the input that tap meets at t = 0
+                n = T if first >= 0 else T + first  # outputs that tap reaches
+                if n <= 0:
+                    continue
+                part = channel_mix(xs[:, max(first, 0) : max(first, 0) + n], w[..., tap])
+                if n < T:
+                    part = F.pad(part, (0, 0, T - n, 0))  # earlier outputs meet left padding
+                x_in = part if x_in is None else x_in + part
+            new_history = xs[:, max(xs.shape[1] - (K - 1), 0) :]
+            if new_history.shape[1] < K - 1:  # fewer inputs than K − 1 so far: pad with zeros
+                new_history = F.pad(new_history, (0, 0, 0, 0, K - 1 - new_history.shape[1], 0))
+        return x_in, new_history
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(X)[0]

@@ -7,6 +7,7 @@ its projections (direction norm, gate, value head, rewrite) — one Triton kerne
 
 from deltalearn.ops.epilogue import rewrite_epilogue, rewrite_epilogue_reference
 from deltalearn.ops.fused import delta_rewrite, write_only
+from deltalearn.ops.mixing import channel_mix, channel_mix_reference
 from deltalearn.ops.reference import (
     delta_operator,
     delta_rewrite_reference,
@@ -16,6 +17,8 @@ from deltalearn.ops.reference import (
 )
 
 __all__ = [
+    "channel_mix",
+    "channel_mix_reference",
     "delta_operator",
     "delta_rewrite",
     "delta_rewrite_reference",

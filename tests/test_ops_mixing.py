@@ -1,0 +1,44 @@
+"""`channel_mix` (the channel-compressor read) equals its plain form on values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltalearn.ops import channel_mix, channel_mix_reference
+
+
+@pytest.mark.parametrize("dv", [1, 2, 4, 8])
+@pytest.mark.parametrize("d", [5, 96])
+def test_values_and_gradients_equal_the_reference(d, dv):
+    torch.manual_seed(d + dv)
+    X = torch.randn(3, 7, d, dv, requires_grad=True)
+    C = torch.randn(d, dv, requires_grad=True)
+    G = torch.randn(3, 7, d)
+    got = channel_mix(X, C)
+    want = channel_mix_reference(X, C)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    gX, gC = torch.autograd.grad(got, (X, C), G)
+    rX, rC = torch.autograd.grad(want, (X, C), G)
+    torch.testing.assert_close(gX, rX, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gC, rC, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_gradcheck_and_non_contiguous_state():
+    X = torch.randn(4, 6, 3, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (6, 4, 3)
+    C = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert not X.is_contiguous()
+    assert torch.autograd.gradcheck(channel_mix, (X, C))
+
+
+def test_mixed_dtypes_promote_like_the_reference():
+    X = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    C = torch.randn(5, 4)
+    out = channel_mix(X, C)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, channel_mix_reference(X, C), rtol=1e-6, atol=1e-6)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(2, 5, 4\)"):
+        channel_mix(torch.randn(2, 5, 4), torch.randn(4, 3))
