@@ -10,7 +10,6 @@ saved as Hugging Face files (``tokenizer.json`` + ``tokenizer_config.json``) so 
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from deltalearn.errors import DataError
+from deltalearn.files import read_json_object
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "gpt2")
@@ -110,26 +110,8 @@ def check_tokenizer_files(directory: str | Path) -> None:
     if not (directory / "tokenizer.json").exists():
         raise DataError(f"no tokenizer files in {directory} (tokenizer.json is missing)")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        path = directory / name
-        if not path.exists():
-            continue
-        if not path.is_file():
-            raise DataError(f"tokenizer file {path}: is a folder, expected a file")
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"tokenizer file {path}: cannot read it ({e.strerror})") from None
-        if not raw:
-            raise DataError(f"tokenizer file {path}: empty (0 bytes)")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            reason = str(e).splitlines()[0]
-            raise DataError(
-                f"tokenizer file {path}: not valid JSON, truncated or corrupt ({reason})"
-            ) from None
-        if not isinstance(data, dict):
-            raise DataError(f"tokenizer file {path}: expected a JSON object")
+        if (directory / name).exists():
+            read_json_object(directory / name, "tokenizer file", error=DataError)
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:

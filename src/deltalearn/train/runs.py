@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltalearn.errors import ConfigError, UserError
+from deltalearn.files import read_json_object
 from deltalearn.train.config import TrainConfig, load_config
 
 __all__ = [
@@ -107,29 +107,6 @@ def _check_folder(path: Path, what: str) -> None:
         raise UserError(f"{what} {path}: is a file, expected a folder")
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; :class:`UserError` naming the file when it is missing, not a
-    file, empty, truncated or not JSON."""
-    if not path.exists():
-        raise UserError(f"{what} {path}: missing")
-    if not path.is_file():
-        raise UserError(f"{what} {path}: is a folder, expected a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{what} {path}: cannot read it ({e.strerror})") from None
-    if not raw:
-        raise UserError(f"{what} {path}: empty (0 bytes)")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        reason = str(e).splitlines()[0]
-        raise UserError(f"{what} {path}: not valid JSON, truncated or corrupt ({reason})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes in a safetensors file; :class:`UserError` naming it when it is missing,
     truncated or not a safetensors file (the library checks the header against the size)."""
@@ -185,7 +162,7 @@ def _load_model_config(model_dir: Path) -> Any:
     from deltalearn.train.build import check_model_fields
 
     path = model_dir / MODEL_CONFIG_FILE
-    values = _read_json(path, "model config")
+    values = read_json_object(path, "model config")
     try:
         check_model_fields(values)
         return DeltaLMConfig.from_dict(values)
