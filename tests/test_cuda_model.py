@@ -167,3 +167,13 @@ def test_generate_on_cuda(variant):
     assert sampled.shape == (2, 8)
     assert torch.equal(sampled[:, :3].cpu(), prompt)
     assert ((sampled >= 0) & (sampled < VOCAB)).all()
+
+
+def test_trainer_optimizer_is_fused_on_cuda():
+    """On CUDA the trainer's AdamW is the fused one, which skips a non-finite step on the device."""
+    from deltalearn.train.config import OptimConfig
+    from deltalearn.train.optim import build_optimizer
+
+    opt = build_optimizer(tiny_model("ddl-cc").cuda(), OptimConfig())
+    assert opt.defaults["fused"] is True
+    assert getattr(opt, "_step_supports_amp_scaling", False)

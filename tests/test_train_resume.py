@@ -469,3 +469,12 @@ def test_library_train_checks_run_paths_before_data_preparation(tmp_path):
     with pytest.raises(UserError, match="checkpoints"):
         train(tiny_config(run, cache))
     assert not cache.exists()
+
+
+def test_cpu_optimizer_is_the_default_adamw():
+    """Off CUDA (and for FSDP2's DTensors) the trainer keeps the default AdamW implementation."""
+    from deltalearn.train.config import OptimConfig
+    from deltalearn.train.optim import build_optimizer
+
+    opt = build_optimizer(torch.nn.Linear(4, 4), OptimConfig())
+    assert not opt.defaults.get("fused")
