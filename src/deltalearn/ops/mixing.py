@@ -35,16 +35,24 @@ def channel_mix_reference(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (X.to(dtype) * C.to(dtype)).sum(-1)
 
 
+def contract_values(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`Σ_j A[..., j] · w[..., j]` over the value axis, one channel at a time (module docstring).
+
+    `A` `(..., d, dv)`; `w` broadcastable to it: `(d, dv)` per feature (a compressor) or
+    `(..., 1, dv)` per row (the rewrite's `Ge`, `Xs`). Returns `(..., d)`; no autograd of its own.
+    """
+    x = A[..., 0] * w[..., 0]
+    for j in range(1, A.shape[-1]):
+        x = torch.addcmul(x, A[..., j], w[..., j])
+    return x
+
+
 class _ChannelMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(X.dtype, C.dtype)
-        Xd, Cd = X.to(dtype), C.to(dtype)
-        x = Xd[..., 0] * Cd[:, 0]
-        for j in range(1, Xd.shape[-1]):
-            x = torch.addcmul(x, Xd[..., j], Cd[:, j])
         ctx.save_for_backward(X, C)
-        return x
+        return contract_values(X.to(dtype), C.to(dtype))
 
     @staticmethod
     @once_differentiable
