@@ -38,6 +38,7 @@ TRAIN_FLAGS = {
     "dtype": "run.dtype",
     "compile": "run.compile",
     "fsdp": "run.fsdp",
+    "activation_checkpointing": "run.activation_checkpointing",
     "eval_interval": "run.eval_interval",
     "eval_batches": "run.eval_batches",
     "checkpoint_interval": "run.checkpoint_interval",
@@ -254,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     t.add_argument(
         "--fsdp", action="store_true", default=None, help="FSDP2 instead of DDP under torchrun"
+    )
+    t.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in backward: less memory, ~1/3 more compute",
     )
     t.add_argument("--eval-interval", type=int, help="evaluate every N steps")
     t.add_argument("--eval-batches", type=int, help="validation batches per evaluation")

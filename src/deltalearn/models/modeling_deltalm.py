@@ -38,6 +38,7 @@ out would need a sync (the logits are the same either way).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltalearn.models.cache import DeltaLMCache
 from deltalearn.models.configuration_deltalm import DeltaLMConfig
@@ -129,8 +131,14 @@ def _read_state(
     return x_in
 
 
-class DeltaLMBlock(nn.Module):
-    """One Transformer block; its residual interface is chosen by the config (module docstring)."""
+class DeltaLMBlock(GradientCheckpointingLayer):
+    """One Transformer block; its residual interface is chosen by the config (module docstring).
+
+    A `GradientCheckpointingLayer`: after `DeltaLM.gradient_checkpointing_enable()` its forward
+    runs under `torch.utils.checkpoint` in training (the step context rides along as a positional
+    argument; `DeltaLM.forward` makes sure it holds no cache then, since the recompute would write
+    the KV cache and the conv histories a second time).
+    """
 
     def __init__(self, config: DeltaLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -171,6 +179,8 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "embed.weight"}
     _no_split_modules = ["DeltaLMBlock"]
     _supports_sdpa = True
+    # Per block: DeltaLMBlock is a GradientCheckpointingLayer.
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: DeltaLMConfig) -> None:
         super().__init__(config)
@@ -249,6 +259,20 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 f"got shape {tuple(cache_position.shape)}"
             )
         use_cache = cache is not None if use_cache is None else use_cache
+        checkpointing = self._checkpointing_now
+        if checkpointing and cache is not None:
+            raise ValueError(
+                "a cache cannot be passed while activation checkpointing is on in training with "
+                "gradients (the recompute would write it twice); call model.eval(), run under "
+                "torch.no_grad() or call gradient_checkpointing_disable() first"
+            )
+        if checkpointing and use_cache:
+            warnings.warn(
+                "use_cache=True is incompatible with activation checkpointing in training "
+                "(the recompute would write the cache twice); setting use_cache=False",
+                stacklevel=2,
+            )
+            use_cache = False
         if use_cache and cache is None:
             cache = DeltaLMCache()
         if cache is not None and not isinstance(cache, DeltaLMCache) and self._has_conv_history:
@@ -352,6 +376,22 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 f"token id {int(input_ids[bad][0])} is out of range for vocab_size {V} "
                 f"(ids must lie in [0, {V - 1}])"
             )
+
+    @property
+    def _checkpointing_now(self) -> bool:
+        """Whether this forward's blocks run under activation checkpointing (the condition of
+        `GradientCheckpointingLayer`: enabled, training, gradients on)."""
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and any(block.gradient_checkpointing for block in self.layers)
+        )
+
+    def _activation_checkpointing_disable(self) -> None:
+        super()._activation_checkpointing_disable()
+        # Enabling also hooked the embedding to make its output require grad (for frozen
+        # embeddings, e.g. PEFT); drop that hook too, so that disabling restores the plain model.
+        self.disable_input_require_grads()
 
     @property
     def _has_conv_history(self) -> bool:

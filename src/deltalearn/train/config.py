@@ -91,6 +91,7 @@ class RunConfig:
     dtype: str = "auto"  # autocast dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # shard with FSDP2 fully_shard instead of DDP (multi-process runs)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
     eval_interval: int = 50  # evaluate validation loss every N steps (and at the end)
     eval_batches: int = 8  # validation batches per evaluation
     log_interval: int = 1  # write a train-loss line to log.jsonl every N steps
@@ -287,7 +288,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
 
 
 # Keys that may change when a run is resumed: they do not change the trained weights
-# (compile only reorders floating-point work).
+# (compile only reorders floating-point work; activation checkpointing recomputes the same ops).
 RESUMABLE_KEYS = frozenset(
     {
         "run.out",
@@ -299,6 +300,7 @@ RESUMABLE_KEYS = frozenset(
         "run.eval_interval",
         "run.log_interval",
         "run.compile",
+        "run.activation_checkpointing",
         "data.cache_dir",
     }
 )

@@ -141,6 +141,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg, data.vocab_size).to(self.device)
         self.params = sum(p.numel() for p in dict(model.named_parameters()).values())
+        if cfg.run.activation_checkpointing:
+            # Per block (DeltaLMBlock is a GradientCheckpointingLayer); before compile and DDP/FSDP
+            # wrapping, so the recompute sits inside the wrapped forward.
+            model.activation_checkpointing_enable()
         if cfg.run.compile:
             model.compile()  # in place: state-dict keys stay unprefixed
         self.model = wrap_model(model, env, fsdp=cfg.run.fsdp)
