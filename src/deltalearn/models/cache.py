@@ -1,17 +1,26 @@
-"""`DeltaLMCache`: the attention KV cache plus the short-convolution histories of DDL.
+"""`DeltaLMCache`: the attention KV cache plus the inputs of the short token-axis convolutions.
 
 A token-axis convolution (the EC expansion, the TC compressors) needs the last `K − 1` inputs it
 saw to process the next token. `DeltaLMCache` is a `transformers.DynamicCache` (keys/values per layer,
-`[B, heads, T, head_dim]`) with one extra dict `conv` of those histories, keyed by where they are
-used:
+`[B, heads, T, head_dim]`) that also keeps, per convolution, *every* input it has seen, one entry per
+cached token, keyed by where the convolution is used:
 
-    "embed"        (B, K_ec − 1, d)          inputs of the EC expansion (token embeddings)
-    "<l>.attn"     (B, K_tc − 1, d, dv)      states read by layer l's TC compressor before attention
-    "<l>.mlp"      (B, K_tc − 1, d, dv)      ... before the MLP
-    "final"        (B, K_tc − 1, d, dv)      ... before the final norm
+    "embed"        (B, S, d)          inputs of the EC expansion (token embeddings, pads zeroed)
+    "<l>.attn"     (B, S, d, dv)      states read by layer l's TC compressor before attention
+    "<l>.mlp"      (B, S, d, dv)      ... before the MLP
+    "final"        (B, S, d, dv)      ... before the final norm
 
+with `S = get_seq_length()`. The model reads only the last `K − 1` of them (`conv_history`) and
+appends each chunk's inputs (`append_conv`). Keeping them all makes `crop` exact: cutting the KV
+cache and these inputs to the same length puts the cache back exactly as it was at that length, so
+assisted (speculative) and prompt-lookup decoding, which crop after verifying draft tokens, work for
+every variant, however far back they crop. The cost is memory that grows with the sequence like the
+KV cache itself: per token, `d` values for EC and `d·dv` per TC compressor (`2L + 1` of them), so a
+TC variant holds about `dv(2L + 1)/(2L)` times the KV cache of its `L` layers (width `d`).
+
+`conv` is the read-only view the old layout exposed: the last `K − 1` inputs per convolution,
+`(B, K − 1, ...)`, zero-padded on the left while fewer than `K − 1` tokens were seen.
 The batch operations `generate` uses (beam reordering, repeating, selecting) apply to both parts.
-Convolution histories cannot be rolled back, so a cache holding any is not croppable.
 """
 
 from __future__ import annotations
@@ -21,18 +30,54 @@ from transformers import DynamicCache
 
 
 class DeltaLMCache(DynamicCache):
-    """KV cache + convolution histories (see the module docstring for keys and shapes)."""
+    """KV cache + every convolution input seen (see the module docstring for keys and shapes)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        self._conv_inputs: dict[str, torch.Tensor] = {}
+        self._conv_history_len: dict[str, int] = {}
         super().__init__(*args, **kwargs)
-        self.conv: dict[str, torch.Tensor] = {}
+
+    # ---- convolution inputs ---------------------------------------------------------------------
+    def conv_history(self, key: str, length: int) -> torch.Tensor | None:
+        """The last `length` inputs of convolution `key` `(B, length, ...)`, zero-padded on the left
+        when fewer were seen; None when `key` has seen no input (a fresh sequence)."""
+        if length < 0:
+            raise ValueError(f"history length must be >= 0, got {length}")
+        seen = self._conv_inputs.get(key)
+        if seen is None:
+            return None
+        missing = length - seen.shape[1]
+        if missing <= 0:
+            return seen[:, seen.shape[1] - length :]
+        pad = seen.new_zeros(seen.shape[0], missing, *seen.shape[2:])
+        return torch.cat([pad, seen], dim=1)
+
+    def append_conv(self, key: str, inputs: torch.Tensor, history_len: int) -> None:
+        """Record the inputs `(B, T, ...)` convolution `key` (which reads `history_len` = K − 1
+        past inputs) has just processed."""
+        seen = self._conv_inputs.get(key)
+        if seen is not None and (
+            seen.shape[0] != inputs.shape[0] or seen.shape[2:] != inputs.shape[2:]
+        ):
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} do not extend the cached inputs of "
+                f"{key!r}, of shape {tuple(seen.shape)} (batch and feature sizes must match)"
+            )
+        self._conv_inputs[key] = inputs if seen is None else torch.cat([seen, inputs.to(seen)], 1)
+        self._conv_history_len[key] = history_len
+
+    @property
+    def conv(self) -> dict[str, torch.Tensor]:
+        """The last `K − 1` inputs per convolution (read-only view; module docstring)."""
+        return {k: self.conv_history(k, n) for k, n in self._conv_history_len.items()}
 
     def _map_conv(self, fn) -> None:
-        self.conv = {key: fn(state) for key, state in self.conv.items()}
+        self._conv_inputs = {key: fn(seen) for key, seen in self._conv_inputs.items()}
 
+    # ---- transformers Cache interface ------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
-        self.conv = {}
+        self._conv_inputs, self._conv_history_len = {}, {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -48,9 +93,20 @@ class DeltaLMCache(DynamicCache):
 
     @property
     def is_croppable(self) -> bool:
-        return not self.conv and super().is_croppable
+        return super().is_croppable  # the convolution inputs are cut with the KV cache
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if self.conv and tokens_to_remove != 0:
-            raise ValueError("DeltaLMCache holds convolution histories, which cannot be cropped")
-        super().crop(tokens_to_remove)
+    def crop(self, max_length: int) -> None:
+        """Cut the cache to its first tokens, KV cache and convolution inputs alike.
+
+        `max_length < 0` removes the last `|max_length|` tokens (what `generate` passes in
+        transformers 5); `max_length >= 0` keeps the first `max_length` tokens (the older
+        transformers meaning), a no-op when that many or fewer are cached. `crop(0)` keeps all.
+        """
+        length = self.get_seq_length()
+        if max_length < 0:
+            keep = max(length + max_length, 0)
+        else:
+            keep = length if max_length == 0 else min(max_length, length)
+        if keep < length:
+            super().crop(keep - length)
+        self._map_conv(lambda s: s[:, :keep])

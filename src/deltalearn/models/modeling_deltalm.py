@@ -127,7 +127,8 @@ def _read_state(
     X = _mask_padding(X, step.token_mask)
     if step.cache is None:
         return compress(X)
-    x_in, step.cache.conv[key] = compress.forward_cached(X, step.cache.conv.get(key))
+    x_in, _ = compress.forward_cached(X, step.cache.conv_history(key, compress.history_len))
+    step.cache.append_conv(key, X, compress.history_len)  # all inputs: exact `crop`
     return x_in
 
 
@@ -353,7 +354,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         e = _mask_padding(e, step.token_mask)
         if step.cache is None:
             return self.expand(e)
-        X, step.cache.conv["embed"] = self.expand.forward_cached(e, step.cache.conv.get("embed"))
+        K1 = self.expand.history_len
+        X, _ = self.expand.forward_cached(e, step.cache.conv_history("embed", K1))
+        step.cache.append_conv("embed", e, K1)  # all inputs: exact `crop`
         return X
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
