@@ -86,9 +86,13 @@ def gpt2_tokenizer() -> Tokenizer:
 
 def wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """The transformers view of `tokenizer`: eos = bos = unk = pad = `<|endoftext|>` (GPT-2's
-    convention; nothing is ever unknown at byte level, and padded positions are masked anyway)."""
+    convention; nothing is ever unknown at byte level, and padded positions are masked anyway).
+
+    It pads on the left (saved in `tokenizer_config.json`): DeltaLM is decoder-only, so a batch
+    `tok([...], padding=True)` handed to `generate` must end every row in its last real token."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
+        padding_side="left",
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
