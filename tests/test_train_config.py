@@ -143,6 +143,7 @@ BAD_VALUES = {
     "run.device": ["tpu", "cuda:0"],
     "run.dtype": ["fp16"],
     "run.compile": ["yes"],
+    "run.activation_checkpointing": ["yes"],
     "run.fsdp": [1],
     "run.eval_interval": [0],
     "run.eval_batches": [0],
