@@ -182,3 +182,22 @@ def test_operator_benchmark_still_runs(tmp_path):
     assert [r["impl"] for r in report["rows"]] == ["additive", "reference", "fused"]
     assert report["rows"][0]["time_vs_additive"] == 1.0
     assert report["benchmark"] == "operator" and report["machine"]
+
+
+def test_activation_checkpointing_lowers_the_step_peak():
+    """`--activation-checkpointing` measures the model as the trainer's option builds it."""
+    from deltalearn.bench.model import ModelBench, build_variant, step_peak_bytes
+
+    def peak(checkpointing: bool) -> int:
+        bench = ModelBench(
+            variants=["ddl-cc"],
+            overrides=dict(hidden_size=64, num_heads=2, num_layers=4, vocab_size=256),
+            batch=4,
+            seq=64,
+            checkpointing=checkpointing,
+        )
+        run = build_variant(bench, "ddl-cc")
+        run.train_step()
+        return step_peak_bytes(run.train_step, torch.device("cpu"))
+
+    assert peak(True) < 0.75 * peak(False)

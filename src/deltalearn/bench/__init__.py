@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--impl", default="default", help=f"{' | '.join(IMPLS)}: reference = unfused DeltaUpdate"
     )
     m.add_argument("--compile", action="store_true", help="torch.compile every model (in place)")
+    m.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="checkpoint every block in training (as `deltalearn train --activation-checkpointing`)",
+    )
     m.add_argument("--measure", default=",".join(MEASURES), help="comma-separated subset")
     m.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (prefill)")
     m.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (timed)")
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             impl=args.impl,
             compile=args.compile,
+            checkpointing=args.activation_checkpointing,
             measures=_split(args.measure),
             gen_prompt=args.gen_prompt,
             gen_tokens=args.gen_tokens,

@@ -56,6 +56,7 @@ class ModelBench:
     dtype: str = "float32"
     impl: str = "default"  # "reference": every DeltaUpdate uses the plain (unfused) operator
     compile: bool = False
+    checkpointing: bool = False  # activation checkpointing per block (training measurements)
     measures: list[str] = field(default_factory=lambda: list(MEASURES))
     gen_prompt: int = 64
     gen_tokens: int = 64
@@ -163,6 +164,8 @@ def build_variant(bench: ModelBench, variant: str) -> VariantRun:
         for module in model.modules():
             if isinstance(module, DeltaUpdate):
                 module.fused = False
+    if bench.checkpointing:
+        model.activation_checkpointing_enable()  # as the trainer's --activation-checkpointing
     if bench.compile:
         model.compile()  # in place, as the trainer does
     gen = torch.Generator().manual_seed(1)
@@ -325,7 +328,7 @@ def format_model_report(report: dict[str, Any]) -> str:
     lines = [
         f"model benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
         f"size {s['size']}{' ' + sets if sets else ''}, batch {s['batch']} x seq {s['seq']}, "
-        f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}, "
+        f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
         f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens; "
         f"median of {s['repeats']}",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
