@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from deltalearn.atomic import atomic_write_text
 from deltalearn.data import tokenizer as tok
 from deltalearn.data.corpora import Corpus, clean_document, resolve_source
 from deltalearn.data.split import check_val_fraction, split_documents
@@ -381,9 +382,7 @@ def _build(
         "splits": stats,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    tmp = work / f"{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, work / META_FILE)
+    atomic_write_text(work / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def _write_split_texts(

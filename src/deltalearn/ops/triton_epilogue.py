@@ -145,6 +145,28 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile(
+    c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
+    DV: tl.constexpr, BLOCK_D: tl.constexpr, COMPRESS: tl.constexpr,
+):  # fmt: skip
+    """Chunk `c` of the rows' feature axis, as both backward passes read it: offsets, masks, h, the
+    upstream gradient G in fp32 with the compressor read's gradient folded in (G + gn ⊗ C), gn."""
+    offs = c * BLOCK_D + dcol
+    dmask = offs < d
+    hm = rmask[:, None] & dmask[None, :]
+    xm = hm[:, :, None] & vmask[None, None, :]
+    hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+    gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
+    gn = tl.zeros_like(hf)  # ∂L/∂x_next; only read with COMPRESS
+    if COMPRESS:
+        gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
+        cmask = dmask[:, None] & vmask[None, :]
+        cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
+        gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+    return offs, hm, xm, hf, gf, gn
+
+
+@triton.jit
 def _bwd_kernel(
     X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC,
     n_rows, d, eps2, value_scale, iters,
@@ -188,17 +210,10 @@ def _bwd_kernel(
         hx = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         hg = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
-            offs = c * BLOCK_D + dcol
-            dmask = offs < d
-            hm = rmask[:, None] & dmask[None, :]
-            xm = hm[:, :, None] & vmask[None, None, :]
-            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-            gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
-            if COMPRESS:
-                gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
-                cmask = dmask[:, None] & vmask[None, :]
-                cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
-                gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+            offs, hm, xm, hf, gf, gn = _bwd_tile(
+                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
+                DV, BLOCK_D, COMPRESS,
+            )  # fmt: skip
             sq += tl.sum(hf * hf, axis=1)
             hg += tl.sum(hf[:, :, None] * gf, axis=1)
             if DELTA:
@@ -224,17 +239,10 @@ def _bwd_kernel(
 
         # Pass 2: the row-sized gradients ∂h, ∂X (and the ∂C partial sums).
         for c in range(NUM_CHUNKS):
-            offs = c * BLOCK_D + dcol
-            dmask = offs < d
-            hm = rmask[:, None] & dmask[None, :]
-            xm = hm[:, :, None] & vmask[None, None, :]
-            hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-            gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
-            if COMPRESS:
-                gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
-                cmask = dmask[:, None] & vmask[None, :]
-                cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
-                gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+            offs, hm, xm, hf, gf, gn = _bwd_tile(
+                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
+                DV, BLOCK_D, COMPRESS,
+            )  # fmt: skip
             gk = tl.sum(gf * e[:, None, :], axis=2)
             if DELTA or COMPRESS:
                 xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
@@ -255,6 +263,7 @@ def _bwd_kernel(
             if COMPRESS:
                 # The forward read the rounded Y; so does its gradient.
                 y = (xf + hf[:, :, None] * coef[:, None, :]).to(X.dtype.element_ty)
+                cmask = (offs < d)[:, None] & vmask[None, :]
                 part = tl.sum(gn[:, :, None] * y.to(tl.float32), axis=0)  # (BLOCK_D, BLOCK_V)
                 gc_ptr = GC + pid * (d * DV) + offs[:, None] * DV + vcol[None, :]
                 acc = tl.load(gc_ptr, mask=cmask, other=0.0)
