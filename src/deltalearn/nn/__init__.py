@@ -1,5 +1,12 @@
-"""DDL building blocks: generators (k, v, β), the rewrite step and residual wrappers, state helpers."""
+"""DDL building blocks: generators (k, v, β), the rewrite step and residual wrappers (vector and
+convolutional), state helpers."""
 
+from deltalearn.nn.conv import (
+    ConvDeltaResidual,
+    conv_repeat_expansion,
+    to_channels_first,
+    to_channels_last,
+)
 from deltalearn.nn.generators import (
     GateHead,
     ValueHead,
@@ -18,6 +25,7 @@ from deltalearn.nn.state import (
 
 __all__ = [
     "ChannelCompressor",
+    "ConvDeltaResidual",
     "DeltaResidual",
     "DeltaUpdate",
     "EmbeddingConv",
@@ -27,8 +35,11 @@ __all__ = [
     "ValueHead",
     "beta_init_bias",
     "causal_conv",
+    "conv_repeat_expansion",
     "direction",
     "direction_rms",
     "repeat_expansion",
     "residual_step",
+    "to_channels_first",
+    "to_channels_last",
 ]
