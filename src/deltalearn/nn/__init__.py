@@ -26,6 +26,8 @@ from deltalearn.nn.state import (
 __all__ = [
     "ChannelCompressor",
     "ConvDeltaResidual",
+    "DeltaResMLP",
+    "DeltaResNet",
     "DeltaResidual",
     "DeltaUpdate",
     "EmbeddingConv",
@@ -43,3 +45,14 @@ __all__ = [
     "to_channels_first",
     "to_channels_last",
 ]
+
+_NETS = ("DeltaResMLP", "DeltaResNet")  # the ready networks live in deltalearn.nets
+
+
+def __getattr__(name: str):
+    # Lazy, so that deltalearn.nets (built from these blocks) can import this package first.
+    if name in _NETS:
+        import deltalearn.nets
+
+        return getattr(deltalearn.nets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
