@@ -111,6 +111,19 @@ def test_saved_tokenizer_pads_on_the_left(saved_tokenizer):
     assert enc["attention_mask"][0][0] == 0 and enc["attention_mask"][0][-1] == 1
 
 
+def test_tokenizer_saved_padding_right_loads_padding_left(tmp_path):
+    """Run folders from before the tokenizer said `padding_side="left"` still generate right."""
+    import json
+
+    text = ["ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 20] * 5
+    tok.save_tokenizer(tok.train_bpe(text, 300), tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["padding_side"] = "right"
+    config_file.write_text(json.dumps(config))
+    assert tok.load_tokenizer(tmp_path).padding_side == "left"
+
+
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 @torch.no_grad()
 def test_batched_generate_from_tokenizer_equals_one_by_one(variant, saved_tokenizer):

@@ -127,4 +127,5 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     loaded = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if not isinstance(loaded, PreTrainedTokenizerFast):
         raise DataError(f"{directory} holds a {type(loaded).__name__}, not a fast tokenizer")
+    loaded.padding_side = "left"  # run folders from before `wrap` said so were saved padding right
     return loaded

@@ -1,6 +1,6 @@
 """The DeltaLM language model: configuration, presets, model with generation, caches."""
 
-from deltalearn.models.cache import DeltaLMCache
+from deltalearn.models.cache import DeltaLMCache, DeltaLMStaticCache
 from deltalearn.models.configuration_deltalm import DeltaLMConfig
 from deltalearn.models.modeling_deltalm import DeltaLM
 from deltalearn.models.outputs import DeltaLMGates, DeltaLMOutput
@@ -23,5 +23,6 @@ __all__ = [
     "DeltaLMConfig",
     "DeltaLMGates",
     "DeltaLMOutput",
+    "DeltaLMStaticCache",
     "register_auto_classes",
 ]

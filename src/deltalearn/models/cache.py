@@ -21,15 +21,42 @@ TC variant holds about `dv(2L + 1)/(2L)` times the KV cache of its `L` layers (w
 `conv` is the read-only view the old layout exposed: the last `K − 1` inputs per convolution,
 `(B, K − 1, ...)`, zero-padded on the left while fewer than `K − 1` tokens were seen.
 The batch operations `generate` uses (beam reordering, repeating, selecting) apply to both parts.
+
+`DeltaLMStaticCache` is the fixed-shape form (`generate(..., cache_implementation="static")`): a
+`transformers.StaticCache` for the keys and values plus one pre-allocated buffer per convolution,
+`(B, max_cache_len, ...)`, written in place at the cache's current length. Its tensors keep their
+shapes and addresses from the first token to the last, and every length is a device tensor, so a
+compiled decode step is traced once and reads nothing on the host.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
-class DeltaLMCache(DynamicCache):
+def kept_length(length: int, max_length: int) -> int:
+    """How many tokens `crop(max_length)` keeps of `length` (see `DeltaLMCache.crop`)."""
+    if max_length < 0:
+        return max(length + max_length, 0)
+    return length if max_length == 0 else min(max_length, length)
+
+
+class ConvInputCache:
+    """What both caches expose about their convolution inputs (module docstring)."""
+
+    _conv_history_len: dict[str, int]
+
+    def conv_history(self, key: str, length: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def conv(self) -> dict[str, torch.Tensor]:
+        """The last `K − 1` inputs per convolution (read-only view; module docstring)."""
+        return {k: self.conv_history(k, n) for k, n in self._conv_history_len.items()}
+
+
+class DeltaLMCache(ConvInputCache, DynamicCache):
     """KV cache + every convolution input seen (see the module docstring for keys and shapes)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -66,11 +93,6 @@ class DeltaLMCache(DynamicCache):
         self._conv_inputs[key] = inputs if seen is None else torch.cat([seen, inputs.to(seen)], 1)
         self._conv_history_len[key] = history_len
 
-    @property
-    def conv(self) -> dict[str, torch.Tensor]:
-        """The last `K − 1` inputs per convolution (read-only view; module docstring)."""
-        return {k: self.conv_history(k, n) for k, n in self._conv_history_len.items()}
-
     def _map_conv(self, fn) -> None:
         self._conv_inputs = {key: fn(seen) for key, seen in self._conv_inputs.items()}
 
@@ -103,10 +125,102 @@ class DeltaLMCache(DynamicCache):
         transformers meaning), a no-op when that many or fewer are cached. `crop(0)` keeps all.
         """
         length = self.get_seq_length()
-        if max_length < 0:
-            keep = max(length + max_length, 0)
-        else:
-            keep = length if max_length == 0 else min(max_length, length)
+        keep = kept_length(length, max_length)
         if keep < length:
             super().crop(keep - length)
         self._map_conv(lambda s: s[:, :keep])
+
+
+class DeltaLMStaticCache(ConvInputCache, StaticCache):
+    """Fixed-shape KV cache + convolution inputs, for compiled decoding (module docstring).
+
+    Build it as a `StaticCache` (`DeltaLMStaticCache(config=model.config, max_cache_len=N)`), or
+    let `generate(..., cache_implementation="static")` do it. Holds at most `max_cache_len` tokens.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_conv()
+
+    @classmethod
+    def wrapping(cls, cache: StaticCache) -> DeltaLMStaticCache:
+        """This cache type over the layers (and settings) of a freshly made `StaticCache`."""
+        out = cls.__new__(cls)
+        out.__dict__.update(cache.__dict__)
+        out._init_conv()
+        return out
+
+    def _init_conv(self) -> None:
+        self._conv_buffers: dict[str, torch.Tensor] = {}  # (B, max_cache_len, ...) per convolution
+        self._conv_lengths: dict[str, torch.Tensor] = {}  # inputs written so far, 0-d long
+        self._conv_history_len: dict[str, int] = {}
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+    # ---- convolution inputs ---------------------------------------------------------------------
+    def conv_history(self, key: str, length: int) -> torch.Tensor | None:
+        """The last `length` inputs of convolution `key` `(B, length, ...)`, zeros where fewer
+        were seen; None before the first input. Gathered by tensor index: no host read."""
+        if length < 0:
+            raise ValueError(f"history length must be >= 0, got {length}")
+        buffer = self._conv_buffers.get(key)
+        if buffer is None:
+            return None
+        index = self._conv_lengths[key] - length + torch.arange(length, device=buffer.device)
+        seen = (index >= 0).view(1, length, *([1] * (buffer.dim() - 2)))
+        return buffer.index_select(1, index.clamp(min=0)) * seen.to(buffer.dtype)
+
+    def append_conv(self, key: str, inputs: torch.Tensor, history_len: int) -> None:
+        """Write the inputs `(B, T, ...)` convolution `key` has just processed after those seen."""
+        buffer = self._conv_buffers.get(key)
+        if buffer is None:
+            buffer = self._allocate_conv(key, inputs)
+        elif buffer.shape[0] != inputs.shape[0] or buffer.shape[2:] != inputs.shape[2:]:
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} do not fit the static buffer of {key!r}, "
+                f"of shape {tuple(buffer.shape)} (batch and feature sizes must match)"
+            )
+        length = self._conv_lengths[key]
+        positions = length + torch.arange(inputs.shape[1], device=buffer.device)
+        buffer.index_copy_(1, positions, inputs.to(buffer.dtype))
+        length.add_(inputs.shape[1])  # in place: the compiled step keeps reading the same tensor
+        self._conv_history_len[key] = history_len
+
+    def _allocate_conv(self, key: str, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.shape[1] > self.max_cache_len:
+            raise ValueError(
+                f"{inputs.shape[1]} tokens do not fit a static cache of max_cache_len "
+                f"{self.max_cache_len}"
+            )
+        shape = (inputs.shape[0], self.max_cache_len, *inputs.shape[2:])
+        buffer = inputs.new_zeros(shape)
+        length = torch.zeros((), dtype=torch.long, device=inputs.device)
+        if not torch.compiler.is_compiling():  # fixed addresses, as StaticLayer does for its KV
+            torch._dynamo.mark_static_address(buffer)
+            torch._dynamo.mark_static_address(length)
+        self._conv_buffers[key], self._conv_lengths[key] = buffer, length
+        return buffer
+
+    # ---- transformers Cache interface ------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        for buffer in self._conv_buffers.values():
+            buffer.zero_()
+        for length in self._conv_lengths.values():
+            length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for buffer in self._conv_buffers.values():
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def crop(self, max_length: int) -> None:
+        """Cut to the first tokens, as `DeltaLMCache.crop` (later writes overwrite the rest)."""
+        length = int(self.get_seq_length())
+        keep = kept_length(length, max_length)
+        if keep < length:
+            super().crop(keep - length)
+        for conv_length in self._conv_lengths.values():
+            conv_length.fill_(keep)

@@ -129,3 +129,37 @@ def attention_mask_4d(
         return allowed[None, None]
     allowed = allowed & padding_mask.bool()[:, None, None, :]  # (B, 1, T, S)
     return allowed | (k_pos[None, :] == q_pos[:, None])
+
+
+def fixed_length_mask(
+    attention_mask: torch.Tensor | None, query_positions: torch.Tensor, num_keys: int
+) -> torch.Tensor:
+    """Boolean mask `(B|1, 1, T, K)` over all `K` slots of a fixed-length (static) KV cache, for
+    new tokens at `query_positions` `(T,)` (a device tensor: no host read).
+
+    `attention_mask` is None (no padding), `(B, S)` with S ≤ K (1 = real token, over the cached
+    and new tokens), or an already built `(B|1, 1, T, K)` mask (bool, True = may attend, or
+    additive float, 0 = may attend), as `generate` makes for fixed-shape caches. Slots past the
+    newest token are hidden by causality. Unlike `attention_mask_4d`, pad queries are not given
+    their own key here: the caller reads the padding from this mask first.
+    """
+    keys = torch.arange(num_keys, device=query_positions.device)
+    causal = keys[None, :] <= query_positions[:, None]  # (T, K)
+    if attention_mask is None:
+        return causal[None, None]
+    T = query_positions.shape[0]
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[1:] != (1, T, num_keys):
+            raise ValueError(
+                f"a 4-D attention_mask must have shape (batch, 1, new tokens, max_cache_len) = "
+                f"(B, 1, {T}, {num_keys}), got {tuple(attention_mask.shape)}"
+            )
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return allowed & causal
+    if attention_mask.dim() != 2 or attention_mask.shape[1] > num_keys:
+        raise ValueError(
+            f"attention_mask must have shape (batch, cached + new tokens) with at most "
+            f"max_cache_len = {num_keys} tokens, got {tuple(attention_mask.shape)}"
+        )
+    padding = F.pad(attention_mask.bool(), (0, num_keys - attention_mask.shape[1]))  # (B, K)
+    return causal & padding[:, None, None, :]

@@ -15,9 +15,10 @@ Index legend: B batch, T new tokens, d width, dv value channels, L layers, V voc
                            = DeltaUpdate(X, h, c, x_in)     residual="delta" | "write_only"
 
 Generation: `DeltaLMCache` holds the KV cache and the histories of the token-axis convolutions
-(EC, TC). With left padding, pad tokens are hidden from attention and zeroed before every causal
-conv, and RoPE positions count real tokens only, so a padded row gives the logits of the same
-row without padding.
+(EC, TC); `DeltaLMStaticCache` is its fixed-shape form (`cache_implementation="static"`, for a
+compiled decode step). With left padding, pad tokens are hidden from attention and zeroed
+before every causal conv, and RoPE positions count real tokens only, so a padded row gives the
+logits of the same row without padding.
 
 Precision: the residual stream X has the dtype of the model's weights for every variant — fp32 for
 an fp32 model, also under bf16/fp16 autocast (the embedding output is fp32, `X + h` promotes, and
@@ -45,11 +46,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from deltalearn.models.cache import DeltaLMCache
+from deltalearn.models.cache import ConvInputCache, DeltaLMCache, DeltaLMStaticCache
 from deltalearn.models.configuration_deltalm import DeltaLMConfig
 from deltalearn.models.layers import (
     MLP,
@@ -57,6 +58,7 @@ from deltalearn.models.layers import (
     OutProj,
     RMSNorm,
     attention_mask_4d,
+    fixed_length_mask,
     rope_angles,
 )
 from deltalearn.models.loss import next_token_loss
@@ -226,8 +228,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 positions `:-1` (shifted inside), ignoring `-100`.
             attention_mask: `(B, S)` with S = cached + new tokens, 1 = real token, 0 = padding
                 (left padding for batched generation).
-            past_key_values / cache: a `DeltaLMCache` (or, for models without token-axis convs, any
-                `transformers.DynamicCache`) from an earlier call; `cache` is the name `generate` uses.
+            past_key_values / cache: a `DeltaLMCache` or `DeltaLMStaticCache` (or, for models
+                without token-axis convs, any `transformers.DynamicCache` / `StaticCache`) from an
+                earlier call; `cache` is the name `generate` uses.
             use_cache: return a cache (a new `DeltaLMCache` if none was passed); defaults to True
                 exactly when a cache was passed.
             output_gates: also return `gates`, a `DeltaLMGates` of every rewrite (None for additive).
@@ -276,10 +279,10 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             use_cache = False
         if use_cache and cache is None:
             cache = DeltaLMCache()
-        if cache is not None and not isinstance(cache, DeltaLMCache) and self._has_conv_history:
+        if cache is not None and not isinstance(cache, ConvInputCache) and self._has_conv_history:
             raise ValueError(
-                "this model keeps short-convolution histories (EC/TC); pass a DeltaLMCache, "
-                f"got {type(cache).__name__}"
+                "this model keeps short-convolution histories (EC/TC); pass a DeltaLMCache (or "
+                f"a DeltaLMStaticCache for a fixed-shape cache), got {type(cache).__name__}"
             )
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
 
@@ -316,6 +319,8 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         cache: DynamicCache | None,
     ) -> _Step:
         """RoPE angles, the attention mask and the padding mask of the new tokens."""
+        if isinstance(cache, StaticCache):
+            return self._prepare_static_step(input_ids, attention_mask, position_ids, cache)
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         S = past + T
@@ -340,6 +345,39 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         return _Step(
             rope=rope_angles(position_ids, self.config.head_dim, self.config.rope_theta),
             attn_mask=attention_mask_4d(attention_mask, T, S, input_ids.device),
+            token_mask=token_mask,
+            cache=cache,
+        )
+
+    def _prepare_static_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: StaticCache,
+    ) -> _Step:
+        """`_prepare_step` for a fixed-shape cache: keys span all its slots, and the cache length
+        stays a device tensor, so a compiled decode step neither re-traces nor syncs per token.
+        Padding and positions are read off the mask (a real token sees itself; its position is
+        the number of real tokens it sees, minus one)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        num_keys = cache.layers[0].max_cache_len
+        queries = cache.get_seq_length() + torch.arange(T, device=device)  # (T,) absolute slots
+        allowed = fixed_length_mask(attention_mask, queries, num_keys)  # (B|1, 1, T, K)
+        token_mask = None
+        if attention_mask is not None:
+            rows = allowed[:, 0]  # (B|1, T, K)
+            own_slot = queries.view(1, T, 1).expand(rows.shape[0], T, 1)
+            token_mask = rows.gather(-1, own_slot).squeeze(-1).expand(B, T)
+            if position_ids is None:
+                position_ids = (rows.sum(-1) - 1).clamp(min=0).expand(B, T)
+        if position_ids is None:
+            position_ids = queries.expand(B, T)
+        own_key = torch.arange(num_keys, device=device)[None, :] == queries[:, None]  # (T, K)
+        return _Step(
+            rope=rope_angles(position_ids, self.config.head_dim, self.config.rope_theta),
+            attn_mask=allowed | own_key,  # a pad query sees itself: no NaN row (attention_mask_4d)
             token_mask=token_mask,
             cache=cache,
         )
@@ -445,6 +483,11 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             if type(model_kwargs.get(key)) is DynamicCache:
                 model_kwargs[key] = DeltaLMCache()
         return out
+
+    def _prepare_static_cache(self, *args, **kwargs):
+        # `cache_implementation="static"` builds a plain StaticCache; ours adds the conv inputs.
+        cache = super()._prepare_static_cache(*args, **kwargs)
+        return DeltaLMStaticCache.wrapping(cache) if type(cache) is StaticCache else cache
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # `_init_weights` only uses the guarded `transformers.initialization` functions, so the
