@@ -141,18 +141,110 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from deltalearn.errors import UserError
+    from deltalearn.experiments.grid import load_grid, shipped_grids, with_overrides
+    from deltalearn.experiments.provenance import command_line
+    from deltalearn.experiments.sweep import SweepOptions, choose_learning_rates, run_sweep
+    from deltalearn.train.runs import check_folder_path
+
+    if args.list:
+        for name in shipped_grids():
+            print(f"{name}: {load_grid(name).description}")
+        return 0
+    if args.grid is None:
+        raise UserError("sweep needs a GRID: a shipped grid's name or a YAML file (see --list)")
+    grid = load_grid(args.grid)
+    if args.set:
+        grid = with_overrides(grid, _parse_set(args.set))
+    note = ""
+    if args.lr_from is not None:
+        grid, note = choose_learning_rates(grid, args.lr_from, args.lr_choice)
+    out = args.out or str(Path("runs") / "sweep" / grid.name)
+    check_folder_path(out, "sweep folder")
+    parts = ["deltalearn", "sweep", args.grid, "--out", out, "--jobs", str(args.jobs)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.lr_from is not None:
+        parts += ["--lr-from", args.lr_from, "--lr-choice", args.lr_choice]
+    parts += [f"--set={item}" for item in args.set or []]
+    parts += ["--no-progress"] if args.no_progress else []
+    opts = SweepOptions(
+        out=out,
+        jobs=args.jobs,
+        threads=args.threads,
+        progress=not args.no_progress,
+        command=command_line(parts),
+        lr_note=note,
+        dry_run=args.dry_run,
+    )
+    result = run_sweep(grid, opts)
+    if result.report is not None:
+        print(result.report.table)
+        print(f"report: {result.report.markdown_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from deltalearn.experiments.sweep_report import write_sweep_report
+
+    report = write_sweep_report(args.sweep_dir)
+    print(report.table)
+    print(f"report: {report.markdown_path} (with cells.csv, runs.csv, results.json and the plots)")
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """``eval RUN --tasks ...``: downstream tasks through lm-evaluation-harness."""
+    from deltalearn.eval.tasks import evaluate_tasks, format_markdown
+
+    report = evaluate_tasks(
+        args.run_dir,
+        tasks=args.tasks,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        batch_size=args.batch_size,
+        device=args.device,
+        limit=args.limit,
+    )
+    print(format_markdown(report), end="")
+    print(f"saved {report['markdown_path']} and {report['json_path']}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if getattr(args, "tasks", None) is not None:  # lm-eval tasks instead of validation loss
+        return cmd_eval_tasks(args)
     from deltalearn.eval.perplexity import evaluate_run
 
+    if args.json is not None:
+        _check_json_file(args.json)  # before the evaluation, not after
     result = evaluate_run(
         args.run_dir,
         data_source=args.data,
         batch_size=args.batch_size,
         max_batches=args.max_batches,
         device=args.device,
+        progress=not args.no_progress,
     )
-    print(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json is not None:
+        from deltalearn.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.json), text + "\n")
     return 0
+
+
+def _check_json_file(path_text: str) -> None:
+    """``--json FILE``: a UserError unless FILE can be written (not a folder, its folder exists)."""
+    from deltalearn.errors import UserError
+
+    path = Path(path_text)
+    if path.is_dir():
+        raise UserError(f"--json file {path}: is a folder, expected a file")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"--json file {path}: its folder {path.absolute().parent} does not exist")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -172,11 +264,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from deltalearn.analysis.audit import audit_run, format_table
+    from deltalearn.analysis.audit import audit_run, check_failure_message, format_table
 
-    result = audit_run(args.run_dir, batch_size=args.batch_size, max_batches=args.max_batches)
+    result = audit_run(
+        args.run_dir,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        out_dir=args.out,
+        against=args.against,
+        device=args.device,
+        strict=False,
+    )
     print(format_table(result["layers"]))
-    print(f"saved {result['path']}")
+    if result.get("note"):
+        print(result["note"])
+    print(f"saved {result['report']}, {result['path']} and {len(result['figures'])} figures")
+    check = result["contraction_check"]
+    if check is not None and not check["passed"]:  # a bug, not a user error: exit 1
+        print(f"deltalearn: {check_failure_message(result)}", file=sys.stderr)
+        return 1
+    if check is not None:
+        print(
+            f"rewrite check passed: {check['identity']} on {check['values']} values, worst "
+            f"{check['max_error_over_tolerance']:.2g}x the round-off bound"
+        )
     return 0
 
 
@@ -193,6 +304,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("the bench command is not available in this installation") from None
     _check_bench_json(args.bench_args)
     return int(bench.main(args.bench_args) or 0)
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from deltalearn.lm_eval import main as lm_eval_main
+
+    return lm_eval_main(args.lm_eval_args)
 
 
 def _check_bench_json(bench_args: list[str]) -> None:
@@ -300,12 +417,60 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
+    w = sub.add_parser(
+        "sweep",
+        help="train a grid of variants × seeds × (lr, steps, size) cells, resumably, then report",
+    )
+    w.add_argument("grid", nargs="?", help="a shipped grid (paper-grid, ...) or a grid YAML file")
+    w.add_argument("--list", action="store_true", help="list the shipped grids and exit")
+    w.add_argument("--out", help="sweep folder (default runs/sweep/GRID_NAME)")
+    w.add_argument("--jobs", type=int, default=1, help="cells trained at once (own processes)")
+    w.add_argument("--threads", type=int, help="torch threads per cell (default cores / jobs)")
+    w.add_argument("--lr-from", help="a finished lr sweep folder: take the learning rates from it")
+    w.add_argument(
+        "--lr-choice",
+        default="per-variant",
+        choices=["per-variant", "shared"],
+        help="with --lr-from: each variant's best rate, or the best shared one",
+    )
+    w.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a grid key (seeds=[1,2], steps=50, variants=[baseline,ddl]) or a train config key "
+        "for every cell (run.batch_size=8, model.overrides.num_layers=2); repeatable",
+    )
+    w.add_argument("--dry-run", action="store_true", help="print the cells, train nothing")
+    w.add_argument("--no-progress", action="store_true", help="no per-cell progress bars")
+    w.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser(
+        "report", help="statistics, curves and costs of a sweep folder, from its logs alone"
+    )
+    rp.add_argument("sweep_dir")
+    rp.set_defaults(func=cmd_report)
+
     e = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     e.add_argument("run_dir")
     e.add_argument("--data", help="another corpus (default: the run's own)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=50)
     e.add_argument("--device", default="auto")
+    e.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the result (loss, perplexity, bits per byte) here",
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument(
+        "--tasks",
+        help="score lm-eval tasks instead: 'paper' (ARC-C/E, HellaSwag, OpenBookQA, PIQA, SciQ, "
+        "Social IQA, WinoGrande at 0 and 1 shot; needs network) or comma-separated task names; "
+        "writes RUN/eval/lm_eval.md and .json",
+    )
+    e.add_argument("--num-fewshot", type=int, help="with --tasks: shots for every task")
+    e.add_argument("--include-path", help="with --tasks: a folder of extra lm-eval task YAMLs")
+    e.add_argument("--limit", type=int, help="with --tasks: at most N documents per task")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
@@ -318,10 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
-    a = sub.add_parser("audit", help="per-layer gate (β) and discrepancy summary of a trained run")
+    a = sub.add_parser(
+        "audit",
+        help="gate audit of a trained run: β regimes, discrepancy contraction (checked), "
+        "update sizes, value channels; writes RUN/audit/",
+    )
     a.add_argument("run_dir")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--max-batches", type=int, default=8)
+    a.add_argument(
+        "--against", metavar="RUN", help="a baseline run: its branch norms at the same depth"
+    )
+    a.add_argument("--out", help="audit folder (default RUN/audit)")
+    a.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     a.set_defaults(func=cmd_audit)
 
     b = sub.add_parser(
@@ -329,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    le = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's own command line with DeltaLM registered "
+        "(options: deltalearn lm-eval --help)",
+        add_help=False,
+    )
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    le.set_defaults(func=cmd_lm_eval)
     return p
 
 
@@ -337,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["bench"]:  # everything after `bench` (options included) belongs to it
         args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    elif argv[:1] == ["lm-eval"]:  # likewise: everything after `lm-eval` goes to lm-eval unchanged
+        args = argparse.Namespace(func=cmd_lm_eval, lm_eval_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     from deltalearn.errors import NonFiniteLossError, UserError

@@ -28,7 +28,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "medium": _shape(50304, 1024, 24, 8, 128, 1024),  # 353M
 }
 
-# The paper's variants (SPEC §3; d_v = 4 for the expanded ones) and the write-only controls.
+# The paper's variants (SPEC §3; d_v = 4 for the expanded ones), the write-only controls and the
+# expanded additive control.
 _CC, _TC = dict(compressor="cc"), dict(compressor="tc")
 _EC, _NOEC = dict(expansion="ec"), dict(expansion="repeat")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -40,6 +41,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ddl-cc-noec": dict(residual="delta", value_channels=4, **_CC, **_NOEC),
     "write-only-cc": dict(residual="write_only", value_channels=4, **_CC, **_EC),
     "write-only": dict(residual="write_only", value_channels=1),
+    # The expanded additive control: DDL-CC's expanded state (dv = 4, EC, the CC compressor) with
+    # the plain residual `X + h` (h added to every value channel). Against ddl-cc it isolates the
+    # delta rewrite; against baseline, the expansion.
+    "additive-cc": dict(residual="additive", value_channels=4, **_CC, **_EC),
 }
 
 
