@@ -3,6 +3,7 @@
     deltalearn bench operator   one Delta rewrite, fused vs reference vs additive (the default)
     deltalearn bench model      DeltaLM variants vs the additive baseline: training, full-sequence
                                 inference, cached generation and the training step's peak memory
+    deltalearn bench decode     cached generation: dynamic vs static cache, eager vs compiled
 
 Every figure comes with its ratio to the reference measured in the same run (interleaved repeats,
 median), and every report names the machine, the torch version and the date.
@@ -15,6 +16,14 @@ from pathlib import Path
 
 import torch
 
+from deltalearn.bench.decode import MODES as DECODE_MODES
+from deltalearn.bench.decode import (
+    DecodeBench,
+    decode_benchmark,
+    decode_report,
+    format_decode_report,
+)
+from deltalearn.bench.decode import __doc__ as DECODE_DOC
 from deltalearn.bench.model import (
     DEFAULT_VARIANTS,
     DTYPES,
@@ -30,9 +39,16 @@ from deltalearn.bench.model import __doc__ as MODEL_DOC
 from deltalearn.bench.operator import operator_benchmark
 from deltalearn.bench.timing import format_table, run_header, write_json
 
-__all__ = ["ModelBench", "main", "model_benchmark", "operator_benchmark"]
+__all__ = [
+    "DecodeBench",
+    "ModelBench",
+    "decode_benchmark",
+    "main",
+    "model_benchmark",
+    "operator_benchmark",
+]
 
-_SUBCOMMANDS = ("operator", "model")
+_SUBCOMMANDS = ("operator", "model", "decode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gen-batch", type=int, default=1, help="rows decoded together")
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--json", type=Path, help="also write the report as JSON here")
+
+    d = sub.add_parser(
+        "decode",
+        help="cached generation: dynamic vs static cache, eager vs compiled decode step",
+        description=DECODE_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--device", default=default_device)
+    d.add_argument("--size", default="tiny", help="preset size: tiny, small, medium")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--variants", default=",".join(DecodeBench().variants))
+    d.add_argument("--modes", default=",".join(DECODE_MODES), help="the first is the reference")
+    d.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    d.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill, not timed)")
+    d.add_argument("--tokens", type=int, default=64, help="decoded tokens (timed)")
+    d.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast)")
+    d.add_argument(
+        "--compile-mode",
+        default="reduce-overhead" if default_device == "cuda" else "default",
+        help="torch.compile mode of the decode step (reduce-overhead: CUDA graphs)",
+    )
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--json", type=Path, help="also write the report as JSON here")
     return parser
 
 
@@ -117,6 +156,22 @@ def main(argv: list[str] | None = None) -> int:
             f"operator benchmark on {report['machine']}, torch {report['torch']}, {report['date']}"
         )
         print(format_table(rows))
+    elif args.what == "decode":
+        decode = DecodeBench(
+            variants=_split(args.variants),
+            size=args.size,
+            overrides=parse_overrides(args.set),
+            batch=args.batch,
+            prompt=args.prompt,
+            tokens=args.tokens,
+            dtype=args.dtype,
+            modes=_split(args.modes),
+            compile_mode=args.compile_mode,
+            repeats=args.repeats,
+            device=args.device,
+        )
+        report = decode_report(decode, decode_benchmark(decode))
+        print(format_decode_report(report))
     else:
         bench = ModelBench(
             variants=_split(args.variants),

@@ -1,0 +1,167 @@
+"""`deltalearn bench decode`: cached generation with the dynamic cache against the fixed-shape
+(static) cache, eager and under `torch.compile`, for each variant, in one run:
+
+    dynamic          `DeltaLMCache` (grows by concatenation), eager forward per token
+    static           `DeltaLMStaticCache` (pre-allocated, written in place), eager forward
+    static-compiled  `DeltaLMStaticCache`, the decode step compiled once (`fullgraph=True`)
+
+Each repeat prefills the prompt (not timed) and then decodes `--tokens` tokens one call each
+(greedy, the last token and the cache, no `generate` overhead). Modes and variants are timed
+interleaved and summarised by the median; every ratio is against the same variant's `dynamic`
+row. The compiled step is traced and compiled before timing; its compile time is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deltalearn.bench.model import ModelBench, build_config
+from deltalearn.bench.timing import format_table, interleaved_medians, run_header, timed
+from deltalearn.errors import ConfigError
+
+MODES = ("dynamic", "static", "static-compiled")
+
+
+@dataclass
+class DecodeBench:
+    """The settings of one `bench decode` run (every field is a command-line option)."""
+
+    variants: list[str] = field(default_factory=lambda: ["baseline", "ddl", "ddl-cc", "ddl-tc"])
+    size: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    batch: int = 1
+    prompt: int = 64
+    tokens: int = 64
+    dtype: str = "float32"
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" = CUDA graphs on a GPU
+    repeats: int = 5
+    device: str = "cpu"
+
+    def check(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"--modes takes {', '.join(MODES)}; got {bad or self.modes}")
+        for name in ("batch", "prompt", "tokens", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be an integer >= 1, got {value!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+class DecodeRun:
+    """One variant in one mode: its model, cache and compiled step, ready to time."""
+
+    def __init__(self, bench: DecodeBench, variant: str, mode: str) -> None:
+        from deltalearn import DeltaLM
+        from deltalearn.models import DeltaLMStaticCache
+
+        cfg = build_config(ModelBench(size=bench.size, overrides=bench.overrides), variant)
+        self.device = torch.device(bench.device)
+        torch.manual_seed(0)
+        self.model = DeltaLM(cfg).to(self.device).eval()
+        gen = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, cfg.vocab_size, (bench.batch, bench.prompt), generator=gen)
+        self.prompt, self.tokens = prompt.to(self.device), bench.tokens
+        self.dtype = getattr(torch, bench.dtype)
+        self.cache = None
+        if mode != "dynamic":
+            length = bench.prompt + bench.tokens + 1
+            self.cache = DeltaLMStaticCache(config=cfg, max_cache_len=length)
+        self.step = self._eager_step
+        self.compile_seconds = None
+        if mode == "static-compiled":
+            self.step = torch.compile(self._eager_step, fullgraph=True, mode=bench.compile_mode)
+            t0 = time.perf_counter()
+            self.decode()  # traces and compiles the decode step
+            self.compile_seconds = time.perf_counter() - t0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _eager_step(self, token: torch.Tensor, cache) -> tuple[torch.Tensor, Any]:
+        from deltalearn.models.outputs import CACHE_FIELD
+
+        out = self.model(token, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out[CACHE_FIELD]
+
+    @torch.no_grad()
+    def decode(self) -> float:
+        """Prefill (not timed), then the decode loop; returns the loop's seconds."""
+        with self.autocast():
+            if self.cache is not None:
+                self.cache.reset()  # in place: the compiled step keeps its buffers
+            token, cache = self._eager_step(self.prompt, self.cache)
+
+            def loop() -> None:
+                nonlocal token, cache
+                for _ in range(self.tokens):
+                    token, cache = self.step(token, cache)
+
+            return timed(loop, self.device)()
+
+
+def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
+    """One row per (variant, mode): decode tokens/s and its ratio to the variant's dynamic row."""
+    bench.check()
+    torch._dynamo.reset()
+    limit = 8 * len(bench.variants)  # one compiled step per variant, plus dynamo's own margin
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        runs = {(v, m): DecodeRun(bench, v, m) for v in bench.variants for m in bench.modes}
+        fns: dict[tuple[str, str], Callable[[], float]] = {k: r.decode for k, r in runs.items()}
+        seconds = interleaved_medians(fns, bench.repeats, warmup=1)
+    rows = []
+    for (variant, mode), run in runs.items():
+        tokens_per_s = bench.batch * bench.tokens / seconds[(variant, mode)]
+        rows.append(
+            {
+                "variant": variant,
+                "mode": mode,
+                "decode_tokens_per_s": tokens_per_s,
+                "compile_s": run.compile_seconds,
+            }
+        )
+    for row in rows:
+        reference = next(
+            (r for r in rows if r["variant"] == row["variant"] and r["mode"] == bench.modes[0]),
+        )
+        row[f"x_{bench.modes[0]}"] = row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    return rows
+
+
+def decode_report(bench: DecodeBench, rows: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "benchmark": "decode",
+        **run_header(torch.device(bench.device)),
+        "settings": dataclasses.asdict(bench),
+        "rows": rows,
+    }
+
+
+def format_decode_report(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    sets = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
+    reference = s["modes"][0]
+    head = [
+        f"decode benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
+        f"size {s['size']}{' ' + sets if sets else ''}, {s['dtype']}, batch {s['batch']}, "
+        f"prompt {s['prompt']}, {s['tokens']} decoded tokens, compile mode {s['compile_mode']}; "
+        f"median of {s['repeats']}; ratios against each variant's {reference} row",
+    ]
+    columns = {
+        "variant": "variant",
+        "mode": "cache / step",
+        "decode_tokens_per_s": "decode tok/s",
+        f"x_{reference}": f"× {reference}",
+        "compile_s": "compile s",
+    }
+    return "\n".join([*head, format_table(report["rows"], columns)])

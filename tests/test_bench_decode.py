@@ -1,0 +1,63 @@
+"""`deltalearn bench decode`: dynamic vs static cache, eager vs compiled decode step."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from deltalearn.bench.decode import DecodeBench, DecodeRun
+from deltalearn.cli import main as cli_main
+
+TINY = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2"]
+TINY += ["--set", "head_dim=16", "--set", "vocab_size=61"]
+
+
+def test_every_variant_and_mode_gets_a_row_and_a_ratio(tmp_path):
+    out = tmp_path / "decode.json"
+    argv = ["bench", "decode", "--variants", "baseline,ddl-tc", "--modes", "dynamic,static"]
+    argv += [*TINY, "--prompt", "4", "--tokens", "3", "--repeats", "1", "--json", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "decode" and report["machine"] and report["torch"]
+    rows = {(r["variant"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {(v, m) for v in ("baseline", "ddl-tc") for m in ("dynamic", "static")}
+    for (_, mode), row in rows.items():
+        assert row["decode_tokens_per_s"] > 0
+        if mode == "dynamic":
+            assert row["x_dynamic"] == 1.0
+    assert "| ddl-tc | static |" in printed.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_the_timed_loop_decodes_greedily(mode):
+    """The benchmark decodes the tokens `generate` would (so it times real decoding)."""
+    bench = DecodeBench(
+        variants=["ddl-tc"],
+        overrides=dict(num_layers=2, hidden_size=32, num_heads=2, head_dim=16, vocab_size=61),
+        prompt=5,
+        tokens=4,
+    )
+    run = DecodeRun(bench, "ddl-tc", mode)
+    tokens = []
+    step = run.step
+    run.step = lambda token, cache: tokens.append(step(token, cache)[0]) or (tokens[-1], cache)
+    assert run.decode() > 0
+    with torch.no_grad():
+        expected = run.model.generate(run.prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(torch.cat(tokens, 1), expected[:, -4:])
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [(["--modes", "static,warp"], "warp"), (["--tokens", "0"], "--tokens")],
+)
+def test_bad_settings_are_one_line_errors(capsys, extra, names):
+    assert cli_main(["bench", "decode", *TINY, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and names in err
