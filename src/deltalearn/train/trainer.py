@@ -29,7 +29,7 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from deltalearn.atomic import atomic_write_text, remove_stale_temps
 from deltalearn.errors import ConfigError, NonFiniteLossError
+from deltalearn.models.flops import flops_per_token
 from deltalearn.models.loss import next_token_loss
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train.build import build_model, model_config, prepare_data
@@ -81,6 +82,11 @@ class TrainResult:
     train_tokens_per_s: float
     peak_memory_mb: float  # see memory_kind; the highest of the processes that trained the run
     memory_kind: str  # "cuda_max_allocated" or "cpu_peak_rss" (whole process, incl. Python)
+    # Model FLOPs (`deltalearn.models.flops`: forward + backward matmuls, no recompute) per
+    # training token and of all `step` steps. Optional: summaries written before they existed
+    # lack them and still count as finished.
+    flops_per_token: float | None = None
+    train_flops: float | None = None
 
 
 @dataclass
@@ -94,16 +100,22 @@ class StepStats:
     finite: torch.Tensor  # bool (0-dim): loss and grad norm finite, i.e. the update was applied
 
 
+def _required_fields() -> list[str]:
+    """The TrainResult fields every summary has (those added later have defaults)."""
+    return [f.name for f in fields(TrainResult) if f.default is MISSING]
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    """``RUN_DIR/summary.json`` if it is complete (every TrainResult field, status finished);
-    None when it is missing, torn or from an unfinished run. Its presence marks a finished run."""
+    """``RUN_DIR/summary.json`` if it is complete (every required TrainResult field, status
+    finished); None when it is missing, torn or from an unfinished run. Its presence marks a
+    finished run."""
     try:
         summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(summary, dict) or summary.get("status") != "finished":
         return None
-    if any(f.name not in summary for f in fields(TrainResult)):
+    if any(name not in summary for name in _required_fields()):
         return None
     return summary
 
@@ -141,6 +153,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg, data.vocab_size).to(self.device)
         self.params = sum(p.numel() for p in dict(model.named_parameters()).values())
+        # Model FLOPs of one training token (forward + backward), and the UTF-8 bytes behind the
+        # validation targets (None when unknown): cumulative FLOPs and val_bpb in the log.
+        self.flops_per_token = flops_per_token(model.config, cfg.run.seq_len).train
+        self._val_bytes = self._scored_val_bytes()
         if cfg.run.activation_checkpointing:
             # Per block (DeltaLMBlock is a GradientCheckpointingLayer); before compile and DDP/FSDP
             # wrapping, so the recompute sits inside the wrapped forward.
@@ -297,6 +313,7 @@ class Trainer:
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens": stats.step * tokens_per_step,
+                "flops": stats.step * tokens_per_step * self.flops_per_token,
             }
             if not finite:
                 record["skipped"] = True
@@ -322,13 +339,13 @@ class Trainer:
         cfg, env = self.cfg, self.env
         # The same eval_batches × batch_size windows (in micro-batch chunks) whatever the world
         # size or grad_accum; batch i is evaluated by rank i % world_size.
-        accum = cfg.run.grad_accum
+        rows, max_batches = self._eval_windows()
         sums = loss_sums(
             self._eval_model(),
             self.data.tokens("val"),
             cfg.run.seq_len,
-            cfg.run.batch_size // accum,
-            cfg.run.eval_batches * accum,
+            rows,
+            max_batches,
             self.device,
             self.dtype,
             rank=env.rank,
@@ -337,13 +354,40 @@ class Trainer:
         )
         return all_reduce_sum(sums, env)
 
+    def _eval_windows(self) -> tuple[int, int | None]:
+        """Rows per validation batch and the batch limit of ``_val_loss_sums``."""
+        accum = self.cfg.run.grad_accum
+        return self.cfg.run.batch_size // accum, self.cfg.run.eval_batches * accum
+
+    def _scored_val_bytes(self) -> int | None:
+        """UTF-8 bytes of the validation targets every evaluation scores (the same windows each
+        time, `deltalearn.data.textbytes`); None when the tokenizer's bytes per token are unknown
+        (not byte-level) or nothing would be scored."""
+        from deltalearn.data.textbytes import eval_window_count, scored_bytes, token_byte_lengths
+        from deltalearn.errors import DataError
+
+        load = getattr(self.data, "load_tokenizer", None)
+        if load is None:
+            return None
+        val, seq_len = self.data.tokens("val"), self.cfg.run.seq_len
+        rows, max_batches = self._eval_windows()
+        try:
+            lengths = token_byte_lengths(load())
+        except DataError:
+            return None
+        windows = eval_window_count(len(val), seq_len, rows, max_batches)
+        return scored_bytes(val, lengths, seq_len, windows) or None
+
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss (same batches every time) and mean β per layer on the first batch."""
+        """Validation loss and bits per byte (same batches every time) and mean β per layer on
+        the first batch."""
         from deltalearn.data import eval_batches
 
         cfg = self.cfg
         total, count = self._val_loss_sums().tolist()
         out: dict[str, Any] = {"val_loss": mean_from_sums(total, count, cfg.run.seq_len)}
+        if self._val_bytes:  # Σ NLL in nats / ln 2 / bytes of exactly the scored targets
+            out["val_bpb"] = total / math.log(2) / self._val_bytes
         # β is logged by rank 0 only; under FSDP every rank must run the forward with it.
         if cfg.model.variant != "baseline" and (self.env.is_main or cfg.run.fsdp):
             val, rows = self.data.tokens("val"), min(cfg.run.batch_size // cfg.run.grad_accum, 4)
@@ -483,6 +527,7 @@ class Trainer:
 
     def result(self, status: str) -> TrainResult:
         stats = self._run_stats()
+        tokens = self.step * self.cfg.run.batch_size * self.cfg.run.seq_len
         return TrainResult(
             run_dir=str(self.run_dir),
             status=status,
@@ -492,6 +537,8 @@ class Trainer:
             train_tokens_per_s=stats["tokens"] / stats["time_s"] if stats["time_s"] else 0.0,
             peak_memory_mb=stats["peak_memory_mb"],
             memory_kind=stats["memory_kind"],
+            flops_per_token=self.flops_per_token,
+            train_flops=tokens * self.flops_per_token,
         )
 
 
@@ -499,7 +546,7 @@ def _write_summary(run_dir: Path, result: TrainResult, steps_run: int) -> TrainR
     """Write ``summary.json`` atomically (it marks the run finished); a process that trained
     no step (resuming a finished run) keeps a complete one as it is, figures and all."""
     if steps_run == 0 and (kept := read_summary(run_dir)) is not None:
-        return TrainResult(**{f.name: kept[f.name] for f in fields(TrainResult)})
+        return TrainResult(**{f.name: kept[f.name] for f in fields(TrainResult) if f.name in kept})
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(asdict(result), indent=1))
     return result
 

@@ -43,6 +43,7 @@ def loss_sums(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    progress: bool = False,
 ) -> torch.Tensor:
     """``[Σ loss·tokens, Σ tokens]`` (float64, on ``device``) over this rank's share of the batches.
 
@@ -51,9 +52,12 @@ def loss_sums(
     same rows either way; the sums are float64). Nothing is read back to the host, so the caller
     decides when to synchronise. ``lockstep``: every rank runs the same number of forwards
     (FSDP gathers parameters inside forward), so a rank with fewer batches repeats one with
-    weight 0.
+    weight 0. ``progress``: a tqdm bar over the batches (on stderr).
     """
+    from tqdm.auto import tqdm
+
     from deltalearn.data import eval_batches
+    from deltalearn.data.textbytes import eval_window_count
 
     was_training = model.training
     model.eval()
@@ -68,9 +72,14 @@ def loss_sums(
             sums[0] += next_token_loss(logits, y).double() * y.numel()
             sums[1] += y.numel()
 
+    batches = eval_batches(tokens, seq_len, batch_size, max_batches)
+    if progress:
+        windows = eval_window_count(len(tokens), seq_len, batch_size, max_batches)
+        total = -(-windows // batch_size)
+        batches = tqdm(batches, total=total, desc="eval", unit="batch", dynamic_ncols=True)
     try:
         count, spare = 0, None  # batches seen (all ranks'); one to repeat with weight 0
-        for i, (x, y) in enumerate(eval_batches(tokens, seq_len, batch_size, max_batches)):
+        for i, (x, y) in enumerate(batches):
             count = i + 1
             if i % world_size == rank:
                 forward(x, y, 1)
@@ -82,6 +91,8 @@ def loss_sums(
                 forward(*spare, 0)
     finally:
         model.train(was_training)
+        if progress:
+            batches.close()
     return sums
 
 
