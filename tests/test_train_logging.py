@@ -61,3 +61,46 @@ def test_log_interval_keeps_keys_and_report_reads_the_run(tmp_path):
     assert [s for s, _ in curves["ddl-cc"][0]] == [4, 8]
     row = _aggregate(per_run, ["ddl-cc"])[0]
     assert row["val_loss"] == result.val_loss and row["train_tokens_per_s"] > 0
+
+
+def test_log_has_cumulative_flops_and_val_bpb(tmp_path):
+    """Every line carries the run's model FLOPs so far (steps × tokens × FLOPs per token); every
+    evaluation also val_bpb, the validation loss in bits per UTF-8 byte of exactly the scored
+    targets (counted here by decoding them back to text); summary.json has both FLOP figures."""
+    import math
+
+    from train_helpers import tiny_config
+
+    from deltalearn.models import DeltaLM
+    from deltalearn.models.flops import flops_per_token
+    from deltalearn.train.build import prepare_data
+    from deltalearn.train.trainer import read_summary
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", steps=4, eval_interval=2)
+    result = train(cfg)
+    run = tmp_path / "run"
+    log = read_log(run / "log.jsonl")
+    per_token = flops_per_token(DeltaLM.from_pretrained(run / "model").config, 32).train
+    assert per_token > 0
+    assert [x["flops"] for x in log] == [x["step"] * 4 * 32 * per_token for x in log]
+
+    data = prepare_data(cfg, progress=False)
+    val = data.tokens("val")
+    windows = min((len(val) - 1) // 32, cfg.run.eval_batches * cfg.run.batch_size)
+    targets = [int(t) for t in val[1 : windows * 32 + 1]]
+    text = data.load_tokenizer().backend_tokenizer.decode(targets, skip_special_tokens=True)
+    tokens_per_byte = len(targets) / len(text.encode("utf-8"))
+    evaluated = [x for x in log if "val_loss" in x]
+    assert [x["step"] for x in evaluated] == [2, 4]
+    for x in evaluated:
+        want = x["val_loss"] * tokens_per_byte / math.log(2)
+        assert x["val_bpb"] == pytest.approx(want, rel=1e-9)
+    assert not any("val_bpb" in x for x in log if "val_loss" not in x)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["flops_per_token"] == per_token == result.flops_per_token
+    assert summary["train_flops"] == log[-1]["flops"] == result.train_flops
+    # A summary written before these fields existed still marks a finished run.
+    del summary["flops_per_token"], summary["train_flops"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert read_summary(run) is not None
