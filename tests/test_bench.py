@@ -201,3 +201,69 @@ def test_activation_checkpointing_lowers_the_step_peak():
         return step_peak_bytes(run.train_step, torch.device("cpu"))
 
     assert peak(True) < 0.75 * peak(False)
+
+
+# ---- model FLOPs and MFU -------------------------------------------------------------------------
+
+
+def test_achieved_flops_are_tokens_per_s_times_the_analytic_count(model_run):
+    """GFLOP/s = tokens/s × `flops_per_token` (forward + backward for train, forward for infer);
+    on a CPU without --peak-tflops there is no MFU."""
+    from deltalearn.bench.model import ModelBench, build_config
+    from deltalearn.models.flops import flops_per_token
+
+    _, report = model_run
+    bench = ModelBench(overrides=report["settings"]["overrides"])
+    for row in report["rows"]:
+        count = flops_per_token(build_config(bench, row["variant"]), 16)
+        assert row["train_flops_per_token"] == count.train
+        assert row["infer_flops_per_token"] == count.forward
+        for measure in ("train", "infer"):
+            want = row[f"{measure}_tokens_per_s"] * row[f"{measure}_flops_per_token"] / 1e9
+            assert row[f"{measure}_gflops_per_s"] == pytest.approx(want, rel=1e-12)
+        assert "train_mfu" not in row and "infer_mfu" not in row
+    assert report["peak_tflops"] is None and "--peak-tflops" in report["peak_source"]
+    assert "flops" in report["notes"]
+
+
+def test_peak_tflops_gives_mfu_in_json_and_table(tmp_path):
+    path = tmp_path / "m.json"
+    argv = ["model", *MINUTE, "--variants", "baseline,ddl", "--measure", "train"]
+    code, out = run_bench([*argv, "--peak-tflops", "0.5", "--json", str(path)])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert report["peak_tflops"] == 0.5 and report["peak_source"] == "--peak-tflops"
+    for row in report["rows"]:
+        assert row["train_mfu"] == pytest.approx(row["train_gflops_per_s"] / 500, rel=1e-12)
+        assert 0 < row["train_mfu"] < 1
+        assert "infer_gflops_per_s" not in row  # not measured
+    header = next(line for line in out.splitlines() if line.startswith("| variant"))
+    assert "train GFLOP/s" in header and "train MFU" in header
+    assert "peak: 0.5 TFLOP/s (--peak-tflops)" in out
+
+
+@pytest.mark.parametrize(
+    "name, dtype, tf32, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", False, 989.4),
+        ("NVIDIA H100 PCIe", "bfloat16", False, 756.0),
+        ("NVIDIA H200", "float32", False, 67.0),
+        ("NVIDIA H200", "float32", True, 494.7),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", False, 312.0),
+        ("NVIDIA A100-PCIE-40GB", "float32", True, 156.0),
+        ("NVIDIA H100 NVL", "bfloat16", False, None),
+        ("NVIDIA H200 MIG 1g.18gb", "bfloat16", False, None),
+        ("Tesla T4", "float32", False, None),
+    ],
+)
+def test_known_device_peaks(name, dtype, tf32, peak):
+    from deltalearn.bench.model import device_peak_tflops
+
+    assert device_peak_tflops(name, dtype, tf32) == peak
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan"])
+def test_bad_peak_tflops_is_a_one_line_error(capsys, value):
+    assert cli_main(["bench", "model", *MINUTE, "--peak-tflops", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltalearn: error: --peak-tflops") and "\n" not in err

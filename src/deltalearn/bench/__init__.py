@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (timed)")
     m.add_argument("--gen-batch", type=int, default=1, help="rows decoded together")
     m.add_argument("--repeats", type=int, default=5)
+    m.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak TFLOP/s of the device for MFU (default: NVIDIA's dense figure for a known GPU "
+        "at --dtype; none on a CPU)",
+    )
     m.add_argument("--json", type=Path, help="also write the report as JSON here")
 
     d = sub.add_parser(
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             gen_batch=args.gen_batch,
             repeats=args.repeats,
             device=args.device,
+            peak_tflops=args.peak_tflops,
         )
         report = model_report(bench, model_benchmark(bench))
         print(format_model_report(report))

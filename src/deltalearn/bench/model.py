@@ -12,6 +12,13 @@
 
 Variants are timed interleaved (A B C A B C ...) and summarised by the median; `--dtype bfloat16`
 runs every measurement under bf16 autocast (weights and AdamW state stay fp32, as in training).
+
+Model FLOPs: `train` and `infer` also report the achieved GFLOP/s, tokens/s × the analytic model
+FLOPs per token of `deltalearn.models.flops` (forward + backward, or forward only; matmuls,
+attention over the whole window, no activation-checkpointing recompute), and the model FLOPs
+utilisation MFU = achieved / peak. The peak is `--peak-tflops`, else NVIDIA's dense datasheet
+figure for a known GPU (A100, H100, H200) at the run's dtype (fp32, TF32 when matmuls may use it,
+or bf16); on a CPU, or an unknown GPU, MFU is left out unless `--peak-tflops` is given.
 """
 
 from __future__ import annotations
@@ -41,7 +48,46 @@ NOTES = {
     "generate": "tokens/s of cached greedy decoding, one token per call; prefill not timed",
     "memory": "peak MB allocated during one training step above the resident parameters + AdamW "
     "state (CUDA: max_memory_allocated; CPU: CPU-allocator events from torch.profiler)",
+    "flops": "GFLOP/s = tokens/s × model FLOPs per token (deltalearn.models.flops: matmuls and "
+    "attention, forward + backward for train, no checkpointing recompute); MFU = GFLOP/s / peak",
 }
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets: (name part, {precision: peak}),
+# first match wins. NVL and MIG parts are left out (their peaks differ), as is every other GPU.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"float32": 51.0, "tf32": 378.0, "bfloat16": 756.0}),
+    ("H100", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4}),  # SXM
+    ("H200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4}),  # SXM
+    ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0}),
+)
+
+
+def device_peak_tflops(device_name: str, dtype: str, tf32: bool = False) -> float | None:
+    """The table's dense peak TFLOP/s of `device_name` for `dtype` ("float32", with `tf32` when
+    fp32 matmuls may use TF32, or "bfloat16"); None for a device it does not list."""
+    if "NVL" in device_name or "MIG" in device_name:
+        return None
+    precision = "tf32" if dtype == "float32" and tf32 else dtype
+    for part, peaks in PEAK_TFLOPS:
+        if part in device_name:
+            return peaks.get(precision)
+    return None
+
+
+def resolve_peak(bench: ModelBench) -> tuple[float | None, str]:
+    """The peak TFLOP/s that MFU divides by, and where it comes from."""
+    if bench.peak_tflops is not None:
+        return float(bench.peak_tflops), "--peak-tflops"
+    device = torch.device(bench.device)
+    if device.type != "cuda":
+        return None, "none for a CPU: pass --peak-tflops for MFU"
+    name = torch.cuda.get_device_name(device)
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    peak = device_peak_tflops(name, bench.dtype, tf32)
+    if peak is None:
+        return None, f"none known for {name}: pass --peak-tflops for MFU"
+    precision = "tf32" if bench.dtype == "float32" and tf32 else bench.dtype
+    return peak, f"{name}, {precision} dense (NVIDIA datasheet)"
 
 
 @dataclass
@@ -63,6 +109,7 @@ class ModelBench:
     gen_batch: int = 1
     repeats: int = 5
     device: str = "cpu"
+    peak_tflops: float | None = None  # MFU's denominator; None: the table of known GPUs
 
     def check(self) -> None:
         """Raise `ConfigError` (one line) for the first bad setting, configs included."""
@@ -72,6 +119,11 @@ class ModelBench:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be an integer >= 1, got {value}"
                 )
+        peak = self.peak_tflops
+        if peak is not None and (
+            isinstance(peak, bool) or not isinstance(peak, int | float) or not 0 < peak < 1e6
+        ):
+            raise ConfigError(f"--peak-tflops must be a number > 0 (TFLOP/s), got {peak}")
         _check_choices("--measure", self.measures, MEASURES)
         _check_choices("--dtype", [self.dtype], DTYPES)
         _check_choices("--impl", [self.impl], IMPLS)
@@ -293,6 +345,8 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
         for v in bench.variants:
             rows[v][f"{measure}_tokens_per_s"] = tokens / seconds[v]
         _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
+        if measure in ("train", "infer"):
+            _add_flops(rows, runs, bench, measure)
     if "memory" in bench.measures:
         for v, run in runs.items():
             run.train_step()  # lazily created state (AdamW moments, compiled code) is resident
@@ -300,6 +354,23 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
             rows[v]["resident_MB"] = resident_bytes(run) / 2**20
         _add_ratios(rows, "step_peak_MB", "memory_ratio")
     return list(rows.values())
+
+
+def _add_flops(
+    rows: dict[str, dict[str, object]], runs: dict[str, VariantRun], bench: ModelBench, measure: str
+) -> None:
+    """Model FLOPs per token, achieved GFLOP/s and (with a peak) MFU of `measure`."""
+    from deltalearn.models.flops import flops_per_token
+
+    peak, _ = resolve_peak(bench)
+    for v, run in runs.items():
+        count = flops_per_token(run.model.config, bench.seq)
+        per_token = count.train if measure == "train" else count.forward
+        achieved = float(rows[v][f"{measure}_tokens_per_s"]) * per_token  # type: ignore[arg-type]
+        rows[v][f"{measure}_flops_per_token"] = per_token
+        rows[v][f"{measure}_gflops_per_s"] = achieved / 1e9
+        if peak is not None:
+            rows[v][f"{measure}_mfu"] = achieved / (peak * 1e12)
 
 
 def _add_ratios(rows: dict[str, dict[str, object]], key: str, ratio: str) -> None:
@@ -311,9 +382,14 @@ def _add_ratios(rows: dict[str, dict[str, object]], key: str, ratio: str) -> Non
 def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, object]:
     """The JSON report: machine, torch, date, settings, definitions and rows."""
     notes = {m: NOTES[m] for m in MEASURES if m in bench.measures}
+    if {"train", "infer"} & set(bench.measures):
+        notes["flops"] = NOTES["flops"]
+    peak, source = resolve_peak(bench)
     return {
         "benchmark": "model",
         **run_header(torch.device(bench.device)),
+        "peak_tflops": peak,
+        "peak_source": source,
         "reference": bench.variants[0],
         "settings": dataclasses.asdict(bench),
         "notes": notes,
@@ -333,14 +409,24 @@ def format_model_report(report: dict[str, Any]) -> str:
         f"median of {s['repeats']}",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
+    if "flops" in report["notes"]:
+        peak = report.get("peak_tflops")
+        lines.append(
+            f"  peak: {peak:g} TFLOP/s ({report['peak_source']})"
+            if peak is not None
+            else f"  peak: {report.get('peak_source', 'none')}"
+        )
     x = f"× {ref}"
     columns = {
         "variant": "variant",
         "params_M": "params M",
         "train_tokens_per_s": "train tok/s",
         "train_ratio": x,
+        "train_gflops_per_s": "train GFLOP/s",
+        "train_mfu": "train MFU",
         "infer_tokens_per_s": "infer tok/s",
         "infer_ratio": x,
+        "infer_mfu": "infer MFU",
         "generate_tokens_per_s": "decode tok/s",
         "generate_ratio": x,
         "step_peak_MB": "step peak MB",
