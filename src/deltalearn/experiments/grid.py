@@ -10,7 +10,8 @@ A grid file holds these keys (only ``variants`` is required)::
     lr: 2.0e-3                          # a number, a list (an axis), or {variant: number}
     steps: 300                          # an int, a list (an axis), or {variant: int}
     size: tiny                          # a size preset or a list of them
-    baseline: baseline                  # the variant every other one is compared with
+    baseline: baseline                  # the variant every other one is compared with (it
+                                        #   needs to be among the variants for differences)
     steps_rule: fixed                   # or equal-flops: ``steps`` are the baseline's, every
                                         #   other variant gets the steps that spend its FLOPs
     train:                              # TrainConfig keys for every cell (nested or dotted)
@@ -300,11 +301,10 @@ def grid_from_dict(data: Any, name: str, source: str = "") -> Grid:
         variants,
     )
     size = _as_list("size", data.get("size", "tiny"), _check_size, f"a size ({', '.join(SIZES)})")
+    # The reference of the differences (and of equal-flops); it need not be trained in this grid.
     baseline = data.get("baseline", "baseline")
-    if baseline not in variants:
-        raise ConfigError(
-            f"baseline {baseline!r} is not one of the variants ({', '.join(variants)})"
-        )
+    if not _check_variant(baseline):
+        raise _bad("baseline", baseline, f"a variant name ({', '.join(VARIANTS)})")
     rule = data.get("steps_rule", "fixed")
     if rule not in STEPS_RULES:
         raise _bad("steps_rule", rule, f"one of {', '.join(STEPS_RULES)}")

@@ -133,7 +133,10 @@ def _read_run(run_dir: Path) -> RunRecord | None:
     log = read_log(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
     r = cfg.run
     tokens_per_step = r.batch_size * r.seq_len
-    flops = _flops_per_token(run_dir, r.seq_len) if summary else None
+    flops = None
+    if summary:  # the trainer's own figure when it wrote one, else counted from the model config
+        logged = summary.get("flops_per_token")
+        flops = float(logged) if logged else _flops_per_token(run_dir, r.seq_len)
     curve, seconds = _curve(log, tokens_per_step, flops)
     rec = RunRecord(
         name=run_dir.name,
