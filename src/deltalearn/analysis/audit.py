@@ -287,9 +287,9 @@ def audit_run(
     _check_int("--max-batches", max_batches)
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / AUDIT_DIR
     _check_out(out)  # found now, not after the model has run
-    run = load_run(run_dir)
     base = None
     if against is not None:
         base = load_run(against)
