@@ -1,0 +1,96 @@
+"""Small helpers the beyond-LM examples share: seed statistics, β pooling and atomic result files.
+
+    mean_interval([0.97, 0.98, 0.975])   -> {"mean", "half_width", "low", "high", "n", "values"}
+    write_json(out / "results.json", obj)   and   save_figure(fig, out / "figure.png")
+
+`mean_interval` is the mean with a two-sided Student-t interval over seeds (scipy, which
+scikit-learn brings, gives the quantile); files are written atomically (`deltalearn.atomic`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltalearn.atomic import atomic_write_bytes, atomic_write_text
+from deltalearn.nn.residual import GateRecord
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean and the half-width of a two-sided Student-t `level` interval over `values` (seeds).
+
+    Non-finite values (a diverged run) make the mean and interval NaN; one value gives a NaN
+    half-width (no spread to estimate).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_interval needs at least one value, got none")
+    n = len(vals)
+    mean = math.fsum(vals) / n
+    if n < 2 or not all(math.isfinite(v) for v in vals):
+        half = math.nan
+    else:
+        from scipy.stats import t
+
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
+        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {
+        "mean": mean,
+        "half_width": half,
+        "low": mean - half,
+        "high": mean + half,
+        "n": n,
+        "level": level,
+        "values": vals,
+    }
+
+
+def format_interval(stats: dict[str, Any], digits: int = 4, scale: float = 1.0) -> str:
+    """`"0.9812 ± 0.0031"` from a `mean_interval` result (values multiplied by `scale`)."""
+    mean, half = stats["mean"] * scale, stats["half_width"] * scale
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if math.isfinite(half) else f"{mean:.{digits}f}"
+
+
+def pooled_betas(gates: Iterable[GateRecord]) -> torch.Tensor:
+    """Every β of a `(output, gates)` call, flattened into one fp32 vector."""
+    parts = [g.beta.reshape(-1).float() for g in gates]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically (parents created); NaN stays JSON `NaN`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
