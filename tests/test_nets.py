@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import deltalearn.nn
 from deltalearn.nets import DeltaResMLP, DeltaResNet
+from deltalearn.nets.results import format_interval, mean_interval, pyplot, save_figure, write_json
 from deltalearn.nn import ConvDeltaResidual, DeltaResidual
 
 RULES = ["additive", "delta", "write_only"]
@@ -105,3 +109,29 @@ class TestBadInput:
     def test_images_without_channel_axis(self):
         with pytest.raises(ValueError, match=r"\(B, C, H, W\), got \(2, 8, 8\)"):
             DeltaResNet(1, 2, widths=(4,))(torch.randn(2, 8, 8))
+
+
+def test_mean_interval_is_the_student_t_interval():
+    s = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    # sd = sqrt(2.5), t_{0.975, 4} = 2.7764451
+    assert s["mean"] == 3.0 and s["n"] == 5
+    assert s["half_width"] == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert s["low"] == pytest.approx(3.0 - s["half_width"])
+    assert math.isnan(mean_interval([0.5])["half_width"])
+    assert math.isnan(mean_interval([1.0, float("nan")])["half_width"])
+    assert format_interval(mean_interval([0.97, 0.99]), 2, scale=100).startswith("98.00 ± ")
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\), got 95"):
+        mean_interval([1.0, 2.0], level=95)
+
+
+def test_result_files_are_written_whole(tmp_path):
+    path = write_json(tmp_path / "a" / "r.json", {"x": [1, 2], "nan": float("nan")})
+    assert json.loads(path.read_text())["x"] == [1, 2]
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = save_figure(fig, tmp_path / "b" / "f.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["f.png"]  # no temp file left
