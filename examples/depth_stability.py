@@ -106,7 +106,9 @@ def train(net: DeltaResMLP, seed: int, args) -> dict:
 
 def run_one(rule: str, depth: int, seed: int, args) -> dict:
     torch.manual_seed(seed)
-    net = DeltaResMLP(IN, OUT, args.width, depth, rule=rule, hidden=args.hidden)
+    net = DeltaResMLP(
+        IN, OUT, args.width, depth, rule=rule, hidden=args.hidden, beta_init=args.beta_init
+    )
     x, y = teacher(args.batch_size, torch.Generator().manual_seed(10_000 + seed))
     start = time.perf_counter()
     result = {"rule": rule, "depth": depth, "seed": seed, "init": at_init(net, x, y)}
@@ -171,7 +173,9 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
     b.set_title(f"gradient norm of each block at init, depth {deepest} (mean over seeds)")
     b.set_xlabel("block (input → output)")
     b.set_ylabel("‖∇ block params‖")
-    c.set_title(f"training loss after {args.steps} steps (lr {args.lr:g}, no clipping)")
+    c.set_title(
+        f"loss after {args.steps} steps (lr {args.lr:g}, β₀ {args.beta_init:g}, no clipping)"
+    )
     c.set_ylabel("mean loss, last 5 steps (teacher variance = 1)")
     c.axhline(1.0, color="k", lw=0.8, ls="--")
     d.set_title("state RMS after the last block, at init")
@@ -201,6 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--beta-init", type=float, default=1.0, help="β₀ of the DDL/write-only gates")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/examples/depth_stability"))
     args = p.parse_args(argv)
