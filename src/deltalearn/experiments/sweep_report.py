@@ -132,6 +132,19 @@ def _cost_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _mean_curve(runs: list[RunRecord], row: dict[str, Any], key: str) -> tuple[list, list] | None:
+    """``key`` and validation loss at each evaluation step all finished seeds of the row's group
+    logged, averaged over the seeds; None when a seed lacks ``key``."""
+    group = (row["variant"], row["size"], row["lr"], row["steps"])
+    curves = [r.curve for r in runs if r.group == group and r.status == "finished"]
+    if not curves or any(key not in p for c in curves for p in c):
+        return None
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
+    points = [[p for c in curves for p in c if p["step"] == s] for s in steps]
+    xs = [statistics.fmean(p[key] for p in at) for at in points]
+    return xs, [statistics.fmean(p["val_loss"] for p in at) for at in points]
+
+
 def _plots(
     runs: list[RunRecord], rows: list[dict[str, Any]], varying: list[str], out: Path
 ) -> list[Path]:
@@ -143,34 +156,25 @@ def _plots(
     except ImportError:
         return []
     axes = [
-        ("tokens", "training tokens", "val_loss_tokens.png", 1.0),
-        ("flops", "training FLOPs (analytic)", "val_loss_flops.png", 1.0),
-        ("seconds", "training wall-clock (min)", "val_loss_time.png", 1 / 60),
+        ("tokens", "training tokens", "val_loss_tokens.png"),
+        ("flops", "training FLOPs (analytic)", "val_loss_flops.png"),
+        ("seconds", "training wall-clock", "val_loss_time.png"),
     ]
     written = []
-    for key, xlabel, name, scale in axes:
+    for key, xlabel, name in axes:
+        curves = [(row, _mean_curve(runs, row, key)) for row in rows]
+        curves = [(row, c) for row, c in curves if c is not None]
+        if not curves:
+            continue
+        scale = 1.0
+        if key == "seconds":
+            minutes = max(x for _, (xs, _) in curves for x in xs) > 120
+            scale, xlabel = (1 / 60, f"{xlabel} (min)") if minutes else (1.0, f"{xlabel} (s)")
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        drawn = False
-        for row in rows:
-            group = (row["variant"], row["size"], row["lr"], row["steps"])
-            curves = [r.curve for r in runs if r.group == group and r.status == "finished"]
-            if not curves or any(key not in p for c in curves for p in c):
-                continue
-            steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
-            xs = [
-                statistics.fmean(p[key] for c in curves for p in c if p["step"] == s) for s in steps
-            ]
-            ys = [
-                statistics.fmean(p["val_loss"] for c in curves for p in c if p["step"] == s)
-                for s in steps
-            ]
+        for row, (xs, ys) in curves:
             ax.plot(
                 [x * scale for x in xs], ys, marker="o", markersize=2.5, label=_label(row, varying)
             )
-            drawn = True
-        if not drawn:
-            plt.close(fig)
-            continue
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"Validation loss against {xlabel} (mean over seeds)")
