@@ -226,16 +226,17 @@ def test_deltalearn_lm_eval_command_on_a_trained_run(run_dir, tmp_path):
         assert 0.0 <= data["results"]["ddl_tiny_mc"][key] <= 1.0
 
 
-def test_eval_tasks_writes_a_table(run_dir, capsys):
+def test_eval_tasks_writes_a_table(run_dir, tmp_path, capsys):
     argv = [
         "eval", str(run_dir), "--tasks", "ddl_tiny_mc,ddl_tiny_rolling",
         "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--batch-size", "4",
-        "--device", "cpu",
+        "--device", "cpu", "--json", str(tmp_path / "copy.json"),
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads((run_dir / "eval" / "lm_eval.json").read_text())
     table = (run_dir / "eval" / "lm_eval.md").read_text()
+    assert json.loads((tmp_path / "copy.json").read_text()) == report  # --json: the same report
     assert table in printed
     rows = {(r["task"], r["shots"], r["metric"]): r["value"] for r in report["rows"]}
     assert {("ddl_tiny_mc", 0, "acc"), ("ddl_tiny_rolling", 0, "bits_per_byte")} <= set(rows)

@@ -198,6 +198,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     """``eval RUN --tasks ...``: downstream tasks through lm-evaluation-harness."""
     from deltalearn.eval.tasks import evaluate_tasks, format_markdown
 
+    json_file = getattr(args, "json", None)
+    if json_file is not None:
+        _check_json_file(json_file)  # before the evaluation, not after
     report = evaluate_tasks(
         args.run_dir,
         tasks=args.tasks,
@@ -209,6 +212,10 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     )
     print(format_markdown(report), end="")
     print(f"saved {report['markdown_path']} and {report['json_path']}")
+    if json_file is not None:  # a copy of RUN/eval/lm_eval.json where asked
+        from deltalearn.atomic import atomic_write_text
+
+        atomic_write_text(Path(json_file), json.dumps(report, indent=1) + "\n")
     return 0
 
 
