@@ -201,7 +201,7 @@ def evaluate_tasks(
         _check_int(num_fewshot, "--num-fewshot", 0)
     _check_int(batch_size, "--batch-size", 1)
     if limit is not None:
-        _check_int(limit, "limit", 1)
+        _check_int(limit, "--limit", 1)
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if include_path is not None and not Path(include_path).is_dir():
@@ -233,7 +233,12 @@ def evaluate_tasks(
     names = list(dict.fromkeys(t for found in matched.values() for t in found))
 
     dev = resolve_device(device)
-    lm = HFLM(pretrained=run.model.to(dev), tokenizer=run.tokenizer, batch_size=batch_size)
+    lm = HFLM(  # lm-eval's own `hf` model around the loaded run; DeltaLM is decoder-only
+        pretrained=run.model.to(dev),
+        tokenizer=run.tokenizer,
+        batch_size=batch_size,
+        backend="causal",
+    )
     rows: list[dict[str, Any]] = []
     versions: dict[str, Any] = {}
     for shots in shots_list:
