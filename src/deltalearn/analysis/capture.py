@@ -23,7 +23,8 @@ unit roundoff `u = eps/2`. Its readout `kᵀX` is a d-term dot product, off by a
 (`γ_d ≈ d·u`, Higham's bound for any summation order, so it also covers the blocked reductions
 of a GPU kernel); its `k` is off from the float64 one by at most `(d/2 + 3)u`; the discrepancy, the
 product `β k (v − kᵀX)` and the final addition add a few `u` each, relative to `|v| + ‖X‖` and
-`‖X'‖`. With β < 2 doubling the discrepancy terms, the first-order sum is at most
+`‖X'‖` (as does a β or v recorded outside a fused kernel that differs from the kernel's own by an
+ulp). With β < 2 doubling the discrepancy terms, the first-order sum is at most
 `(4d + 18)·u·(‖X‖ + ‖X'‖ + |v|)` — the tolerance above, a worst case, not an estimate. A real bug
 (a wrong β, a missing erase term, a `k` off unit norm by 1e-3 as a bf16 one is) moves `e_post` by
 a fraction of `|e_pre|`, orders of magnitude more for the widths used here; the measured maximum
@@ -52,7 +53,7 @@ from deltalearn.analysis.regimes import (
 __all__ = ["SUBLAYERS", "SiteStats", "capture_sites", "tolerance_factor"]
 
 SUBLAYERS = ("attn", "mlp")  # the order of the sublayer axis of `DeltaLMGates`
-CHUNK = 4096  # tokens per float64 slice in a hook (bounds the extra memory)
+CHUNK = 2048  # tokens per float64 slice in a hook (bounds the extra memory)
 
 
 def tolerance_factor(d: int) -> int:

@@ -77,7 +77,7 @@ def regimes(result: dict[str, Any], folder: Path) -> str:
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of tokens")
     ax.set_title(f"{result['variant']}: β regimes per sublayer")
-    ax.legend(ncols=5, loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, frameon=False)
+    fig.legend(ncols=5, loc="outside lower center", fontsize=8, frameon=False)
     return _save(fig, folder, "regimes")
 
 
@@ -103,11 +103,12 @@ def contraction(result: dict[str, Any], folder: Path) -> str:
     )
     ratio = [r["contraction"] for r in rows]
     ax2.barh(x, ratio, color="#1565c0")
+    ax2.plot([r["abs_one_minus_beta_mean"] for r in rows], x, "o", color="k", ms=4)
     ax2.axvline(1.0, color="k", lw=0.8)
     ax2.set_yticks(x, _labels(rows), fontsize=8)
     ax2.invert_yaxis()
-    ax2.set_xlabel("RMS after / RMS before")
-    ax2.set_title("contraction", fontsize=9)
+    ax2.set_xlabel("factor on the discrepancy")
+    ax2.set_title("bars: RMS after / RMS before\ndots: mean |1 − β|", fontsize=9)
     return _save(fig, folder, "contraction")
 
 
@@ -125,8 +126,9 @@ def update_norms(result: dict[str, Any], folder: Path) -> str:
     if base:
         b = [r["baseline_update_ratio_mean"] for r in rows]
         ax.bar(x + 0.2, b, width, color="#9e9e9e", label=f"{base['variant']}: ‖h‖ / ‖X‖")
+    ax.set_yscale("log")
     ax.set_xticks(x, _labels(rows), rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("mean over tokens")
+    ax.set_ylabel("mean over tokens (log scale)")
     ax.set_title("How much each sublayer changes the state", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, folder, "update_norms")
@@ -162,7 +164,8 @@ def channels(result: dict[str, Any], folder: Path) -> str:
         ax.set_xticks(x, _labels(rows), rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=7, ncols=min(dv, 4))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncols=min(dv, 8), loc="outside lower center", fontsize=8)
     fig.suptitle(f"{result['variant']}: use of the {dv} value channels", fontsize=10)
     return _save(fig, folder, "channels")
 

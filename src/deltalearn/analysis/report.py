@@ -59,8 +59,9 @@ def render_report(result: dict[str, Any]) -> str:
         *(
             [
                 "The write-only control has no erase term, so the readout moves by βv instead of "
-                "contracting: its identity is the one above, and its discrepancy ratio below is "
-                "not the factor 1 − β.",
+                "contracting: its identity is the one above, its discrepancy ratio below is not "
+                "the factor 1 − β, and its shortcut is the identity whatever β, so the β regimes "
+                "only describe the gate.",
                 "",
             ]
             if result["rule"] == "write_only"
