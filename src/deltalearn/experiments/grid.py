@@ -381,10 +381,11 @@ def plan_cells(grid: Grid, flops: Callable[[TrainConfig], float] | None = None) 
             for s in base_steps:
                 for lr in lrs:
                     for v in grid.variants:
-                        steps = grid.steps[v] if s is None else s  # type: ignore[index]
+                        steps = grid.steps[v] if isinstance(grid.steps, dict) else s
+                        rate = grid.lr[v] if isinstance(grid.lr, dict) else lr
+                        assert steps is not None and rate is not None
                         if ratio:
                             steps = max(1, round(steps * ratio[v]))
-                        rate = grid.lr[v] if lr is None else lr  # type: ignore[index]
                         cell = Cell(v, size, float(rate), int(steps), seed)
                         if cell not in seen:
                             seen.add(cell)

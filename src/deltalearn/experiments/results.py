@@ -189,6 +189,11 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
 # ---- statistics -------------------------------------------------------------------------------
 
 
+def _known(values: Any) -> list[float]:
+    """The values of finished runs (never None there)."""
+    return [float(x) for x in values if x is not None]
+
+
 def _summary_dict(s: Summary | None) -> dict[str, Any]:
     if s is None:
         return {"n": 0, "mean": None, "std": None, "ci_low": None, "ci_high": None}
@@ -197,6 +202,10 @@ def _summary_dict(s: Summary | None) -> dict[str, Any]:
 
 def _paired_dict(d: PairedDifference | None) -> dict[str, Any] | None:
     return None if d is None else {k: v for k, v in asdict(d).items() if k != "level"}
+
+
+def _train_flops(run: RunRecord) -> float | None:
+    return None if not run.flops_per_token else run.flops_per_token * run.tokens
 
 
 def _pick_baseline(group: Group, baselines: list[Group]) -> Group | None:
@@ -229,9 +238,9 @@ def summarize_sweep(
     rows = []
     for g, rs in groups.items():
         fin = done[g]
-        losses = [r.final_loss for r in fin]
-        bpbs = [r.final_bpb for r in fin]
-        has_bpb = bool(fin) and all(b is not None for b in bpbs)
+        losses = _known(r.final_loss for r in fin)
+        bpbs = _known(r.final_bpb for r in fin)
+        has_bpb = bool(fin) and len(bpbs) == len(fin)
         row: dict[str, Any] = {
             "variant": g[0],
             "size": g[1],
@@ -246,13 +255,15 @@ def summarize_sweep(
             "val_bpb": _summary_dict(summarize(bpbs, LEVEL) if has_bpb else None),
             "params": fin[0].params if fin else None,
             "flops_per_token": fin[0].flops_per_token if fin else None,
-            "train_flops": fin[0].flops_per_token * fin[0].tokens
-            if fin and fin[0].flops_per_token
+            "train_flops": _train_flops(fin[0]) if fin else None,
+            "train_tokens_per_s": statistics.fmean(_known(r.tokens_per_s for r in fin))
+            if fin
             else None,
-            "train_tokens_per_s": statistics.fmean(r.tokens_per_s for r in fin) if fin else None,
-            "peak_memory_mb": max(r.peak_memory_mb for r in fin) if fin else None,
+            "peak_memory_mb": max(_known(r.peak_memory_mb for r in fin)) if fin else None,
             "memory_kind": fin[0].memory_kind if fin else None,
-            "train_seconds": statistics.fmean(r.train_seconds for r in fin) if fin else None,
+            "train_seconds": statistics.fmean(_known(r.train_seconds for r in fin))
+            if fin
+            else None,
             "train_flops_vs_baseline": None,
             "baseline_group": None,
             "paired_seeds": [],
@@ -262,24 +273,26 @@ def summarize_sweep(
         ref = None if g[0] == baseline else _pick_baseline(g, base_groups)
         if ref is not None and fin:
             row["baseline_group"] = list(ref)
-            ref_fin = done[ref]
-            if row["train_flops"] and ref_fin[0].flops_per_token:
-                row["train_flops_vs_baseline"] = row["train_flops"] / (
-                    ref_fin[0].flops_per_token * ref_fin[0].tokens
-                )
+            ref_flops = _train_flops(done[ref][0])
+            if row["train_flops"] and ref_flops:
+                row["train_flops_vs_baseline"] = row["train_flops"] / ref_flops
             base = {r.seed: r for r in done[ref]}
             pairs = [(r, base[r.seed]) for r in fin if r.seed in base]
             if pairs:
                 row["paired_seeds"] = [a.seed for a, _ in pairs]
                 row["vs_baseline"] = _paired_dict(
                     paired_difference(
-                        [a.final_loss for a, _ in pairs], [b.final_loss for _, b in pairs], LEVEL
+                        _known(a.final_loss for a, _ in pairs),
+                        _known(b.final_loss for _, b in pairs),
+                        LEVEL,
                     )
                 )
                 if all(a.final_bpb is not None and b.final_bpb is not None for a, b in pairs):
                     row["vs_baseline_bpb"] = _paired_dict(
                         paired_difference(
-                            [a.final_bpb for a, _ in pairs], [b.final_bpb for _, b in pairs], LEVEL
+                            _known(a.final_bpb for a, _ in pairs),
+                            _known(b.final_bpb for _, b in pairs),
+                            LEVEL,
                         )
                     )
         rows.append(row)

@@ -101,7 +101,9 @@ class Summary:
 
     @property
     def half_width(self) -> float | None:
-        return None if self.ci_high is None else (self.ci_high - self.ci_low) / 2
+        if self.ci_low is None or self.ci_high is None:
+            return None
+        return (self.ci_high - self.ci_low) / 2
 
 
 def _interval(mean: float, std: float, n: int, level: float) -> tuple[float, float]:

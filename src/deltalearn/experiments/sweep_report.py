@@ -162,8 +162,7 @@ def _plots(
     ]
     written = []
     for key, xlabel, name in axes:
-        curves = [(row, _mean_curve(runs, row, key)) for row in rows]
-        curves = [(row, c) for row, c in curves if c is not None]
+        curves = [(row, c) for row in rows if (c := _mean_curve(runs, row, key)) is not None]
         if not curves:
             continue
         scale = 1.0
