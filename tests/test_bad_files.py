@@ -158,9 +158,9 @@ def test_run_folder_of_the_wrong_kind(run: Path, tmp_path: Path, capsys, cmd: st
 
 
 def test_audit_output_of_the_wrong_kind(run: Path, capsys):
-    (run / "audit.json").mkdir()
+    (run / "audit").write_text("x")
     before = snapshot(run)
-    one_line_error(capsys, command("audit", run), run / "audit.json", "is a folder")
+    one_line_error(capsys, command("audit", run), run / "audit", "is a file")
     assert snapshot(run) == before
 
 

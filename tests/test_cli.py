@@ -71,7 +71,7 @@ def test_eval_and_audit(trained, capsys):
     assert main(["audit", str(trained / "run"), "--max-batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "attn" in out and "mlp" in out
-    audit = json.loads((trained / "run" / "audit.json").read_text())
+    audit = json.loads((trained / "run" / "audit" / "audit.json").read_text())
     assert len(audit["layers"]) == 4  # 2 layers × (attention, MLP)
     assert all(0 < r["beta_mean"] < 2 for r in audit["layers"])
 
