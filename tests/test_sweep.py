@@ -128,6 +128,10 @@ def test_dry_run_with_overrides(capsys):
     assert main(["sweep", "lr", "--dry-run", "--set", "seeds=[7]", "--set", "variants=[ddl]"]) == 0
     out = capsys.readouterr().out
     assert "5 cells (dry run" in out and out.count("seed7") == 5 and "baseline" not in out
+    # 1e-3 without a dot is a string to YAML 1.1; a learning rate takes it as the number
+    assert main(["sweep", "lr", "--dry-run", "--set", "lr=[1e-3, 3e-3]"]) == 0
+    out = capsys.readouterr().out
+    assert "6 cells (dry run" in out and "ddl-tiny-lr0.003-300steps-seed1" in out
     assert main(["sweep", "--list"]) == 0
     assert "paper-grid: Every variant" in capsys.readouterr().out
 

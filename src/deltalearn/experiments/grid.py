@@ -238,6 +238,24 @@ def _axis(
     return {v: value[v] for v in variants}
 
 
+def _numbers(value: Any) -> Any:
+    """Number-like strings as floats: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, str):
+            try:
+                return float(x)
+            except ValueError:
+                return x
+        return x
+
+    if isinstance(value, list):
+        return [one(x) for x in value]
+    if isinstance(value, dict):
+        return {k: one(x) for k, x in value.items()}
+    return one(value)
+
+
 def _check_variant(name: Any) -> bool:
     from deltalearn.models import VARIANTS
 
@@ -291,7 +309,11 @@ def grid_from_dict(data: Any, name: str, source: str = "") -> Grid:
         "seeds", data.get("seeds", 1337), lambda s: _is_int(s) and s >= 0, "a seed >= 0"
     )
     lr = _axis(
-        "lr", data.get("lr", 2e-3), lambda x: _is_number(x) and x > 0, "a number > 0", variants
+        "lr",
+        _numbers(data.get("lr", 2e-3)),
+        lambda x: _is_number(x) and x > 0,
+        "a number > 0",
+        variants,
     )
     steps = _axis(
         "steps",
