@@ -163,8 +163,8 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
         for k in args.depths:
             bad = s[str(k)]["diverged"]
             if bad:
-                c.annotate(f"{bad}/{s[str(k)]['runs']} diverged", (k, s[str(k)]["final_loss"]["mean"]),
-                           color=color, fontsize=8)  # fmt: skip
+                where = (k, s[str(k)]["final_loss"]["mean"])
+                c.annotate(f"{bad}/{s[str(k)]['runs']} diverged", where, color=color, fontsize=8)
         _errorbar(d, args.depths, [s[str(k)]["final_state_rms"] for k in args.depths],
                   label=rule, color=color)  # fmt: skip
     n = len({r["seed"] for r in runs})

@@ -8,7 +8,7 @@ rules see the same split and batches. `DeltaResNet` with two stages (16 and 32 c
 Writes `results.json` (per-seed test accuracy and loss, β statistics, mean ± 95% t-interval over
 seeds, paired differences against additive) and `digits_resnet.png` into --out.
 
-    python examples/digits_resnet.py                    # 5 seeds × 3 rules, a few minutes on 2 cores
+    python examples/digits_resnet.py           # 5 seeds × 3 rules, a few minutes on 2 cores
     python examples/digits_resnet.py --seeds 1 --epochs 1 --out /tmp/digits   # smoke run
 """
 

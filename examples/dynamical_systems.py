@@ -54,7 +54,7 @@ Task = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def oscillator(n: int, g: torch.Generator, horizon: float = 6.0, zeta: float = 0.05):
-    """x'' + 2ζωx' + ω²x = 0 from (x₀, v₀): the exact flow map exp(A T), A = [[0, 1], [−ω², −2ζω]]."""
+    """x'' + 2ζωx' + ω²x = 0 from (x₀, v₀): the exact flow map exp(AT), A = [[0, 1], [−ω², −2ζω]]."""
     x0, v0 = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
     omega = 0.5 + 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
     A = torch.zeros(n, 2, 2, dtype=torch.float64)
@@ -174,20 +174,31 @@ def train_one(task: str, rule: str, depth: int, seed: int, test, args) -> dict:
     return result
 
 
+def _seeds(runs: list[dict], task: str, rule: str, depth: int) -> list[dict]:
+    """The runs of one setting, ordered by seed."""
+    rs = [r for r in runs if (r["task"], r["rule"], r["depth"]) == (task, rule, depth)]
+    return sorted(rs, key=lambda r: r["seed"])
+
+
 def summarise(runs: list[dict], args) -> dict:
-    table = {}
+    """Per task, rule and depth over seeds: the relative MSE (mean ± t-interval), its log10 (the
+    errors span decades, so the figure shows the geometric mean and the interval of the log), and
+    per seed — same training samples, same test set — how often each rule beats additive."""
+    table: dict = {"relative_mse": {}, "log10_relative_mse": {}, "seeds_better_than_additive": {}}
     for task in args.tasks:
-        table[task] = {}
+        for key in table:
+            table[key][task] = {rule: {} for rule in args.rules}
         for rule in args.rules:
-            table[task][rule] = {}
             for depth in args.depths:
-                vals = [
-                    r["relative_mse"]
-                    for r in runs
-                    if (r["task"], r["rule"], r["depth"]) == (task, rule, depth)
-                ]
-                table[task][rule][str(depth)] = mean_interval(vals)
-    return {"relative_mse": table}
+                vals = [r["relative_mse"] for r in _seeds(runs, task, rule, depth)]
+                logs = [math.log10(v) if v > 0 else -math.inf for v in vals]
+                table["relative_mse"][task][rule][str(depth)] = mean_interval(vals)
+                table["log10_relative_mse"][task][rule][str(depth)] = mean_interval(logs)
+                base = [r["relative_mse"] for r in _seeds(runs, task, "additive", depth)]
+                if rule != "additive" and len(base) == len(vals):
+                    wins = sum(a < b for a, b in zip(vals, base, strict=True))
+                    table["seeds_better_than_additive"][task][rule][str(depth)] = [wins, len(vals)]
+    return table
 
 
 def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
@@ -199,19 +210,20 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
     for j, task in enumerate(tasks):
         ax = axes[0, j]
         for rule in args.rules:
-            stats = [summary["relative_mse"][task][rule][str(d)] for d in args.depths]
-            mean = [s["mean"] for s in stats]
-            lo = [s["mean"] - s["low"] if s["n"] > 1 else 0.0 for s in stats]
-            hi = [s["high"] - s["mean"] if s["n"] > 1 else 0.0 for s in stats]
-            lo = [min(a, 0.999 * m) for a, m in zip(lo, mean, strict=True)]  # log axis: stay > 0
-            ax.errorbar(args.depths, mean, yerr=[lo, hi], marker="o", capsize=3, label=rule)
+            stats = [summary["log10_relative_mse"][task][rule][str(d)] for d in args.depths]
+            geo = [10 ** s["mean"] for s in stats]  # geometric mean over seeds
+            half = [s["half_width"] if s["n"] > 1 and math.isfinite(s["half_width"]) else 0.0
+                    for s in stats]  # fmt: skip
+            lo = [g - g / 10**h for g, h in zip(geo, half, strict=True)]
+            hi = [g * 10**h - g for g, h in zip(geo, half, strict=True)]
+            ax.errorbar(args.depths, geo, yerr=[lo, hi], marker="o", capsize=3, label=rule)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("residual blocks")
         ax.set_title(task)
         ax.grid(alpha=0.3, which="both")
         if j == 0:
-            ax.set_ylabel("test MSE / Var(y)  (mean ± 95% CI)")
+            ax.set_ylabel("test MSE / Var(y): geometric mean, 95% CI")
             ax.legend()
         bx = axes[1, j]
         recs = [r for r in runs if r["task"] == task and "beta" in r]
@@ -234,8 +246,7 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
             bx.legend(loc="upper right")
         cx = axes[2, j]
         for rule in args.rules:
-            curves = [r["train_curve"] for r in runs
-                      if (r["task"], r["rule"], r["depth"]) == (task, rule, deepest)]  # fmt: skip
+            curves = [r["train_curve"] for r in _seeds(runs, task, rule, deepest)]
             if curves and curves[0]:
                 mean = torch.tensor([[v for _, v in c] for c in curves]).mean(0)
                 cx.plot([s for s, _ in curves[0]], mean.tolist(), label=rule)
@@ -287,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
             for rule in args.rules:
                 for seed in range(args.seeds):
                     runs.append(train_one(task, rule, depth, seed, test, args))
-                rel = [r["relative_mse"] for r in runs[-args.seeds :]]
+                rel = mean_interval([r["relative_mse"] for r in runs[-args.seeds :]])
+                each = ", ".join(f"{v:.4f}" for v in rel["values"])
                 print(f"{task:>10} depth {depth:>3} {rule:>10}: relative test MSE "
-                      f"{format_interval(mean_interval(rel), 4)}", flush=True)  # fmt: skip
+                      f"{format_interval(rel, 4)} (seeds: {each})", flush=True)  # fmt: skip
     summary = summarise(runs, args)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {"settings": settings, "summary": summary, "runs": runs}
@@ -311,6 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
             nf = mean_interval([r["beta"]["no_flip"]["fraction_above_1"] for r in recs])
             line += f"; flip {format_interval(f, 3)} / no flip {format_interval(nf, 3)}"
         print(line)
+    wins = summary["seeds_better_than_additive"]
+    for task in args.tasks:
+        for rule in wins[task]:
+            if wins[task][rule]:
+                cells = ", ".join(f"depth {d}: {w}/{n}" for d, (w, n) in wins[task][rule].items())
+                print(f"  {task:>10} {rule} beats additive in {cells} seeds")
     print(f"wrote {args.out / 'results.json'} and {figure}")
     return results
 

@@ -35,8 +35,8 @@ def _read_results(out: Path) -> dict:
 
 def test_digits_resnet_smoke(tmp_path):
     out = tmp_path / "digits"
-    argv = ["--seeds", "2", "--epochs", "1", "--widths", "4,8", "--blocks", "1", "--batch-size", "256",
-            "--out", str(out)]  # fmt: skip
+    argv = ["--seeds", "2", "--epochs", "1", "--widths", "4,8", "--blocks", "1",
+            "--batch-size", "256", "--out", str(out)]  # fmt: skip
     results = _load("digits_resnet").main(argv)
     assert (out / "digits_resnet.png").stat().st_size > 0
     assert _read_results(out) == json.loads(json.dumps(results))

@@ -53,7 +53,7 @@ def test_every_builder_runs_forward_and_backward_for_every_rule(kind, rule, dv):
 
 
 def test_rule_is_the_only_difference_between_the_networks():
-    """additive vs delta vs write_only: the same backbone; DDL adds only its value and gate heads."""
+    """additive, delta, write_only: the same backbone; DDL adds only its value and gate heads."""
     names = {}
     for rule in RULES:
         names[rule] = {

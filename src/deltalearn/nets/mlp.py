@@ -32,7 +32,7 @@ class DeltaResMLP(ResidualNet):
         hidden: hidden size of each block's MLP branch (default `4 * width`).
         value_channels: dv; above 1 the state is `(..., width, dv)`, repeated from the stem and read
             back by a channel compressor before the head.
-        **residual: passed to every `DeltaResidual` (`beta_init`, `value_head`, `gate`, `fused`, ...).
+        **residual: passed to every `DeltaResidual` (`beta_init`, `value_head`, `gate`, `fused`...).
 
     `forward(x, output_gates=False)`: `x` `(..., in_features)` -> `(..., out_features)`, or the pair
     `(output, gates)` (see `ResidualNet`).

@@ -4,7 +4,8 @@
           -> stage 0: blocks × residual(Conv3×3 -> GELU -> Conv3×3)
           -> stage i > 0: Conv3×3 stride 2 (w_{i−1} -> w_i, the same conv on each value channel),
                           then blocks × residual(...)
-          [-> channel compressor] -> RMSNorm over channels -> mean over pixels -> Linear(w_last, classes)
+          [-> channel compressor] -> RMSNorm over channels -> mean over pixels
+          -> Linear(w_last, classes)
 
 Every residual block is a `ConvDeltaResidual`: the state is the channel vector (dv = 1) or a
 `w × dv` matrix at each pixel; `rule="additive"` is the pre-norm ResNet `X + F(RMSNorm_C(X))`.

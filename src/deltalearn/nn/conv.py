@@ -8,8 +8,8 @@ State layout, channels first as `nn.Conv*d` expects:
     dv = 1    X  (B, C, *S)          the channel vector x_p ∈ R^C at each position p
     dv > 1    X  (B, C, dv, *S)      a C × dv matrix X_p at each position
 
-At every position p the update is the vector (matrix) form of `DeltaResidual`, with the branch free to
-mix positions (3×3 convs, ...):
+At every position p the update is the vector (matrix) form of `DeltaResidual`, with the branch free
+to mix positions (3×3 convs, ...):
 
     x_in = X_p or Compress(X_p)   c = RMSNorm over channels   h = F(c)   (F sees all positions)
     k_p  = h_p / ‖h_p‖  (over channels)   v_p = W_v c_p,  β_p = 2σ(W_β c_p + b)   (1×1 projections)
