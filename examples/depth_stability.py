@@ -164,19 +164,20 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
             bad = s[str(k)]["diverged"]
             if bad:
                 where = (k, s[str(k)]["final_loss"]["mean"])
-                c.annotate(f"{bad}/{s[str(k)]['runs']} diverged", where, color=color, fontsize=8)
+                c.annotate(f"{bad}/{s[str(k)]['runs']}", where, xytext=(4, -12),
+                           textcoords="offset points", color=color, fontsize=8)  # fmt: skip
         _errorbar(d, args.depths, [s[str(k)]["final_state_rms"] for k in args.depths],
                   label=rule, color=color)  # fmt: skip
     n = len({r["seed"] for r in runs})
     a.set_title(f"gradient norm at init (one batch), mean ± 95% CI, {n} seeds")
     a.set_ylabel("‖∇θ L‖")
-    b.set_title(f"gradient norm of each block at init, depth {deepest} (mean over seeds)")
-    b.set_xlabel("block (input → output)")
+    b.set_title(f"per-block gradient norm at init, depth {deepest}")
+    b.set_xlabel("block (input → output), mean over seeds")
     b.set_ylabel("‖∇ block params‖")
     c.set_title(
-        f"loss after {args.steps} steps (lr {args.lr:g}, β₀ {args.beta_init:g}, no clipping)"
+        f"loss after {args.steps} steps (lr {args.lr:g}, β₀ {args.beta_init:g}); k/n diverged"
     )
-    c.set_ylabel("mean loss, last 5 steps (teacher variance = 1)")
+    c.set_ylabel("mean loss of the last 5 steps (targets: variance 1)")
     c.axhline(1.0, color="k", lw=0.8, ls="--")
     d.set_title("state RMS after the last block, at init")
     d.set_ylabel("RMS of the residual state")
