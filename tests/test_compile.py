@@ -25,8 +25,8 @@ def _model_and_ids(variant: str) -> tuple[DeltaLM, torch.Tensor]:
     return model, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def test_all_eight_presets_are_covered():
-    assert len(PRESETS) == 8
+def test_all_nine_presets_are_covered():  # the paper's eight and the expanded additive control
+    assert len(PRESETS) == 9
 
 
 @pytest.mark.parametrize("variant", PRESETS)
