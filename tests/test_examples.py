@@ -135,6 +135,7 @@ def test_depth_stability_smoke(tmp_path):
     run = next(r for r in results["runs"] if (r["rule"], r["depth"]) == ("delta", 4))
     assert len(run["init"]["block_grad_norms"]) == len(run["init"]["state_rms"]) == 4
     assert len(run["train"]["losses"]) == 3 and isinstance(run["train"]["diverged"], bool)
+    assert run["train"]["failed"] == (run["train"]["diverged"] or run["train"]["final_loss"] >= 1)
     s = results["summary"]["additive"]["4"]
     assert s["runs"] == 2 and s["grad_norm_at_init"]["n"] == 2
 
