@@ -32,14 +32,29 @@ RULES = ("additive", "delta", "write_only")
 IN, OUT = 8, 8
 
 
-def teacher(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of the fixed random teacher (its weights do not depend on `g`)."""
+def _teacher_weights() -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.Generator().manual_seed(99)
     W1 = torch.randn(IN, 64, generator=w) / math.sqrt(IN)
     W2 = torch.randn(64, OUT, generator=w) / math.sqrt(64)
+    return W1, W2
+
+
+def _teacher_scale() -> float:
+    """The RMS of the raw teacher's outputs (over 2^16 fixed inputs), to make them unit-variance."""
+    W1, W2 = _teacher_weights()
+    x = torch.randn(2**16, IN, generator=torch.Generator().manual_seed(0))
+    return (torch.tanh(x @ W1) @ W2).pow(2).mean().sqrt().item()
+
+
+_SCALE = _teacher_scale()
+
+
+def teacher(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of the fixed random teacher (its weights do not depend on `g`); the
+    targets have mean ≈ 0 and variance ≈ 1, so predicting zero has loss ≈ 1."""
+    W1, W2 = _teacher_weights()
     x = torch.randn(n, IN, generator=g)
-    y = torch.tanh(x @ W1) @ W2
-    return x, y / 0.42  # ≈ unit variance per output
+    return x, torch.tanh(x @ W1) @ W2 / _SCALE
 
 
 def block_grad_norms(net: DeltaResMLP) -> list[float]:

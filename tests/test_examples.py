@@ -140,6 +140,13 @@ def test_depth_stability_smoke(tmp_path):
     assert s["runs"] == 2 and s["grad_norm_at_init"]["n"] == 2
 
 
+def test_depth_stability_targets_have_unit_scale():
+    """A failed run is one no better than predicting zero, whose loss must then be 1."""
+    torch = __import__("torch")
+    _, y = _load("depth_stability").teacher(8192, torch.Generator().manual_seed(3))
+    assert 0.95 < y.pow(2).mean().item() < 1.05
+
+
 def test_examples_refuse_bad_flags(capsys):
     for name, argv in (
         ("digits_resnet", ["--seeds", "0"]),
