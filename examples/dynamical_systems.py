@@ -3,7 +3,7 @@
 Every task is generated in code (fresh training samples each step, a fixed test set):
 
     oscillator  the flow map of a damped harmonic oscillator T = 6 time units ahead, for a range of
-                frequencies: (x₀, v₀, ω) ↦ (x_T, v_T/ω). Over 1–2.4 turns the map passes through
+                frequencies: (x₀, v₀, ω) ↦ (x_T, v_T/ω). Over 0.5–2.4 turns the map passes through
                 rotations by π, i.e. x_T ≈ −x₀ (a sign flip) for some ω.
     billiard    a particle in the unit square with elastic walls, T = 1.5 ahead:
                 (p₀, v₀) ↦ (p_T, v_T). Every wall hit reflects a velocity component (v ↦ −v).
