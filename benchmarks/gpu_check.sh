@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device check (a GPU session's budget is minutes): the CUDA tests, then the
-# whole-model benchmark at `small`, bf16, 8 x 1024, fused path and reference path.
+# whole-model benchmark at `small`, bf16, 8 x 1024, fused path and reference path, then cached
+# generation with the static cache and a compiled decode step.
 # Usage (repo root, venv with torch+CUDA and triton):  bash benchmarks/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
@@ -13,3 +14,6 @@ for impl in default reference; do
         --variants baseline,ddl,ddl-cc,ddl-tc,write-only-cc --repeats 5 --impl "$impl" \
         --json "$out/h200_model_${impl}.json" 2>&1 | tail -9
 done
+# cached generation: dynamic vs static cache, eager vs compiled (CUDA graphs) decode step
+timeout 240 deltalearn bench decode --size small --dtype bfloat16 --variants baseline,ddl,ddl-cc \
+    --tokens 128 --repeats 5 --json "$out/h200_decode.json" 2>&1 | tail -12
