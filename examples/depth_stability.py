@@ -26,7 +26,17 @@ from pathlib import Path
 import torch
 
 from deltalearn.nets import DeltaResMLP
-from deltalearn.nets.results import format_interval, mean_interval, pyplot, save_figure, write_json
+from deltalearn.nets.results import (
+    check_args,
+    format_interval,
+    int_list,
+    mean_interval,
+    name_list,
+    pyplot,
+    save_figure,
+    settings_of,
+    write_json,
+)
 
 RULES = ("additive", "delta", "write_only")
 IN, OUT = 8, 8
@@ -209,16 +219,14 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in s.split(","))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depths", type=_ints, default=(16, 32, 64, 128, 256), help="comma-separated")
+    p.add_argument(
+        "--depths", type=int_list, default=(16, 32, 64, 128, 256), help="comma-separated"
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rules", type=lambda s: tuple(s.split(",")), default=RULES)
+    p.add_argument("--rules", type=name_list, default=RULES, help="comma-separated")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
@@ -227,9 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/examples/depth_stability"))
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.steps < 1 or min(args.depths) < 1:
-        p.error(f"--seeds, --steps and --depths must be >= 1, got {args.seeds}, {args.steps}, "
-                f"{args.depths}")  # fmt: skip
+    check_args(p, args, positive=("seeds", "steps", "depths", "width", "hidden", "batch_size"))
     return args
 
 
@@ -250,8 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"loss after {args.steps} steps {format_interval(loss, 3)}, "
                   f"diverged {bad}/{len(rs)}, failed {failed}/{len(rs)}", flush=True)  # fmt: skip
     summary = summarise(runs, args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results = {"settings": settings, "summary": summary, "runs": runs}
+    results = {"settings": settings_of(args), "summary": summary, "runs": runs}
     write_json(args.out / "results.json", results)
     figure = plot(runs, summary, args, args.out / "depth_stability.png")
     print(f"wrote {args.out / 'results.json'} and {figure}")

@@ -23,11 +23,15 @@ import torch.nn.functional as F
 
 from deltalearn.nets import DeltaResNet
 from deltalearn.nets.results import (
+    check_args,
     format_interval,
+    int_list,
     mean_interval,
+    name_list,
     pooled_betas,
     pyplot,
     save_figure,
+    settings_of,
     write_json,
 )
 
@@ -148,14 +152,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")), default=(16, 32))
+    p.add_argument("--widths", type=int_list, default=(16, 32), help="channels per stage")
     p.add_argument("--blocks", type=int, default=2, help="residual blocks per stage")
-    p.add_argument("--rules", type=lambda s: tuple(s.split(",")), default=RULES)
+    p.add_argument("--rules", type=name_list, default=RULES, help="comma-separated")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/examples/digits_resnet"))
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1:
-        p.error(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
+    check_args(p, args, positive=("seeds", "epochs", "batch_size", "widths", "blocks"))
     return args
 
 
@@ -172,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"seed {seed} {rule:>10}: test accuracy {100 * r['test_accuracy']:.2f}%", flush=True
             )
     summary = summarise(runs, args.rules)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results = {"settings": settings, "summary": summary, "runs": runs}
+    results = {"settings": settings_of(args), "summary": summary, "runs": runs}
     write_json(args.out / "results.json", results)
     figure = plot(runs, summary, args.rules, args.out / "digits_resnet.png")
     print(f"test accuracy, mean ± 95% CI over {args.seeds} seeds:")

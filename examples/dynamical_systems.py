@@ -37,11 +37,15 @@ import torch
 
 from deltalearn.nets import DeltaResMLP
 from deltalearn.nets.results import (
+    check_args,
     format_interval,
+    int_list,
     mean_interval,
+    name_list,
     pooled_betas,
     pyplot,
     save_figure,
+    settings_of,
     write_json,
 )
 
@@ -260,17 +264,13 @@ def plot(runs: list[dict], summary: dict, args, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in s.split(","))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--depths", type=_ints, default=(1, 2, 4, 8), help="comma-separated")
-    p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=tuple(TASKS))
-    p.add_argument("--rules", type=lambda s: tuple(s.split(",")), default=RULES)
+    p.add_argument("--depths", type=int_list, default=(1, 2, 4, 8), help="comma-separated")
+    p.add_argument("--tasks", type=name_list, default=tuple(TASKS), help="comma-separated")
+    p.add_argument("--rules", type=name_list, default=RULES, help="comma-separated")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
@@ -282,9 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         p.error(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
-    if args.seeds < 1 or args.steps < 1 or min(args.depths) < 1:
-        p.error(f"--seeds, --steps and --depths must be >= 1, got {args.seeds}, {args.steps}, "
-                f"{args.depths}")  # fmt: skip
+    check_args(
+        p, args, positive=("seeds", "steps", "depths", "width", "hidden", "batch_size", "test_size")
+    )
     return args
 
 
@@ -303,8 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{task:>10} depth {depth:>3} {rule:>10}: relative test MSE "
                       f"{format_interval(rel, 4)} (seeds: {each})", flush=True)  # fmt: skip
     summary = summarise(runs, args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results = {"settings": settings, "summary": summary, "runs": runs}
+    results = {"settings": settings_of(args), "summary": summary, "runs": runs}
     write_json(args.out / "results.json", results)
     figure = plot(runs, summary, args, args.out / "dynamical_systems.png")
     deepest = max(args.depths)

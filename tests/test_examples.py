@@ -152,8 +152,14 @@ def test_examples_refuse_bad_flags(capsys):
         ("digits_resnet", ["--seeds", "0"]),
         ("dynamical_systems", ["--tasks", "pendulum"]),
         ("depth_stability", ["--steps", "0"]),
+        ("depth_stability", ["--depths", "4,0"]),
+        ("digits_resnet", ["--rules", "additive,plain"]),
+        ("dynamical_systems", ["--depths", "two"]),
     ):
         with pytest.raises(SystemExit) as exit_info:
             _load(name).main(argv)
         assert exit_info.value.code == 2
-    assert "unknown ['pendulum']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown ['pendulum']" in err and "unknown ['plain']" in err
+    assert "--seeds must be >= 1, got 0" in err and "--depths must be >= 1, got (4, 0)" in err
+    assert "expected comma-separated integers, got 'two'" in err

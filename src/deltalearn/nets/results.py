@@ -1,7 +1,9 @@
-"""Small helpers the beyond-LM examples share: seed statistics, β pooling and atomic result files.
+"""Small helpers the beyond-LM examples share: seed statistics, β pooling, atomic result files and
+their command-line conventions.
 
     mean_interval([0.97, 0.98, 0.975])   -> {"mean", "half_width", "low", "high", "n", "values"}
     write_json(out / "results.json", obj)   and   save_figure(fig, out / "figure.png")
+    p.add_argument("--depths", type=int_list);  check_args(p, args, positive=("seeds", "depths"))
 
 `mean_interval` is the mean with a two-sided Student-t interval over seeds (scipy, which
 scikit-learn brings, gives the quantile); files are written atomically (`deltalearn.atomic`).
@@ -9,6 +11,7 @@ scikit-learn brings, gives the quantile); files are written atomically (`deltale
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from deltalearn.atomic import atomic_write_bytes, atomic_write_text
+from deltalearn.nn.choices import RULES
 from deltalearn.nn.residual import GateRecord
 
 
@@ -94,3 +98,37 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: `"1,2,4"` -> `(1, 2, 4)`."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """An argparse type: `"additive,delta"` -> `("additive", "delta")`."""
+    return tuple(v for v in text.split(",") if v)
+
+
+def check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = ()
+) -> None:
+    """Exit through `parser.error` (one line, status 2) for an unknown `args.rules` entry or a
+    count in `positive` (an int or a tuple of ints) below 1."""
+    unknown = [r for r in args.rules if r not in RULES]
+    if unknown or not args.rules:
+        parser.error(f"--rules: unknown {unknown or 'none given'}; expected some of {list(RULES)}")
+    for name in positive:
+        value = getattr(args, name)
+        if min(value if isinstance(value, tuple) else (value,), default=0) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed arguments as a JSON-ready dict (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
