@@ -80,7 +80,7 @@ def one_line_error(capsys, argv: list[str], *names: object) -> str:
 
 
 COMMANDS = {
-    "eval": ["eval", "{run}", "--max-batches", "1", "--batch-size", "2"],
+    "eval": ["eval", "{run}", "--max-batches", "1", "--batch-size", "2", "--no-progress"],
     "generate": ["generate", "{run}", "--max-new-tokens", "2"],
     "audit": ["audit", "{run}", "--max-batches", "1", "--batch-size", "2"],
 }
