@@ -42,7 +42,7 @@ def test_preset_overrides_and_hf_aliases():
 @pytest.mark.parametrize(
     "args, match",
     [
-        (("nope",), r"variant must be one of \['baseline', 'ddl', .*'write-only'\], got 'nope'"),
+        (("nope",), r"variant must be one of \['baseline', 'ddl', .*'additive-cc'\], got 'nope'"),
         (("ddl", "huge"), r"size must be one of \['tiny', 'small', 'medium'\], got 'huge'"),
     ],
     ids=["variant", "size"],

@@ -120,7 +120,9 @@ def _minutes(seconds: float | None) -> str:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM to the sweep behaves like Ctrl-C (the cells are stopped with a checkpoint)."""
+    """SIGTERM to the sweep behaves like Ctrl-C (the cells are stopped with a checkpoint), and
+    SIGINT interrupts it even when it was started ignoring SIGINT (a shell's background job
+    inherits SIG_IGN, and so would the cells), so `kill -INT` always stops it cleanly."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -131,10 +133,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def _stop_all(running: list[_Running]) -> None:
