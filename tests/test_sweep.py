@@ -60,7 +60,7 @@ def test_shipped_grids():
     assert flops.steps_rule == "equal-flops" and flops.variants == PAPER_VARIANTS
     assert flops.train == paper.train and flops.seeds == paper.seeds
     lr = load_grid("lr")
-    assert lr.variants == ["baseline", "ddl", "ddl-cc"] and len(lr.lr) == 5 and lr.seeds == [1]
+    assert lr.variants == ["baseline", "ddl", "ddl-cc"] and len(lr.lr) == 7 and lr.seeds == [1]
     horizon = load_grid("horizon")
     assert horizon.variants == ["baseline", "ddl-cc", "additive-cc"] and len(horizon.seeds) == 3
     assert tokens(horizon) >= 5 * tokens(paper)
