@@ -322,21 +322,14 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def _check_bench_json(bench_args: list[str]) -> None:
     """``bench --json FILE``: refuse a FILE that cannot be written before the benchmarks run,
     not after (bench's own parser reports a malformed command line)."""
-    from deltalearn.errors import UserError
-
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--json")
     try:
         known, _ = pre.parse_known_args(bench_args)
     except argparse.ArgumentError:
         return
-    if known.json is None:
-        return
-    path = Path(known.json)
-    if path.is_dir():
-        raise UserError(f"--json file {path}: is a folder, expected a file")
-    if not path.absolute().parent.is_dir():
-        raise UserError(f"--json file {path}: its folder {path.absolute().parent} does not exist")
+    if known.json is not None:
+        _check_json_file(known.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,11 +130,11 @@ def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
                 "compile_s": run.compile_seconds,
             }
         )
+    reference = {
+        r["variant"]: r["decode_tokens_per_s"] for r in rows if r["mode"] == bench.modes[0]
+    }
     for row in rows:
-        reference = next(
-            (r for r in rows if r["variant"] == row["variant"] and r["mode"] == bench.modes[0]),
-        )
-        row[f"x_{bench.modes[0]}"] = row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+        row[f"x_{bench.modes[0]}"] = row["decode_tokens_per_s"] / reference[row["variant"]]
     return rows
 
 

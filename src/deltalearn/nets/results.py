@@ -42,10 +42,10 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any
     if n < 2 or not all(math.isfinite(v) for v in vals):
         half = math.nan
     else:
-        from scipy.stats import t
+        from deltalearn.experiments.stats import t_quantile  # scipy is not a dependency
 
         sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
-        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+        half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return {
         "mean": mean,
         "half_width": half,
