@@ -22,7 +22,7 @@ from deltalearn.experiments.stats import (
 )
 from deltalearn.experiments.sweep import choose_learning_rates
 from deltalearn.experiments.sweep_report import write_sweep_report
-from deltalearn.train.config import TrainConfig, save_config
+from deltalearn.train.config import TrainConfig, load_config, save_config
 from deltalearn.train.trainer import TrainResult
 
 # ---- Student's t ---------------------------------------------------------------------------------
@@ -225,6 +225,21 @@ def test_report_equals_direct_computation_from_the_logs(tmp_path):
     }
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in report.plots)
     assert "No `sweep.json`" in md  # a hand-made folder has no provenance
+
+
+def test_report_names_the_model_overrides_of_its_cells(tmp_path):
+    fake_run(tmp_path, "baseline", 1, 3.0)
+    fake_run(tmp_path, "ddl", 1, 2.9)
+    assert "changed from its preset" not in write_sweep_report(tmp_path).markdown_path.read_text()
+    for cell in (tmp_path / "runs").iterdir():
+        cfg = load_config(cell / "config.yaml")
+        cfg.model.overrides = {"tie_word_embeddings": False, "embedding_init_std": 1.0}
+        save_config(cfg, cell / "config.yaml")
+    md = write_sweep_report(tmp_path).markdown_path.read_text()
+    assert (
+        "Model changed from its preset in every cell: `embedding_init_std=1.0`, "
+        "`tie_word_embeddings=False`." in md
+    )
 
 
 def test_report_pairs_within_the_same_lr_and_lists_unfinished_runs(tmp_path):

@@ -331,5 +331,13 @@ def _settings_line(out: Path, runs: list[RunRecord]) -> str:
         f"sequences × {r.seq_len} tokens per step, warm-up {cfg.schedule.warmup_steps} steps then "
         f"cosine to {cfg.schedule.min_lr_ratio:g}× the peak lr, {r.eval_batches} validation batches "
         f"per evaluation, device {r.device}. The same seed gives every cell the same batches in "
-        f"the same order."
+        f"the same order.{_overrides_note(cfg.model.overrides)}"
     )
+
+
+def _overrides_note(overrides: dict) -> str:
+    """The model fields every cell changes from its preset (e.g. the untied-embedding grids)."""
+    if not overrides:
+        return ""
+    listed = ", ".join(f"`{k}={v!r}`" for k, v in sorted(overrides.items()))
+    return f" Model changed from its preset in every cell: {listed}."
