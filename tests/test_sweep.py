@@ -15,7 +15,13 @@ import pytest
 
 from deltalearn.cli import main
 from deltalearn.experiments import sweep
-from deltalearn.experiments.grid import load_grid, shipped_grids, with_overrides
+from deltalearn.experiments.grid import (
+    cell_config,
+    load_grid,
+    plan_cells,
+    shipped_grids,
+    with_overrides,
+)
 from deltalearn.models import DeltaLMConfig
 from deltalearn.train.config import config_diff
 from deltalearn.train.trainer import read_summary
@@ -39,7 +45,14 @@ def tokens(grid, variant="baseline"):
 
 
 def test_shipped_grids():
-    assert set(shipped_grids()) == {"paper-grid", "equal-flops", "lr", "horizon"}
+    assert set(shipped_grids()) == {
+        "paper-grid",
+        "equal-flops",
+        "lr",
+        "horizon",
+        "lr-untied",
+        "paper-grid-untied",
+    }
     paper = load_grid("paper-grid")
     assert paper.variants == PAPER_VARIANTS and paper.seeds == [
         1,
@@ -64,6 +77,20 @@ def test_shipped_grids():
     horizon = load_grid("horizon")
     assert horizon.variants == ["baseline", "ddl-cc", "additive-cc"] and len(horizon.seeds) == 3
     assert tokens(horizon) >= 5 * tokens(paper)
+    untied = {
+        "model.overrides.tie_word_embeddings": False,
+        "model.overrides.embedding_init_std": 1.0,
+    }
+    for name in (
+        "lr-untied",
+        "paper-grid-untied",
+    ):  # paper-grid's settings, untied N(0, 1) embeddings
+        grid = load_grid(name)
+        assert grid.train == paper.train | untied, name
+        cfg = cell_config(grid, plan_cells(grid)[0], "unused")
+        model = DeltaLMConfig.preset(cfg.model.variant, cfg.model.size, **cfg.model.overrides)
+        assert model.tie_word_embeddings is False and model.embedding_init_std == 1.0
+    assert load_grid("paper-grid-untied").seeds == paper.seeds
 
 
 def test_cells_of_one_seed_share_everything_but_their_axes(tmp_path):
@@ -123,8 +150,8 @@ def test_grid_errors_are_one_line(tmp_path, capsys, text, message):
 def test_unknown_grid_and_set_errors(capsys):
     assert main(["sweep", "no-such-grid", "--dry-run"]) == 2
     assert (
-        "not a shipped grid (one of equal-flops, horizon, lr, paper-grid)"
-        in capsys.readouterr().err
+        "not a shipped grid (one of equal-flops, horizon, lr, lr-untied, paper-grid, "
+        "paper-grid-untied)" in capsys.readouterr().err
     )
     assert main(["sweep", "lr", "--dry-run", "--set", "run.batch_size=zero"]) == 2
     assert "--set: train: run.batch_size must be an integer" in capsys.readouterr().err
