@@ -52,6 +52,7 @@ def test_shipped_grids():
         "horizon",
         "lr-untied",
         "paper-grid-untied",
+        "horizon-untied",
     }
     paper = load_grid("paper-grid")
     assert paper.variants == PAPER_VARIANTS and paper.seeds == [
@@ -91,6 +92,7 @@ def test_shipped_grids():
         model = DeltaLMConfig.preset(cfg.model.variant, cfg.model.size, **cfg.model.overrides)
         assert model.tie_word_embeddings is False and model.embedding_init_std == 1.0
     assert load_grid("paper-grid-untied").seeds == paper.seeds
+    assert load_grid("horizon-untied").steps == horizon.steps
 
 
 def test_cells_of_one_seed_share_everything_but_their_axes(tmp_path):
@@ -150,8 +152,8 @@ def test_grid_errors_are_one_line(tmp_path, capsys, text, message):
 def test_unknown_grid_and_set_errors(capsys):
     assert main(["sweep", "no-such-grid", "--dry-run"]) == 2
     assert (
-        "not a shipped grid (one of equal-flops, horizon, lr, lr-untied, paper-grid, "
-        "paper-grid-untied)" in capsys.readouterr().err
+        "not a shipped grid (one of equal-flops, horizon, horizon-untied, lr, lr-untied, "
+        "paper-grid, paper-grid-untied)" in capsys.readouterr().err
     )
     assert main(["sweep", "lr", "--dry-run", "--set", "run.batch_size=zero"]) == 2
     assert "--set: train: run.batch_size must be an integer" in capsys.readouterr().err
