@@ -227,6 +227,52 @@ def test_report_equals_direct_computation_from_the_logs(tmp_path):
     assert "No `sweep.json`" in md  # a hand-made folder has no provenance
 
 
+def test_controls_are_paired_differences_computed_from_the_logs(tmp_path):
+    losses = {
+        "baseline": [3.10, 3.00, 3.20],
+        "ddl-cc": [2.90, 2.85, 2.95],
+        "additive-cc": [3.05, 3.02, 3.30],
+        "write-only-cc": [2.93, 2.90, 2.96],
+    }
+    for variant, values in losses.items():
+        for seed, loss in enumerate(values, start=1):
+            fake_run(tmp_path, variant, seed, loss)
+    fake_run(tmp_path, "write-only-cc", 4, 2.0)  # no ddl-cc seed 4: not paired
+    report = write_sweep_report(tmp_path)
+    controls = json.loads((tmp_path / "results.json").read_text())["controls"]
+    by_pair = {(c["group"][0], c["control_group"][0]): c for c in controls}
+    # ddl and write-only (dv = 1) were not trained: their pair is absent
+    assert set(by_pair) == {
+        ("ddl-cc", "additive-cc"),
+        ("ddl-cc", "write-only-cc"),
+        ("additive-cc", "baseline"),
+    }
+    for (cell, control), c in by_pair.items():
+        diffs = [a - b for a, b in zip(losses[cell], losses[control], strict=True)]
+        d = c["difference"]
+        assert c["paired_seeds"] == [1, 2, 3] and d["n"] == 3
+        assert d["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+        half = t975_df2() * statistics.stdev(diffs) / math.sqrt(3)
+        assert d["ci_low"] == pytest.approx(statistics.fmean(diffs) - half, abs=1e-12)
+    md = report.markdown_path.read_text()
+    rewrite = statistics.fmean(
+        a - b for a, b in zip(losses["ddl-cc"], losses["additive-cc"], strict=True)
+    )
+    assert "## Where the gain comes from (paired controls)" in md
+    assert (
+        f"| ddl-cc | additive-cc | the delta rewrite, on the same expanded state | 3 | "
+        f"{rewrite:+.4f} ± " in md
+    )
+
+
+def test_report_without_controls_has_no_controls_section(tmp_path):
+    for seed in (1, 2):
+        fake_run(tmp_path, "baseline", seed, 3.0 + seed / 10)
+        fake_run(tmp_path, "ddl", seed, 2.9 + seed / 10)
+    assert "paired controls" not in write_sweep_report(tmp_path).markdown_path.read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["controls"] == []
+
+
 def test_report_names_the_model_overrides_of_its_cells(tmp_path):
     fake_run(tmp_path, "baseline", 1, 3.0)
     fake_run(tmp_path, "ddl", 1, 2.9)

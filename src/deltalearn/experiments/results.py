@@ -28,8 +28,10 @@ from deltalearn.experiments.stats import PairedDifference, Summary, paired_diffe
 __all__ = [
     "LEVEL",
     "RunRecord",
+    "CONTROL_PAIRS",
     "best_learning_rates",
     "collect_runs",
+    "control_differences",
     "summarize_sweep",
 ]
 
@@ -276,27 +278,70 @@ def summarize_sweep(
             ref_flops = _train_flops(done[ref][0])
             if row["train_flops"] and ref_flops:
                 row["train_flops_vs_baseline"] = row["train_flops"] / ref_flops
-            base = {r.seed: r for r in done[ref]}
-            pairs = [(r, base[r.seed]) for r in fin if r.seed in base]
-            if pairs:
-                row["paired_seeds"] = [a.seed for a, _ in pairs]
-                row["vs_baseline"] = _paired_dict(
-                    paired_difference(
-                        _known(a.final_loss for a, _ in pairs),
-                        _known(b.final_loss for _, b in pairs),
-                        LEVEL,
-                    )
-                )
-                if all(a.final_bpb is not None and b.final_bpb is not None for a, b in pairs):
-                    row["vs_baseline_bpb"] = _paired_dict(
-                        paired_difference(
-                            _known(a.final_bpb for a, _ in pairs),
-                            _known(b.final_bpb for _, b in pairs),
-                            LEVEL,
-                        )
-                    )
+            seeds, loss, bpb = _paired_by_seed(fin, done[ref])
+            row["paired_seeds"], row["vs_baseline"], row["vs_baseline_bpb"] = seeds, loss, bpb
         rows.append(row)
     return rows
+
+
+def _paired_by_seed(
+    runs: list[RunRecord], reference: list[RunRecord]
+) -> tuple[list[int], dict[str, Any] | None, dict[str, Any] | None]:
+    """Seeds both finished, and the paired differences (runs − reference) of final loss and of
+    bits per byte (None without pairs, or where a run logged no bpb)."""
+    base = {r.seed: r for r in reference}
+    pairs = [(r, base[r.seed]) for r in runs if r.seed in base]
+    if not pairs:
+        return [], None, None
+    loss = paired_difference(
+        _known(a.final_loss for a, _ in pairs), _known(b.final_loss for _, b in pairs), LEVEL
+    )
+    bpb = None
+    if all(a.final_bpb is not None and b.final_bpb is not None for a, b in pairs):
+        bpb = paired_difference(
+            _known(a.final_bpb for a, _ in pairs), _known(b.final_bpb for _, b in pairs), LEVEL
+        )
+    return [a.seed for a, _ in pairs], _paired_dict(loss), _paired_dict(bpb)
+
+
+# Pairs of presets whose paired difference says where a gain comes from: (cell, control, what the
+# difference isolates). The report lists every pair whose two variants the sweep trained.
+CONTROL_PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("ddl-cc", "additive-cc", "the delta rewrite, on the same expanded state"),
+    ("ddl-cc", "write-only-cc", "the erase term (dv = 4)"),
+    ("ddl", "write-only", "the erase term (dv = 1)"),
+    ("additive-cc", "baseline", "the expanded state, without the rewrite"),
+)
+
+
+def control_differences(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """The paired differences of :data:`CONTROL_PAIRS` (cell − control, same seeds), one row per
+    cell group whose control group is found as a baseline would be (same size; same lr and
+    steps when there is such a group)."""
+    finished: dict[Group, list[RunRecord]] = {}
+    for r in sorted(runs, key=lambda r: r.seed):
+        if r.status == "finished":
+            finished.setdefault(r.group, []).append(r)
+    out = []
+    for cell, control, isolates in CONTROL_PAIRS:
+        refs = [g for g in finished if g[0] == control]
+        for g in (g for g in finished if g[0] == cell):
+            ref = _pick_baseline(g, refs)
+            if ref is None:
+                continue
+            seeds, loss, bpb = _paired_by_seed(finished[g], finished[ref])
+            if loss is not None:
+                out.append(
+                    {
+                        "group": list(g),
+                        "control_group": list(ref),
+                        "isolates": isolates,
+                        "paired_seeds": seeds,
+                        "difference": loss,
+                        "difference_bpb": bpb,
+                    }
+                )
+    return out
 
 
 def best_learning_rates(sweep_dir: str | Path, size: str) -> tuple[dict[str, float], float]:

@@ -19,7 +19,13 @@ from typing import Any
 
 from deltalearn.atomic import atomic_write_text
 from deltalearn.errors import UserError
-from deltalearn.experiments.results import LEVEL, RunRecord, collect_runs, summarize_sweep
+from deltalearn.experiments.results import (
+    LEVEL,
+    RunRecord,
+    collect_runs,
+    control_differences,
+    summarize_sweep,
+)
 
 __all__ = ["SweepReport", "write_sweep_report"]
 
@@ -98,6 +104,26 @@ def _diff_table(rows: list[dict[str, Any]], varying: list[str], baseline: str) -
         )
     if len(lines) == 2:
         return f"(no cell to compare with {baseline!r}: it is missing or has no finished seed)"
+    return "\n".join(lines)
+
+
+def _controls_table(controls: list[dict[str, Any]], varying: list[str]) -> str:
+    lines = [
+        "| cell | vs control | isolates | pairs | Δ val loss (mean ± sd) | 95% CI | t | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in controls:
+        cell, ref = (
+            _label(dict(zip(("variant", "size", "lr", "steps"), g, strict=True)), varying)
+            for g in (c["group"], c["control_group"])
+        )
+        d = c["difference"]
+        sd = "" if d["std"] is None else f" ± {d['std']:.4f}"
+        t = "–" if d["t"] is None else f"{d['t']:.2f}"
+        lines.append(
+            f"| {cell} | {ref} | {c['isolates']} | {d['n']} | {d['mean']:+.4f}{sd} | {_ci(d)} | "
+            f"{t} | {_p(d['p'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -247,6 +273,7 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepReport:
         (c["variant"], c["size"], float(c["lr"]), int(c["steps"])) for c in record.get("cells", [])
     ]
     rows = summarize_sweep(runs, baseline, order)
+    controls = control_differences(runs)
     varying = _varying(rows)
     bpb = any(r["val_bpb"]["mean"] is not None for r in rows)
     plots = _plots(runs, rows, varying, out)
@@ -280,6 +307,7 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepReport:
         "of the differences, its 95% t interval, and the two-sided paired t-test of a zero mean. "
         "Negative Δ: lower loss than the baseline.",
         "",
+        *_controls_section(controls, varying),
         "## Cost",
         "",
         _cost_table(rows, varying),
@@ -315,10 +343,26 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepReport:
         "baseline": baseline,
         "level": LEVEL,
         "cells": rows,
+        "controls": controls,
         "runs": [asdict(r) for r in runs],
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     return SweepReport(rows, runs, md_path, plots, loss_table)
+
+
+def _controls_section(controls: list[dict[str, Any]], varying: list[str]) -> list[str]:
+    if not controls:
+        return []
+    return [
+        "## Where the gain comes from (paired controls)",
+        "",
+        _controls_table(controls, varying),
+        "",
+        "Δ = cell − control on the seeds both finished, as above: each row isolates one "
+        "ingredient (`deltalearn.experiments.results.CONTROL_PAIRS`). Negative Δ: the ingredient "
+        "lowers the loss.",
+        "",
+    ]
 
 
 def _settings_line(out: Path, runs: list[RunRecord]) -> str:
