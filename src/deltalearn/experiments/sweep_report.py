@@ -86,6 +86,17 @@ def _loss_table(rows: list[dict[str, Any]], varying: list[str], bpb: bool) -> st
     return "\n".join(lines)
 
 
+def _group_label(group: list[Any], varying: list[str]) -> str:
+    return _label(dict(zip(("variant", "size", "lr", "steps"), group, strict=True)), varying)
+
+
+def _difference_cells(d: dict[str, Any]) -> str:
+    """pairs | Δ mean ± sd | 95% CI | t | p of one paired difference."""
+    sd = "" if d["std"] is None else f" ± {d['std']:.4f}"
+    t = "–" if d["t"] is None else f"{d['t']:.2f}"
+    return f"{d['n']} | {d['mean']:+.4f}{sd} | {_ci(d)} | {t} | {_p(d['p'])}"
+
+
 def _diff_table(rows: list[dict[str, Any]], varying: list[str], baseline: str) -> str:
     lines = [
         "| cell | vs | pairs | Δ val loss (mean ± sd) | 95% CI | t | p (paired t-test) |",
@@ -95,12 +106,9 @@ def _diff_table(rows: list[dict[str, Any]], varying: list[str], baseline: str) -
         d = r["vs_baseline"]
         if d is None:
             continue
-        ref = dict(zip(("variant", "size", "lr", "steps"), r["baseline_group"], strict=True))
-        sd = "" if d["std"] is None else f" ± {d['std']:.4f}"
-        t = "–" if d["t"] is None else f"{d['t']:.2f}"
         lines.append(
-            f"| {_label(r, varying)} | {_label(ref, varying)} | {d['n']} | {d['mean']:+.4f}{sd} | "
-            f"{_ci(d)} | {t} | {_p(d['p'])} |"
+            f"| {_label(r, varying)} | {_group_label(r['baseline_group'], varying)} | "
+            f"{_difference_cells(d)} |"
         )
     if len(lines) == 2:
         return f"(no cell to compare with {baseline!r}: it is missing or has no finished seed)"
@@ -113,17 +121,8 @@ def _controls_table(controls: list[dict[str, Any]], varying: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in controls:
-        cell, ref = (
-            _label(dict(zip(("variant", "size", "lr", "steps"), g, strict=True)), varying)
-            for g in (c["group"], c["control_group"])
-        )
-        d = c["difference"]
-        sd = "" if d["std"] is None else f" ± {d['std']:.4f}"
-        t = "–" if d["t"] is None else f"{d['t']:.2f}"
-        lines.append(
-            f"| {cell} | {ref} | {c['isolates']} | {d['n']} | {d['mean']:+.4f}{sd} | {_ci(d)} | "
-            f"{t} | {_p(d['p'])} |"
-        )
+        cell, ref = (_group_label(g, varying) for g in (c["group"], c["control_group"]))
+        lines.append(f"| {cell} | {ref} | {c['isolates']} | {_difference_cells(c['difference'])} |")
     return "\n".join(lines)
 
 
