@@ -1,19 +1,77 @@
 #!/usr/bin/env bash
-# One prepared device check (a GPU session's budget is minutes): the CUDA tests, then the
-# whole-model benchmark at `small`, bf16, 8 x 1024, fused path and reference path, then cached
-# generation with the static cache and a compiled decode step.
-# Usage (repo root, venv with torch+CUDA and triton):  bash benchmarks/gpu_check.sh [OUT_DIR]
+# The prepared device check (a GPU session's budget is minutes), in stages that each keep to their
+# own time limit and write what they found to OUT_DIR even when a later one fails:
+#   tests    the CUDA tests: operator, compiled Triton kernels, model, NCCL torchrun (DDP, FSDP2)
+#   model    `bench model` at small, bf16, 8 x 1024: train, infer, memory; fused and reference path
+#   profile  torch.profiler kernel tables of one training step (baseline, ddl, ddl-cc)
+#   tiles    forward/backward time of the Triton rewrite per tile size (benchmarks/epilogue_tiles.py)
+#   decode   cached generation: dynamic vs static cache, eager vs compiled step (CUDA graphs)
+#   compile  `bench model --compile` (train): compile seconds and throughput
+# Seconds each took on an H200 (2026-11-28), for planning a lease: tests 55 (16 cores, -n 4),
+# model 28 per impl, profile 32, tiles 75; compile ran 96 for three variants while the graph broke
+# at every sublayer (unbroken graphs may compile longer); decode was not timed (its first run failed).
+# On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
+# (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
+# Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
+#   bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]        (default: every stage, in that order)
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
+shift || true
+stages=${*:-tests model profile tiles decode compile}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_distributed.py \
-    tests/test_ops_epilogue.py 2>&1 | tail -25 | tee "$out/cuda_tests.txt"
-for impl in default reference; do
-    timeout 240 deltalearn bench model --size small --dtype bfloat16 --batch 8 --seq 1024 \
-        --variants baseline,ddl,ddl-cc,ddl-tc,write-only-cc --repeats 5 --impl "$impl" \
-        --json "$out/h200_model_${impl}.json" 2>&1 | tail -9
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/gpu.txt"
+small=(--size small --dtype bfloat16 --batch 8 --seq 1024)
+variants=baseline,ddl,ddl-cc,ddl-tc,write-only-cc
+
+stage() { echo "=== $(date +%T) $*"; }
+
+for s in $stages; do
+    case $s in
+    tests)
+        stage "CUDA tests"
+        timeout 200 python -m pytest -v -p no:cacheprovider -n 4 -rfE --durations=12 \
+            tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_distributed.py \
+            tests/test_ops_epilogue.py -k "not under_the_interpreter" >"$out/cuda_tests.txt" 2>&1
+        echo "pytest exit $?"
+        grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | grep -v "^\[gw.\] .*PASSED" | tail -30
+        ;;
+    model)
+        for impl in default reference; do
+            stage "bench model, impl $impl"
+            timeout 130 deltalearn bench model "${small[@]}" --variants $variants \
+                --measure train,infer,memory --repeats 7 --impl "$impl" \
+                --json "$out/h200_model_${impl}.json" 2>&1 | tail -14
+        done
+        ;;
+    profile)
+        stage "profile one training step"
+        timeout 80 python benchmarks/profile_step.py "${small[@]}" --variants baseline,ddl,ddl-cc \
+            >"$out/profile.txt" 2>&1
+        echo "profile exit $?"
+        grep -E "^==|Self CUDA time total" "$out/profile.txt"
+        ;;
+    tiles)
+        stage "epilogue tiles"
+        timeout 120 python benchmarks/epilogue_tiles.py --json "$out/h200_epilogue_tiles.json" \
+            >"$out/tiles.txt" 2>&1
+        echo "tiles exit $?"
+        cut -c1-160 "$out/tiles.txt"
+        ;;
+    decode)
+        stage "bench decode"
+        timeout 200 deltalearn bench decode --size small --dtype bfloat16 \
+            --variants baseline,ddl,ddl-cc --tokens 128 --repeats 5 \
+            --compile-mode reduce-overhead --json "$out/h200_decode.json" 2>&1 | tail -12
+        ;;
+    compile)
+        stage "bench model --compile"
+        timeout 300 deltalearn bench model "${small[@]}" --variants baseline,ddl,ddl-cc --compile \
+            --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
+        ;;
+    *) echo "unknown stage $s (tests, model, profile, tiles, decode, compile)" >&2 ;;
+    esac
 done
-# cached generation: dynamic vs static cache, eager vs compiled (CUDA graphs) decode step
-timeout 240 deltalearn bench decode --size small --dtype bfloat16 --variants baseline,ddl,ddl-cc \
-    --tokens 128 --repeats 5 --json "$out/h200_decode.json" 2>&1 | tail -12
+stage "done"

@@ -267,3 +267,18 @@ def test_bad_peak_tflops_is_a_one_line_error(capsys, value):
     assert cli_main(["bench", "model", *MINUTE, "--peak-tflops", value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltalearn: error: --peak-tflops") and "\n" not in err
+
+
+def test_compiled_run_reports_each_variants_first_call(tmp_path):
+    """With --compile the first call of each variant (trace + compile) is reported apart from the
+    medians, and takes longer than a compiled call."""
+    path = tmp_path / "m.json"
+    argv = ["model", *MINUTE, "--variants", "baseline,ddl", "--measure", "infer", "--compile"]
+    code, out = run_bench([*argv, "--json", str(path)])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert "first_call" in report["notes"] and "infer 1st call s" in out
+    for row in report["rows"]:
+        per_call = 2 * 16 / row["infer_tokens_per_s"]  # batch 2 x seq 16 tokens a call
+        assert row["infer_first_call_s"] > 5 * per_call
+        assert "train_first_call_s" not in row  # not measured

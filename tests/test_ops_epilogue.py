@@ -182,6 +182,13 @@ def test_several_rows_per_program(interpreted, rule):
     _check_against_reference(_inputs((19,), 24, 2), rule, "paper")
 
 
+def test_backward_tiles_are_at_most_512_columns():
+    """At d = 768 the one-chunk backward tile ran 4x slower on an H200 (benchmarks/README.md)."""
+    assert te.backward_launch_config(768, 1) == (1, 512, 2, 1)
+    assert te.backward_launch_config(768, 4) == (1, 256, 3, 4)  # unchanged by the column cap
+    assert te.backward_launch_config(96, 1)[:3] == (4, 128, 1)  # narrow rows: several a program
+
+
 def test_wide_rows_d8192(interpreted):
     assert te.launch_config(8192, 4)[2] > 1  # chunked
     leaves = _inputs((2,), 8192, 4)

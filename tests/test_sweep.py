@@ -53,6 +53,7 @@ def test_shipped_grids():
         "lr-untied",
         "paper-grid-untied",
         "horizon-untied",
+        "equal-flops-untied",
     }
     paper = load_grid("paper-grid")
     assert paper.variants == PAPER_VARIANTS and paper.seeds == [
@@ -92,6 +93,10 @@ def test_shipped_grids():
         model = DeltaLMConfig.preset(cfg.model.variant, cfg.model.size, **cfg.model.overrides)
         assert model.tie_word_embeddings is False and model.embedding_init_std == 1.0
     assert load_grid("paper-grid-untied").seeds == paper.seeds
+    fair, fair_flops = load_grid("paper-grid-untied"), load_grid("equal-flops-untied")
+    assert fair_flops.steps_rule == "equal-flops" and fair.steps_rule == "fixed"
+    assert (fair_flops.variants, fair_flops.lr) == (fair.variants, fair.lr)
+    assert fair_flops.train == fair.train and fair_flops.seeds == fair.seeds
     assert load_grid("horizon-untied").steps == horizon.steps
 
 
@@ -152,8 +157,8 @@ def test_grid_errors_are_one_line(tmp_path, capsys, text, message):
 def test_unknown_grid_and_set_errors(capsys):
     assert main(["sweep", "no-such-grid", "--dry-run"]) == 2
     assert (
-        "not a shipped grid (one of equal-flops, horizon, horizon-untied, lr, lr-untied, "
-        "paper-grid, paper-grid-untied)" in capsys.readouterr().err
+        "not a shipped grid (one of equal-flops, equal-flops-untied, horizon, horizon-untied, lr, "
+        "lr-untied, paper-grid, paper-grid-untied)" in capsys.readouterr().err
     )
     assert main(["sweep", "lr", "--dry-run", "--set", "run.batch_size=zero"]) == 2
     assert "--set: train: run.batch_size must be an integer" in capsys.readouterr().err

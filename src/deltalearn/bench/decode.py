@@ -78,7 +78,8 @@ class DecodeRun:
             self.cache = DeltaLMStaticCache(config=cfg, max_cache_len=length)
         self.step = self._eager_step
         self.compile_seconds = None
-        if mode == "static-compiled":
+        self.compiled = mode == "static-compiled"
+        if self.compiled:
             self.step = torch.compile(self._eager_step, fullgraph=True, mode=bench.compile_mode)
             t0 = time.perf_counter()
             self.decode()  # traces and compiles the decode step
@@ -106,6 +107,8 @@ class DecodeRun:
                 nonlocal token, cache
                 for _ in range(self.tokens):
                     token, cache = self.step(token, cache)
+                    if self.compiled:  # a CUDA graph's output is overwritten by its next replay
+                        token = token.clone()
 
             return timed(loop, self.device)()
 

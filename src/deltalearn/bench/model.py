@@ -48,6 +48,8 @@ NOTES = {
     "generate": "tokens/s of cached greedy decoding, one token per call; prefill not timed",
     "memory": "peak MB allocated during one training step above the resident parameters + AdamW "
     "state (CUDA: max_memory_allocated; CPU: CPU-allocator events from torch.profiler)",
+    "first_call": "with --compile: seconds of each variant's first train / infer call, which "
+    "traces and compiles it (not in the medians)",
     "flops": "GFLOP/s = tokens/s × model FLOPs per token (deltalearn.models.flops: matmuls and "
     "attention, forward + backward for train, no checkpointing recompute); MFU = GFLOP/s / peak",
 }
@@ -341,7 +343,11 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
     for measure, (make, tokens, warmup) in timings.items():
         if measure not in bench.measures:
             continue
-        seconds = interleaved_medians({v: make(r) for v, r in runs.items()}, bench.repeats, warmup)
+        fns = {v: make(r) for v, r in runs.items()}
+        if bench.compile:  # the first call of each compiled function traces and compiles it
+            for v, fn in fns.items():
+                rows[v][f"{measure}_first_call_s"] = fn()
+        seconds = interleaved_medians(fns, bench.repeats, warmup)
         for v in bench.variants:
             rows[v][f"{measure}_tokens_per_s"] = tokens / seconds[v]
         _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
@@ -384,6 +390,8 @@ def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, 
     notes = {m: NOTES[m] for m in MEASURES if m in bench.measures}
     if {"train", "infer"} & set(bench.measures):
         notes["flops"] = NOTES["flops"]
+    if bench.compile and {"train", "infer"} & set(bench.measures):
+        notes["first_call"] = NOTES["first_call"]
     peak, source = resolve_peak(bench)
     return {
         "benchmark": "model",
@@ -432,5 +440,7 @@ def format_model_report(report: dict[str, Any]) -> str:
         "step_peak_MB": "step peak MB",
         "memory_ratio": x,
         "resident_MB": "resident MB",
+        "train_first_call_s": "train 1st call s",
+        "infer_first_call_s": "infer 1st call s",
     }
     return "\n".join([*lines, format_table(report["rows"], columns)])

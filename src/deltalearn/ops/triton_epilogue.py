@@ -50,6 +50,10 @@ MAX_TILE = 4096
 # the gradients at once: at 4096 it needs 255 registers a thread (one program per SM on sm_90),
 # at 1024 with 4 warps 70-145 and no spills (ptxas -v, sm_90a).
 MAX_TILE_BWD = 1024
+# ... and at most 512 columns of a row (BLOCK_D): measured on an H200 at d = 768, dv = 1, one
+# 1024-wide tile took 760 µs a call against 192 µs as two 512-wide chunks, and 2-8 ms with two or
+# four such rows a program (`benchmarks/epilogue_tiles.py`; dv = 4 keeps 256 columns a chunk).
+MAX_COLUMNS_BWD = 512
 # Most rows one program owns (narrow rows: several per program amortise the gate/value loads).
 MAX_ROWS = 16
 # Programs of the backward when it also reduces ∂C: each owns a (d, dv) fp32 partial sum, so the
@@ -284,6 +288,11 @@ def launch_config(d: int, dv: int, max_tile: int | None = None) -> tuple[int, in
     return block_m, block_d, num_chunks, block_v
 
 
+def backward_launch_config(d: int, dv: int) -> tuple[int, int, int, int]:
+    """`launch_config` of the backward: MAX_TILE_BWD elements, at most MAX_COLUMNS_BWD columns."""
+    return launch_config(d, dv, min(MAX_TILE_BWD, MAX_COLUMNS_BWD * triton.next_power_of_2(dv)))
+
+
 def _num_warps(block_m: int, block_d: int, block_v: int) -> int:
     return 4 if block_m * block_d * block_v <= 2048 else 8
 
@@ -369,7 +378,7 @@ class _RewriteEpilogue(torch.autograd.Function):
         gY = _row_offsets_fit_int32(gY)
         write_gx = need_X and (ctx.delta or compress)
 
-        block_m, block_d, num_chunks, block_v = launch_config(d, dv, MAX_TILE_BWD)
+        block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
         num_blocks = triton.cdiv(n_rows, block_m)
         nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
         iters = triton.cdiv(num_blocks, nprog) if num_blocks else 0
