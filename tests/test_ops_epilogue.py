@@ -189,6 +189,13 @@ def test_backward_tiles_are_at_most_512_columns():
     assert te.backward_launch_config(96, 1)[:3] == (4, 128, 1)  # narrow rows: several a program
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_width_768_vector_state_backward_in_two_chunks(interpreted, rule):
+    """The `small` models' shape at dv = 1 takes the two-chunk backward by default."""
+    assert te.backward_launch_config(768, 1)[2] == 2
+    _check_against_reference(_inputs((3,), 768, 1), rule, "official")
+
+
 def test_wide_rows_d8192(interpreted):
     assert te.launch_config(8192, 4)[2] > 1  # chunked
     leaves = _inputs((2,), 8192, 4)
