@@ -23,7 +23,15 @@ def test_channel_compressor_is_a_same_padded_conv_along_dv_then_read(kernel):
     x = F.pad(X.reshape(-1, d, dv), (left, kernel - 1 - left))  # (N, d, dv + K - 1)
     conv = F.conv1d(x, cc.weight[:, None, :], groups=d)  # (N, d, dv)
     want = (conv * cc.read).sum(-1).reshape(2, 3, d)
-    torch.testing.assert_close(cc(X), want)
+    got = cc(X)
+    torch.testing.assert_close(got, want)
+    G = torch.randn_like(want)  # the folded weights' gradients are the conv's
+    for a, b in zip(
+        torch.autograd.grad(got, [cc.weight, cc.read], G),
+        torch.autograd.grad(want, [cc.weight, cc.read], G),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
 
 
 def test_channel_compressor_starts_as_the_average():

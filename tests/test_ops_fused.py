@@ -24,6 +24,15 @@ PAIRS = {
 SHAPES = [((3,), 7, None), ((2, 5), 8, 1), ((4,), 9, 4), ((2, 3), 16, 4), ((), 5, 3)]
 
 
+@pytest.fixture(params=["einsum-readout", "small-state-readout"])
+def readout_path(request, monkeypatch):
+    """Both forms of the readout kᵀX: the einsum of large states and the product-sum that small
+    ones (a decoded token) take below `ops.mixing.SMALL_STATE` elements."""
+    from deltalearn.ops import fused
+
+    monkeypatch.setattr(fused, "SMALL_STATE", 0 if request.param == "einsum-readout" else 1 << 30)
+
+
 def _leaves(lead, d, dv, dtype=torch.float64):
     k = normalize_direction(torch.randn((*lead, d), dtype=dtype))
     b = torch.rand(lead, dtype=dtype) * 2
@@ -47,7 +56,7 @@ def _shape_id(p):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("rule", list(PAIRS))
-def test_fused_matches_reference_values_and_all_gradients(rule, shape):
+def test_fused_matches_reference_values_and_all_gradients(rule, shape, readout_path):
     fused, ref = PAIRS[rule]
     leaves = _leaves(*shape)
     upstream = torch.randn_like(leaves[0])
@@ -63,7 +72,7 @@ def test_fused_matches_reference_values_and_all_gradients(rule, shape):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("rule", list(PAIRS))
-def test_gradcheck_float64(rule, shape):
+def test_gradcheck_float64(rule, shape, readout_path):
     fused, _ = PAIRS[rule]
     assert torch.autograd.gradcheck(fused, tuple(_leaves(*shape)), eps=1e-6, atol=1e-8)
 

@@ -153,12 +153,15 @@ class ChannelCompressor(nn.Module):
         left padding), so input channel `j` meets tap `t = j − o + p` when that tap exists.
         """
         dv, K, p = self.value_channels, self.kernel_size, (self.kernel_size - 1) // 2
-        o = torch.arange(dv, device=self.weight.device)
-        tap = o[None, :] - o[:, None] + p  # (o, j): the tap that links output o to input j
-        valid = (tap >= 0) & (tap < K)
-        w = self.weight[:, tap.clamp(0, K - 1)] * valid  # (d, o, j)
+        # Substituting o = j − t + p: c[i, j] = Σ_t w[i, t] · read[j − t + p], i.e. c = w @ R with
+        # R[t, j] = read[j − t + p] (0 outside [0, dv)): the rows of R are windows of the zero-padded
+        # read vector. Four small ops, not the twenty of an index-and-einsum fold, which counts in
+        # one-token decoding (the fold runs at every sublayer).
+        w = self.weight
+        padded = F.pad(self.read.to(w.dtype), (K - 1 - p, p))  # (dv + K − 1,)
+        R = padded.unfold(0, dv, 1).flip(0)  # (K, dv): row t is read shifted by t − p
         with no_autocast(w):  # autocast would fold the weights in bf16
-            return torch.einsum("o,doj->dj", self.read.to(w.dtype), w)
+            return w @ R
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if X.shape[-2:] != (self.dim, self.value_channels):

@@ -28,10 +28,8 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, float64 when any input is float64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    # Plain Python: torch.promote_types goes through the dispatcher, once per tensor and call.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _fmt(t: torch.Tensor) -> str:
