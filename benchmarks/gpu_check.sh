@@ -32,7 +32,9 @@ for s in $stages; do
     case $s in
     tests)
         stage "CUDA tests"
-        timeout 200 python -m pytest -v -p no:cacheprovider -n 4 -rfE --durations=12 \
+        workers=()
+        python -c "import xdist" 2>/dev/null && workers=(-n 4)  # pytest-xdist, where installed
+        timeout 200 python -m pytest -v -p no:cacheprovider "${workers[@]}" -rfE --durations=12 \
             tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_distributed.py \
             tests/test_ops_epilogue.py -k "not under_the_interpreter" >"$out/cuda_tests.txt" 2>&1
         echo "pytest exit $?"
