@@ -10,6 +10,8 @@
 # Seconds each took on an H200 (2026-11-28), for planning a lease: tests 55 (16 cores, -n 4),
 # model 28 per impl, profile 32, tiles 75; compile ran 96 for three variants while the graph broke
 # at every sublayer (unbroken graphs may compile longer); decode was not timed (its first run failed).
+# With every stage's time limit the whole set can run past one 10-minute device call: split it, e.g.
+# `tests model profile` in one call and `tiles decode compile` in the next, while the machine is warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
