@@ -33,7 +33,7 @@ from deltalearn.models.flops import (
     flops_breakdown,
     flops_per_token,
 )
-from deltalearn.ops import fused
+from deltalearn.ops import _shapes
 
 aten = torch.ops.aten
 SHAPE = dict(num_layers=2, hidden_size=64, num_heads=2, head_dim=32, vocab_size=300)
@@ -90,7 +90,7 @@ def measured(config: DeltaLMConfig, names: list[str]) -> tuple[dict[str, float],
     hooks = [modules[n].register_forward_hook(keep(n), with_kwargs=True) for n in names]
     # The readout kᵀX as training states take it (an einsum the counter sees as a matmul); this
     # test's states are small enough for the product-sum of a decoded token, which it does not.
-    with sdpa_kernel(SDPBackend.MATH), mock.patch.object(fused, "SMALL_STATE", 0):
+    with sdpa_kernel(SDPBackend.MATH), mock.patch.object(_shapes, "SMALL_STATE", 0):
         forward = _counter()
         with forward:
             loss = model(ids, labels=ids).loss

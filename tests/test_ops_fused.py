@@ -27,10 +27,10 @@ SHAPES = [((3,), 7, None), ((2, 5), 8, 1), ((4,), 9, 4), ((2, 3), 16, 4), ((), 5
 @pytest.fixture(params=["einsum-readout", "small-state-readout"])
 def readout_path(request, monkeypatch):
     """Both forms of the readout kᵀX: the einsum of large states and the product-sum that small
-    ones (a decoded token) take below `ops.mixing.SMALL_STATE` elements."""
-    from deltalearn.ops import fused
+    ones (a decoded token) take up to `ops._shapes.SMALL_STATE` elements."""
+    from deltalearn.ops import _shapes
 
-    monkeypatch.setattr(fused, "SMALL_STATE", 0 if request.param == "einsum-readout" else 1 << 30)
+    monkeypatch.setattr(_shapes, "SMALL_STATE", 0 if request.param == "einsum-readout" else 1 << 30)
 
 
 def _leaves(lead, d, dv, dtype=torch.float64):

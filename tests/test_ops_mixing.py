@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltalearn.ops import channel_mix, channel_mix_reference, mixing
+from deltalearn.ops import _shapes, channel_mix, channel_mix_reference
 
 
 @pytest.fixture(autouse=True, params=["channel-loop", "small-state"])
 def _both_paths(request, monkeypatch):
     """Every test on both forms: the per-channel loop with its hand-written backward, and the
     product-sum that states of at most `SMALL_STATE` elements (a decoded token) take."""
-    monkeypatch.setattr(mixing, "SMALL_STATE", 0 if request.param == "channel-loop" else 1 << 30)
+    monkeypatch.setattr(_shapes, "SMALL_STATE", 0 if request.param == "channel-loop" else 1 << 30)
 
 
 @pytest.mark.parametrize("dv", [1, 2, 4, 8])

@@ -26,6 +26,16 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# States of at most this many elements (e.g. one decoded token) take the few-op form of a reduction
+# over them (`is_small_state`): decoding one token at a time is bound by the ops dispatched, not by
+# memory traffic, and the temporary of a product-sum is small.
+SMALL_STATE = 1 << 16
+
+
+def is_small_state(X: torch.Tensor) -> bool:
+    return X.numel() <= SMALL_STATE
+
+
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, float64 when any input is float64."""
     # Plain Python: torch.promote_types goes through the dispatcher, once per tensor and call.

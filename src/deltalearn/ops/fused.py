@@ -22,14 +22,19 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops._shapes import accumulation_dtype, check_rewrite_inputs, no_autocast
-from deltalearn.ops.mixing import SMALL_STATE, contract_values
+from deltalearn.ops._shapes import (
+    accumulation_dtype,
+    check_rewrite_inputs,
+    is_small_state,
+    no_autocast,
+)
+from deltalearn.ops.mixing import contract_values
 
 
 def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """kᵀX in (at least) fp32: (..., d), (..., d, dv) -> (..., dv). Callers switch autocast off."""
     acc = accumulation_dtype(k, X)
-    if X.numel() <= SMALL_STATE:  # one decoded token: 3 ops, not the einsum's 11
+    if is_small_state(X):  # one decoded token: 3 ops, not the einsum's 11
         return (k.to(acc)[..., None] * X.to(acc)).sum(-2)
     return torch.einsum("...d,...dv->...v", k.to(acc), X.to(acc))
 
