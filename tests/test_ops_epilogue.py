@@ -426,7 +426,7 @@ def test_reference_backend_switches_the_fast_rewrite_off(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the fast rewrite ran")
 
-    monkeypatch.setattr(epilogue, "delta_rewrite", fail)
+    monkeypatch.setattr(epilogue, "rewrite_epilogue_torch", fail)
     X, h = torch.randn(3, 16, 4), torch.randn(3, 16)
     z, p = torch.randn(3), torch.randn(3, 4)
     monkeypatch.setenv("DELTALEARN_EPILOGUE", "reference")

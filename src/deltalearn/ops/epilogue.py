@@ -13,8 +13,8 @@ both). Shapes: X `(..., d)` (vector state) or `(..., d, dv)`; h `(..., d)`; z `(
 for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
 
 `rewrite_epilogue` runs one Triton kernel (forward and backward, `ops/triton_epilogue.py`) for CUDA
-tensors when triton is installed, else the same math in PyTorch: the generators, then the
-memory-lean `delta_rewrite`/`write_only` of `ops/fused.py`. `rewrite_epilogue_reference` is the
+tensors when triton is installed, else the same math in PyTorch ops as one autograd Function with
+a hand-written backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Backend choice: `BACKEND` below, else the
 environment variable DELTALEARN_EPILOGUE, each one of "auto" (default), "triton", "torch",
 "reference". "triton" forces the kernel, e.g. on CPU tensors under TRITON_INTERPRET=1 (the tests);
@@ -30,7 +30,7 @@ import os
 import torch
 
 from deltalearn.ops._shapes import _fmt, accumulation_dtype
-from deltalearn.ops.fused import delta_rewrite, write_only
+from deltalearn.ops.fused_epilogue import rewrite_epilogue_torch
 from deltalearn.ops.reference import (
     delta_rewrite_reference,
     normalize_direction,
@@ -157,15 +157,18 @@ def _compose(
     X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_options(rule, value_head, k_eps)
-    check_epilogue_inputs(X, h, z, p, compress)
-    k, beta, v = epilogue_generators(
-        h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
-    )
+    matrix = check_epilogue_inputs(X, h, z, p, compress)
     if reference:
+        k, beta, v = epilogue_generators(
+            h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
+        )
         op = delta_rewrite_reference if rule == "delta" else write_only_reference
+        Y = op(X, k, beta, v)
     else:
-        op = delta_rewrite if rule == "delta" else write_only
-    Y = op(X, k, beta, v)
+        Y = rewrite_epilogue_torch(
+            X, h, z, p, matrix=matrix, rule=rule, value_head=value_head,
+            value_scale=value_scale, k_eps=k_eps,
+        )  # fmt: skip
     if compress is None:
         return Y
     acc = accumulation_dtype(Y, compress)
@@ -247,8 +250,8 @@ def rewrite_epilogue(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The fused epilogue: arguments, shapes and result as `rewrite_epilogue_reference`.
 
-    One Triton kernel per direction (forward and backward) on CUDA; elsewhere the PyTorch
-    composition with the hand-written rewrite backward of `ops/fused.py`.
+    One Triton kernel per direction (forward and backward) on CUDA; elsewhere one autograd Function
+    in PyTorch ops with a hand-written backward (`ops/fused_epilogue.py`).
 
     Example:
         >>> X = torch.randn(2, 8, 64, 4); h = torch.randn(2, 8, 64)

@@ -34,9 +34,73 @@ from deltalearn.ops.mixing import contract_values
 def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """kᵀX in (at least) fp32: (..., d), (..., d, dv) -> (..., dv). Callers switch autocast off."""
     acc = accumulation_dtype(k, X)
+    if X.shape[-1] == 1:  # a vector state: a product-sum, 3.5× faster than the einsum's bmm (CPU)
+        return (k.to(acc) * X[..., 0].to(acc)).sum(-1, keepdim=True)
     if is_small_state(X):  # one decoded token: 3 ops, not the einsum's 11
         return (k.to(acc)[..., None] * X.to(acc)).sum(-2)
     return torch.einsum("...d,...dv->...v", k.to(acc), X.to(acc))
+
+
+def rank1_update(
+    X: torch.Tensor, a: torch.Tensor, e: torch.Tensor, value: float = 1.0
+) -> torch.Tensor:
+    """`X + value · a eᵀ`: X `(..., d, dv)`, a `(..., d)`, e `(..., dv)`, in their common dtype.
+
+    dv = 1 runs on the `(..., d)` views: `addcmul` over a broadcast trailing axis of length 1 is
+    5× slower than the plain vector form on CPU.
+    """
+    if X.shape[-1] == 1:
+        return torch.addcmul(X[..., 0], a, e, value=value).unsqueeze(-1)
+    return torch.addcmul(X, a[..., :, None], e[..., None, :], value=value)
+
+
+def delta_rewrite_grads(
+    G: torch.Tensor,
+    X: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    e: torch.Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """`(∂X, ∂k, ∂β, ∂v)` of `Y = X + β k eᵀ`, `e = v − kᵀX`, from the upstream `G` (matrix
+    state `(..., d, dv)`), in e's (accumulation) dtype; None where `needs` says no. Callers switch
+    autocast off."""
+    need_X, need_k, need_beta, need_v = needs
+    acc = e.dtype
+    Gf, kf, bf = G.to(acc), k.to(acc), beta.to(acc)
+    s = _readout(kf, Gf)  # kᵀG: (..., dv)
+    gX = gk = gb = gv = None
+    if need_X:
+        gX = rank1_update(Gf, bf[..., None] * kf, s, value=-1)
+    if need_k:
+        # Contracted one value channel at a time: 2.5× faster than the einsums (bmm) on CPU.
+        Ge = contract_values(Gf, e[..., None, :])
+        Xs = contract_values(X.to(acc), s[..., None, :])
+        gk = bf[..., None] * (Ge - Xs)
+    if need_beta:
+        gb = (s * e).sum(-1)
+    if need_v:
+        gv = bf[..., None] * s
+    return gX, gk, gb, gv
+
+
+def write_only_grads(
+    G: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    v: torch.Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """`(∂X, ∂k, ∂β, ∂v)` of `Y = X + β k vᵀ` (matrix state), as `delta_rewrite_grads`."""
+    need_X, need_k, need_beta, need_v = needs
+    acc = accumulation_dtype(G, k, beta, v)
+    Gf, kf, bf, vf = G.to(acc), k.to(acc), beta.to(acc), v.to(acc)
+    s = _readout(kf, Gf)
+    gX = Gf if need_X else None
+    gk = bf[..., None] * contract_values(Gf, vf[..., None, :]) if need_k else None
+    gb = (s * vf).sum(-1) if need_beta else None
+    gv = bf[..., None] * s if need_v else None
+    return gX, gk, gb, gv
 
 
 class _DeltaRewrite(torch.autograd.Function):
@@ -50,7 +114,7 @@ class _DeltaRewrite(torch.autograd.Function):
         acc = accumulation_dtype(X, k, beta, v)
         e = v.to(acc) - _readout(k, X)  # (..., dv), kept in the accumulation dtype
         bk = beta.to(acc)[..., None] * k.to(acc)  # (..., d): the outer product βk eᵀ is fused
-        Y = torch.addcmul(X.to(acc), bk[..., :, None], e[..., None, :])
+        Y = rank1_update(X.to(acc), bk, e)
         ctx.save_for_backward(X, k, beta, e)
         ctx.v_dtype = v.dtype
         return Y.to(X.dtype)
@@ -64,24 +128,9 @@ class _DeltaRewrite(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, G: torch.Tensor):
         X, k, beta, e = ctx.saved_tensors
-        need_X, need_k, need_beta, need_v = ctx.needs_input_grad
-        acc = e.dtype
-        Gf, kf, bf = G.to(acc), k.to(acc), beta.to(acc)
-        s = _readout(kf, Gf)  # kᵀG: (..., dv)
-        gX = gk = gb = gv = None
-        if need_X:
-            bk = bf[..., None] * kf
-            gX = torch.addcmul(Gf, bk[..., :, None], s[..., None, :], value=-1).to(X.dtype)
-        if need_k:
-            # Contracted one value channel at a time: 2.5× faster than the einsums (bmm) on CPU.
-            Ge = contract_values(Gf, e[..., None, :])
-            Xs = contract_values(X.to(acc), s[..., None, :])
-            gk = (bf[..., None] * (Ge - Xs)).to(k.dtype)
-        if need_beta:
-            gb = (s * e).sum(-1).to(beta.dtype)
-        if need_v:
-            gv = (bf[..., None] * s).to(ctx.v_dtype)
-        return gX, gk, gb, gv
+        grads = delta_rewrite_grads(G, X, k, beta, e, ctx.needs_input_grad)
+        dtypes = (X.dtype, k.dtype, beta.dtype, ctx.v_dtype)
+        return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))
 
 
 class _WriteOnly(torch.autograd.Function):
@@ -94,7 +143,7 @@ class _WriteOnly(torch.autograd.Function):
     def _forward(ctx: Any, X: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, v: torch.Tensor):
         acc = accumulation_dtype(X, k, beta, v)
         bk = beta.to(acc)[..., None] * k.to(acc)
-        Y = torch.addcmul(X.to(acc), bk[..., :, None], v.to(acc)[..., None, :])
+        Y = rank1_update(X.to(acc), bk, v.to(acc))
         ctx.save_for_backward(k, beta, v)
         ctx.X_dtype = X.dtype
         return Y.to(X.dtype)
@@ -108,15 +157,9 @@ class _WriteOnly(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, G: torch.Tensor):
         k, beta, v = ctx.saved_tensors
-        need_X, need_k, need_beta, need_v = ctx.needs_input_grad
-        acc = accumulation_dtype(G, k, beta, v)
-        Gf, kf, bf, vf = G.to(acc), k.to(acc), beta.to(acc), v.to(acc)
-        s = _readout(kf, Gf)
-        gX = G.to(ctx.X_dtype) if need_X else None
-        gk = (bf[..., None] * contract_values(Gf, vf[..., None, :])).to(k.dtype) if need_k else None
-        gb = (s * vf).sum(-1).to(beta.dtype) if need_beta else None
-        gv = (bf[..., None] * s).to(v.dtype) if need_v else None
-        return gX, gk, gb, gv
+        grads = write_only_grads(G, k, beta, v, ctx.needs_input_grad)
+        dtypes = (ctx.X_dtype, k.dtype, beta.dtype, v.dtype)
+        return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))
 
 
 def _apply(fn: type[torch.autograd.Function], X, k, beta, v) -> torch.Tensor:
