@@ -65,11 +65,16 @@ class _ChannelMix(torch.autograd.Function):
         if need_X:
             gX = (G.unsqueeze(-1) * Cd).to(X.dtype)  # one state-sized write
         if need_C:
-            rows = G.reshape(-1, G.shape[-1])  # (N, d)
-            flat = X.reshape(-1, *X.shape[-2:]).to(dtype)  # (N, d, dv)
-            gC = torch.stack([(rows * flat[..., j]).sum(0) for j in range(X.shape[-1])], -1)
-            gC = gC.to(C.dtype)
+            gC = mixing_weight_grad(G, X).to(C.dtype)
         return gX, gC
+
+
+def mixing_weight_grad(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """`Σ_rows G[..., i] · X[..., i, j]`: the `(d, dv)` weight gradient of a channel mix whose
+    output received `G` `(..., d)` from a state `X` `(..., d, dv)`; in G's dtype."""
+    rows = tuple(range(G.dim() - 1))  # summed in place: a reshape would copy a strided slice
+    Xd = X.to(G.dtype)
+    return torch.stack([(G * Xd[..., j]).sum(rows) for j in range(X.shape[-1])], -1)
 
 
 def channel_mix(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""`token_mix` (the token compressor's read) equals its plain form on values and gradients, with and
+without a decoding history, and `TokenCompressor` reads through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltalearn.nn import TokenCompressor
+from deltalearn.ops import token_mixing as token_mix_module
+from deltalearn.ops.token_mixing import token_mix, token_mix_reference
+
+# (past, new tokens, kernel size): no history, a full history, more history than the kernel
+# reaches, fewer new tokens than taps, one token, and a kernel of one tap (a channel mix).
+CASES = [(0, 9, 4), (3, 6, 4), (6, 3, 4), (0, 2, 4), (2, 1, 4), (0, 5, 1)]
+
+
+@pytest.mark.parametrize(("past", "new", "K"), CASES)
+@pytest.mark.parametrize("dv", [1, 4])
+def test_values_and_gradients_equal_the_reference(past, new, K, dv):
+    torch.manual_seed(past + new + K)
+    xs = torch.randn(2, past + new, 24, dv, requires_grad=True)
+    W = torch.randn(24, dv, K, requires_grad=True)
+    G = torch.randn(2, new, 24)
+    got, want = token_mix(xs, W, past), token_mix_reference(xs, W, past)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        torch.autograd.grad(got, (xs, W), G), torch.autograd.grad(want, (xs, W), G), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("past", "new", "K"), [(0, 5, 4), (3, 2, 4)])
+def test_float64_gradcheck_on_a_strided_state(past, new, K):
+    xs = torch.randn(past + new, 2, 5, 3, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    W = torch.randn(5, 3, K, dtype=torch.float64, requires_grad=True)
+    assert not xs.is_contiguous()
+    assert torch.autograd.gradcheck(lambda x, w: token_mix(x, w, past), (xs, W))
+
+
+def test_bf16_state_promotes_with_fp32_taps():
+    xs = torch.randn(2, 7, 8, 4).to(torch.bfloat16).requires_grad_()
+    W = torch.randn(8, 4, 4, requires_grad=True)
+    out = token_mix(xs, W)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, token_mix_reference(xs, W), rtol=1e-5, atol=1e-5)
+    gxs, gW = torch.autograd.grad(out.sum(), (xs, W))
+    assert gxs.dtype == torch.bfloat16 and gW.dtype == torch.float32
+
+
+def test_bad_shapes_name_the_values():
+    with pytest.raises(ValueError, match=r"\(2, 5, 8, 4\).*\(8, 3, 4\)"):
+        token_mix(torch.randn(2, 5, 8, 4), torch.randn(8, 3, 4))
+    with pytest.raises(ValueError, match="past must lie in \\[0, 5\\].*got 6"):
+        token_mix(torch.randn(2, 5, 8, 4), torch.randn(8, 4, 4), past=6)
+
+
+def test_token_compressor_reads_through_token_mix(monkeypatch):
+    """A full-length state takes the hand-written Function (a decoded token takes the plain form)
+    and gives the plain form's values and gradients."""
+    calls = []
+    real = token_mix_module._TokenMix.apply
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(token_mix_module._TokenMix, "apply", spy)
+    torch.manual_seed(0)
+    tc = TokenCompressor(64, 4, 4)
+    with torch.no_grad():
+        tc.weight.normal_()
+    X = torch.randn(4, 128, 64, 4, requires_grad=True)  # 131072 elements: past SMALL_STATE
+    got = tc(X)
+    assert calls == [X.shape]
+    want = token_mix_reference(X, tc.weight * tc.read[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
