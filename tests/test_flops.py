@@ -157,7 +157,10 @@ def test_each_component_equals_what_the_counter_sees_in_its_module(counted):
         "DeltaLM.lm_head": parts["logits"],
     }
     if config.residual != "additive":  # value and gate heads + readout of one rewrite
-        per_rewrite = (parts["ddl_heads"] + parts["ddl_readout"]) * (1 / (2 * L))
+        # A vector state's readout (dv = 1) is a product-sum, element-wise work the counter does
+        # not see; a matrix state's is an einsum (a bmm), which it counts as a matmul.
+        readout = parts["ddl_readout"] if config.value_channels > 1 else FlopCount(0.0, 0.0)
+        per_rewrite = (parts["ddl_heads"] + readout) * (1 / (2 * L))
         modules["DeltaLM.layers.1.attn_update"] = per_rewrite
         modules["DeltaLM.layers.0.mlp_update"] = per_rewrite
     if config.expanded and config.expansion == "ec":

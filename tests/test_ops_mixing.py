@@ -49,3 +49,12 @@ def test_mixed_dtypes_promote_like_the_reference():
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(4, 3\).*\(2, 5, 4\)"):
         channel_mix(torch.randn(2, 5, 4), torch.randn(4, 3))
+
+
+def test_promote_float_is_torch_promote_types_for_every_pair():
+    from deltalearn.ops._shapes import promote_float
+
+    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64]
+    for a in dtypes:
+        for b in dtypes:
+            assert promote_float(a, b) == torch.promote_types(a, b), (a, b)

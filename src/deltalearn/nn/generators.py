@@ -25,6 +25,7 @@ from deltalearn.nn.choices import (
     check_choice,
 )
 from deltalearn.ops import normalize_direction
+from deltalearn.ops._shapes import accumulation_dtype
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
 _BETA_INIT_CLAMP = 1e-4
@@ -111,7 +112,7 @@ class GateHead(nn.Module):
             self.out.bias.fill_(beta_init_bias(self.beta_init))
 
     def logits(self, c: torch.Tensor) -> torch.Tensor:
-        acc = torch.promote_types(c.dtype, torch.float32)  # at least fp32, float64 stays float64
+        acc = accumulation_dtype(c)  # at least fp32, float64 stays float64
         with torch.autocast(device_type=c.device.type, enabled=False):
             z = c.to(acc)
             if self.hidden is not None:

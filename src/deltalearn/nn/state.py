@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltalearn.ops._shapes import is_small_state, no_autocast
+from deltalearn.ops._shapes import is_small_state, no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.token_mixing import token_mix, token_mix_reference
 
@@ -56,7 +56,7 @@ def causal_conv(
     """
     B, T, C = x.shape
     K = weight.shape[-1]
-    dtype = torch.promote_types(x.dtype, weight.dtype)
+    dtype = promote_float(x.dtype, weight.dtype)
     if history is None:
         history = x.new_zeros(B, K - 1, C, dtype=dtype)
     elif history.shape != (B, K - 1, C):

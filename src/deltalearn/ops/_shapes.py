@@ -42,6 +42,17 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def promote_float(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """`torch.promote_types(a, b)` for floating dtypes, in Python (the torch call is a dispatched op:
+    one of the few dozen a decoded token's sublayer pays for)."""
+    if a == b:
+        return a
+    if not (a.is_floating_point and b.is_floating_point):
+        return torch.promote_types(a, b)
+    # Mixed floats: float64 wins; any other mix (fp32, bf16, fp16) promotes to fp32.
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
+
+
 def _fmt(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 

@@ -157,7 +157,7 @@ def _compose(
     X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_options(rule, value_head, k_eps)
-    matrix = check_epilogue_inputs(X, h, z, p, compress)
+    check_epilogue_inputs(X, h, z, p, compress)
     if reference:
         k, beta, v = epilogue_generators(
             h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
@@ -166,7 +166,7 @@ def _compose(
         Y = op(X, k, beta, v)
     else:
         Y = rewrite_epilogue_torch(
-            X, h, z, p, matrix=matrix, rule=rule, value_head=value_head,
+            X, h, z, p, rule=rule, value_head=value_head,
             value_scale=value_scale, k_eps=k_eps,
         )  # fmt: skip
     if compress is None:

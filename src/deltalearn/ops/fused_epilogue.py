@@ -39,8 +39,12 @@ class _RewriteEpilogue(torch.autograd.Function):
         v = p.to(acc)
         if value_head == "official":
             v = value_scale * torch.sigmoid(v)
-        e = v - _readout(k, X) if rule == "delta" else v  # (..., dv)
-        Y = rank1_update(X.to(acc), beta[..., None] * k, e)
+        if X.dim() == h.dim():  # a vector state, in vector ops: fewer per decoded token
+            e = v - (k * X.to(acc)).sum(-1) if rule == "delta" else v  # (...)
+            Y = torch.addcmul(X.to(acc), beta[..., None] * k, e[..., None])
+        else:
+            e = v - _readout(k, X) if rule == "delta" else v  # (..., dv)
+            Y = rank1_update(X.to(acc), beta[..., None] * k, e)
         # The state is saved only where backward reads it; a bf16 state is saved as it came.
         ctx.save_for_backward(X if rule == "delta" else None, k, rho, beta, e, v)
         ctx.options = (rule, value_head, value_scale)
@@ -59,10 +63,17 @@ class _RewriteEpilogue(torch.autograd.Function):
         rule, value_head, value_scale = ctx.options
         need_X, need_h, need_z, need_p = ctx.needs_input_grad[:4]
         needs = (need_X, need_h, need_z, need_p)
+        vector = G.dim() == k.dim()
+        if vector:  # the matrix case with dv = 1
+            G, e, v = G[..., None], e[..., None], v[..., None]
+            X = X if X is None else X[..., None]
         if rule == "delta":
             gX, gk, gb, gv = delta_rewrite_grads(G, X, k, beta, e, needs)
         else:
             gX, gk, gb, gv = write_only_grads(G, k, beta, v, needs)
+        if vector:
+            gX = gX if gX is None else gX[..., 0]
+            gv, v = (gv if gv is None else gv[..., 0]), v[..., 0]
         gh = gz = gp = None
         if need_h:
             gh = rho * (gk - k * (k * gk).sum(-1, keepdim=True))
@@ -81,16 +92,10 @@ def rewrite_epilogue_torch(
     z: torch.Tensor,
     p: torch.Tensor,
     *,
-    matrix: bool,
     rule: str,
     value_head: str,
     value_scale: float,
     k_eps: float,
 ) -> torch.Tensor:
-    """Y of `rewrite_epilogue` (inputs already checked; `matrix` as `check_epilogue_inputs`)."""
-    if matrix:
-        return _RewriteEpilogue.apply(X, h, z, p, rule, value_head, value_scale, k_eps)
-    Y = _RewriteEpilogue.apply(
-        X.unsqueeze(-1), h, z, p.unsqueeze(-1), rule, value_head, value_scale, k_eps
-    )
-    return Y.squeeze(-1)
+    """Y of `rewrite_epilogue` (inputs already checked: `check_epilogue_inputs`)."""
+    return _RewriteEpilogue.apply(X, h, z, p, rule, value_head, value_scale, k_eps)

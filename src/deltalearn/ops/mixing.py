@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops._shapes import _fmt, is_small_state
+from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 
 
 def _check(X: torch.Tensor, C: torch.Tensor) -> None:
@@ -31,7 +31,7 @@ def _check(X: torch.Tensor, C: torch.Tensor) -> None:
 def channel_mix_reference(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """`(X · C).sum(-1)`: `X` `(..., d, dv)`, `C` `(d, dv)` -> `(..., d)` in their promoted dtype."""
     _check(X, C)
-    dtype = torch.promote_types(X.dtype, C.dtype)
+    dtype = promote_float(X.dtype, C.dtype)
     return (X.to(dtype) * C.to(dtype)).sum(-1)
 
 
@@ -50,7 +50,7 @@ def contract_values(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _ChannelMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(X.dtype, C.dtype)
+        dtype = promote_float(X.dtype, C.dtype)
         ctx.save_for_backward(X, C)
         return contract_values(X.to(dtype), C.to(dtype))
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops._shapes import _fmt
+from deltalearn.ops._shapes import _fmt, promote_float
 from deltalearn.ops.mixing import mixing_weight_grad
 
 
@@ -43,7 +43,7 @@ def token_mix_reference(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> tor
     """The plain form: `(B, T, d)` in the promoted dtype of xs and W."""
     _check(xs, W, past)
     K = W.shape[-1]
-    dtype = torch.promote_types(xs.dtype, W.dtype)
+    dtype = promote_float(xs.dtype, W.dtype)
     lead = K - 1 - past  # zeros before the first input, or (negative) inputs never reached
     window = F.pad(xs, (0, 0, 0, 0, lead, 0)) if lead >= 0 else xs[:, -lead:]
     windows = window.to(dtype).unfold(1, K, 1)  # (B, T, d, dv, K)
@@ -62,7 +62,7 @@ def _taps(K: int, past: int, T: int):
 class _TokenMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
-        dtype = torch.promote_types(xs.dtype, W.dtype)
+        dtype = promote_float(xs.dtype, W.dtype)
         K, T, dv = W.shape[-1], xs.shape[1] - past, W.shape[1]
         Wd = W.to(dtype)
         cur = xs[:, past:].to(dtype)
