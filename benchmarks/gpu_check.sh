@@ -7,6 +7,8 @@
 #   tiles    forward/backward time of the Triton rewrite per tile size (benchmarks/epilogue_tiles.py)
 #   decode   cached generation: dynamic vs static cache, eager vs compiled step (CUDA graphs)
 #   compile  `bench model --compile` (train): compile seconds and throughput
+#   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
+#            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 # Seconds each took on an H200 (2026-11-28), for planning a lease: tests 55 (16 cores, -n 4),
 # model 28 per impl, profile 32, tiles 75; compile ran 96 for three variants while the graph broke
 # at every sublayer (unbroken graphs may compile longer); decode was not timed (its first run failed).
@@ -48,6 +50,14 @@ for s in $stages; do
             timeout 130 deltalearn bench model "${small[@]}" --variants $variants \
                 --measure train,infer,memory --repeats 7 --impl "$impl" \
                 --json "$out/h200_model_${impl}.json" 2>&1 | tail -14
+        done
+        ;;
+    fusedread)
+        for read in off on; do
+            stage "bench model, fused compressor read $read"
+            DELTALEARN_FUSED_READ=$read timeout 100 deltalearn bench model "${small[@]}" \
+                --variants baseline,ddl-cc,write-only-cc --measure train,infer,memory --repeats 7 \
+                --json "$out/h200_model_fusedread_${read}.json" 2>&1 | tail -6
         done
         ;;
     profile)

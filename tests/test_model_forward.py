@@ -324,3 +324,56 @@ def test_return_dict_cache_position_and_inputs_embeds():
     model(ids, inputs_embeds=None)
     with pytest.raises(ValueError, match="inputs_embeds is not supported"):
         model(inputs_embeds=torch.randn(2, 5, 32))
+
+
+def _loss_logits_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids, output_gates=True)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.logits.detach(), grads, out.gates.beta.detach()
+
+
+@pytest.mark.parametrize("variant", ["ddl-cc", "write-only-cc"])
+def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
+    """DELTALEARN_FUSED_READ=on hands each block's MLP read to the attention rewrite: same logits,
+    gradients and gate records (here on the PyTorch path; on CUDA it is the kernel's read)."""
+    from deltalearn.ops import epilogue
+
+    model = tiny_model(variant).train()
+    ids = random_ids(2, 12)
+    monkeypatch.setenv("DELTALEARN_FUSED_READ", "off")
+    assert not model.layers[0]._fuses_read()
+    off = _loss_logits_and_grads(model, ids)
+    monkeypatch.setenv("DELTALEARN_FUSED_READ", "on")
+    assert all(block._fuses_read() for block in model.layers)
+    calls = []
+    real = epilogue.rewrite_epilogue
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("compress") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("deltalearn.nn.residual.rewrite_epilogue", spy)
+    on = _loss_logits_and_grads(model, ids)
+    assert calls == [True, False] * len(model.layers)  # the attention rewrite reads for the MLP
+    torch.testing.assert_close(on[0], off[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(on[1], off[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(on[2], off[2])
+
+
+def test_fused_read_applies_only_where_it_can(monkeypatch):
+    monkeypatch.setenv("DELTALEARN_FUSED_READ", "on")
+    for variant in ("baseline", "ddl", "ddl-tc"):  # no CC compressor, or no rewrite
+        assert not tiny_model(variant).layers[0]._fuses_read(), variant
+    model = tiny_model("ddl-cc")
+    for block in model.layers:
+        block.attn_update.fused = False  # the step-by-step reference path reads separately
+    assert not model.layers[0]._fuses_read()
+
+
+def test_fused_read_switch_names_a_bad_value(monkeypatch):
+    monkeypatch.setenv("DELTALEARN_FUSED_READ", "yes")
+    with pytest.raises(ValueError, match=r"DELTALEARN_FUSED_READ.*\['off', 'on'\].*'yes'"):
+        tiny_model("ddl-cc")(random_ids(1, 4))

@@ -244,6 +244,37 @@ def test_compressor_read_and_its_gradient(interpreted, monkeypatch, rule):
     _check_against_reference(leaves, rule, "official")
 
 
+def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
+    """A ddl-cc DeltaLM on the kernels, with each MLP read fused into the attention rewrite
+    (DELTALEARN_FUSED_READ=on) and without: the same loss and parameter gradients."""
+    from deltalearn import DeltaLM, DeltaLMConfig
+
+    shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
+    torch.manual_seed(0)
+    model = DeltaLM(DeltaLMConfig.preset("ddl-cc", "tiny", **shape))
+    ids = torch.randint(0, 50, (2, 6))
+    compressed = []
+    real = te.rewrite_epilogue_triton
+
+    def spy(*args, **kwargs):
+        compressed.append(kwargs.get("compress") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(te, "rewrite_epilogue_triton", spy)
+    results = []
+    for read in ("off", "on"):
+        monkeypatch.setattr(ep, "FUSED_READ", read)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert compressed == [False] * 4 + [True, False] * 2  # two blocks, two rewrites each
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_on, grads_off, strict=True):
+        _close(a, b, tol=1e-4)
+
+
 def test_compressor_read_bf16(interpreted):
     leaves = _inputs((3,), 96, 4, torch.bfloat16, compress=True)
     _check_against_reference(leaves, "delta", "paper")

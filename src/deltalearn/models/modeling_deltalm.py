@@ -73,6 +73,7 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
+from deltalearn.ops.epilogue import fused_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
 
@@ -169,8 +170,25 @@ class DeltaLMBlock(GradientCheckpointingLayer):
     def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
         attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
         i = self.layer_idx
+        if self._fuses_read():
+            # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
+            # Triton kernel reads each row as it writes it): one pass over the state fewer.
+            x_in = _read_state(self.compress, X, step, f"{i}.attn")
+            C = self.compress.mixing_matrix()
+            X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
+            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
         return self.sublayer(X, self.mlp_norm, self.mlp, self.mlp_update, step, f"{i}.mlp")
+
+    def _fuses_read(self) -> bool:
+        """The fused read (`ops.epilogue.fused_read_enabled`) needs a channel compressor (it reads
+        only the current token) and the fused rewrite."""
+        return (
+            isinstance(self.compress, ChannelCompressor)
+            and self.attn_update is not None
+            and self.attn_update.fused
+            and fused_read_enabled()
+        )
 
 
 class DeltaLM(PreTrainedModel, GenerationMixin):

@@ -27,7 +27,7 @@ from deltalearn.nn.choices import (
 )
 from deltalearn.nn.generators import GateHead, ValueHead, direction
 from deltalearn.nn.state import ChannelCompressor
-from deltalearn.ops import delta_rewrite_reference, write_only_reference
+from deltalearn.ops import channel_mix, delta_rewrite_reference, write_only_reference
 from deltalearn.ops._shapes import no_autocast
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
 
@@ -91,15 +91,24 @@ class DeltaUpdate(nn.Module):
         self.last_record: GateRecord | None = None
 
     def forward(
-        self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        X: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        u: torch.Tensor,
+        compress: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The rewritten state; with `compress` (a channel compressor's `(d, dv)` mixing matrix)
+        also the next sublayer's read of it, `(Y, x_next)`, read inside the Triton kernel when
+        that runs."""
         vector = X.dim() == h.dim()  # vector state: scalar target
         if vector and self.value_channels != 1:
             raise ValueError(
                 f"a vector state {tuple(X.shape)} needs value_channels=1, got {self.value_channels}"
             )
         if not self.fused:
-            return self._forward_reference(X, h, c, u, vector)
+            out = self._forward_reference(X, h, c, u, vector)
+            return out if compress is None else (out, channel_mix(out, compress))
         z = self.gate.logits(c)  # (...), fp32
         p = self.value.pre_activation(c, u)  # (..., dv)
         if vector:
@@ -107,7 +116,7 @@ class DeltaUpdate(nn.Module):
         value_head, value_scale = self.value.kind, self.value.sigmoid_scale
         out = rewrite_epilogue(
             X, h, z, p, rule=self.rule, value_head=value_head, value_scale=value_scale,
-            k_eps=self.k_eps,
+            k_eps=self.k_eps, compress=compress,
         )  # fmt: skip
         if self.record:
             with torch.no_grad():  # the generators again, outside the fused op, only to record
@@ -259,10 +268,12 @@ def residual_step(
     norm: Callable[[torch.Tensor], torch.Tensor],
     branch: Callable[[torch.Tensor], torch.Tensor],
     update: DeltaUpdate | None,
-) -> torch.Tensor:
+    compress: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm DDL sublayer from its read state: `c = norm(x_in)`, `h = branch(c)`, then the
     rewrite `update(X, h, c, x_in)`, or `X + h` for the additive rule (`update` None), where a
-    matrix state `(..., d, dv)` receives `h` in every value channel."""
+    matrix state `(..., d, dv)` receives `h` in every value channel. With `compress` (a `(d, dv)`
+    mixing matrix; rewrites only) the pair `(X', x_next)` of `DeltaUpdate.forward`."""
     c = norm(x_in)
     h = branch(c)
     if h.shape != x_in.shape:
@@ -271,5 +282,9 @@ def residual_step(
             f"for input {tuple(c.shape)}"
         )
     if update is None:
+        if compress is not None:
+            raise ValueError(
+                "compress reads the state inside a rewrite; the additive rule has none"
+            )
         return X + (h.unsqueeze(-1) if X.dim() == h.dim() + 1 else h)
-    return update(X, h, c, x_in)
+    return update(X, h, c, x_in) if compress is None else update(X, h, c, x_in, compress)

@@ -31,6 +31,7 @@ import torch
 
 from deltalearn.ops._shapes import _fmt, accumulation_dtype
 from deltalearn.ops.fused_epilogue import rewrite_epilogue_torch
+from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.reference import (
     delta_rewrite_reference,
     normalize_direction,
@@ -42,6 +43,11 @@ EPILOGUE_VALUE_HEADS = ("paper", "official")
 BACKENDS = ("auto", "triton", "torch", "reference")
 # Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
 BACKEND: str | None = None
+# Module-level override of DELTALEARN_FUSED_READ (None: read the environment on each call): whether
+# DeltaLM hands a channel compressor's read of the state to the rewrite before it (`compress=`), so
+# that the Triton kernel reads the row it has just written. "off" (default) until measured on a GPU.
+FUSED_READ: str | None = None
+FUSED_READ_CHOICES = ("off", "on")
 # Input dtypes the kernel accumulates in fp32 without loss; float64 stays on the PyTorch path.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -64,6 +70,20 @@ def _backend() -> str:
             f"one of {list(BACKENDS)}, got {choice!r}"
         )
     return choice
+
+
+def fused_read_enabled() -> bool:
+    """Whether DeltaLM fuses each channel-compressor read into the rewrite before it (`FUSED_READ`
+    above, else DELTALEARN_FUSED_READ: "off" or "on")."""
+    choice = (
+        FUSED_READ if FUSED_READ is not None else os.environ.get("DELTALEARN_FUSED_READ", "off")
+    )
+    if choice not in FUSED_READ_CHOICES:
+        raise ValueError(
+            f"fused compressor read (deltalearn.ops.epilogue.FUSED_READ or DELTALEARN_FUSED_READ) "
+            f"must be one of {list(FUSED_READ_CHOICES)}, got {choice!r}"
+        )
+    return choice == "on"
 
 
 def check_epilogue_inputs(
@@ -171,9 +191,11 @@ def _compose(
         )  # fmt: skip
     if compress is None:
         return Y
-    acc = accumulation_dtype(Y, compress)
-    x_next = (Y.to(acc) * compress.to(acc)).sum(-1)
-    return Y, x_next.to(torch.promote_types(X.dtype, compress.dtype))
+    if reference:
+        acc = accumulation_dtype(Y, compress)
+        x_next = (Y.to(acc) * compress.to(acc)).sum(-1)
+        return Y, x_next.to(torch.promote_types(X.dtype, compress.dtype))
+    return Y, channel_mix(Y, compress)  # ChannelCompressor's read, its dtype and backward
 
 
 def rewrite_epilogue_reference(
