@@ -185,10 +185,7 @@ def _compose(
         op = delta_rewrite_reference if rule == "delta" else write_only_reference
         Y = op(X, k, beta, v)
     else:
-        Y = rewrite_epilogue_torch(
-            X, h, z, p, rule=rule, value_head=value_head,
-            value_scale=value_scale, k_eps=k_eps,
-        )  # fmt: skip
+        Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)
     if compress is None:
         return Y
     if reference:

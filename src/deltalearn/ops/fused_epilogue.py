@@ -86,16 +86,7 @@ class _RewriteEpilogue(torch.autograd.Function):
         return (*cast, None, None, None, None)
 
 
-def rewrite_epilogue_torch(
-    X: torch.Tensor,
-    h: torch.Tensor,
-    z: torch.Tensor,
-    p: torch.Tensor,
-    *,
-    rule: str,
-    value_head: str,
-    value_scale: float,
-    k_eps: float,
-) -> torch.Tensor:
-    """Y of `rewrite_epilogue` (inputs already checked: `check_epilogue_inputs`)."""
+def rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps) -> torch.Tensor:
+    """Y of `rewrite_epilogue`, options positional (inputs already checked:
+    `check_epilogue_inputs`)."""
     return _RewriteEpilogue.apply(X, h, z, p, rule, value_head, value_scale, k_eps)
