@@ -75,7 +75,8 @@ def test_gradcheck_float64(rule, value_head):
         assert torch.autograd.gradcheck(f, leaves)
 
 
-def test_only_the_inputs_that_need_a_gradient_get_one():
+def test_gradient_of_h_alone_when_only_h_needs_one():
+    """The backward skips what no input needs (here all but ∂h) and still gets ∂h right."""
     X, h, z, p = _leaves((4,), 16, 4)
     h.requires_grad_()
     Y = rewrite_epilogue(X, h, z, p)

@@ -73,6 +73,7 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
+from deltalearn.ops import channel_mix
 from deltalearn.ops.epilogue import fused_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
@@ -173,8 +174,8 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         if self._fuses_read():
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
-            x_in = _read_state(self.compress, X, step, f"{i}.attn")
-            C = self.compress.mixing_matrix()
+            C = self.compress.mixing_matrix()  # folded once for both reads
+            x_in = channel_mix(X, C)
             X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
             return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")

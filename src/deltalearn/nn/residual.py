@@ -287,4 +287,5 @@ def residual_step(
                 "compress reads the state inside a rewrite; the additive rule has none"
             )
         return X + (h.unsqueeze(-1) if X.dim() == h.dim() + 1 else h)
+    # No trailing None argument: forward hooks on the update see (X, h, c, u) as before.
     return update(X, h, c, x_in) if compress is None else update(X, h, c, x_in, compress)

@@ -178,21 +178,20 @@ def _compose(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_options(rule, value_head, k_eps)
     check_epilogue_inputs(X, h, z, p, compress)
-    if reference:
-        k, beta, v = epilogue_generators(
-            h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
-        )
-        op = delta_rewrite_reference if rule == "delta" else write_only_reference
-        Y = op(X, k, beta, v)
-    else:
+    if not reference:
         Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)
+        # The next read as ChannelCompressor takes it: its dtype and hand-written backward.
+        return Y if compress is None else (Y, channel_mix(Y, compress))
+    k, beta, v = epilogue_generators(
+        h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
+    )
+    op = delta_rewrite_reference if rule == "delta" else write_only_reference
+    Y = op(X, k, beta, v)
     if compress is None:
         return Y
-    if reference:
-        acc = accumulation_dtype(Y, compress)
-        x_next = (Y.to(acc) * compress.to(acc)).sum(-1)
-        return Y, x_next.to(torch.promote_types(X.dtype, compress.dtype))
-    return Y, channel_mix(Y, compress)  # ChannelCompressor's read, its dtype and backward
+    acc = accumulation_dtype(Y, compress)
+    x_next = (Y.to(acc) * compress.to(acc)).sum(-1)
+    return Y, x_next.to(torch.promote_types(X.dtype, compress.dtype))
 
 
 def rewrite_epilogue_reference(

@@ -32,10 +32,12 @@ from deltalearn.ops.mixing import contract_values
 
 
 def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """kᵀX in (at least) fp32: (..., d), (..., d, dv) -> (..., dv). Callers switch autocast off."""
+    """kᵀX in (at least) fp32: k (..., d) with X (..., d, dv) -> (..., dv), or with a vector state
+    X (..., d) -> (...). Callers switch autocast off."""
     acc = accumulation_dtype(k, X)
-    if X.shape[-1] == 1:  # a vector state: a product-sum, 3.5× faster than the einsum's bmm (CPU)
-        return (k.to(acc) * X[..., 0].to(acc)).sum(-1, keepdim=True)
+    vector = X.dim() == k.dim()
+    if vector or X.shape[-1] == 1:  # a product-sum, 3.5× faster than the einsum's bmm (CPU)
+        return (k.to(acc) * (X if vector else X[..., 0]).to(acc)).sum(-1, keepdim=not vector)
     if is_small_state(X):  # one decoded token: 3 ops, not the einsum's 11
         return (k.to(acc)[..., None] * X.to(acc)).sum(-2)
     return torch.einsum("...d,...dv->...v", k.to(acc), X.to(acc))
@@ -44,11 +46,14 @@ def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def rank1_update(
     X: torch.Tensor, a: torch.Tensor, e: torch.Tensor, value: float = 1.0
 ) -> torch.Tensor:
-    """`X + value · a eᵀ`: X `(..., d, dv)`, a `(..., d)`, e `(..., dv)`, in their common dtype.
+    """`X + value · a eᵀ`: X `(..., d, dv)`, a `(..., d)`, e `(..., dv)` — or a vector state X
+    `(..., d)` with e `(...)` — in their common dtype.
 
     dv = 1 runs on the `(..., d)` views: `addcmul` over a broadcast trailing axis of length 1 is
     5× slower than the plain vector form on CPU.
     """
+    if X.dim() == a.dim():
+        return torch.addcmul(X, a, e[..., None], value=value)
     if X.shape[-1] == 1:
         return torch.addcmul(X[..., 0], a, e, value=value).unsqueeze(-1)
     return torch.addcmul(X, a[..., :, None], e[..., None, :], value=value)

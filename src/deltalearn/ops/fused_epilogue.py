@@ -39,12 +39,9 @@ class _RewriteEpilogue(torch.autograd.Function):
         v = p.to(acc)
         if value_head == "official":
             v = value_scale * torch.sigmoid(v)
-        if X.dim() == h.dim():  # a vector state, in vector ops: fewer per decoded token
-            e = v - (k * X.to(acc)).sum(-1) if rule == "delta" else v  # (...)
-            Y = torch.addcmul(X.to(acc), beta[..., None] * k, e[..., None])
-        else:
-            e = v - _readout(k, X) if rule == "delta" else v  # (..., dv)
-            Y = rank1_update(X.to(acc), beta[..., None] * k, e)
+        # A vector state stays in vector ops (fewer per decoded token): e (...), else (..., dv).
+        e = v - _readout(k, X) if rule == "delta" else v
+        Y = rank1_update(X.to(acc), beta[..., None] * k, e)
         # The state is saved only where backward reads it; a bf16 state is saved as it came.
         ctx.save_for_backward(X if rule == "delta" else None, k, rho, beta, e, v)
         ctx.options = (rule, value_head, value_scale)
