@@ -20,6 +20,7 @@ import json
 import torch
 import triton.testing
 
+from deltalearn.ops import backend
 from deltalearn.ops import epilogue as ep
 from deltalearn.ops import triton_epilogue as te
 
@@ -71,7 +72,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
-    ep.BACKEND = "triton"  # the kernels, also on CPU tensors under the interpreter
+    backend.BACKEND = "triton"  # the kernels, also on CPU tensors under the interpreter
     default_warps = te._num_warps
     rows = []
     cases = [(1, False), (4, False), (4, True)]

@@ -5,6 +5,8 @@
 #   model    `bench model` at small, bf16, 8 x 1024: train, infer, memory; fused and reference path
 #   profile  torch.profiler kernel tables of one training step (baseline, ddl, ddl-cc)
 #   tiles    forward/backward time of the Triton rewrite per tile size (benchmarks/epilogue_tiles.py)
+#   reads    the CC/TC compressor reads: Triton kernel vs the PyTorch Functions vs the reference
+#            (benchmarks/compressor_reads.py)
 #   decode   cached generation: dynamic vs static cache, eager vs compiled step (CUDA graphs)
 #   compile  `bench model --compile` (train): compile seconds and throughput
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
@@ -60,9 +62,15 @@ for s in $stages; do
                 --json "$out/h200_model_fusedread_${read}.json" 2>&1 | tail -6
         done
         ;;
+    reads)
+        stage "compressor reads"
+        timeout 100 python benchmarks/compressor_reads.py --json "$out/h200_compressor_reads.json" \
+            2>&1 | tail -8
+        ;;
     profile)
         stage "profile one training step"
-        timeout 80 python benchmarks/profile_step.py "${small[@]}" --variants baseline,ddl,ddl-cc \
+        timeout 100 python benchmarks/profile_step.py "${small[@]}" \
+            --variants baseline,ddl,ddl-cc,ddl-tc \
             >"$out/profile.txt" 2>&1
         echo "profile exit $?"
         grep -E "^==|Self CUDA time total" "$out/profile.txt"
@@ -85,7 +93,7 @@ for s in $stages; do
         timeout 300 deltalearn bench model "${small[@]}" --variants baseline,ddl,ddl-cc --compile \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
-    *) echo "unknown stage $s (tests, model, profile, tiles, decode, compile)" >&2 ;;
+    *) echo "unknown stage $s (tests, model, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
     esac
 done
 stage "done"

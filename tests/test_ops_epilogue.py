@@ -1,12 +1,8 @@
 """The fused rewrite epilogue: the Triton kernels (run by Triton's interpreter on CPU tensors) and the
 PyTorch fallback against the plain composition `rewrite_epilogue_reference`.
 
-Triton's interpreter works only when TRITON_INTERPRET=1 is set before triton is first imported
-(triton.language decorates its own helpers, `tl.sum` and the like, for one mode at import) — and
-torch imports triton early. So unless this process already runs under the interpreter, the kernel
-tests (those using the `interpreted` fixture) are skipped here and run by
-`test_kernels_under_the_interpreter` in a fresh `pytest` subprocess started with TRITON_INTERPRET=1;
-the rest of the session (Inductor's CUDA kernels included) never sees the switch.
+The kernel tests (those using the `interpreted` fixture) run under Triton's interpreter in a
+subprocess: `tests/triton_interpreter.py` says why.
 
 Tolerances (scale-aware: `atol` is relative to the largest magnitude of the expected tensor, because
 the elements near zero come out of cancelling fp32 sums whose rounding scales with that magnitude):
@@ -22,61 +18,45 @@ the elements near zero come out of cancelling fp32 sums whose rounding scales wi
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton_interpreter import (  # noqa: E402
+    IN_INTERPRETER,
+    require_interpreter,
+    run_kernel_tests_in_child,
+    skip_in_child_unless_interpreted,
+)
 
 from deltalearn.nn import DeltaUpdate  # noqa: E402
 from deltalearn.nn.generators import GateHead, ValueHead, direction  # noqa: E402
-from deltalearn.ops import delta_rewrite, write_only  # noqa: E402
+from deltalearn.ops import backend, delta_rewrite, write_only  # noqa: E402
 from deltalearn.ops import epilogue as ep  # noqa: E402
 from deltalearn.ops import triton_epilogue as te  # noqa: E402
 
 BF16_ULP = 2.0**-7
-# triton was imported with TRITON_INTERPRET=1: its own helpers are interpreted functions.
-IN_INTERPRETER = isinstance(tl.sum, InterpretedFunction)
-_CHILD_ENV = "DELTALEARN_EPILOGUE_INTERPRETER_CHILD"
-_IN_CHILD = os.environ.get(_CHILD_ENV) == "1"
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
     """Route `rewrite_epilogue` to the Triton kernels, run by the interpreter on CPU tensors."""
-    if not IN_INTERPRETER:
-        pytest.skip("needs TRITON_INTERPRET=1 before triton's import: run in the subprocess")
-    monkeypatch.setattr(ep, "BACKEND", "triton")
+    require_interpreter()
+    monkeypatch.setattr(backend, "BACKEND", "triton")
 
 
 @pytest.fixture(autouse=True)
 def _child_runs_kernel_tests_only(request):
-    # The subprocess exists for the kernel tests; the others ran in the parent already.
-    if _IN_CHILD and "interpreted" not in request.fixturenames:
-        pytest.skip("run by the parent process")
+    skip_in_child_unless_interpreted(request)
 
 
 def test_kernels_under_the_interpreter():
-    if IN_INTERPRETER:
-        pytest.skip("this process runs under the interpreter: the kernel tests ran in-process")
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_ENV: "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    passed = re.search(r"(\d+) passed", out)
-    # Guard against a child that skipped everything (e.g. the interpreter did not switch on).
-    assert passed and int(passed.group(1)) >= 70, out[-6000:]
+    run_kernel_tests_in_child(__file__, min_passed=70)
 
 
 def _close(actual, expected, tol=1e-5, coarse=False):
@@ -323,7 +303,7 @@ def test_reference_and_fallback_gradcheck_float64(rule, value_head):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fallback_matches_reference(dtype):
     leaves = _inputs((2, 3), 40, 4, dtype, compress=True)
-    assert not ep._use_triton(leaves)  # CPU tensors, auto backend
+    assert not backend.use_triton(leaves)  # CPU tensors, auto backend
     _check_against_reference(leaves, "delta", "official")
 
 
@@ -392,7 +372,7 @@ def test_compiled_kernels_on_cuda(d, dv):
         X, h, z, p, *C = (t.detach().to(dev) for t in _inputs((4, 64), d, dv, compress=compress))
         leaves = [X, h.bfloat16(), z, p.bfloat16(), *C]
         leaves = [t.requires_grad_() for t in leaves]
-        assert ep._use_triton(leaves)
+        assert backend.use_triton(leaves)
         _check_against_reference(leaves, "delta", "official", tol=1e-4)
         if compress:  # ∂C twice: bitwise equal
             gC = [
@@ -423,28 +403,32 @@ def test_shape_errors_name_both_shapes():
 
 
 def test_backend_switch(monkeypatch):
-    monkeypatch.setattr(ep, "BACKEND", None)
+    monkeypatch.setattr(backend, "BACKEND", None)
     monkeypatch.setenv("DELTALEARN_EPILOGUE", "torch")
-    assert not ep._use_triton([torch.randn(2)])
+    assert not backend.use_triton([torch.randn(2)])
     monkeypatch.setenv("DELTALEARN_EPILOGUE", "triton")
-    assert ep._use_triton([torch.randn(2)])
+    assert backend.use_triton([torch.randn(2)])
     monkeypatch.setenv("DELTALEARN_EPILOGUE", "nope")
     with pytest.raises(ValueError, match="DELTALEARN_EPILOGUE"):
-        ep._use_triton([torch.randn(2)])
+        backend.use_triton([torch.randn(2)])
 
 
 def test_works_without_triton():
-    """With `import triton` failing, deltalearn imports and the epilogue takes the PyTorch path."""
+    """With `import triton` failing, deltalearn imports and the rewrite and the compressor reads take
+    the PyTorch path."""
     code = textwrap.dedent(
         """
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
+        from deltalearn.ops import backend, channel_mix, token_mix
         from deltalearn.ops import epilogue as ep
-        assert not ep.triton_available()
+        assert not backend.triton_available()
         X, h = torch.randn(3, 16, 2), torch.randn(3, 16)
         Y = ep.rewrite_epilogue(X, h, torch.zeros(3), torch.randn(3, 2))
         assert Y.shape == X.shape
+        assert channel_mix(torch.randn(3, 40, 16, 2), torch.randn(16, 2)).shape == (3, 40, 16)
+        assert token_mix(torch.randn(3, 40, 16, 2), torch.randn(16, 2, 4)).shape == (3, 40, 16)
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

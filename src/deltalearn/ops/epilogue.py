@@ -15,20 +15,18 @@ for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
 `rewrite_epilogue` runs one Triton kernel (forward and backward, `ops/triton_epilogue.py`) for CUDA
 tensors when triton is installed, else the same math in PyTorch ops as one autograd Function with
 a hand-written backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
-plain composition every path is tested against. Backend choice: `BACKEND` below, else the
-environment variable DELTALEARN_EPILOGUE, each one of "auto" (default), "triton", "torch",
-"reference". "triton" forces the kernel, e.g. on CPU tensors under TRITON_INTERPRET=1 (the tests);
-"reference" switches every fast path off (the plain composition, autograd through every step), so a
-whole run can be repeated without them (`DELTALEARN_EPILOGUE=reference deltalearn compare`).
+plain composition every path is tested against. Which path runs: `ops/backend.py` (the
+`DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "torch" or "reference", the last
+switching every fast path off).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
+from deltalearn.ops import backend
 from deltalearn.ops._shapes import _fmt, accumulation_dtype
 from deltalearn.ops.fused_epilogue import rewrite_epilogue_torch
 from deltalearn.ops.mixing import channel_mix
@@ -40,36 +38,11 @@ from deltalearn.ops.reference import (
 
 EPILOGUE_RULES = ("delta", "write_only")
 EPILOGUE_VALUE_HEADS = ("paper", "official")
-BACKENDS = ("auto", "triton", "torch", "reference")
-# Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
-BACKEND: str | None = None
 # Module-level override of DELTALEARN_FUSED_READ (None: read the environment on each call): whether
 # DeltaLM hands a channel compressor's read of the state to the rewrite before it (`compress=`), so
 # that the Triton kernel reads the row it has just written. "off" (default) until measured on a GPU.
 FUSED_READ: str | None = None
 FUSED_READ_CHOICES = ("off", "on")
-# Input dtypes the kernel accumulates in fp32 without loss; float64 stays on the PyTorch path.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether `import triton` works (cached; triton is an optional dependency)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything at import
-        return False
-    return True
-
-
-def _backend() -> str:
-    choice = BACKEND if BACKEND is not None else os.environ.get("DELTALEARN_EPILOGUE", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(
-            f"epilogue backend (deltalearn.ops.epilogue.BACKEND or DELTALEARN_EPILOGUE) must be "
-            f"one of {list(BACKENDS)}, got {choice!r}"
-        )
-    return choice
 
 
 def fused_read_enabled() -> bool:
@@ -238,22 +211,6 @@ def rewrite_epilogue_reference(
     )
 
 
-def _use_triton(tensors: list[torch.Tensor]) -> bool:
-    backend = _backend()
-    if backend in ("torch", "reference"):
-        return False
-    if backend == "triton":
-        return True
-    X = tensors[0]
-    return (
-        X.is_cuda
-        and all(t.device == X.device for t in tensors)
-        and all(t.dtype in _KERNEL_DTYPES for t in tensors[:4])
-        and not torch.compiler.is_compiling()  # Inductor fuses the PyTorch composition itself
-        and triton_available()
-    )
-
-
 def rewrite_epilogue(
     X: torch.Tensor,
     h: torch.Tensor,
@@ -276,7 +233,7 @@ def rewrite_epilogue(
         >>> Y = rewrite_epilogue(X, h, torch.zeros(2, 8), torch.randn(2, 8, 4))  # β = 1
     """
     tensors = [X, h, z, p] + ([compress] if compress is not None else [])
-    if not _use_triton(tensors):
+    if not backend.use_triton(tensors):
         return _compose(  # reference=True: the fast paths switched off by the backend choice
             X,
             h,
@@ -287,7 +244,7 @@ def rewrite_epilogue(
             value_scale=value_scale,
             k_eps=k_eps,
             compress=compress,
-            reference=_backend() == "reference",
+            reference=backend.backend() == "reference",
         )
     _check_options(rule, value_head, k_eps)
     check_epilogue_inputs(X, h, z, p, compress)

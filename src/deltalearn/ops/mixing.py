@@ -8,7 +8,8 @@ makes no temporary. The backward (one state-sized write for ∂X, per-channel su
 
     ∂L/∂X[..., i, j] = C[i, j] · G[..., i]          ∂L/∂C[i, j] = Σ_rows G[..., i] · X[..., i, j]
 
-`channel_mix_reference` is the plain form it is tested against.
+`channel_mix_reference` is the plain form it is tested against. On CUDA the read is one Triton
+kernel instead (`ops/triton_mixing.py`): per-channel loops are a CPU's way, not a GPU's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from deltalearn.ops import backend
 from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 
 
@@ -86,7 +88,12 @@ def channel_mix(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     Returns:
         `(..., d)` in the promoted dtype of X and C.
     """
-    if is_small_state(X):  # e.g. one decoded token: two ops instead of 2·dv
+    if is_small_state(X) or backend.backend() == "reference":  # e.g. one decoded token: two ops
         return channel_mix_reference(X, C)
     _check(X, C)
+    if backend.use_triton([X, C]):  # a GPU: one kernel, not a strided op per value channel
+        from deltalearn.ops.triton_mixing import value_read_triton
+
+        d, dv = C.shape
+        return value_read_triton(X.reshape(1, -1, d, dv), C.unsqueeze(-1)).reshape(X.shape[:-1])
     return _ChannelMix.apply(X, C)

@@ -14,7 +14,8 @@ writes ∂xs once, each tap an in-place multiply-add on its slice:
     ∂xs[b, s, i, j] = Σ_τ W[i, j, τ] · G[b, s − p + (K − 1 − τ), i]
     ∂W[i, j, τ]     = Σ_{b,t} G[b, t, i] · xs[b, p + t − (K − 1 − τ), i, j]
 
-`token_mix_reference` is the plain form (pad, unfold, multiply, sum) it is tested against.
+`token_mix_reference` is the plain form (pad, unfold, multiply, sum) it is tested against. On
+CUDA the read is one Triton kernel instead (`ops/triton_mixing.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from deltalearn.ops import backend
 from deltalearn.ops._shapes import _fmt, promote_float
 from deltalearn.ops.mixing import mixing_weight_grad
 
@@ -114,4 +116,10 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
         `(B, T, d)` in the promoted dtype of xs and W.
     """
     _check(xs, W, past)
+    if backend.backend() == "reference":
+        return token_mix_reference(xs, W, past)
+    if backend.use_triton([xs, W]):  # a GPU: one kernel for every tap and value channel
+        from deltalearn.ops.triton_mixing import value_read_triton
+
+        return value_read_triton(xs, W, past)
     return _TokenMix.apply(xs, W, past)

@@ -1,0 +1,62 @@
+"""Which implementation the fused ops take: the Triton kernels, the PyTorch Functions, or the plain
+reference compositions.
+
+On CUDA tensors with triton installed the kernels run (`ops/triton_epilogue.py` for the rewrite,
+`ops/triton_mixing.py` for the compressor reads); elsewhere the hand-written autograd Functions in
+PyTorch ops. `BACKEND` below, else the environment variable DELTALEARN_EPILOGUE, picks one of
+"auto" (default), "triton" (force the kernels, e.g. on CPU tensors under TRITON_INTERPRET=1, as the
+tests do), "torch" (the PyTorch Functions) or "reference" (every fast path off: the plain
+compositions, autograd through every step — `DELTALEARN_EPILOGUE=reference deltalearn compare`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+# Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
+BACKEND: str | None = None
+# Input dtypes the kernels accumulate in fp32 without loss; float64 stays on the PyTorch path.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `import triton` works (cached; triton is an optional dependency)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def backend() -> str:
+    """The chosen backend: `BACKEND`, else DELTALEARN_EPILOGUE, else "auto"."""
+    choice = BACKEND if BACKEND is not None else os.environ.get("DELTALEARN_EPILOGUE", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"fast-path backend (deltalearn.ops.backend.BACKEND or DELTALEARN_EPILOGUE) must be "
+            f"one of {list(BACKENDS)}, got {choice!r}"
+        )
+    return choice
+
+
+def use_triton(tensors: list[torch.Tensor]) -> bool:
+    """Whether an op on `tensors` runs its Triton kernel: forced, or CUDA tensors in a kernel dtype
+    on one device, outside `torch.compile` (Inductor fuses the PyTorch composition itself)."""
+    choice = backend()
+    if choice in ("torch", "reference"):
+        return False
+    if choice == "triton":
+        return True
+    first = tensors[0]
+    return (
+        first.is_cuda
+        and all(t.device == first.device for t in tensors)
+        and all(t.dtype in KERNEL_DTYPES for t in tensors)
+        and not torch.compiler.is_compiling()
+        and triton_available()
+    )
