@@ -28,6 +28,7 @@ from deltalearn.analysis.regimes import (
 from deltalearn.cli import main
 from deltalearn.errors import UserError
 from deltalearn.nn import DeltaUpdate
+from deltalearn.ops import channel_mix
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BATCHES = [random_ids(2, 7, seed=1), random_ids(3, 5, seed=2)]
@@ -135,11 +136,14 @@ def _break_rewrites(monkeypatch, how: str) -> None:
     """Make every rewrite of the model slightly wrong."""
     forward = DeltaUpdate.forward
 
-    def wrong(self, X, h, c, u):
+    def wrong(self, X, h, c, u, compress=None):
         out = forward(self, X, h, c, u)
         if how == "overshoot":  # the update 0.1 % too large, as with a β off by 1e-3
-            return X + (out - X) * 1.001
-        return out + 1e-4 * X.abs().amax()  # "offset": a small write outside k
+            out = X + (out - X) * 1.001
+        else:  # "offset": a small write outside k
+            out = out + 1e-4 * X.abs().amax()
+        # With the fused compressor read the next sublayer reads the (broken) state written here.
+        return out if compress is None else (out, channel_mix(out, compress))
 
     monkeypatch.setattr(DeltaUpdate, "forward", wrong)
 

@@ -161,8 +161,11 @@ def _capture_sublayers(model: DeltaLM) -> tuple[dict, list]:
         hooks += [
             blk.register_forward_pre_hook(keep((i, 0, "X"), lambda a, o: a[0])),
             blk.attn.register_forward_hook(keep((i, 0, "h"), lambda a, o: o[0])),
-            # the MLP sublayer reads the state the attention rewrite wrote
-            blk.attn_update.register_forward_hook(keep((i, 1, "X"), lambda a, o: o[0])),
+            # the MLP sublayer reads the state the attention rewrite wrote (with the fused
+            # compressor read, the first of the rewrite's two outputs)
+            blk.attn_update.register_forward_hook(
+                keep((i, 1, "X"), lambda a, o: o[0][0] if isinstance(o[0], tuple) else o[0])
+            ),
             blk.mlp.register_forward_hook(keep((i, 1, "h"), lambda a, o: o[0])),
         ]
     return seen, hooks
@@ -364,7 +367,8 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
 
 
 def test_fused_read_applies_only_where_it_can(monkeypatch):
-    monkeypatch.setenv("DELTALEARN_FUSED_READ", "on")
+    monkeypatch.delenv("DELTALEARN_FUSED_READ", raising=False)
+    assert tiny_model("ddl-cc").layers[0]._fuses_read()  # on by default
     for variant in ("baseline", "ddl", "ddl-tc"):  # no CC compressor, or no rewrite
         assert not tiny_model(variant).layers[0]._fuses_read(), variant
     model = tiny_model("ddl-cc")

@@ -259,9 +259,11 @@ def capture_sites(model: nn.Module, batches: Iterable[Any]) -> list[SiteStats]:
                 if rec is None:
                     raise RuntimeError("the rewrite kept no GateRecord: run with output_gates=True")
                 X, h = args[0], args[1]
+                # With the fused compressor read the rewrite also returns the next sublayer's read.
+                Y = out[0] if isinstance(out, tuple) else out
                 site.add_rewrite(
                     as_matrix(X),
-                    as_matrix(out),
+                    as_matrix(Y),
                     h.reshape(-1, cfg.hidden_size),
                     rec.beta.reshape(-1),
                     rec.target.reshape(-1, dv),

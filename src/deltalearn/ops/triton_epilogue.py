@@ -319,11 +319,19 @@ def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
     return t if span < 2**31 else t.contiguous()
 
 
-class _RewriteEpilogue(torch.autograd.Function):
-    """Rows flattened: X `(N, d, dv)`, h `(N, d)`, z `(N,)`, p `(N, dv)`, C `(d, dv)` or None.
+def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """`t` with its rows flattened to `shape`: a view whenever the leading axes merge (the kernels
+    take the strides), int32-safe within a row."""
+    return _row_offsets_fit_int32(t.reshape(shape))
 
-    Returns Y `(N, d, dv)` (X's dtype), and x_next `(N, d)` (X's dtype promoted with C's) when C is
-    given.
+
+class _RewriteEpilogue(torch.autograd.Function):
+    """X `(..., d)` or `(..., d, dv)`, h `(..., d)`, z `(...)`, p `(...)` or `(..., dv)`, C `(d, dv)`
+    or None; the kernels see the rows flattened, `(N, d, dv)` and so on.
+
+    Returns Y (X's shape and dtype), and x_next (h's shape; X's dtype promoted with C's) when C is
+    given. The rows are flattened in here, not around the call: each reshape outside would be two
+    more autograd nodes a sublayer, and eager training on a GPU is bound by such host work.
     """
 
     @staticmethod
@@ -339,14 +347,19 @@ class _RewriteEpilogue(torch.autograd.Function):
         value_scale: float,
         k_eps: float,
     ):
-        n_rows, d, dv = X.shape
+        ctx.shapes = X.shape, h.shape, z.shape, p.shape
+        d = h.shape[-1]
+        n_rows = z.numel()
+        dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
+        Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+        X, h = _rows(X, n_rows, d, dv), _rows(h, n_rows, d)
+        z, p = z.reshape(n_rows), _rows(p, n_rows, dv)
         block_m, block_d, num_chunks, block_v = launch_config(d, dv)
-        Y = torch.empty((n_rows, d, dv), dtype=X.dtype, device=X.device)
         compress = C is not None
         Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
         if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
             xn_dtype = torch.promote_types(X.dtype, C.dtype)
-            XN = torch.empty((n_rows, d), dtype=xn_dtype, device=X.device)
+            XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
         else:
             XN = Y
         grid = (triton.cdiv(n_rows, block_m),)
@@ -368,16 +381,16 @@ class _RewriteEpilogue(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
         X, h, z, p, C = ctx.saved_tensors
-        gY = grads[0]
-        gN = grads[1] if C is not None else None
         n_rows, d, dv = X.shape
+        gY = grads[0]
+        gN = grads[1].reshape(n_rows, d) if C is not None and grads[1] is not None else None
         need_X, need_h, need_z, need_p, need_C = ctx.needs_input_grad[:5]
         compress = gN is not None
         if gY is None:
             if not compress:
                 return (None,) * 9
             gY = X.new_zeros(()).expand(n_rows, d, dv)  # stride 0: read, never materialised
-        gY = _row_offsets_fit_int32(gY)
+        gY = _rows(gY, n_rows, d, dv)
         write_gx = need_X and (ctx.delta or compress)
 
         block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
@@ -409,11 +422,12 @@ class _RewriteEpilogue(torch.autograd.Function):
         gC = None
         if need_C:
             gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
+        X_shape, h_shape, z_shape, p_shape = ctx.shapes
         return (
-            gX if need_X else None,
-            gh if need_h else None,
-            gz if need_z else None,
-            gp if need_p else None,
+            gX.reshape(X_shape) if need_X else None,
+            gh.reshape(h_shape) if need_h else None,
+            gz.reshape(z_shape) if need_z else None,
+            gp.reshape(p_shape) if need_p else None,
             gC,
             None,
             None,
@@ -440,20 +454,6 @@ def rewrite_epilogue_triton(
     `(d, dv)` or None. Returns Y (shape and dtype of X), and x_next `(..., d)` with `compress`
     (X's dtype promoted with compress's).
     """
-    d = h.shape[-1]
-    lead = h.shape[:-1]
-    matrix = X.dim() == h.dim() + 1
-    dv = X.shape[-1] if matrix else 1
-    n_rows = lead.numel()
-    # reshape is a view whenever the leading axes can be merged; the kernels take the strides.
-    X3 = _row_offsets_fit_int32(X.reshape(n_rows, d, dv))
-    h2 = _row_offsets_fit_int32(h.reshape(n_rows, d))
-    z1 = z.reshape(n_rows)
-    p2 = _row_offsets_fit_int32(p.reshape(n_rows, dv))
-    out = _RewriteEpilogue.apply(
-        X3, h2, z1, p2, compress, rule == "delta", value_head == "official", value_scale, k_eps
+    return _RewriteEpilogue.apply(
+        X, h, z, p, compress, rule == "delta", value_head == "official", value_scale, k_eps
     )
-    if compress is None:
-        return out.reshape(X.shape)
-    Y, XN = out
-    return Y.reshape(X.shape), XN.reshape(h.shape)

@@ -20,8 +20,8 @@ Backward, G = ∂L/∂out `(B, T, d)`:
     ∂W[i, j, τ]     = Σ_{b,s} G[b, s − p + (K − 1 − τ), i] · xs[b, s, i, j]
 
 One kernel walks the state's tokens s, loads the tile of xs once and the K shifted tiles of G, and
-writes ∂xs; ∂W is summed per program into its own fp32 partial (a fixed set of row blocks per
-program, so the order is fixed: deterministic), then the partials are summed.
+writes ∂xs; each program sums ∂W over a fixed set of row blocks in registers (a fixed order:
+deterministic) and writes its fp32 partial once; the partials are then summed.
 
 Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) runs these kernels in the tests; see
 `ops/triton_epilogue.py` for why the variable must be set before triton's import.
@@ -82,7 +82,7 @@ def _read_bwd_kernel(
     T, S, n_sblocks, n_blocks, d, past, iters,
     sx_b, sx_s, sx_d, sx_v, sg_b, sg_t, sg_d,
     DV: tl.constexpr, K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr, WRITE_GX: tl.constexpr, REDUCE_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GX: tl.constexpr, REDUCE_W: tl.constexpr,
 ):  # fmt: skip
     pid_r = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -91,9 +91,10 @@ def _read_bwd_kernel(
     dmask = dcol < d
     wmask = dmask[:, None] & (vcol < DV)[None, :]
     w_ptr = W + dcol[:, None] * (DV * K) + vcol[None, :] * K
-    gw_ptr = GW + pid_r * (d * DV * K) + dcol[:, None] * (DV * K) + vcol[None, :] * K
-    # Program pid_r owns row blocks pid_r, pid_r + nprog, ...: ∂W's partial GW[pid_r] is summed in
-    # a fixed order.
+    kcol = tl.arange(0, BLOCK_K)
+    # Program pid_r owns row blocks pid_r, pid_r + nprog, ...: its ∂W partial sums stay in
+    # registers in a fixed order (deterministic) and are written once, to GW[pid_r].
+    gw = tl.zeros([BLOCK_D, BLOCK_V, BLOCK_K], dtype=tl.float32)
     for it in range(0, iters):
         r = pid_r + it * nprog
         b = (r // n_sblocks).to(tl.int64)
@@ -119,15 +120,20 @@ def _read_bwd_kernel(
                 w = tl.load(w_ptr + tau, mask=wmask, other=0.0).to(tl.float32)
                 gx += g[:, :, None] * w[None, :, :]
             if REDUCE_W:
-                part = tl.sum(g[:, :, None] * x, axis=0)  # (BLOCK_D, BLOCK_V)
-                acc = tl.load(gw_ptr + tau, mask=wmask, other=0.0)
-                tl.store(gw_ptr + tau, acc + part, mask=wmask)
+                part = tl.sum(g[:, :, None] * x, axis=0)  # (BLOCK_D, BLOCK_V), into tap tau
+                gw += part[:, :, None] * (kcol == tau).to(tl.float32)[None, None, :]
         if WRITE_GX:
             gx_ptr = (
                 GXS + (b * S + s.to(tl.int64))[:, None, None] * (d * DV)
                 + dcol[None, :, None] * DV + vcol[None, None, :]
             )  # fmt: skip
             tl.store(gx_ptr, gx.to(GXS.dtype.element_ty), mask=xmask)
+    if REDUCE_W:
+        gw_ptr = (
+            GW + pid_r * (d * DV * K) + dcol[:, None, None] * (DV * K)
+            + vcol[None, :, None] * K + kcol[None, None, :]
+        )  # fmt: skip
+        tl.store(gw_ptr, gw, mask=wmask[:, :, None] & (kcol < K)[None, None, :])
 
 
 def read_launch_config(d: int, dv: int) -> tuple[int, int, int]:
@@ -151,12 +157,22 @@ def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -
 
 
 class _ValueRead(torch.autograd.Function):
+    """The token read: xs `(B, p + T, d, dv)`, W `(d, dv, K)` -> `(B, T, d)`; or the channel read:
+    xs `(..., d, dv)`, W `(d, dv)` -> `(...)`, seen by the kernels as one sequence of K = 1 (the
+    reshape in here: outside it would add autograd nodes, host work that bounds eager training on
+    a GPU)."""
+
     @staticmethod
     def forward(ctx: Any, xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
+        ctx.shapes = xs.shape, W.shape
+        channel = W.dim() == 2
+        out_shape = xs.shape[:-1] if channel else (xs.shape[0], xs.shape[1] - past, xs.shape[2])
+        out = torch.empty(out_shape, dtype=promote_float(xs.dtype, W.dtype), device=xs.device)
+        if channel:
+            xs, W = xs.reshape(1, -1, *W.shape), W.unsqueeze(-1)
         B, S, d, dv = xs.shape
         K, T = W.shape[-1], S - past
         Wc = W.contiguous()
-        out = torch.empty((B, T, d), dtype=promote_float(xs.dtype, W.dtype), device=xs.device)
         block_t, block_d, block_v = read_launch_config(d, dv)
         n_tblocks = triton.cdiv(T, block_t)
         if out.numel() > 0:
@@ -174,14 +190,16 @@ class _ValueRead(torch.autograd.Function):
         xs, W = ctx.saved_tensors
         need_xs, need_W = ctx.needs_input_grad[:2]
         B, S, d, dv = xs.shape
-        K, T = W.shape[-1], G.shape[1]
+        K, T = W.shape[-1], S - ctx.past
+        G = G.reshape(B, T, d)
         block_t, block_d, block_v = read_launch_config(d, dv)
         n_sblocks = triton.cdiv(S, block_t)
         n_blocks, n_dblocks = B * n_sblocks, triton.cdiv(d, block_d)
         nprog = _weight_grad_programs(n_blocks, n_dblocks, xs.device) if need_W else n_blocks
-        gxs = torch.empty(xs.shape, dtype=xs.dtype, device=xs.device) if need_xs else None
+        xs_shape, W_shape = ctx.shapes
+        gxs = torch.empty(xs_shape, dtype=xs.dtype, device=xs.device) if need_xs else None
         gW_part = (
-            torch.zeros((nprog, d, dv, K), dtype=torch.float32, device=xs.device)
+            torch.empty((nprog, d, dv, K), dtype=torch.float32, device=xs.device)
             if need_W
             else None
         )
@@ -191,15 +209,19 @@ class _ValueRead(torch.autograd.Function):
                 T, S, n_sblocks, n_blocks, d, ctx.past, triton.cdiv(n_blocks, nprog),
                 *xs.stride(), *G.stride(),
                 DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
-                WRITE_GX=need_xs, REDUCE_W=need_W,
+                BLOCK_K=triton.next_power_of_2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
             )  # fmt: skip
-        elif need_xs:
-            gxs.zero_()
-        gW = gW_part.sum(0).to(W.dtype) if need_W else None
+        else:  # no rows: nothing to read
+            if need_xs:
+                gxs.zero_()
+            if need_W:
+                gW_part.zero_()
+        gW = gW_part.sum(0).to(W.dtype).reshape(W_shape) if need_W else None
         return gxs, gW, None
 
 
 def value_read_triton(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
-    """The read in the module docstring (inputs already validated): xs `(B, p + T, d, dv)`,
-    W `(d, dv, K)` -> `(B, T, d)` in the promoted dtype of xs and W."""
+    """The read in the module docstring (inputs already validated), in the promoted dtype of xs
+    and W: the token read, xs `(B, p + T, d, dv)` and W `(d, dv, K)` -> `(B, T, d)`, or the channel
+    read, xs `(..., d, dv)` and W `(d, dv)` -> `(...)`."""
     return _ValueRead.apply(xs, W, past)

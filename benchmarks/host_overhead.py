@@ -1,0 +1,132 @@
+"""The host's share of an eager training step on the GPU path, measured on any CPU: the model takes
+the code path it takes on CUDA (the Triton rewrite and read Functions, `DELTALEARN_EPILOGUE=triton`)
+with every kernel launch replaced by a no-op, at a width where the arithmetic is negligible, so a
+step's time is what the host spends issuing it (Python, autograd, the dispatcher, the optimizer).
+
+    python benchmarks/host_overhead.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--repeats 21]
+
+Why: on the H200, eager training at `small`, 8 × 1024 is bound by the host (the GPU idles 24-47% of
+a step, `benchmarks/README.md`). Printed per variant: the autograd nodes and the dispatched ATen ops
+of one forward + backward (exact, so a change's effect shows without timing noise), and the host
+milliseconds of a whole step, variants interleaved step by step, medians of `--repeats` (this
+machine's milliseconds, not the GPU host's: compare ratios; on a shared 2-core VM they drift by
+±0.1 between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deltalearn import DeltaLM
+from deltalearn.bench.model import ModelBench, build_config
+from deltalearn.ops import _shapes as shapes
+from deltalearn.ops import backend
+from deltalearn.ops import triton_epilogue as te
+from deltalearn.ops import triton_mixing as tm
+
+
+class _NoLaunch:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels() -> None:
+    for module, names in (
+        (te, ("_fwd_kernel", "_bwd_kernel")),
+        (tm, ("_read_fwd_kernel", "_read_bwd_kernel")),
+    ):
+        for name in names:
+            setattr(module, name, _NoLaunch())
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def autograd_nodes(loss: torch.Tensor) -> int:
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return len(seen)
+
+
+def make_step(variant: str, layers: int):
+    config = build_config(ModelBench(size="small"), variant)
+    # The small preset's depth and structure at width 64: the arithmetic vanishes, the ops stay.
+    config.hidden_size, config.num_heads, config.head_dim = 64, 2, 32
+    config.num_layers = layers
+    torch.manual_seed(0)
+    model = DeltaLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(0, 100, (1, 8))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def count() -> tuple[int, int]:
+        with _CountOps() as counter:
+            loss = model(input_ids=ids, labels=ids).loss
+            nodes = autograd_nodes(loss)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return nodes, counter.ops
+
+    return step, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="baseline,ddl,ddl-cc,ddl-tc")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    stub_kernels()
+    backend.BACKEND = "triton"
+    shapes.SMALL_STATE = (
+        0  # the reads of a real-sized state take their Function, not the few-op form
+    )
+    variants = args.variants.split(",")
+    made = {v: make_step(v, args.layers) for v in variants}
+    steps = {v: step for v, (step, _) in made.items()}
+    counts = {v: count() for v, (_, count) in made.items()}
+    for step in steps.values():  # warm: AdamW state, allocator
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            start = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - start)
+    base = statistics.median(times[variants[0]])
+    print(
+        f"| variant | autograd nodes | ATen ops fwd + bwd | host ms a step | {variants[0]} ÷ it |"
+    )
+    print("|---|---|---|---|---|")
+    for v in variants:
+        median = statistics.median(times[v])
+        nodes, ops = counts[v]
+        print(f"| {v} | {nodes} | {ops} | {median * 1e3:.1f} | {base / median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
