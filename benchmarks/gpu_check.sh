@@ -11,11 +11,12 @@
 #   compile  `bench model --compile` (train): compile seconds and throughput
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
-# Seconds each took on an H200 (2026-11-28), for planning a lease: tests 55 (16 cores, -n 4),
-# model 28 per impl, profile 32, tiles 75; compile ran 96 for three variants while the graph broke
-# at every sublayer (unbroken graphs may compile longer); decode was not timed (its first run failed).
-# With every stage's time limit the whole set can run past one 10-minute device call: split it, e.g.
-# `tests model profile` in one call and `tiles decode compile` in the next, while the machine is warm.
+# Seconds each took on an H200 (2026-11-28, second run), for planning a lease: tests 72 (16 cores,
+# -n 4), reads 18, model 32 per impl, fusedread 31 per setting, profile 46 (four variants), compile
+# 223 for three variants (34, 61 and 101 s of it compiling); decode printed nothing inside 200 s
+# (a CUDA-graph decode step compiled per variant), so it now has 400. The machine's start takes
+# about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
+# `tests reads model fusedread profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
@@ -23,7 +24,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests model profile tiles decode compile}
+stages=${*:-tests reads model fusedread profile tiles compile decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -84,7 +85,7 @@ for s in $stages; do
         ;;
     decode)
         stage "bench decode"
-        timeout 200 deltalearn bench decode --size small --dtype bfloat16 \
+        timeout 400 deltalearn bench decode --size small --dtype bfloat16 \
             --variants baseline,ddl,ddl-cc --tokens 128 --repeats 5 \
             --compile-mode reduce-overhead --json "$out/h200_decode.json" 2>&1 | tail -12
         ;;

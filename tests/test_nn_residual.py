@@ -140,6 +140,47 @@ def test_gate_logits_are_fp32_under_bf16_input():
     assert beta.dtype == torch.float32
 
 
+def test_linear_gate_float64_gradcheck():
+    gate = GateHead(6).double()
+    c = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: gate.logits(x), (c,))
+    # and the weight and bias gradients against the plain linear
+    z = gate.logits(c)
+    G = torch.randn_like(z)
+    got = torch.autograd.grad(z, (c, gate.out.weight, gate.out.bias), G)
+    plain = nn.functional.linear(c, gate.out.weight, gate.out.bias).squeeze(-1)
+    want = torch.autograd.grad(plain, (c, gate.out.weight, gate.out.bias), G)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_gate_keeps_its_input_in_the_autocast_dtype():
+    """Under bf16 autocast the logit is fp32 and exact, and so is ∂c; what autograd keeps of the
+    fp32 context for ∂w is a bf16 copy (half the bytes), so ∂w is within bf16 rounding."""
+    torch.manual_seed(0)
+    gate = GateHead(64)
+    c = torch.randn(4, 16, 64, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append((tuple(t.shape), t.dtype))
+        return t
+
+    keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with keep, torch.autocast("cpu", dtype=torch.bfloat16):
+        z = gate.logits(c)
+    assert z.dtype == torch.float32
+    assert ((4, 16, 64), torch.bfloat16) in kept and ((4, 16, 64), torch.float32) not in kept
+    plain = nn.functional.linear(c, gate.out.weight, gate.out.bias).squeeze(-1)
+    torch.testing.assert_close(z, plain)
+    G = torch.randn_like(z)
+    gc, gw, gb = torch.autograd.grad(z, (c, gate.out.weight, gate.out.bias), G)
+    wc, ww, wb = torch.autograd.grad(plain, (c, gate.out.weight, gate.out.bias), G)
+    torch.testing.assert_close(gc, wc)
+    torch.testing.assert_close(gb, wb)
+    torch.testing.assert_close(gw, ww, rtol=2**-7, atol=2**-8 * ww.abs().max().item())
+
+
 def test_direction_forms_agree():
     k_raw = torch.randn(7, 33, dtype=torch.float64) * 3
     for eps in (0.0, 1e-5, 0.5):

@@ -120,6 +120,31 @@ def test_keeps_one_direction_per_row_for_backward(dv):
     assert extra <= rows * d + rows * (2 + 2 * dv), [tuple(t.shape) for t in saved]
 
 
+def test_a_bf16_branch_output_is_kept_in_bf16():
+    """As under autocast (fp32 state, bf16 h): the row-sized tensor kept for backward is h itself,
+    2 bytes an element, not the fp32 k; k is recomputed from it, and the gradients are the
+    reference's (the bf16 case above checks them; here the fp32-state mix)."""
+    rows, d, dv = 32, 64, 4
+    X, h, z, p = _leaves((rows,), d, dv)
+    h = h.to(torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (X, h, z, p)]
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rewrite_epilogue(*leaves)
+    row_sized = [dt for shape, dt in saved if shape == (rows, d)]
+    assert row_sized == [torch.bfloat16], saved
+    up = torch.randn(rows, d, dv)
+    _, grads = _outputs_and_grads(rewrite_epilogue, leaves, up)
+    _, want = _outputs_and_grads(rewrite_epilogue_reference, leaves, up)
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_bf16_autocast_beta_one_writes_the_target():
     """Under CPU bf16 autocast the readout stays fp32: with β = 1, kᵀY = v on an fp32 state."""
     X, h, _, p = _leaves((64,), 256, 4)

@@ -10,10 +10,12 @@ v = W_v c                (value_head="paper")
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from deltalearn.nn.choices import (
     DIRECTION_FORMS,
@@ -83,6 +85,42 @@ class ValueHead(nn.Module):
         return p if self.kind == "paper" else self.sigmoid_scale * torch.sigmoid(p)
 
 
+def _autocast_on(device_type: str) -> bool:
+    # cpu and cuda always have autocast; asking for others' breaks the graph under torch.compile
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+class _LinearGateLogit(torch.autograd.Function):
+    """`z = c·w + b` (one output) in c's dtype, keeping c for ∂w in `keep_dtype`.
+
+    Why: under bf16 autocast the logit is computed in fp32 from the fp32 normalised context c, and
+    autograd would keep that fp32 c alive until backward — one more d-wide fp32 tensor a sublayer,
+    the largest single item of ddl's extra training memory on the GPU. ∂w = Σ_rows ∂z·c is a weight
+    gradient like those of the model's bf16 projections, so it takes c rounded as they do; the
+    forward logit and ∂c = ∂z·w stay exact in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_dtype):
+        ctx.save_for_backward(c.to(keep_dtype), weight)
+        return F.linear(c, weight, bias).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gz: torch.Tensor):
+        c_kept, weight = ctx.saved_tensors
+        need_c, need_w, need_b = ctx.needs_input_grad[:3]
+        gc = gz.unsqueeze(-1) * weight[0] if need_c else None
+        gw = None
+        if need_w:
+            rows = c_kept.reshape(-1, c_kept.shape[-1])
+            gw = (gz.reshape(1, -1) @ rows.to(gz.dtype)).to(weight.dtype)
+        gb = gz.sum().reshape(1).to(weight.dtype) if need_b else None
+        return gc, gw, gb, None
+
+
 class GateHead(nn.Module):
     """Gate `β = 2σ(g(c)) ∈ (0, 2)` per token, computed in fp32; returns shape `c.shape[:-1]`."""
 
@@ -113,10 +151,17 @@ class GateHead(nn.Module):
 
     def logits(self, c: torch.Tensor) -> torch.Tensor:
         acc = accumulation_dtype(c)  # at least fp32, float64 stays float64
-        with torch.autocast(device_type=c.device.type, enabled=False):
+        device_type = c.device.type
+        # Under autocast the linear gate keeps c for its weight's gradient in the autocast dtype,
+        # as every other projection of the model does (`_LinearGateLogit`).
+        keep = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else acc
+        with torch.autocast(device_type=device_type, enabled=False):
             z = c.to(acc)
-            if self.hidden is not None:
-                z = torch.tanh(F.linear(z, self.hidden.weight.to(acc), self.hidden.bias.to(acc)))
+            if self.hidden is None:
+                return _LinearGateLogit.apply(
+                    z, self.out.weight.to(acc), self.out.bias.to(acc), keep
+                )
+            z = torch.tanh(F.linear(z, self.hidden.weight.to(acc), self.hidden.bias.to(acc)))
             return F.linear(z, self.out.weight.to(acc), self.out.bias.to(acc)).squeeze(-1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:

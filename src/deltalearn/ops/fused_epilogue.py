@@ -3,8 +3,9 @@
 
 Why one Function and not autograd through the generators: autograd through `k = h/‖h‖` keeps h as
 well as k alive for backward (two `d`-vectors per token and sublayer, where one is enough), and
-records a graph node per generator op. This Function saves X, k, 1/‖h‖ and per-row scalars only;
-on a CPU training step at width 256 that is 16 MB of the 32 MB ddl spends above the baseline.
+records a graph node per generator op. This Function saves X, k (h where h is narrower, under
+autocast), 1/‖h‖ and per-row scalars only; on a CPU training step at width 256 that is 16 MB of the
+32 MB ddl spends above the baseline.
 
 Math (matrix state; a vector state is dv = 1), with the rewrite's own gradients from `ops/fused.py`:
     ρ = (‖h‖² + ε²)^-½,  k = ρ h          ∂L/∂h = ρ (∂L/∂k − k (kᵀ ∂L/∂k))
@@ -42,8 +43,13 @@ class _RewriteEpilogue(torch.autograd.Function):
         # A vector state stays in vector ops (fewer per decoded token): e (...), else (..., dv).
         e = v - _readout(k, X) if rule == "delta" else v
         Y = rank1_update(X.to(acc), beta[..., None] * k, e)
-        # The state is saved only where backward reads it; a bf16 state is saved as it came.
-        ctx.save_for_backward(X if rule == "delta" else None, k, rho, beta, e, v)
+        # The state is saved only where backward reads it; a bf16 state is saved as it came. A
+        # half-precision h (the branch output under autocast) is half the bytes of k: keep h and
+        # recompute k = ρh in backward (the same ops, so the same numbers).
+        ctx.k_from_h = h.dtype != acc
+        ctx.save_for_backward(
+            X if rule == "delta" else None, h if ctx.k_from_h else k, rho, beta, e, v
+        )
         ctx.options = (rule, value_head, value_scale)
         ctx.dtypes = (X.dtype, h.dtype, z.dtype, p.dtype)
         return Y.to(X.dtype)
@@ -57,6 +63,8 @@ class _RewriteEpilogue(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, G: torch.Tensor):
         X, k, rho, beta, e, v = ctx.saved_tensors
+        if ctx.k_from_h:
+            k = k.to(rho.dtype) * rho
         rule, value_head, value_scale = ctx.options
         need_X, need_h, need_z, need_p = ctx.needs_input_grad[:4]
         needs = (need_X, need_h, need_z, need_p)
