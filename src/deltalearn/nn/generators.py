@@ -112,7 +112,9 @@ class _LinearGateLogit(torch.autograd.Function):
     def backward(ctx: Any, gz: torch.Tensor):
         c_kept, weight = ctx.saved_tensors
         need_c, need_w, need_b = ctx.needs_input_grad[:3]
-        gc = gz.unsqueeze(-1) * weight[0] if need_c else None
+        # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
+        # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
+        gc = gz.unsqueeze(-1) @ weight if need_c else None
         gw = None
         if need_w:
             rows = c_kept.reshape(-1, c_kept.shape[-1])
