@@ -18,6 +18,7 @@ from deltalearn.nn import (
     direction_rms,
     repeat_expansion,
 )
+from deltalearn.nn.generators import gate_and_value
 from deltalearn.ops import normalize_direction
 
 
@@ -179,6 +180,47 @@ def test_linear_gate_keeps_its_input_in_the_autocast_dtype():
     torch.testing.assert_close(gc, wc)
     torch.testing.assert_close(gb, wb)
     torch.testing.assert_close(gw, ww, rtol=2**-7, atol=2**-8 * ww.abs().max().item())
+
+
+def _plain_heads(gate, value, c, u):
+    """The gate and value projections as plain autograd composes them (the reference)."""
+    with torch.autocast("cpu", enabled=False):
+        z = nn.functional.linear(c.float(), gate.out.weight, gate.out.bias).squeeze(-1)
+    return z, value.pre_activation(c, u)
+
+
+@pytest.mark.parametrize("value_head", ["official", "paper"])
+def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head):
+    """fp32: the same values and every gradient; float64: gradcheck; under bf16 autocast: z and ∂c
+    fp32-exact, the value projection's numbers those of autocast's linear, ∂w_g within bf16."""
+    torch.manual_seed(0)
+    gate, value = GateHead(24), ValueHead(24, 4, value_head)
+    params = [p for p in (*gate.parameters(), *value.parameters())]
+    c = torch.randn(3, 5, 24, requires_grad=True)
+    u = torch.randn(3, 5, 24, requires_grad=True)
+    for amp in (False, True):
+        outs = []
+        for fn in (gate_and_value, _plain_heads):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                z, p = fn(gate, value, c, u)
+            torch.manual_seed(1)
+            loss = (z * torch.randn_like(z)).sum() + (p.float() * torch.randn_like(p.float())).sum()
+            outs.append((z, p, torch.autograd.grad(loss, [c, u, *params], allow_unused=True)))
+        (z, p, grads), (z_ref, p_ref, grads_ref) = outs
+        assert z.dtype == torch.float32 and p.dtype == p_ref.dtype
+        torch.testing.assert_close(z, z_ref)
+        torch.testing.assert_close(p, p_ref)
+        for i, (got, want) in enumerate(zip(grads, grads_ref, strict=True)):
+            if want is None:
+                assert got is None or not got.any()
+                continue
+            loose = amp and i == 2  # ∂w_g from the bf16-kept c
+            tol = dict(rtol=2**-7, atol=2**-8 * want.abs().max().item()) if loose else {}
+            torch.testing.assert_close(got, want, **tol, msg=f"gradient {i}, autocast {amp}")
+    gate64, value64 = GateHead(6).double(), ValueHead(6, 2, value_head).double()
+    c64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    u64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: gate_and_value(gate64, value64, a, b), (c64, u64))
 
 
 def test_direction_forms_agree():

@@ -92,35 +92,73 @@ def _autocast_on(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-class _LinearGateLogit(torch.autograd.Function):
-    """`z = c·w + b` (one output) in c's dtype, keeping c for ∂w in `keep_dtype`.
+class _LinearProjections(torch.autograd.Function):
+    """The linear gate's logit `z = c·w_g + b_g` and, when `W_v` is given, the value head's
+    pre-activation `p = x W_vᵀ (+ b_v)` (x = c or u), as one autograd node with a hand-written
+    backward. Called with autocast off; `lin_dtype` is the dtype the value projection runs in
+    (the autocast dtype, as `nn.Linear` under autocast would; None: the inputs' own), `keep_dtype`
+    the dtype c is kept in for ∂w_g.
 
-    Why: under bf16 autocast the logit is computed in fp32 from the fp32 normalised context c, and
-    autograd would keep that fp32 c alive until backward — one more d-wide fp32 tensor a sublayer,
-    the largest single item of ddl's extra training memory on the GPU. ∂w = Σ_rows ∂z·c is a weight
-    gradient like those of the model's bf16 projections, so it takes c rounded as they do; the
-    forward logit and ∂c = ∂z·w stay exact in fp32.
+    Why: eager training on a GPU is bound by the host, and two `nn.Linear` calls through autograd
+    cost a sublayer about twenty ops and ten graph nodes; here it is one node. And under bf16
+    autocast autograd would keep the fp32 c alive for ∂w_g — one more d-wide fp32 tensor a
+    sublayer, the largest item of ddl's extra training memory on the GPU. ∂w_g = Σ_rows ∂z·c is a
+    weight gradient like those of the bf16 projections, so it takes c rounded as they do; z and
+    ∂c stay exact in fp32. The value projection's numbers are those of autocast's linear.
     """
 
     @staticmethod
-    def forward(ctx: Any, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_dtype):
-        ctx.save_for_backward(c.to(keep_dtype), weight)
-        return F.linear(c, weight, bias).squeeze(-1)
+    def forward(ctx: Any, c, x, w_g, b_g, W_v, b_v, keep_dtype, lin_dtype):
+        c_kept = c.to(keep_dtype)
+        z = F.linear(c, w_g, b_g).squeeze(-1)
+        ctx.has_value = W_v is not None
+        if not ctx.has_value:
+            ctx.save_for_backward(c_kept, w_g)
+            return z
+        x_low = _cast(x, lin_dtype)
+        if x is c and c_kept.dtype == x_low.dtype:
+            x_low = c_kept  # the paper head reads c: keep one copy
+        p = F.linear(x_low, _cast(W_v, lin_dtype), _cast(b_v, lin_dtype))
+        ctx.save_for_backward(c_kept, w_g, x_low, W_v)
+        ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
+        return z, p
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, gz: torch.Tensor):
-        c_kept, weight = ctx.saved_tensors
-        need_c, need_w, need_b = ctx.needs_input_grad[:3]
+    def backward(ctx: Any, gz: torch.Tensor, gp: torch.Tensor | None = None):
+        c_kept, w_g, *value = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d = c_kept.shape[-1]
         # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
         # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
-        gc = gz.unsqueeze(-1) @ weight if need_c else None
-        gw = None
-        if need_w:
-            rows = c_kept.reshape(-1, c_kept.shape[-1])
-            gw = (gz.reshape(1, -1) @ rows.to(gz.dtype)).to(weight.dtype)
-        gb = gz.sum().reshape(1).to(weight.dtype) if need_b else None
-        return gc, gw, gb, None
+        gc = gz.unsqueeze(-1) @ w_g if need[0] else None
+        gw_g = gb_g = None
+        if need[2]:
+            gw_g = (gz.reshape(1, -1) @ c_kept.reshape(-1, d).to(gz.dtype)).to(w_g.dtype)
+        if need[3]:
+            gb_g = gz.sum().reshape(1).to(w_g.dtype)
+        if not ctx.has_value:
+            return gc, None, gw_g, gb_g, None, None, None, None
+        x_low, W_v = value
+        x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
+        rows = gp.reshape(-1, gp.shape[-1])
+        gx = (gp @ _cast(W_v, lin_dtype)).to(x_dtype) if need[1] else None
+        gW_v = (rows.t() @ x_low.reshape(-1, d)).to(W_v.dtype) if need[4] else None
+        gb_v = rows.sum(0).to(b_dtype) if need[5] else None
+        return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def _projection_dtypes(c: torch.Tensor, acc: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """`(keep_dtype, lin_dtype)` of `_LinearProjections` under the current autocast state."""
+    device_type = c.device.type
+    if _autocast_on(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        return low, low
+    return acc, None
 
 
 class GateHead(nn.Module):
@@ -153,18 +191,32 @@ class GateHead(nn.Module):
 
     def logits(self, c: torch.Tensor) -> torch.Tensor:
         acc = accumulation_dtype(c)  # at least fp32, float64 stays float64
-        device_type = c.device.type
         # Under autocast the linear gate keeps c for its weight's gradient in the autocast dtype,
-        # as every other projection of the model does (`_LinearGateLogit`).
-        keep = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else acc
-        with torch.autocast(device_type=device_type, enabled=False):
+        # as every other projection of the model does (`_LinearProjections`).
+        keep, _ = _projection_dtypes(c, acc)
+        with torch.autocast(device_type=c.device.type, enabled=False):
             z = c.to(acc)
+            w, b = self.out.weight.to(acc), self.out.bias.to(acc)
             if self.hidden is None:
-                return _LinearGateLogit.apply(
-                    z, self.out.weight.to(acc), self.out.bias.to(acc), keep
-                )
+                return _LinearProjections.apply(z, None, w, b, None, None, keep, None)
             z = torch.tanh(F.linear(z, self.hidden.weight.to(acc), self.hidden.bias.to(acc)))
-            return F.linear(z, self.out.weight.to(acc), self.out.bias.to(acc)).squeeze(-1)
+            return F.linear(z, w, b).squeeze(-1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return 2.0 * torch.sigmoid(self.logits(c))
+
+
+def gate_and_value(
+    gate: GateHead, value: ValueHead, c: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(gate.logits(c), value.pre_activation(c, u))`, the same numbers, as one autograd node for
+    the linear gate (`_LinearProjections`: host work is what bounds eager GPU training)."""
+    if gate.hidden is not None:
+        return gate.logits(c), value.pre_activation(c, u)
+    acc = accumulation_dtype(c)
+    keep, lin = _projection_dtypes(c, acc)
+    with torch.autocast(device_type=c.device.type, enabled=False):
+        z = c.to(acc)
+        x = z if value.kind == "paper" else u
+        w, b = gate.out.weight.to(acc), gate.out.bias.to(acc)
+        return _LinearProjections.apply(z, x, w, b, value.proj.weight, value.proj.bias, keep, lin)

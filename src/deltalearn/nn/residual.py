@@ -25,7 +25,7 @@ from deltalearn.nn.choices import (
     ValueHeadKind,
     check_choice,
 )
-from deltalearn.nn.generators import GateHead, ValueHead, direction
+from deltalearn.nn.generators import GateHead, ValueHead, direction, gate_and_value
 from deltalearn.nn.state import ChannelCompressor
 from deltalearn.ops import channel_mix, delta_rewrite_reference, write_only_reference
 from deltalearn.ops._shapes import no_autocast
@@ -109,8 +109,7 @@ class DeltaUpdate(nn.Module):
         if not self.fused:
             out = self._forward_reference(X, h, c, u, vector)
             return out if compress is None else (out, channel_mix(out, compress))
-        z = self.gate.logits(c)  # (...), fp32
-        p = self.value.pre_activation(c, u)  # (..., dv)
+        z, p = gate_and_value(self.gate, self.value, c, u)  # (...) fp32, (..., dv)
         if vector:
             p = p.squeeze(-1)
         value_head, value_scale = self.value.kind, self.value.sigmoid_scale
