@@ -99,12 +99,13 @@ class _LinearProjections(torch.autograd.Function):
     (the autocast dtype, as `nn.Linear` under autocast would; None: the inputs' own), `keep_dtype`
     the dtype c is kept in for ∂w_g.
 
-    Why: eager training on a GPU is bound by the host, and two `nn.Linear` calls through autograd
-    cost a sublayer about twenty ops and ten graph nodes; here it is one node. And under bf16
-    autocast autograd would keep the fp32 c alive for ∂w_g — one more d-wide fp32 tensor a
-    sublayer, the largest item of ddl's extra training memory on the GPU. ∂w_g = Σ_rows ∂z·c is a
-    weight gradient like those of the bf16 projections, so it takes c rounded as they do; z and
-    ∂c stay exact in fp32. The value projection's numbers are those of autocast's linear.
+    Why: under bf16 autocast autograd would keep the fp32 c alive for ∂w_g — one more d-wide fp32
+    tensor a sublayer, the largest item of ddl's extra training memory on the GPU. ∂w_g =
+    Σ_rows ∂z·c is a weight gradient like those of the bf16 projections, so it takes c rounded as
+    they do; z and ∂c stay exact in fp32, and the value projection's numbers are those of
+    autocast's linear. Both projections in one Function make one autograd node where two
+    `nn.Linear`s made ten; that did not make the host faster (a Python Function costs about what
+    it saves: `benchmarks/README.md`), the memory is the gain.
     """
 
     @staticmethod
@@ -209,8 +210,8 @@ class GateHead(nn.Module):
 def gate_and_value(
     gate: GateHead, value: ValueHead, c: torch.Tensor, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(gate.logits(c), value.pre_activation(c, u))`, the same numbers, as one autograd node for
-    the linear gate (`_LinearProjections`: host work is what bounds eager GPU training)."""
+    """`(gate.logits(c), value.pre_activation(c, u))`: the same values, from one autograd node for
+    the linear gate (`_LinearProjections`, which keeps c in the autocast dtype for ∂w_g)."""
     if gate.hidden is not None:
         return gate.logits(c), value.pre_activation(c, u)
     acc = accumulation_dtype(c)
