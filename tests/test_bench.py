@@ -7,6 +7,10 @@ import contextlib
 import io
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +286,21 @@ def test_compiled_run_reports_each_variants_first_call(tmp_path):
         per_call = 2 * 16 / row["infer_tokens_per_s"]  # batch 2 x seq 16 tokens a call
         assert row["infer_first_call_s"] > 5 * per_call
         assert "train_first_call_s" not in row  # not measured
+
+
+def test_host_overhead_script_counts_the_gpu_paths_work():
+    """`benchmarks/host_overhead.py` (run in a subprocess: it stubs the kernel launches of the
+    process) prints a row per variant, and DDL's GPU path has more autograd nodes and ATen ops a
+    step than the baseline's."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/host_overhead.py", "--variants", "baseline,ddl-cc"]
+    proc = subprocess.run(
+        [*cmd, "--layers", "1", "--repeats", "1"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(re.findall(r"^\| (baseline|ddl-cc) \| (\d+ \| \d+) \|", proc.stdout, re.M))
+    base_nodes, base_ops = map(int, rows["baseline"].split(" | "))
+    ddl_nodes, ddl_ops = map(int, rows["ddl-cc"].split(" | "))
+    assert ddl_nodes > base_nodes and ddl_ops > base_ops
