@@ -27,7 +27,7 @@ from deltalearn.nn.choices import (
     check_choice,
 )
 from deltalearn.ops import normalize_direction
-from deltalearn.ops._shapes import accumulation_dtype
+from deltalearn.ops._shapes import accumulation_dtype, autocast_on
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
 _BETA_INIT_CLAMP = 1e-4
@@ -83,13 +83,6 @@ class ValueHead(nn.Module):
     def forward(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         p = self.pre_activation(c, u)
         return p if self.kind == "paper" else self.sigmoid_scale * torch.sigmoid(p)
-
-
-def _autocast_on(device_type: str) -> bool:
-    # cpu and cuda always have autocast; asking for others' breaks the graph under torch.compile
-    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
-        return False
-    return torch.is_autocast_enabled(device_type)
 
 
 class _LinearProjections(torch.autograd.Function):
@@ -156,7 +149,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
 def _projection_dtypes(c: torch.Tensor, acc: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
     """`(keep_dtype, lin_dtype)` of `_LinearProjections` under the current autocast state."""
     device_type = c.device.type
-    if _autocast_on(device_type):
+    if autocast_on(device_type):
         low = torch.get_autocast_dtype(device_type)
         return low, low
     return acc, None

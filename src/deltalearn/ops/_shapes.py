@@ -13,6 +13,17 @@ import contextlib
 import torch
 
 
+def has_autocast(device_type: str) -> bool:
+    """Whether autocast exists on this device type."""
+    # cpu and cuda always have autocast; asking broke the graph under torch.compile on torch 2.11
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is switched on for this device type now."""
+    return has_autocast(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context that switches autocast off on `t`'s device (a no-op where autocast does not exist).
 
@@ -20,10 +31,14 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     fp32 operands; the rewrite's reductions must accumulate in fp32 under autocast too.
     """
     device_type = t.device.type
-    # cpu and cuda always have autocast; asking broke the graph under torch.compile on torch 2.11
-    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):
+    if has_autocast(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def cast_grads(grads, dtypes) -> tuple[torch.Tensor | None, ...]:
+    """Each gradient in its input's dtype (None stays None): the end of a hand-written backward."""
+    return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))
 
 
 # States of at most this many elements (e.g. one decoded token) take the few-op form of a reduction

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from deltalearn.ops._shapes import (
     accumulation_dtype,
+    cast_grads,
     check_rewrite_inputs,
     is_small_state,
     no_autocast,
@@ -135,7 +136,7 @@ class _DeltaRewrite(torch.autograd.Function):
         X, k, beta, e = ctx.saved_tensors
         grads = delta_rewrite_grads(G, X, k, beta, e, ctx.needs_input_grad)
         dtypes = (X.dtype, k.dtype, beta.dtype, ctx.v_dtype)
-        return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))
+        return cast_grads(grads, dtypes)
 
 
 class _WriteOnly(torch.autograd.Function):
@@ -164,7 +165,7 @@ class _WriteOnly(torch.autograd.Function):
         k, beta, v = ctx.saved_tensors
         grads = write_only_grads(G, k, beta, v, ctx.needs_input_grad)
         dtypes = (ctx.X_dtype, k.dtype, beta.dtype, v.dtype)
-        return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))
+        return cast_grads(grads, dtypes)
 
 
 def _apply(fn: type[torch.autograd.Function], X, k, beta, v) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops._shapes import accumulation_dtype, no_autocast
+from deltalearn.ops._shapes import accumulation_dtype, cast_grads, no_autocast
 from deltalearn.ops.fused import _readout, delta_rewrite_grads, rank1_update, write_only_grads
 
 
@@ -87,8 +87,7 @@ class _RewriteEpilogue(torch.autograd.Function):
         if need_p:
             gp = gv if value_head == "paper" else gv * v * (1.0 - v / value_scale)
         grads = (gX, gh, gz, gp)
-        cast = tuple(g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True))
-        return (*cast, None, None, None, None)
+        return (*cast_grads(grads, ctx.dtypes), None, None, None, None)
 
 
 def rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps) -> torch.Tensor:
