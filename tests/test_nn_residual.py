@@ -217,6 +217,10 @@ def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head):
             loose = amp and i == 2  # ∂w_g from the bf16-kept c
             tol = dict(rtol=2**-7, atol=2**-8 * want.abs().max().item()) if loose else {}
             torch.testing.assert_close(got, want, **tol, msg=f"gradient {i}, autocast {amp}")
+    with torch.no_grad():  # inference takes the plain linears without the autograd node
+        fast, plain = gate_and_value(gate, value, c, u), _plain_heads(gate, value, c, u)
+        for got, want in zip(fast, plain, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     gate64, value64 = GateHead(6).double(), ValueHead(6, 2, value_head).double()
     c64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     u64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)

@@ -1,13 +1,21 @@
-"""The rewrite epilogue's PyTorch path (`ops/fused_epilogue.py`, what CPU users get by default)
-against the plain composition `rewrite_epilogue_reference`: values, every input gradient, float64
-gradcheck, bf16, odd widths, strided inputs, and what it keeps alive for backward."""
+"""The rewrite epilogue's PyTorch path (`ops/fused_epilogue.py`: CPU bf16, `torch.compile`, no C
+compiler) against the plain composition `rewrite_epilogue_reference`: values, every input gradient,
+float64 gradcheck, bf16, odd widths, strided inputs, and what it keeps alive for backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deltalearn.ops import rewrite_epilogue, rewrite_epilogue_reference
+from deltalearn.ops import backend, rewrite_epilogue, rewrite_epilogue_reference
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_functions(monkeypatch):
+    """These tests hold the PyTorch Functions (the fallback) to the reference; on CPU the default
+    path is the C kernels, tested in test_ops_native.py."""
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+
 
 RULES = ["delta", "write_only"]
 HEADS = ["paper", "official"]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltalearn.ops import _shapes, channel_mix, channel_mix_reference
+from deltalearn.ops import _shapes, backend, channel_mix, channel_mix_reference
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_functions(monkeypatch):
+    """These tests hold the PyTorch Functions (the fallback) to the reference; on CPU the default
+    path is the C kernels, tested in test_ops_native.py."""
+    monkeypatch.setattr(backend, "BACKEND", "torch")
 
 
 @pytest.fixture(autouse=True, params=["channel-loop", "small-state"])

@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from deltalearn.nn import TokenCompressor
+from deltalearn.ops import backend
 from deltalearn.ops import token_mixing as token_mix_module
 from deltalearn.ops.token_mixing import token_mix, token_mix_reference
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_functions(monkeypatch):
+    """These tests hold the PyTorch Functions (the fallback) to the reference; on CPU the default
+    path is the C kernels, tested in test_ops_native.py."""
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+
 
 # (past, new tokens, kernel size): no history, a full history, more history than the kernel
 # reaches, fewer new tokens than taps, one token, and a kernel of one tap (a channel mix).

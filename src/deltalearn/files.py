@@ -1,14 +1,25 @@
-"""Reading the small JSON files a run folder holds, with one-line errors that name the file."""
+"""Reading the small JSON files a run folder holds, with one-line errors that name the file; and
+where deltalearn caches what it makes on the user's machine (prepared data, compiled kernels)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from deltalearn.errors import UserError
 
-__all__ = ["read_json_object"]
+__all__ = ["cache_root", "read_json_object"]
+
+
+def cache_root() -> Path:
+    """`$DELTALEARN_CACHE`, else `~/.cache/deltalearn` (honouring `$XDG_CACHE_HOME`)."""
+    env = os.environ.get("DELTALEARN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "deltalearn"
 
 
 def read_json_object(

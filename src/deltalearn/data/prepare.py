@@ -38,6 +38,7 @@ from deltalearn.data.corpora import Corpus, clean_document, resolve_source
 from deltalearn.data.split import check_val_fraction, split_documents
 from deltalearn.data.tokens import token_dtype, write_token_file
 from deltalearn.errors import DataError
+from deltalearn.files import cache_root
 
 FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches are then ignored
 META_FILE = "meta.json"
@@ -49,11 +50,7 @@ logger = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     """`$DELTALEARN_CACHE/data`, else `~/.cache/deltalearn/data` (honouring `$XDG_CACHE_HOME`)."""
-    env = os.environ.get("DELTALEARN_CACHE")
-    if env:
-        return Path(env).expanduser() / "data"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "deltalearn" / "data"
+    return cache_root() / "data"
 
 
 def check_split(split: str) -> str:

@@ -208,6 +208,13 @@ def gate_and_value(
     if gate.hidden is not None:
         return gate.logits(c), value.pre_activation(c, u)
     acc = accumulation_dtype(c)
+    if not torch.is_grad_enabled() and not autocast_on(c.device.type):
+        # Inference (one decoded token at a time is bound by host work): the same two linears
+        # without an autograd node and an autocast switch.
+        z = c.to(acc)
+        x = z if value.kind == "paper" else u
+        logit = F.linear(z, gate.out.weight.to(acc), gate.out.bias.to(acc)).squeeze(-1)
+        return logit, F.linear(x, value.proj.weight, value.proj.bias)
     keep, lin = _projection_dtypes(c, acc)
     with torch.autocast(device_type=c.device.type, enabled=False):
         z = c.to(acc)

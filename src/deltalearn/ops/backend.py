@@ -1,12 +1,15 @@
-"""Which implementation the fused ops take: the Triton kernels, the PyTorch Functions, or the plain
-reference compositions.
+"""Which implementation the fused ops take: the Triton kernels, the CPU kernels, the PyTorch
+Functions, or the plain reference compositions.
 
-On CUDA tensors with triton installed the kernels run (`ops/triton_epilogue.py` for the rewrite,
-`ops/triton_mixing.py` for the compressor reads); elsewhere the hand-written autograd Functions in
-PyTorch ops. `BACKEND` below, else the environment variable DELTALEARN_EPILOGUE, picks one of
-"auto" (default), "triton" (force the kernels, e.g. on CPU tensors under TRITON_INTERPRET=1, as the
-tests do), "torch" (the PyTorch Functions) or "reference" (every fast path off: the plain
-compositions, autograd through every step — `DELTALEARN_EPILOGUE=reference deltalearn compare`).
+On CUDA tensors with triton installed the Triton kernels run (`ops/triton_epilogue.py` for the
+rewrite, `ops/triton_mixing.py` for the compressor reads); on fp32/float64 CPU tensors the C kernels
+(`ops/native.py`, built on first use where a C compiler exists); elsewhere the hand-written autograd
+Functions in PyTorch ops. `BACKEND` below, else the environment variable DELTALEARN_EPILOGUE, picks
+one of "auto" (default), "triton" (force the Triton kernels, e.g. on CPU tensors under
+TRITON_INTERPRET=1, as the tests do), "native" (the C kernels wherever their dtypes allow, an error
+where they cannot be built), "torch" (the PyTorch Functions) or "reference" (every fast path off: the
+plain compositions, autograd through every step — `DELTALEARN_EPILOGUE=reference deltalearn
+compare`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "native", "torch", "reference")
 # Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
 BACKEND: str | None = None
 # Input dtypes the kernels accumulate in fp32 without loss; float64 stays on the PyTorch path.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The C kernels' dtypes (every operand in one of them); half precision stays on the PyTorch path.
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.cache
@@ -59,4 +64,34 @@ def use_triton(tensors: list[torch.Tensor]) -> bool:
         and all(t.dtype in KERNEL_DTYPES for t in tensors)
         and not torch.compiler.is_compiling()
         and triton_available()
+    )
+
+
+def use_native(tensors: list[torch.Tensor]) -> bool:
+    """Whether an op on `tensors` runs its C kernel: plain CPU tensors of one dtype in
+    `NATIVE_DTYPES`, outside `torch.compile` and functorch transforms, with the backend "auto" (and
+    the kernels built) or "native" (NativeBuildError where they cannot be built)."""
+    if torch.compiler.is_compiling():  # first: nothing below is traceable
+        return False
+    choice = backend()
+    if choice not in ("auto", "native"):
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in NATIVE_DTYPES or not all(_plain_cpu(t) and t.dtype == dtype for t in tensors):
+        return False
+    from deltalearn.ops import native_build
+
+    if choice == "native":
+        native_build.require_library()  # raises, naming why, where the kernels cannot be built
+        return True
+    return native_build.library() is not None
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    # A subclass (FakeTensor, a tensor parallel wrapper) or a functorch-wrapped tensor has no data
+    # a C kernel could read; nn.Parameter is a plain tensor.
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )

@@ -13,8 +13,9 @@ both). Shapes: X `(..., d)` (vector state) or `(..., d, dv)`; h `(..., d)`; z `(
 for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
 
 `rewrite_epilogue` runs one Triton kernel (forward and backward, `ops/triton_epilogue.py`) for CUDA
-tensors when triton is installed, else the same math in PyTorch ops as one autograd Function with
-a hand-written backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
+tensors when triton is installed, one C kernel each way for fp32/float64 CPU tensors
+(`ops/native.py`), else the same math in PyTorch ops as one autograd Function with a hand-written
+backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Which path runs: `ops/backend.py` (the
 `DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "torch" or "reference", the last
 switching every fast path off).
@@ -26,7 +27,7 @@ import os
 
 import torch
 
-from deltalearn.ops import backend
+from deltalearn.ops import backend, native
 from deltalearn.ops._shapes import _fmt, accumulation_dtype
 from deltalearn.ops.fused_epilogue import rewrite_epilogue_torch
 from deltalearn.ops.mixing import channel_mix
@@ -151,7 +152,12 @@ def _compose(
     X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_options(rule, value_head, k_eps)
-    check_epilogue_inputs(X, h, z, p, compress)
+    matrix = check_epilogue_inputs(X, h, z, p, compress)
+    operands = [X, h, z, p] + ([compress] if compress is not None else [])
+    if not reference and native.fits(X, matrix) and backend.use_native(operands):
+        return native.rewrite_epilogue_native(
+            X, h, z, p, compress, rule, value_head, value_scale, k_eps
+        )
     if not reference:
         Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)
         # The next read as ChannelCompressor takes it: its dtype and hand-written backward.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops import backend
+from deltalearn.ops import backend, native
 from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 
 
@@ -88,9 +88,15 @@ def channel_mix(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     Returns:
         `(..., d)` in the promoted dtype of X and C.
     """
-    if is_small_state(X) or backend.backend() == "reference":  # e.g. one decoded token: two ops
+    if backend.backend() == "reference":
         return channel_mix_reference(X, C)
     _check(X, C)
+    if native.fits(X) and backend.use_native(
+        [X, C]
+    ):  # CPU: every value channel of a row in one loop
+        return native.value_read_native(X, C)
+    if is_small_state(X):  # e.g. one decoded token: two ops
+        return channel_mix_reference(X, C)
     if backend.use_triton([X, C]):  # a GPU: one kernel, not a strided op per value channel
         from deltalearn.ops.triton_mixing import value_read_triton
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops import backend
+from deltalearn.ops import backend, native
 from deltalearn.ops._shapes import _fmt, promote_float
 from deltalearn.ops.mixing import mixing_weight_grad
 
@@ -122,4 +122,8 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
         from deltalearn.ops.triton_mixing import value_read_triton
 
         return value_read_triton(xs, W, past)
+    if native.fits(xs) and backend.use_native(
+        [xs, W]
+    ):  # CPU: every tap and value channel of a row in one loop
+        return native.value_read_native(xs, W, past)
     return _TokenMix.apply(xs, W, past)

@@ -1,0 +1,172 @@
+"""The rewrite epilogue and the compressor reads on CPU through the C kernels of `native_kernels.c`:
+the default path for fp32 and float64 CPU tensors where the kernels can be built (`native_build`).
+
+The math is that of the PyTorch Functions they replace (`ops/fused_epilogue.py`, `ops/mixing.py`,
+`ops/token_mixing.py`); what changes is the number of passes over a matrix state: the epilogue
+reads X once and writes Y once per row (and reads the next channel compressor's input from Y while
+it is in cache, `compress=`), its backward reads G and X once and writes ∂X once, and a read
+accumulates every tap and value channel of a row in one loop.
+
+Without autograd (inference, cached decoding) the kernels are called directly; with it, through one
+autograd Function each. Saved for backward: X (the delta rule), h, and per-row scalars; with
+`compress`, also Y (the state the next sublayer keeps anyway) and C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from deltalearn.ops.native_build import SUFFIXES, library
+
+# The longest value axis the kernels take (MAX_DV in native_kernels.c); longer ones stay on the
+# PyTorch Functions.
+MAX_VALUE_CHANNELS = 256
+
+
+def fits(X: torch.Tensor, matrix: bool = True) -> bool:
+    """Whether the kernels take a state X (its value axis, the last one of a matrix state)."""
+    return not matrix or X.shape[-1] <= MAX_VALUE_CHANNELS
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{SUFFIXES[str(dtype).removeprefix('torch.')]}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
+    code = _kernel(name, dtype)(*args, torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(
+            f"deltalearn CPU kernel {name} failed (code {code}: 1 = value axis too "
+            "long, 2 = out of memory)"
+        )
+
+
+def _epilogue_forward(X, h, z, p, C, delta: bool, official: bool, scale: float, eps: float):
+    """Run the forward kernel on contiguous inputs; return (Y, x_next or None, rho, beta, e, v)."""
+    d = h.shape[-1]
+    rows = h.numel() // d
+    dv = X.numel() // h.numel()
+    Y = torch.empty_like(X)
+    x_next = torch.empty_like(h) if C is not None else None
+    rho, beta = torch.empty_like(z), torch.empty_like(z)
+    e, v = torch.empty_like(p), torch.empty_like(p)
+    _call(
+        "epilogue_forward", X.dtype, rows, d, dv, _ptr(X), _ptr(h), _ptr(z), _ptr(p), _ptr(C),
+        int(delta), int(official), float(scale), float(eps),
+        _ptr(Y), _ptr(x_next), _ptr(rho), _ptr(beta), _ptr(e), _ptr(v),
+    )  # fmt: skip
+    return Y, x_next, rho, beta, e, v
+
+
+class _NativeEpilogue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, X, h, z, p, C, rule: str, value_head: str, value_scale: float, k_eps):
+        delta, official = rule == "delta", value_head == "official"
+        Y, x_next, rho, beta, e, v = _epilogue_forward(
+            X, h, z, p, C, delta, official, value_scale, k_eps
+        )
+        ctx.save_for_backward(
+            X if delta else None, h, rho, beta, e, v, C, Y if C is not None else None
+        )
+        ctx.options = (delta, official, value_scale)
+        return Y if C is None else (Y, x_next)
+
+    @staticmethod
+    @once_differentiable  # backward uses saved tensors only
+    def backward(ctx: Any, GY: torch.Tensor, g_next: torch.Tensor | None = None):
+        X, h, rho, beta, e, v, C, Y = ctx.saved_tensors
+        delta, official, scale = ctx.options
+        GY = GY.contiguous()
+        g_next = None if g_next is None else g_next.contiguous()
+        need_X, need_C = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        d = h.shape[-1]
+        rows, dv = h.numel() // d, GY.numel() // h.numel()
+        # Write-only without a read: ∂X is G itself, no kernel write needed.
+        direct = not delta and C is None
+        gX = torch.empty_like(GY) if need_X and not direct else None
+        gh, gz, gp = torch.empty_like(h), torch.empty_like(rho), torch.empty_like(e)
+        gC = torch.empty_like(C) if C is not None and need_C else None
+        _call(
+            "epilogue_backward", GY.dtype, rows, d, dv, _ptr(GY), _ptr(g_next), _ptr(C), _ptr(Y),
+            _ptr(X), _ptr(h), _ptr(rho), _ptr(beta), _ptr(e), _ptr(v),
+            int(delta), int(official), float(scale), _ptr(gX), _ptr(gh), _ptr(gz), _ptr(gp),
+            _ptr(gC),
+        )  # fmt: skip
+        if direct and need_X:
+            gX = GY
+        return gX, gh, gz, gp, gC, None, None, None, None
+
+
+def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale, k_eps):
+    """`rewrite_epilogue` on the C kernels (inputs checked, on CPU, of one dtype in
+    `NATIVE_DTYPES`): Y, or `(Y, x_next)` with `compress`."""
+    X, h, z, p = X.contiguous(), h.contiguous(), z.contiguous(), p.contiguous()
+    C = None if compress is None else compress.contiguous()
+    inputs = (X, h, z, p) if C is None else (X, h, z, p, C)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _NativeEpilogue.apply(X, h, z, p, C, rule, value_head, value_scale, k_eps)
+    delta, official = rule == "delta", value_head == "official"
+    Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps)
+    return Y if C is None else (Y, x_next)
+
+
+def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, d, dv) states and (K, d, dv) taps: a channel read (W (d, dv)) is one tap over every
+    row as one sequence."""
+    if W.dim() == 2:
+        return xs.reshape(1, -1, *W.shape).contiguous(), W.unsqueeze(0).contiguous()
+    return xs.contiguous(), W.permute(2, 0, 1).contiguous()
+
+
+def _read_forward(xs4: torch.Tensor, taps: torch.Tensor, past: int) -> torch.Tensor:
+    B, S, d, dv = xs4.shape
+    out = torch.empty((B, S - past, d), dtype=xs4.dtype)
+    _call("read_forward", xs4.dtype, B, S, past, d, dv, taps.shape[0], _ptr(xs4), _ptr(taps),
+          _ptr(out))  # fmt: skip
+    return out
+
+
+class _NativeRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
+        xs4, taps = _as_read(xs, W)
+        out = _read_forward(xs4, taps, past)
+        ctx.save_for_backward(xs4, taps)
+        ctx.past, ctx.shapes = past, (xs.shape, W.shape)
+        return out.reshape(xs.shape[:-1]) if W.dim() == 2 else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, G: torch.Tensor):
+        xs4, taps = ctx.saved_tensors
+        xs_shape, W_shape = ctx.shapes
+        need_xs, need_W = ctx.needs_input_grad[:2]
+        B, S, d, dv = xs4.shape
+        gxs = torch.empty_like(xs4) if need_xs else None
+        gtaps = torch.empty_like(taps) if need_W else None
+        _call(
+            "read_backward", G.dtype, B, S, ctx.past, d, dv, taps.shape[0], _ptr(xs4), _ptr(taps),
+            _ptr(G.contiguous()), _ptr(gxs), _ptr(gtaps),
+        )  # fmt: skip
+        gW = None
+        if gtaps is not None:
+            gW = gtaps[0] if len(W_shape) == 2 else gtaps.permute(1, 2, 0)
+        return (None if gxs is None else gxs.reshape(xs_shape)), gW, None
+
+
+def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """A compressor read on the C kernels: the channel read (`W` `(d, dv)`, `xs` `(..., d, dv)`
+    -> `(..., d)`) or the token read (`W` `(d, dv, K)`, `xs` `(B, past + T, d, dv)` ->
+    `(B, T, d)`), inputs checked, on CPU, of one dtype in `NATIVE_DTYPES`."""
+    if torch.is_grad_enabled() and (xs.requires_grad or W.requires_grad):
+        return _NativeRead.apply(xs, W, past)
+    xs4, taps = _as_read(xs, W)
+    out = _read_forward(xs4, taps, past)
+    return out.reshape(xs.shape[:-1]) if W.dim() == 2 else out

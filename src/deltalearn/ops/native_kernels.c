@@ -1,0 +1,320 @@
+/* deltalearn's CPU kernels: the rewrite epilogue and the compressor reads, forward and backward.
+ *
+ * Why C: in PyTorch ops each pass over a matrix state (..., d, dv) is an element-wise op whose
+ * innermost axis is dv (4) under a broadcast, several such passes per sublayer. Here one pass per
+ * row (token) keeps the row (d * dv numbers) in cache: read it once, write it once.
+ *
+ * Built on first use by ops/native_build.py, twice from this one file: -DREAL=float -DSUFFIX=f32
+ * and -DREAL=double -DSUFFIX=f64. The math, the shapes and the saved quantities are those of
+ * ops/fused_epilogue.py, ops/mixing.py and ops/token_mixing.py, which are the references the tests
+ * hold these kernels to. Every array is contiguous and row-major; rows are parallel (OpenMP), and
+ * a weight gradient is summed per thread, then over threads in thread order (repeatable for a
+ * fixed thread count).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+/* The longest value axis a row's per-channel scalars are kept on the stack for. */
+#define MAX_DV 256
+/* Below this many state elements a call runs on the calling thread (one decoded token). */
+#define PARALLEL_MIN 32768
+
+#define INLINE static inline __attribute__((always_inline))
+#define RESTRICT __restrict__
+
+static int FN(thread_count)(int64_t work, int threads) {
+    return (work < PARALLEL_MIN || threads < 1) ? 1 : threads;
+}
+
+/* Each kernel's per-row work takes dv as an argument and is inlined into one loop per common dv
+ * (1, 2, 4, 8) with dv a constant there, so the value-axis loops unroll and vectorise. */
+#define FOR_DV(dv, LOOP)              \
+    switch (dv) {                     \
+        case 1: LOOP(1); break;       \
+        case 2: LOOP(2); break;       \
+        case 4: LOOP(4); break;       \
+        case 8: LOOP(8); break;       \
+        default: LOOP(dv); break;     \
+    }
+
+/* Forward of the rewrite epilogue for one row of width d with dv value channels (dv = 1 is a
+ * vector state):
+ *   rho = (|h|^2 + eps^2)^-1/2,  k = rho h,  beta = 2 sigmoid(z),  v = p or scale sigmoid(p)
+ *   e = v - k^T X (delta) or v (write-only),  Y = X + beta k e^T
+ *   x_next[i] = sum_j C[i, j] Y[i, j] (when C is given) */
+INLINE void FN(epilogue_forward_row)(int64_t d, const int64_t dv, const REAL *RESTRICT x, const REAL *RESTRICT hn,
+                                     REAL zn, const REAL *RESTRICT pn, const REAL *RESTRICT C, int delta,
+                                     int official, double scale, double eps, REAL *RESTRICT y, REAL *RESTRICT xn,
+                                     REAL *RESTRICT rho_out, REAL *RESTRICT beta_out, REAL *RESTRICT en, REAL *RESTRICT vn) {
+    REAL sq = 0;
+    for (int64_t i = 0; i < d; i++) sq += hn[i] * hn[i];
+    const REAL rho = (REAL)(1.0 / sqrt((double)sq + eps * eps));
+    const REAL beta = (REAL)(2.0 / (1.0 + exp(-(double)zn)));
+    REAL e[MAX_DV];
+    for (int64_t j = 0; j < dv; j++) {
+        const double pj = (double)pn[j];
+        const REAL v = (REAL)(official ? scale / (1.0 + exp(-pj)) : pj);
+        vn[j] = v;
+        e[j] = v;
+    }
+    if (delta) {
+        REAL r[MAX_DV];
+        for (int64_t j = 0; j < dv; j++) r[j] = 0;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) r[j] += hn[i] * x[i * dv + j];
+        for (int64_t j = 0; j < dv; j++) e[j] -= rho * r[j];
+    }
+    const REAL br = beta * rho;
+    if (C) {
+        for (int64_t i = 0; i < d; i++) {
+            const REAL a = br * hn[i];
+            REAL acc = 0;
+            for (int64_t j = 0; j < dv; j++) {
+                const REAL yij = x[i * dv + j] + a * e[j];
+                y[i * dv + j] = yij;
+                acc += C[i * dv + j] * yij;
+            }
+            xn[i] = acc;
+        }
+    } else {
+        for (int64_t i = 0; i < d; i++) {
+            const REAL a = br * hn[i];
+            for (int64_t j = 0; j < dv; j++) y[i * dv + j] = x[i * dv + j] + a * e[j];
+        }
+    }
+    *rho_out = rho;
+    *beta_out = beta;
+    for (int64_t j = 0; j < dv; j++) en[j] = e[j];
+}
+
+/* N rows: writes Y, x_next (if C), and the per-row rho, beta, e, v backward needs. */
+int FN(epilogue_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
+                         const REAL *z, const REAL *p, const REAL *C, int delta, int official,
+                         double scale, double eps, REAL *Y, REAL *x_next, REAL *rho_out,
+                         REAL *beta_out, REAL *e_out, REAL *v_out, int threads) {
+    if (dv > MAX_DV) return 1;
+    const int nt = FN(thread_count)(N * d * dv, threads);
+#define EPILOGUE_FORWARD_LOOP(DV)                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t n = 0; n < N;   \
+                                                                      n++)                    \
+        FN(epilogue_forward_row)(d, DV, X + n * d * dv, h + n * d, z[n], p + n * dv, C, delta, \
+                                 official, scale, eps, Y + n * d * dv,                        \
+                                 x_next ? x_next + n * d : NULL, rho_out + n, beta_out + n,   \
+                                 e_out + n * dv, v_out + n * dv)
+    FOR_DV(dv, EPILOGUE_FORWARD_LOOP)
+#undef EPILOGUE_FORWARD_LOOP
+    return 0;
+}
+
+/* Backward of the rewrite epilogue for one row. GY = dL/dY; with C, gn = dL/dx_next and y (the
+ * forward's output) for dL/dC. The gradient reaching Y is G = GY + C * gn (never stored). Then
+ *   s = k^T G,  dX = G - beta k s^T (delta) or G,  dk = beta (G e - [delta] X s),
+ *   dh = rho (dk - k (k^T dk)),  dz = (s^T e) beta (1 - beta/2),
+ *   dp = beta s  or  beta s v (1 - v/scale),  dC += gn y^T (into this thread's partial sum).
+ * gx may be NULL (not needed); x is read only for delta. */
+INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *RESTRICT gy, const REAL *RESTRICT gn,
+                                      const REAL *RESTRICT C, const REAL *RESTRICT y, const REAL *RESTRICT x,
+                                      const REAL *RESTRICT hn, REAL rho, REAL beta, const REAL *RESTRICT e,
+                                      const REAL *RESTRICT vn, int official, double scale, REAL *RESTRICT gx,
+                                      REAL *RESTRICT ghn, REAL *RESTRICT gzn, REAL *RESTRICT gpn, REAL *RESTRICT gC_partial) {
+    REAL s[MAX_DV];
+    for (int64_t j = 0; j < dv; j++) s[j] = 0;
+    for (int64_t i = 0; i < d; i++) {
+        const REAL k = rho * hn[i];
+        for (int64_t j = 0; j < dv; j++) {
+            const REAL g = gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
+            s[j] += k * g;
+        }
+    }
+    if (gC_partial)
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) gC_partial[i * dv + j] += gn[i] * y[i * dv + j];
+    REAL t = 0;
+    for (int64_t i = 0; i < d; i++) {
+        const REAL k = rho * hn[i];
+        REAL gk = 0;
+        for (int64_t j = 0; j < dv; j++) {
+            const REAL g = gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
+            gk += g * e[j];
+            if (x) gk -= x[i * dv + j] * s[j];
+            if (gx) gx[i * dv + j] = x ? g - beta * k * s[j] : g;
+        }
+        gk *= beta;
+        ghn[i] = gk;
+        t += k * gk;
+    }
+    for (int64_t i = 0; i < d; i++) ghn[i] = rho * (ghn[i] - rho * hn[i] * t);
+    REAL gb = 0;
+    for (int64_t j = 0; j < dv; j++) {
+        gb += s[j] * e[j];
+        REAL gv = beta * s[j];
+        if (official) gv *= vn[j] * (1 - vn[j] / (REAL)scale);
+        gpn[j] = gv;
+    }
+    *gzn = gb * beta * (1 - beta / 2);
+}
+
+/* Sum the per-thread partial sums of a weight gradient, in thread order. */
+static void FN(sum_partials)(const REAL *partial, int nt, int64_t size, REAL *out) {
+    memset(out, 0, (size_t)size * sizeof(REAL));
+    for (int tid = 0; tid < nt; tid++)
+        for (int64_t q = 0; q < size; q++) out[q] += partial[(int64_t)tid * size + q];
+}
+
+static int FN(thread_id)(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* N rows. X is read only for delta (NULL for write-only); with C, g_next and Y too. */
+int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const REAL *g_next,
+                          const REAL *C, const REAL *Y, const REAL *X, const REAL *h,
+                          const REAL *rho_in, const REAL *beta_in, const REAL *e_in,
+                          const REAL *v_in, int delta, int official, double scale, REAL *gX,
+                          REAL *gh, REAL *gz, REAL *gp, REAL *gC, int threads) {
+    if (dv > MAX_DV) return 1;
+    const int nt = FN(thread_count)(N * d * dv, threads);
+    REAL *partial = NULL;
+    if (gC && g_next) {
+        partial = (REAL *)calloc((size_t)nt * d * dv, sizeof(REAL));
+        if (!partial) return 2;
+    }
+#define EPILOGUE_BACKWARD_LOOP(DV)                                                             \
+    _Pragma("omp parallel num_threads(nt)") {                                                  \
+        REAL *mine = partial ? partial + (int64_t)FN(thread_id)() * d * dv : NULL;             \
+        _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++)                    \
+            FN(epilogue_backward_row)(d, DV, GY + n * d * dv, g_next ? g_next + n * d : NULL, C, \
+                                      Y ? Y + n * d * dv : NULL,                               \
+                                      delta ? X + n * d * dv : NULL, h + n * d, rho_in[n],     \
+                                      beta_in[n], e_in + n * dv, v_in + n * dv, official,      \
+                                      scale, gX ? gX + n * d * dv : NULL, gh + n * d, gz + n,  \
+                                      gp + n * dv, mine);                                      \
+    }
+    FOR_DV(dv, EPILOGUE_BACKWARD_LOOP)
+#undef EPILOGUE_BACKWARD_LOOP
+    if (partial) {
+        FN(sum_partials)(partial, nt, d * dv, gC);
+        free(partial);
+    } else if (gC) {
+        memset(gC, 0, (size_t)d * dv * sizeof(REAL));
+    }
+    return 0;
+}
+
+/* One output row of the compressor read over tokens (TC; the channel read CC is K = 1, past = 0):
+ *   out[b, t, i] = sum_tau sum_j W[tau, i, j] xs[b, past + t - (K - 1 - tau), i, j]
+ * Inputs before the first token are zeros. `acc` is a row-sized scratch (d * dv). */
+INLINE void FN(read_forward_row)(int64_t S, int64_t past, int64_t d, const int64_t dv, int64_t K,
+                                 int64_t b, int64_t t, const REAL *RESTRICT xs, const REAL *RESTRICT W, REAL *RESTRICT o,
+                                 REAL *RESTRICT acc) {
+    const int64_t row = d * dv;
+    int first = 1;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t src = past + t - (K - 1 - tau);
+        if (src < 0) continue;
+        const REAL *x = xs + (b * S + src) * row, *w = W + tau * row;
+        if (first) {
+            for (int64_t q = 0; q < row; q++) acc[q] = w[q] * x[q];
+            first = 0;
+        } else {
+            for (int64_t q = 0; q < row; q++) acc[q] += w[q] * x[q];
+        }
+    }
+    for (int64_t i = 0; i < d; i++) {
+        REAL sum = 0;
+        for (int64_t j = 0; j < dv; j++) sum += first ? 0 : acc[i * dv + j];
+        o[i] = sum;
+    }
+}
+
+/* xs (B, S, d, dv) with S = past + T; W (K, d, dv) (tap-major); out (B, T, d). */
+int FN(read_forward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                     const REAL *xs, const REAL *W, REAL *out, int threads) {
+    const int64_t T = S - past, row = d * dv;
+    const int nt = FN(thread_count)(B * T * row * K, threads);
+    REAL *scratch = (REAL *)malloc((size_t)nt * row * sizeof(REAL));
+    if (!scratch) return 2;
+#define READ_FORWARD_LOOP(DV)                                                                  \
+    _Pragma("omp parallel num_threads(nt)") {                                                  \
+        REAL *acc = scratch + (int64_t)FN(thread_id)() * row;                                  \
+        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++)             \
+            FN(read_forward_row)(S, past, d, DV, K, bt / T, bt % T, xs, W, out + bt * d, acc); \
+    }
+    FOR_DV(dv, READ_FORWARD_LOOP)
+#undef READ_FORWARD_LOOP
+    free(scratch);
+    return 0;
+}
+
+/* dxs[b, s, i, j] = sum_tau W[tau, i, j] G[b, s - past + (K - 1 - tau), i]   (0 <= index < T) */
+INLINE void FN(read_input_grad_row)(int64_t T, int64_t past, int64_t d, const int64_t dv,
+                                    int64_t K, int64_t b, int64_t s, const REAL *RESTRICT W, const REAL *RESTRICT G,
+                                    REAL *RESTRICT gx) {
+    const int64_t row = d * dv;
+    for (int64_t q = 0; q < row; q++) gx[q] = 0;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t t = s - past + (K - 1 - tau);
+        if (t < 0 || t >= T) continue;
+        const REAL *g = G + (b * T + t) * d, *w = W + tau * row;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) gx[i * dv + j] += w[i * dv + j] * g[i];
+    }
+}
+
+/* dW[tau, i, j] += sum_t G[b, t, i] xs[b, past + t - (K - 1 - tau), i, j] for one (b, t). */
+INLINE void FN(read_weight_grad_row)(int64_t S, int64_t past, int64_t d, const int64_t dv,
+                                     int64_t K, int64_t b, int64_t t, const REAL *RESTRICT xs,
+                                     const REAL *RESTRICT g, REAL *RESTRICT acc) {
+    const int64_t row = d * dv;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t src = past + t - (K - 1 - tau);
+        if (src < 0) continue;
+        const REAL *x = xs + (b * S + src) * row;
+        REAL *a = acc + tau * row;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) a[i * dv + j] += g[i] * x[i * dv + j];
+    }
+}
+
+/* Backward of read_forward from G = dL/dout (B, T, d); either output may be NULL. */
+int FN(read_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                      const REAL *xs, const REAL *W, const REAL *G, REAL *gxs, REAL *gW,
+                      int threads) {
+    const int64_t T = S - past, row = d * dv;
+    const int nt = FN(thread_count)(B * S * row * K, threads);
+    if (gxs) {
+#define READ_INPUT_GRAD_LOOP(DV)                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t bs = 0;         \
+                                                                      bs < B * S; bs++)       \
+        FN(read_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, gxs + bs * row)
+        FOR_DV(dv, READ_INPUT_GRAD_LOOP)
+#undef READ_INPUT_GRAD_LOOP
+    }
+    if (gW) {
+        REAL *partial = (REAL *)calloc((size_t)nt * K * row, sizeof(REAL));
+        if (!partial) return 2;
+#define READ_WEIGHT_GRAD_LOOP(DV)                                                              \
+    _Pragma("omp parallel num_threads(nt)") {                                                  \
+        REAL *mine = partial + (int64_t)FN(thread_id)() * K * row;                             \
+        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++)             \
+            FN(read_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, G + bt * d, mine); \
+    }
+        FOR_DV(dv, READ_WEIGHT_GRAD_LOOP)
+#undef READ_WEIGHT_GRAD_LOOP
+        FN(sum_partials)(partial, nt, K * row, gW);
+        free(partial);
+    }
+    return 0;
+}

@@ -1,0 +1,293 @@
+"""The CPU kernels (`ops/native.py`, `ops/native_kernels.c`) against the plain compositions: the
+rewrite epilogue (with and without the fused channel read) and the compressor reads, values and
+every input gradient, float64 gradcheck, odd widths, every dv, strided inputs, a decoding history,
+several threads; which path a CPU user gets by default; and the build (cache, a missing compiler).
+
+Tolerances: fp32 2e-5 relative to the largest value (the same sums in another order: the kernels'
+row reductions are vectorised); float64 1e-12. Without a C compiler the kernels cannot exist and
+these tests skip; with one, a failed build fails them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from model_helpers import random_ids, tiny_model
+
+from deltalearn.ops import (
+    backend,
+    channel_mix,
+    channel_mix_reference,
+    native,
+    native_build,
+    rewrite_epilogue,
+    rewrite_epilogue_reference,
+    token_mix,
+    token_mix_reference,
+)
+
+if native_build.compiler() is None:
+    pytest.skip("no C compiler: the CPU kernels cannot be built here", allow_module_level=True)
+
+RULES = ["delta", "write_only"]
+HEADS = ["paper", "official"]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Force the kernels (an error if they cannot be built) and record each kernel call's name."""
+    monkeypatch.setattr(backend, "BACKEND", "native")
+    calls = []
+    real = native._call
+
+    def counted(name, dtype, *args):
+        calls.append(name)
+        return real(name, dtype, *args)
+
+    monkeypatch.setattr(native, "_call", counted)
+    return calls
+
+
+def _close(actual, expected, dtype):
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    scale = expected.abs().max().item() + 1e-30
+    err = (actual - expected).abs().max().item()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert err <= tol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def _outputs_and_grads(fn, leaves, seed=3):
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    return outs, torch.autograd.grad(outs, leaves, ups)
+
+
+def _epilogue_leaves(lead, d, dv, dtype, vector=False):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(*lead, d, *(() if vector else (dv,)), generator=gen, dtype=dtype)
+    h = 3 * torch.randn(*lead, d, generator=gen, dtype=dtype)
+    z = 2 * torch.randn(*lead, generator=gen, dtype=dtype)
+    p = torch.randn(*lead, *(() if vector else (dv,)), generator=gen, dtype=dtype)
+    C = torch.randn(d, dv, generator=gen, dtype=dtype)
+    return X, h, z, p, C
+
+
+def _assert_epilogue_matches(leaves, compress, dtype, **options):
+    def run(op):
+        def fn(X, h, z, p, *C):
+            return op(X, h, z, p, compress=C[0] if C else None, **options)
+
+        return fn
+
+    used = list(leaves) if compress else list(leaves[:4])
+    outs, grads = _outputs_and_grads(run(rewrite_epilogue), used)
+    ref_outs, ref_grads = _outputs_and_grads(run(rewrite_epilogue_reference), used)
+    for actual, expected in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        _close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dv", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("d", [96, 200])
+def test_epilogue_matches_the_reference(kernel_calls, d, dv, rule, value_head, compress):
+    leaves = _epilogue_leaves((3, 5), d, dv, torch.float32)
+    options = dict(rule=rule, value_head=value_head, value_scale=3.0)
+    _assert_epilogue_matches(leaves, compress, torch.float32, **options)
+    assert kernel_calls == ["epilogue_forward", "epilogue_backward"]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_epilogue_on_a_vector_state_and_in_float64(kernel_calls, rule):
+    leaves = _epilogue_leaves((4, 3), 37, 1, torch.float32, vector=True)
+    _assert_epilogue_matches(leaves, False, torch.float32, rule=rule, value_head="official")
+    leaves64 = _epilogue_leaves((2, 3), 37, 4, torch.float64)
+    _assert_epilogue_matches(leaves64, True, torch.float64, rule=rule)
+    assert kernel_calls.count("epilogue_backward") == 2
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+def test_epilogue_float64_gradcheck(kernel_calls, rule, value_head, compress):
+    X, h, z, p, C = _epilogue_leaves((2, 3), 7, 3, torch.float64)
+    leaves = [t.requires_grad_() for t in (X, h, z, p, C)]
+
+    def fn(X, h, z, p, C):
+        return rewrite_epilogue(
+            X, h, z, p, rule=rule, value_head=value_head, compress=C if compress else None
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert "epilogue_backward" in kernel_calls
+
+
+def test_epilogue_strided_inputs_and_one_gradient(kernel_calls):
+    X, h, z, p, _ = _epilogue_leaves((6, 5), 40, 4, torch.float32)
+    Xt, ht = X.transpose(0, 1), h.transpose(0, 1)  # (5, 6, ...) views, not contiguous
+    zt, pt = z.t(), p.transpose(0, 1)
+    h_only = ht.detach().requires_grad_()
+    Y = rewrite_epilogue(Xt, h_only, zt, pt)
+    (g,) = torch.autograd.grad(Y.square().sum(), h_only)
+    h_ref = ht.detach().requires_grad_()
+    Y_ref = rewrite_epilogue_reference(Xt, h_ref, zt, pt)
+    (g_ref,) = torch.autograd.grad(Y_ref.square().sum(), h_ref)
+    _close(Y, Y_ref, torch.float32)
+    _close(g, g_ref, torch.float32)
+
+
+def test_epilogue_without_autograd_equals_with_it(kernel_calls):
+    X, h, z, p, C = _epilogue_leaves((8,), 64, 4, torch.float32)
+    with torch.no_grad():
+        Y, x_next = rewrite_epilogue(X, h, z, p, compress=C)
+    Y2, x2 = rewrite_epilogue(X, h.requires_grad_(), z, p, compress=C)
+    assert torch.equal(Y, Y2) and torch.equal(x_next, x2)
+    assert not Y.requires_grad and Y2.requires_grad
+
+
+@pytest.mark.parametrize("dv", [1, 4, 5])
+@pytest.mark.parametrize(
+    ("past", "new", "K"), [(0, 9, 4), (3, 2, 4), (0, 2, 4), (5, 1, 3), (0, 6, 1)]
+)
+def test_token_read_matches_the_reference(kernel_calls, past, new, K, dv):
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(2, past + new, 23, dv, generator=gen)
+    W = torch.randn(23, dv, K, generator=gen)
+    outs, grads = _outputs_and_grads(lambda a, b: token_mix(a, b, past), [xs, W])
+    ref, ref_grads = _outputs_and_grads(lambda a, b: token_mix_reference(a, b, past), [xs, W])
+    for actual, expected in zip(outs + grads, ref + ref_grads, strict=True):
+        _close(actual, expected, torch.float32)
+    assert kernel_calls == ["read_forward", "read_backward"]
+
+
+@pytest.mark.parametrize("d", [96, 200])
+@pytest.mark.parametrize("dv", [2, 4, 8])
+def test_channel_read_matches_the_reference(kernel_calls, d, dv):
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(3, 7, d, dv, generator=gen)[:, ::2]  # strided rows
+    C = torch.randn(d, dv, generator=gen)
+    outs, grads = _outputs_and_grads(channel_mix, [X, C])
+    ref, ref_grads = _outputs_and_grads(channel_mix_reference, [X, C])
+    for actual, expected in zip(outs + grads, ref + ref_grads, strict=True):
+        _close(actual, expected, torch.float32)
+    assert kernel_calls == ["read_forward", "read_backward"]
+
+
+def test_reads_float64_gradcheck(kernel_calls):
+    gen = torch.Generator().manual_seed(4)
+    xs = torch.randn(2, 5, 6, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    W = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: token_mix(a, b, 2), [xs, W])
+    C = torch.randn(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(channel_mix, [xs, C])
+    assert kernel_calls.count("read_backward") >= 2
+
+
+def test_several_threads_give_the_one_thread_result(kernel_calls):
+    """Rows split over threads, weight gradients summed per thread then in thread order."""
+    X, h, z, p, C = _epilogue_leaves((64, 32), 96, 4, torch.float32)  # above PARALLEL_MIN
+    W = torch.randn(96, 4, 4)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs, grads = _outputs_and_grads(
+                lambda X, h, z, p, C: rewrite_epilogue(X, h, z, p, compress=C), [X, h, z, p, C]
+            )
+            read, read_grads = _outputs_and_grads(lambda a, b: token_mix(a, b), [X, W])
+            results.append(outs + grads + read + read_grads)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        _close(two, one, torch.float32)
+
+
+def test_cpu_fp32_takes_the_kernels_by_default(monkeypatch):
+    """The default ("auto") path of a CPU user: fp32 and float64 run the kernels, bf16 the
+    PyTorch Functions; DELTALEARN_EPILOGUE=torch switches them off."""
+    monkeypatch.setattr(backend, "BACKEND", None)
+    monkeypatch.delenv("DELTALEARN_EPILOGUE", raising=False)
+    X, h, z, p, C = _epilogue_leaves((4,), 32, 4, torch.float32)
+    assert backend.use_native([X, h, z, p, C])
+    assert backend.use_native([X.double(), h.double()])
+    assert not backend.use_native([X.bfloat16(), h.bfloat16()])
+    assert not backend.use_native([X, h.bfloat16()])  # mixed dtypes: the PyTorch Function
+    assert not backend.use_native([X.to("meta"), h.to("meta")])
+    monkeypatch.setenv("DELTALEARN_EPILOGUE", "torch")
+    assert not backend.use_native([X, h, z, p, C])
+
+
+def test_a_value_axis_longer_than_the_kernels_take_uses_the_pytorch_path(kernel_calls):
+    dv = native.MAX_VALUE_CHANNELS + 1
+    X, h, z, p, C = _epilogue_leaves((2,), 8, dv, torch.float32)
+    _assert_epilogue_matches((X, h, z, p, C), True, torch.float32)
+    assert kernel_calls == []
+
+
+@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc", "write-only-cc"])
+def test_whole_models_equal_the_pytorch_path(monkeypatch, variant):
+    """Loss and every parameter gradient of a DeltaLM with the kernels = with the PyTorch Functions."""
+    ids = random_ids(2, 12)
+
+    def loss_and_grads(choice):
+        monkeypatch.setattr(backend, "BACKEND", choice)
+        model = tiny_model(variant).train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads("native")
+    loss_ref, grads_ref = loss_and_grads("torch")
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DELTALEARN_CACHE", str(tmp_path))
+    native_build.load_library()
+    (built,) = list((tmp_path / "native").glob(f"*/{native_build.LIBRARY_NAME}"))
+    stamp = built.stat().st_mtime_ns
+    native_build.load_library()  # found in the cache: not built again
+    assert built.stat().st_mtime_ns == stamp
+    assert [p.name for p in built.parent.iterdir()] == [native_build.LIBRARY_NAME]  # no temp left
+
+
+def test_no_compiler_falls_back_with_one_warning_or_fails_when_forced(monkeypatch, tmp_path):
+    monkeypatch.setenv("DELTALEARN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_build, "compiler", lambda: None)
+    native_build._loaded.cache_clear()
+    native_build.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert native_build.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native_build.library() is None  # said once
+        X = torch.randn(3, 8, 2)
+        monkeypatch.setattr(backend, "BACKEND", "auto")
+        assert not backend.use_native([X])
+        torch.testing.assert_close(channel_mix(X, torch.ones(8, 2)), X.sum(-1))
+        monkeypatch.setattr(backend, "BACKEND", "native")
+        with pytest.raises(native_build.NativeBuildError, match="no C compiler"):
+            backend.use_native([X])
+    finally:
+        native_build._loaded.cache_clear()
+        native_build.library.cache_clear()
+
+
+def test_a_compiler_error_is_reported_with_its_message(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native_build, "SOURCE", bad)
+    with pytest.raises(native_build.NativeBuildError, match="failed"):
+        native_build.build(native_build.compiler(), tmp_path / "out" / "lib.so")
+    assert not (tmp_path / "out" / "lib.so").exists()
