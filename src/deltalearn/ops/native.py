@@ -44,7 +44,7 @@ def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
     if code != 0:
         raise RuntimeError(
             f"deltalearn CPU kernel {name} failed (code {code}: 1 = value axis too "
-            "long, 2 = out of memory)"
+            "long, 2 = out of memory, 3 = a gradient buffer missing)"
         )
 
 
@@ -90,7 +90,7 @@ class _NativeEpilogue(torch.autograd.Function):
         rows, dv = h.numel() // d, GY.numel() // h.numel()
         # Write-only without a read: ∂X is G itself, no kernel write needed.
         direct = not delta and C is None
-        gX = torch.empty_like(GY) if need_X and not direct else None
+        gX = None if direct else torch.empty_like(GY)  # written whenever it is not G itself
         gh, gz, gp = torch.empty_like(h), torch.empty_like(rho), torch.empty_like(e)
         gC = torch.empty_like(C) if C is not None and need_C else None
         _call(
@@ -99,9 +99,9 @@ class _NativeEpilogue(torch.autograd.Function):
             int(delta), int(official), float(scale), _ptr(gX), _ptr(gh), _ptr(gz), _ptr(gp),
             _ptr(gC),
         )  # fmt: skip
-        if direct and need_X:
+        if direct:
             gX = GY
-        return gX, gh, gz, gp, gC, None, None, None, None
+        return (gX if need_X else None), gh, gz, gp, gC, None, None, None, None
 
 
 def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale, k_eps):

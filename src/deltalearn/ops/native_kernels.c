@@ -37,6 +37,9 @@ static int FN(thread_count)(int64_t work, int threads) {
 
 /* Each kernel's per-row work takes dv as an argument and is inlined into one loop per common dv
  * (1, 2, 4, 8) with dv a constant there, so the value-axis loops unroll and vectorise. */
+#ifdef GENERIC_DV  /* the double build (tests, gradcheck): one loop, compiled in a third the time */
+#define FOR_DV(dv, LOOP) LOOP(dv);
+#else
 #define FOR_DV(dv, LOOP)              \
     switch (dv) {                     \
         case 1: LOOP(1); break;       \
@@ -45,6 +48,7 @@ static int FN(thread_count)(int64_t work, int threads) {
         case 8: LOOP(8); break;       \
         default: LOOP(dv); break;     \
     }
+#endif
 
 /* Forward of the rewrite epilogue for one row of width d with dv value channels (dv = 1 is a
  * vector state):
@@ -125,17 +129,18 @@ INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *R
                                       const REAL *RESTRICT C, const REAL *RESTRICT y, const REAL *RESTRICT x,
                                       const REAL *RESTRICT hn, REAL rho, REAL beta, const REAL *RESTRICT e,
                                       const REAL *RESTRICT vn, int official, double scale, REAL *RESTRICT gx,
-                                      REAL *RESTRICT ghn, REAL *RESTRICT gzn, REAL *RESTRICT gpn, REAL *RESTRICT gC_partial) {
+                                      REAL *RESTRICT ghn, REAL *RESTRICT gzn, REAL *RESTRICT gpn, REAL *RESTRICT gC_partial,
+                                      const int delta, const int has_gn, const int has_gx) {
     REAL s[MAX_DV];
     for (int64_t j = 0; j < dv; j++) s[j] = 0;
     for (int64_t i = 0; i < d; i++) {
         const REAL k = rho * hn[i];
         for (int64_t j = 0; j < dv; j++) {
-            const REAL g = gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
+            const REAL g = has_gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
             s[j] += k * g;
         }
     }
-    if (gC_partial)
+    if (has_gn && gC_partial)
         for (int64_t i = 0; i < d; i++)
             for (int64_t j = 0; j < dv; j++) gC_partial[i * dv + j] += gn[i] * y[i * dv + j];
     REAL t = 0;
@@ -143,10 +148,10 @@ INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *R
         const REAL k = rho * hn[i];
         REAL gk = 0;
         for (int64_t j = 0; j < dv; j++) {
-            const REAL g = gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
+            const REAL g = has_gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
             gk += g * e[j];
-            if (x) gk -= x[i * dv + j] * s[j];
-            if (gx) gx[i * dv + j] = x ? g - beta * k * s[j] : g;
+            if (delta) gk -= x[i * dv + j] * s[j];
+            if (has_gx) gx[i * dv + j] = delta ? g - beta * k * s[j] : g;
         }
         gk *= beta;
         ghn[i] = gk;
@@ -161,6 +166,23 @@ INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *R
         gpn[j] = gv;
     }
     *gzn = gb * beta * (1 - beta / 2);
+}
+
+/* The row above with its flags as constants (each combination its own loops). dX is written
+ * unless it is G itself (write-only without a read), where the caller passes NULL. */
+INLINE void FN(epilogue_backward_flags)(int64_t d, const int64_t dv, const REAL *gy, const REAL *gn,
+                                        const REAL *C, const REAL *y, const REAL *x, const REAL *hn,
+                                        REAL rho, REAL beta, const REAL *e, const REAL *vn,
+                                        int official, double scale, REAL *gx, REAL *ghn, REAL *gzn,
+                                        REAL *gpn, REAL *gC_partial) {
+#define EPILOGUE_BACKWARD_ROW(DELTA, HAS_GN, HAS_GX)                                            \
+    FN(epilogue_backward_row)(d, dv, gy, gn, C, y, x, hn, rho, beta, e, vn, official, scale, gx, \
+                              ghn, gzn, gpn, gC_partial, DELTA, HAS_GN, HAS_GX)
+    if (x)
+        gn ? EPILOGUE_BACKWARD_ROW(1, 1, 1) : EPILOGUE_BACKWARD_ROW(1, 0, 1);
+    else
+        gn ? EPILOGUE_BACKWARD_ROW(0, 1, 1) : EPILOGUE_BACKWARD_ROW(0, 0, 0);
+#undef EPILOGUE_BACKWARD_ROW
 }
 
 /* Sum the per-thread partial sums of a weight gradient, in thread order. */
@@ -185,6 +207,7 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
                           const REAL *v_in, int delta, int official, double scale, REAL *gX,
                           REAL *gh, REAL *gz, REAL *gp, REAL *gC, int threads) {
     if (dv > MAX_DV) return 1;
+    if ((delta || g_next) && !gX) return 3;
     const int nt = FN(thread_count)(N * d * dv, threads);
     REAL *partial = NULL;
     if (gC && g_next) {
@@ -195,7 +218,7 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
     _Pragma("omp parallel num_threads(nt)") {                                                  \
         REAL *mine = partial ? partial + (int64_t)FN(thread_id)() * d * dv : NULL;             \
         _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++)                    \
-            FN(epilogue_backward_row)(d, DV, GY + n * d * dv, g_next ? g_next + n * d : NULL, C, \
+            FN(epilogue_backward_flags)(d, DV, GY + n * d * dv, g_next ? g_next + n * d : NULL, C, \
                                       Y ? Y + n * d * dv : NULL,                               \
                                       delta ? X + n * d * dv : NULL, h + n * d, rho_in[n],     \
                                       beta_in[n], e_in + n * dv, v_in + n * dv, official,      \
