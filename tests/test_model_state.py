@@ -39,6 +39,23 @@ def test_channel_compressor_starts_as_the_average():
     torch.testing.assert_close(ChannelCompressor(6, 4)(X), X.mean(-1))
 
 
+def test_channel_compressor_reuses_its_fold_in_inference_until_a_parameter_changes():
+    """Decoding folds the mixing matrix once per block and token: under no_grad the fold is reused
+    while neither parameter changed; an in-place update (an optimizer step) or a training-mode
+    call folds again."""
+    cc = ChannelCompressor(6, 4, 3)
+    with torch.no_grad():
+        cc.weight.normal_()
+        first = cc.mixing_matrix()
+        assert cc.mixing_matrix() is first
+        cc.read.mul_(2.0)  # in place: _version moves
+        second = cc.mixing_matrix()
+    torch.testing.assert_close(second, 2 * first)
+    trained = cc.mixing_matrix()  # grad enabled: a fresh fold that autograd can follow
+    assert trained.requires_grad and trained is not second
+    torch.testing.assert_close(trained, second)
+
+
 def test_channel_compressor_rejects_a_kernel_longer_than_dv():
     with pytest.raises(ValueError, match=r"kernel_size of the channel compressor must lie in"):
         ChannelCompressor(6, 4, 5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deltalearn.nn import TokenCompressor
-from deltalearn.ops import backend
+from deltalearn.ops import _shapes, backend
 from deltalearn.ops import token_mixing as token_mix_module
 from deltalearn.ops.token_mixing import token_mix, token_mix_reference
 
@@ -17,6 +17,7 @@ def _pytorch_functions(monkeypatch):
     """These tests hold the PyTorch Functions (the fallback) to the reference; on CPU the default
     path is the C kernels, tested in test_ops_native.py."""
     monkeypatch.setattr(backend, "BACKEND", "torch")
+    monkeypatch.setattr(_shapes, "SMALL_STATE", 0)  # the Function even on these small states
 
 
 # (past, new tokens, kernel size): no history, a full history, more history than the kernel

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltalearn.ops._shapes import is_small_state, no_autocast, promote_float
+from deltalearn.ops._shapes import no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
-from deltalearn.ops.token_mixing import token_mix, token_mix_reference
+from deltalearn.ops.token_mixing import token_mix
 
 
 def repeat_expansion(x: torch.Tensor, value_channels: int) -> torch.Tensor:
@@ -139,6 +139,7 @@ class ChannelCompressor(nn.Module):
         self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
+        self._fold_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -159,10 +160,19 @@ class ChannelCompressor(nn.Module):
         # read vector. Four small ops, not the twenty of an index-and-einsum fold, which counts in
         # one-token decoding (the fold runs at every sublayer).
         w = self.weight
+        # Inference (cached decoding folds once per block and token): reuse the last fold while
+        # neither parameter has changed — an in-place update bumps `_version`, a move `data_ptr`.
+        key = None
+        if not torch.is_grad_enabled():
+            key = (w.data_ptr(), w._version, self.read.data_ptr(), self.read._version)
+            if self._fold_cache is not None and self._fold_cache[0] == key:
+                return self._fold_cache[1]
         padded = F.pad(self.read.to(w.dtype), (K - 1 - p, p))  # (dv + K − 1,)
         R = padded.unfold(0, dv, 1).flip(0)  # (K, dv): row t is read shifted by t − p
         with no_autocast(w):  # autocast would fold the weights in bf16
-            return w @ R
+            C = w @ R
+        self._fold_cache = None if key is None else (key, C)
+        return C
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if X.shape[-2:] != (self.dim, self.value_channels):
@@ -217,8 +227,7 @@ class TokenCompressor(_TokenConv):
             past = 0 if history is None else K - 1
             # Each tap read in place on the state as it lies (token-major): no d·dv-wide conv
             # output, no transposes, no zero-filled gradient per tap (ops/token_mixing.py).
-            read = token_mix_reference if is_small_state(xs) else token_mix
-            x_in = read(xs, w, past)
+            x_in = token_mix(xs, w, past)
             new_history = xs[:, max(xs.shape[1] - (K - 1), 0) :]
             if new_history.shape[1] < K - 1:  # fewer inputs than K − 1 so far: pad with zeros
                 new_history = F.pad(new_history, (0, 0, 0, 0, K - 1 - new_history.shape[1], 0))

@@ -49,10 +49,12 @@ def backend() -> str:
     return choice
 
 
-def use_triton(tensors: list[torch.Tensor]) -> bool:
+def use_triton(tensors: list[torch.Tensor], choice: str | None = None) -> bool:
     """Whether an op on `tensors` runs its Triton kernel: forced, or CUDA tensors in a kernel dtype
-    on one device, outside `torch.compile` (Inductor fuses the PyTorch composition itself)."""
-    choice = backend()
+    on one device, outside `torch.compile` (Inductor fuses the PyTorch composition itself).
+    `choice`: `backend()` when the caller has it already (reading the environment costs ~1.5 µs,
+    which counts in one-token decoding)."""
+    choice = backend() if choice is None else choice
     if choice in ("torch", "reference"):
         return False
     if choice == "triton":
@@ -67,17 +69,21 @@ def use_triton(tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def use_native(tensors: list[torch.Tensor]) -> bool:
+def use_native(tensors: list[torch.Tensor], choice: str | None = None) -> bool:
     """Whether an op on `tensors` runs its C kernel: plain CPU tensors of one dtype in
     `NATIVE_DTYPES`, outside `torch.compile` and functorch transforms, with the backend "auto" (and
-    the kernels built) or "native" (NativeBuildError where they cannot be built)."""
+    the kernels built) or "native" (NativeBuildError where they cannot be built). `choice` as in
+    `use_triton`."""
     if torch.compiler.is_compiling():  # first: nothing below is traceable
         return False
-    choice = backend()
+    choice = backend() if choice is None else choice
     if choice not in ("auto", "native"):
         return False
     dtype = tensors[0].dtype
-    if dtype not in NATIVE_DTYPES or not all(_plain_cpu(t) and t.dtype == dtype for t in tensors):
+    if dtype not in NATIVE_DTYPES or not all(_plain_cpu(t, dtype) for t in tensors):
+        return False
+    # Inside vmap/grad transforms tensors are wrappers with no data a C kernel could read.
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     from deltalearn.ops import native_build
 
@@ -87,11 +93,7 @@ def use_native(tensors: list[torch.Tensor]) -> bool:
     return native_build.library() is not None
 
 
-def _plain_cpu(t: torch.Tensor) -> bool:
-    # A subclass (FakeTensor, a tensor parallel wrapper) or a functorch-wrapped tensor has no data
-    # a C kernel could read; nn.Parameter is a plain tensor.
-    return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.device.type == "cpu"
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
+def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    # A subclass (FakeTensor, a tensor parallel wrapper) has no data a C kernel could read;
+    # nn.Parameter is a plain tensor.
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu and t.dtype == dtype

@@ -149,12 +149,12 @@ def epilogue_generators(
 
 
 def _compose(
-    X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool
+    X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool, choice=None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_options(rule, value_head, k_eps)
     matrix = check_epilogue_inputs(X, h, z, p, compress)
     operands = [X, h, z, p] + ([compress] if compress is not None else [])
-    if not reference and native.fits(X, matrix) and backend.use_native(operands):
+    if not reference and native.fits(X, matrix) and backend.use_native(operands, choice):
         return native.rewrite_epilogue_native(
             X, h, z, p, compress, rule, value_head, value_scale, k_eps
         )
@@ -240,7 +240,8 @@ def rewrite_epilogue(
         >>> Y = rewrite_epilogue(X, h, torch.zeros(2, 8), torch.randn(2, 8, 4))  # β = 1
     """
     tensors = [X, h, z, p] + ([compress] if compress is not None else [])
-    if not backend.use_triton(tensors):
+    choice = backend.backend()
+    if not backend.use_triton(tensors, choice):
         return _compose(  # reference=True: the fast paths switched off by the backend choice
             X,
             h,
@@ -251,7 +252,8 @@ def rewrite_epilogue(
             value_scale=value_scale,
             k_eps=k_eps,
             compress=compress,
-            reference=backend.backend() == "reference",
+            reference=choice == "reference",
+            choice=choice,
         )
     _check_options(rule, value_head, k_eps)
     check_epilogue_inputs(X, h, z, p, compress)

@@ -88,16 +88,15 @@ def channel_mix(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     Returns:
         `(..., d)` in the promoted dtype of X and C.
     """
-    if backend.backend() == "reference":
+    choice = backend.backend()
+    if choice == "reference":
         return channel_mix_reference(X, C)
     _check(X, C)
-    if native.fits(X) and backend.use_native(
-        [X, C]
-    ):  # CPU: every value channel of a row in one loop
+    if native.fits(X) and backend.use_native([X, C], choice):  # CPU: a row's channels in one loop
         return native.value_read_native(X, C)
     if is_small_state(X):  # e.g. one decoded token: two ops
         return channel_mix_reference(X, C)
-    if backend.use_triton([X, C]):  # a GPU: one kernel, not a strided op per value channel
+    if backend.use_triton([X, C], choice):  # a GPU: one kernel, not a strided op per value channel
         from deltalearn.ops.triton_mixing import value_read_triton
 
         return value_read_triton(X, C)

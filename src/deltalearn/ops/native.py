@@ -31,8 +31,15 @@ def fits(X: torch.Tensor, matrix: bool = True) -> bool:
     return not matrix or X.shape[-1] <= MAX_VALUE_CHANNELS
 
 
+_KERNELS: dict[tuple[str, torch.dtype], Any] = {}
+
+
 def _kernel(name: str, dtype: torch.dtype):
-    return getattr(library(), f"{name}_{SUFFIXES[str(dtype).removeprefix('torch.')]}")
+    fn = _KERNELS.get((name, dtype))
+    if fn is None:
+        suffix = SUFFIXES[str(dtype).removeprefix("torch.")]
+        fn = _KERNELS[name, dtype] = getattr(library(), f"{name}_{suffix}")
+    return fn
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -48,15 +55,20 @@ def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
         )
 
 
-def _epilogue_forward(X, h, z, p, C, delta: bool, official: bool, scale: float, eps: float):
-    """Run the forward kernel on contiguous inputs; return (Y, x_next or None, rho, beta, e, v)."""
+def _epilogue_forward(
+    X, h, z, p, C, delta: bool, official: bool, scale: float, eps: float, saved: bool = True
+):
+    """Run the forward kernel on contiguous inputs; return (Y, x_next or None, rho, beta, e, v),
+    the last four (what backward needs) None unless `saved`."""
     d = h.shape[-1]
     rows = h.numel() // d
     dv = X.numel() // h.numel()
     Y = torch.empty_like(X)
     x_next = torch.empty_like(h) if C is not None else None
-    rho, beta = torch.empty_like(z), torch.empty_like(z)
-    e, v = torch.empty_like(p), torch.empty_like(p)
+    rho = beta = e = v = None
+    if saved:
+        rho, beta = torch.empty_like(z), torch.empty_like(z)
+        e, v = torch.empty_like(p), torch.empty_like(p)
     _call(
         "epilogue_forward", X.dtype, rows, d, dv, _ptr(X), _ptr(h), _ptr(z), _ptr(p), _ptr(C),
         int(delta), int(official), float(scale), float(eps),
@@ -113,51 +125,54 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _NativeEpilogue.apply(X, h, z, p, C, rule, value_head, value_scale, k_eps)
     delta, official = rule == "delta", value_head == "official"
-    Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps)
+    Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps, False)
     return Y if C is None else (Y, x_next)
 
 
-def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, d, dv) states and (K, d, dv) taps: a channel read (W (d, dv)) is one tap over every
-    row as one sequence."""
+def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(states, taps, B, S): states `(B, S, d, dv)` in memory, taps `(K, d, dv)`. A channel read
+    (W `(d, dv)`) is one tap over every row as one sequence."""
     if W.dim() == 2:
-        return xs.reshape(1, -1, *W.shape).contiguous(), W.unsqueeze(0).contiguous()
-    return xs.contiguous(), W.permute(2, 0, 1).contiguous()
+        xs = xs.contiguous()
+        return xs, W.contiguous(), 1, xs.numel() // W.numel()
+    return xs.contiguous(), W.permute(2, 0, 1).contiguous(), xs.shape[0], xs.shape[1]
 
 
-def _read_forward(xs4: torch.Tensor, taps: torch.Tensor, past: int) -> torch.Tensor:
-    B, S, d, dv = xs4.shape
-    out = torch.empty((B, S - past, d), dtype=xs4.dtype)
-    _call("read_forward", xs4.dtype, B, S, past, d, dv, taps.shape[0], _ptr(xs4), _ptr(taps),
-          _ptr(out))  # fmt: skip
+def _read_forward(xs, taps, B: int, S: int, past: int, out_shape) -> torch.Tensor:
+    K, d, dv = (1, *taps.shape) if taps.dim() == 2 else taps.shape
+    out = torch.empty(out_shape, dtype=xs.dtype)
+    _call("read_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
     return out
+
+
+def _read_shape(xs: torch.Tensor, W: torch.Tensor, past: int) -> tuple[int, ...]:
+    if W.dim() == 2:
+        return tuple(xs.shape[:-1])
+    return (xs.shape[0], xs.shape[1] - past, xs.shape[2])
 
 
 class _NativeRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
-        xs4, taps = _as_read(xs, W)
-        out = _read_forward(xs4, taps, past)
-        ctx.save_for_backward(xs4, taps)
-        ctx.past, ctx.shapes = past, (xs.shape, W.shape)
-        return out.reshape(xs.shape[:-1]) if W.dim() == 2 else out
+        states, taps, B, S = _as_read(xs, W)
+        ctx.save_for_backward(states, taps)
+        ctx.layout = (B, S, past, xs.shape, W.dim() == 2)
+        return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, G: torch.Tensor):
-        xs4, taps = ctx.saved_tensors
-        xs_shape, W_shape = ctx.shapes
+        states, taps = ctx.saved_tensors
+        B, S, past, xs_shape, channel = ctx.layout
         need_xs, need_W = ctx.needs_input_grad[:2]
-        B, S, d, dv = xs4.shape
-        gxs = torch.empty_like(xs4) if need_xs else None
+        K, d, dv = (1, *taps.shape) if channel else taps.shape
+        gxs = torch.empty_like(states) if need_xs else None
         gtaps = torch.empty_like(taps) if need_W else None
         _call(
-            "read_backward", G.dtype, B, S, ctx.past, d, dv, taps.shape[0], _ptr(xs4), _ptr(taps),
+            "read_backward", G.dtype, B, S, past, d, dv, K, _ptr(states), _ptr(taps),
             _ptr(G.contiguous()), _ptr(gxs), _ptr(gtaps),
         )  # fmt: skip
-        gW = None
-        if gtaps is not None:
-            gW = gtaps[0] if len(W_shape) == 2 else gtaps.permute(1, 2, 0)
+        gW = gtaps if gtaps is None or channel else gtaps.permute(1, 2, 0)
         return (None if gxs is None else gxs.reshape(xs_shape)), gW, None
 
 
@@ -167,6 +182,5 @@ def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
     `(B, T, d)`), inputs checked, on CPU, of one dtype in `NATIVE_DTYPES`."""
     if torch.is_grad_enabled() and (xs.requires_grad or W.requires_grad):
         return _NativeRead.apply(xs, W, past)
-    xs4, taps = _as_read(xs, W)
-    out = _read_forward(xs4, taps, past)
-    return out.reshape(xs.shape[:-1]) if W.dim() == 2 else out
+    states, taps, B, S = _as_read(xs, W)
+    return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))

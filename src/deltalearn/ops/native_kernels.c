@@ -66,9 +66,8 @@ INLINE void FN(epilogue_forward_row)(int64_t d, const int64_t dv, const REAL *RE
     REAL e[MAX_DV];
     for (int64_t j = 0; j < dv; j++) {
         const double pj = (double)pn[j];
-        const REAL v = (REAL)(official ? scale / (1.0 + exp(-pj)) : pj);
-        vn[j] = v;
-        e[j] = v;
+        e[j] = (REAL)(official ? scale / (1.0 + exp(-pj)) : pj);
+        if (vn) vn[j] = e[j];
     }
     if (delta) {
         REAL r[MAX_DV];
@@ -95,12 +94,15 @@ INLINE void FN(epilogue_forward_row)(int64_t d, const int64_t dv, const REAL *RE
             for (int64_t j = 0; j < dv; j++) y[i * dv + j] = x[i * dv + j] + a * e[j];
         }
     }
-    *rho_out = rho;
-    *beta_out = beta;
-    for (int64_t j = 0; j < dv; j++) en[j] = e[j];
+    if (rho_out) {  /* NULL when nothing will run backward (inference) */
+        *rho_out = rho;
+        *beta_out = beta;
+        for (int64_t j = 0; j < dv; j++) en[j] = e[j];
+    }
 }
 
-/* N rows: writes Y, x_next (if C), and the per-row rho, beta, e, v backward needs. */
+/* N rows: writes Y, x_next (if C), and the per-row rho, beta, e, v backward needs (unless those
+ * four are NULL). */
 int FN(epilogue_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
                          const REAL *z, const REAL *p, const REAL *C, int delta, int official,
                          double scale, double eps, REAL *Y, REAL *x_next, REAL *rho_out,
@@ -112,8 +114,9 @@ int FN(epilogue_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const 
                                                                       n++)                    \
         FN(epilogue_forward_row)(d, DV, X + n * d * dv, h + n * d, z[n], p + n * dv, C, delta, \
                                  official, scale, eps, Y + n * d * dv,                        \
-                                 x_next ? x_next + n * d : NULL, rho_out + n, beta_out + n,   \
-                                 e_out + n * dv, v_out + n * dv)
+                                 x_next ? x_next + n * d : NULL,                              \
+                                 rho_out ? rho_out + n : NULL, beta_out ? beta_out + n : NULL, \
+                                 e_out ? e_out + n * dv : NULL, v_out ? v_out + n * dv : NULL)
     FOR_DV(dv, EPILOGUE_FORWARD_LOOP)
 #undef EPILOGUE_FORWARD_LOOP
     return 0;

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from deltalearn.ops import backend, native
-from deltalearn.ops._shapes import _fmt, promote_float
+from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 from deltalearn.ops.mixing import mixing_weight_grad
 
 
@@ -116,14 +116,15 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
         `(B, T, d)` in the promoted dtype of xs and W.
     """
     _check(xs, W, past)
-    if backend.backend() == "reference":
+    choice = backend.backend()
+    if choice == "reference":
         return token_mix_reference(xs, W, past)
-    if backend.use_triton([xs, W]):  # a GPU: one kernel for every tap and value channel
+    if backend.use_triton([xs, W], choice):  # a GPU: one kernel for every tap and value channel
         from deltalearn.ops.triton_mixing import value_read_triton
 
         return value_read_triton(xs, W, past)
-    if native.fits(xs) and backend.use_native(
-        [xs, W]
-    ):  # CPU: every tap and value channel of a row in one loop
+    if native.fits(xs) and backend.use_native([xs, W], choice):  # CPU: a row's taps in one loop
         return native.value_read_native(xs, W, past)
+    if is_small_state(xs):  # e.g. one decoded token: the few ops of the plain form
+        return token_mix_reference(xs, W, past)
     return _TokenMix.apply(xs, W, past)
