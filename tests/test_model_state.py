@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from model_helpers import ALL_VARIANTS, random_ids, tiny_model
 
 from deltalearn.nn import ChannelCompressor, EmbeddingConv, TokenCompressor, repeat_expansion
+from deltalearn.nn.state import causal_conv
+from deltalearn.ops import _shapes
 
 
 @pytest.mark.parametrize("kernel", [1, 2, 3, 4])
@@ -54,6 +56,23 @@ def test_channel_compressor_reuses_its_fold_in_inference_until_a_parameter_chang
     trained = cc.mixing_matrix()  # grad enabled: a fresh fold that autograd can follow
     assert trained.requires_grad and trained is not second
     torch.testing.assert_close(trained, second)
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_causal_conv_of_a_few_tokens_equals_the_grouped_conv(monkeypatch, history):
+    """Small inputs (one decoded token) take a product over the token window instead of oneDNN's
+    grouped conv: the same values and gradients."""
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    weight = torch.randn(5 * 4, 1, 3, requires_grad=True)
+    past = torch.randn(2, 2, 5) if history else None
+    results = []
+    for small in (1 << 30, 0):
+        monkeypatch.setattr(_shapes, "SMALL_STATE", small)
+        y, new_history = causal_conv(x, weight, past)
+        grads = torch.autograd.grad((y * torch.arange(y.numel()).view_as(y)).sum(), [x, weight])
+        results.append((y, new_history, *grads))
+    for few, conv in zip(*results, strict=True):
+        torch.testing.assert_close(few, conv)
 
 
 def test_channel_compressor_rejects_a_kernel_longer_than_dv():

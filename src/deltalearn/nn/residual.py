@@ -27,8 +27,14 @@ from deltalearn.nn.choices import (
 )
 from deltalearn.nn.generators import GateHead, ValueHead, direction, gate_and_value
 from deltalearn.nn.state import ChannelCompressor
-from deltalearn.ops import channel_mix, delta_rewrite_reference, write_only_reference
-from deltalearn.ops._shapes import no_autocast
+from deltalearn.ops import (
+    backend,
+    channel_mix,
+    delta_rewrite_reference,
+    native,
+    write_only_reference,
+)
+from deltalearn.ops._shapes import autocast_on, no_autocast
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
 
 
@@ -109,6 +115,13 @@ class DeltaUpdate(nn.Module):
         if not self.fused:
             out = self._forward_reference(X, h, c, u, vector)
             return out if compress is None else (out, channel_mix(out, compress))
+        weights = self._inference_kernel_weights(X, h, c, u, compress, vector)
+        if weights is not None:
+            value = self._modules["value"]
+            return native.update_inference(
+                X, h, c, u, *weights, compress, self.rule, value.kind, value.sigmoid_scale,
+                self.k_eps,
+            )  # fmt: skip
         z, p = gate_and_value(self.gate, self.value, c, u)  # (...) fp32, (..., dv)
         if vector:
             p = p.squeeze(-1)
@@ -124,6 +137,33 @@ class DeltaUpdate(nn.Module):
                 )
             self.last_record = _record(X, k, beta, v)
         return out
+
+    def _inference_kernel_weights(self, X, h, c, u, compress, vector: bool) -> list | None:
+        """`[w_gate, b_gate, W_value, b_value]` where the whole update runs as one C kernel
+        (`ops.native.update_inference`), else None: inference (no autograd, no record) with the
+        linear gate on CPU tensors of one fp32 or float64 dtype. Decoding one token at a time is
+        bound by host work: a dozen dispatched ops per update otherwise. (The weights are read
+        from the module dicts directly: `self.gate.out.weight` costs ~2 µs through
+        `nn.Module.__getattr__`.) Shapes that do not fit go the general way, which names what is
+        wrong."""
+        if torch.is_grad_enabled() or self.record:
+            return None
+        gate = self._modules["gate"]
+        if gate.hidden is not None or autocast_on(X.device.type):
+            return None
+        dv = self.value_channels
+        state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)
+        if not (state_fits and c.shape == h.shape and u.shape == h.shape and native.fits(X)):
+            return None
+        if compress is not None and (vector or compress.shape != (h.shape[-1], dv)):
+            return None
+        gate_out = gate._modules["out"]._parameters
+        value = self._modules["value"]._modules["proj"]._parameters
+        weights = [gate_out["weight"], gate_out["bias"], value["weight"], value["bias"]]
+        if weights[0].shape[-1] != h.shape[-1]:
+            return None
+        operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
+        return weights if backend.use_native(operands) else None
 
     def _forward_reference(
         self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor, vector: bool

@@ -22,10 +22,13 @@ in bf16, and the EC variants would carry a bf16 state while every other variant 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltalearn.ops import _shapes
 from deltalearn.ops._shapes import no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.token_mixing import token_mix
@@ -63,9 +66,18 @@ def causal_conv(
         raise ValueError(f"history must have shape {(B, K - 1, C)}, got {tuple(history.shape)}")
     with no_autocast(x):
         xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
+        new_history = xs[:, xs.shape[1] - (K - 1) :]
+        if B * T * weight.shape[0] <= _shapes.SMALL_STATE:
+            # E.g. one decoded token: oneDNN's grouped conv costs ~170 µs on a (1, 512, 4) input
+            # here; the same sums as a product over the K-token window cost a few µs.
+            m = weight.shape[0] // C
+            windows = xs.unfold(1, K, 1)  # (B, T, C, K)
+            taps = weight.to(dtype).view(C, m, K)
+            y = (windows.unsqueeze(-2) * taps).sum(-1)  # (B, T, C, m)
+            return y.flatten(-2), new_history
         y = F.conv1d(xs.transpose(1, 2), weight.to(dtype), groups=C)  # (B, C*m, T)
     # A token-minor view: callers that keep y as state must make it token-major (EC does).
-    return y.transpose(1, 2), xs[:, xs.shape[1] - (K - 1) :]
+    return y.transpose(1, 2), new_history
 
 
 class _TokenConv(nn.Module):
@@ -115,6 +127,27 @@ class EmbeddingConv(_TokenConv):
         return self.forward_cached(e)[0]
 
 
+def _fold_once_in_inference(
+    module: nn.Module, params: tuple[torch.Tensor, ...], fold: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """`fold()` (a compressor's folded weights); in inference the last fold again while none of
+    `params` changed — an in-place update bumps `_version`, a move changes `data_ptr`. Decoding
+    folds once per block and token otherwise."""
+    if torch.compiler.is_compiling():  # a compiled graph folds inside its own kernels
+        return fold()
+    if torch.is_grad_enabled():
+        if module._fold_cache is not None:
+            module._fold_cache = None  # training moves the weights: no stale fold kept alive
+        return fold()
+    key = tuple((t.data_ptr(), t._version) for t in params)
+    cached = module._fold_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    folded = fold()
+    module._fold_cache = (key, folded)
+    return folded
+
+
 class ChannelCompressor(nn.Module):
     """CC: per-feature mixing of the current token's dv values, `x_in_i = Σ_j c_ij X_ij`.
 
@@ -139,7 +172,7 @@ class ChannelCompressor(nn.Module):
         self.dim, self.value_channels, self.kernel_size = dim, value_channels, kernel_size
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
-        self._fold_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,19 +193,14 @@ class ChannelCompressor(nn.Module):
         # read vector. Four small ops, not the twenty of an index-and-einsum fold, which counts in
         # one-token decoding (the fold runs at every sublayer).
         w = self.weight
-        # Inference (cached decoding folds once per block and token): reuse the last fold while
-        # neither parameter has changed — an in-place update bumps `_version`, a move `data_ptr`.
-        key = None
-        if not torch.is_grad_enabled():
-            key = (w.data_ptr(), w._version, self.read.data_ptr(), self.read._version)
-            if self._fold_cache is not None and self._fold_cache[0] == key:
-                return self._fold_cache[1]
-        padded = F.pad(self.read.to(w.dtype), (K - 1 - p, p))  # (dv + K − 1,)
-        R = padded.unfold(0, dv, 1).flip(0)  # (K, dv): row t is read shifted by t − p
-        with no_autocast(w):  # autocast would fold the weights in bf16
-            C = w @ R
-        self._fold_cache = None if key is None else (key, C)
-        return C
+
+        def fold() -> torch.Tensor:
+            padded = F.pad(self.read.to(w.dtype), (K - 1 - p, p))  # (dv + K − 1,)
+            R = padded.unfold(0, dv, 1).flip(0)  # (K, dv): row t is read shifted by t − p
+            with no_autocast(w):  # autocast would fold the weights in bf16
+                return w @ R
+
+        return _fold_once_in_inference(self, (w, self.read), fold)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if X.shape[-2:] != (self.dim, self.value_channels):
@@ -195,6 +223,7 @@ class TokenCompressor(_TokenConv):
         super().__init__(dim, value_channels, kernel_size)
         self.weight = nn.Parameter(torch.empty(dim, value_channels, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
+        self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,7 +249,9 @@ class TokenCompressor(_TokenConv):
             )
         with no_autocast(X):
             # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
-            w = self.weight * self.read[:, None]  # (d, dv, K)
+            w = _fold_once_in_inference(  # (d, dv, K)
+                self, (self.weight, self.read), lambda: self.weight * self.read[:, None]
+            )
             # Past inputs before X: the cached history, or the zero left padding of a fresh
             # sequence (then simply not read).
             xs = X if history is None else torch.cat([history.to(X.dtype), X], dim=1)

@@ -129,6 +129,28 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
     return Y if C is None else (Y, x_next)
 
 
+def update_inference(
+    X, h, c, u, w_gate, b_gate, W_value, b_value, compress, rule, value_head, value_scale, k_eps
+):
+    """A DDL sublayer's whole update without autograd, from its inputs: the linear gate's logit
+    `c·w_g + b_g`, the value head's pre-activation `W_v x (+ b_v)` (x = c for the paper head, u for
+    the official one) and `rewrite_epilogue`, in one kernel call — the same numbers as
+    `gate_and_value` then `rewrite_epilogue` up to summation order. Y, or `(Y, x_next)` with
+    `compress`. Operands on CPU, of one dtype in `NATIVE_DTYPES`, shapes checked by the caller."""
+    X, h, c, u = X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous()
+    C = None if compress is None else compress.contiguous()
+    d = h.shape[-1]
+    Y = torch.empty_like(X)
+    x_next = torch.empty_like(h) if C is not None else None
+    _call(
+        "update_forward", X.dtype, h.numel() // d, d, W_value.shape[0], _ptr(X), _ptr(h), _ptr(c),
+        _ptr(u), _ptr(w_gate.contiguous()), _ptr(b_gate), _ptr(W_value.contiguous()),
+        _ptr(b_value), _ptr(C), int(rule == "delta"), int(value_head == "official"),
+        float(value_scale), float(k_eps), _ptr(Y), _ptr(x_next),
+    )  # fmt: skip
+    return Y if C is None else (Y, x_next)
+
+
 def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(states, taps, B, S): states `(B, S, d, dv)` in memory, taps `(K, d, dv)`. A channel read
     (W `(d, dv)`) is one tap over every row as one sequence."""

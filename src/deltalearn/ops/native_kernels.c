@@ -122,6 +122,37 @@ int FN(epilogue_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const 
     return 0;
 }
 
+/* A whole DDL update for inference (no backward), from the sublayer's inputs: the linear gate's
+ * logit z = w_g . c + b_g and the value head's pre-activation p = W_v x (+ b_v), x = c ("paper")
+ * or u ("official"), then the epilogue row above. One call per sublayer instead of a dozen
+ * dispatched ops: what decoding one token at a time is bound by. W_v is (dv, d) row-major. */
+int FN(update_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
+                       const REAL *c, const REAL *u, const REAL *w_gate, const REAL *b_gate,
+                       const REAL *W_value, const REAL *b_value, const REAL *C, int delta,
+                       int official, double scale, double eps, REAL *Y, REAL *x_next,
+                       int threads) {
+    if (dv > MAX_DV) return 1;
+    const int nt = FN(thread_count)(N * d * dv, threads);
+#define UPDATE_FORWARD_LOOP(DV)                                                                 \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t n = 0; n < N;     \
+                                                                      n++) {                    \
+        const REAL *cn = c + n * d, *xin = official ? u + n * d : c + n * d;                    \
+        REAL z = b_gate[0], p[MAX_DV];                                                          \
+        for (int64_t i = 0; i < d; i++) z += w_gate[i] * cn[i];                                 \
+        for (int64_t j = 0; j < DV; j++) {                                                      \
+            REAL acc = b_value ? b_value[j] : 0;                                                \
+            for (int64_t i = 0; i < d; i++) acc += W_value[j * d + i] * xin[i];                 \
+            p[j] = acc;                                                                         \
+        }                                                                                       \
+        FN(epilogue_forward_row)(d, DV, X + n * d * dv, h + n * d, z, p, C, delta, official,   \
+                                 scale, eps, Y + n * d * dv, x_next ? x_next + n * d : NULL,  \
+                                 NULL, NULL, NULL, NULL);                                       \
+    }
+    FOR_DV(dv, UPDATE_FORWARD_LOOP)
+#undef UPDATE_FORWARD_LOOP
+    return 0;
+}
+
 /* Backward of the rewrite epilogue for one row. GY = dL/dY; with C, gn = dL/dx_next and y (the
  * forward's output) for dL/dC. The gradient reaching Y is G = GY + C * gn (never stored). Then
  *   s = k^T G,  dX = G - beta k s^T (delta) or G,  dk = beta (G e - [delta] X s),
