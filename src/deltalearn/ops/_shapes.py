@@ -31,7 +31,7 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     fp32 operands; the rewrite's reductions must accumulate in fp32 under autocast too.
     """
     device_type = t.device.type
-    if has_autocast(device_type):
+    if autocast_on(device_type):  # off already: no context object (~4 µs, per decoded token)
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
