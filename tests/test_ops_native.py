@@ -16,6 +16,8 @@ import pytest
 import torch
 from model_helpers import random_ids, tiny_model
 
+from deltalearn.nn.state import causal_conv
+from deltalearn.ops import _shapes as shapes
 from deltalearn.ops import (
     backend,
     channel_mix,
@@ -187,6 +189,39 @@ def test_reads_float64_gradcheck(kernel_calls):
     C = torch.randn(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(channel_mix, [xs, C])
     assert kernel_calls.count("read_backward") >= 2
+
+
+def _expansion(x, weight, history, backend_choice, monkeypatch):
+    monkeypatch.setattr(backend, "BACKEND", backend_choice)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, history)]
+    y, _ = causal_conv(*leaves)
+    gen = torch.Generator().manual_seed(5)
+    return (y, *torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=gen)))
+
+
+@pytest.mark.parametrize("dv", [1, 4, 5])
+def test_embedding_expansion_equals_the_grouped_conv(kernel_calls, monkeypatch, dv):
+    """EC's causal conv from d features to d·dv channels: values, ∂x, ∂weight and ∂history."""
+    gen = torch.Generator().manual_seed(6)
+    x, history = torch.randn(2, 9, 23, generator=gen), torch.randn(2, 3, 23, generator=gen)
+    weight = torch.randn(23 * dv, 1, 4, generator=gen)
+    monkeypatch.setattr(shapes, "SMALL_STATE", 0)  # not the few-token form
+    ours = _expansion(x, weight, history, "native", monkeypatch)
+    conv = _expansion(x, weight, history, "torch", monkeypatch)
+    for actual, expected in zip(ours, conv, strict=True):
+        _close(actual, expected, torch.float32)
+    assert kernel_calls == ["expand_forward", "expand_backward"]
+
+
+def test_embedding_expansion_float64_gradcheck(kernel_calls, monkeypatch):
+    monkeypatch.setattr(shapes, "SMALL_STATE", 0)
+    gen = torch.Generator().manual_seed(7)
+    leaves = [
+        torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+        for shape in ((2, 5, 3), (3 * 2, 1, 3), (2, 2, 3))
+    ]
+    assert torch.autograd.gradcheck(lambda *a: causal_conv(*a)[0], leaves)
+    assert "expand_backward" in kernel_calls
 
 
 def test_several_threads_give_the_one_thread_result(kernel_calls):

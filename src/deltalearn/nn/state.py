@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltalearn.ops import _shapes
+from deltalearn.ops import _shapes, backend, native
 from deltalearn.ops._shapes import no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.token_mixing import token_mix
@@ -75,7 +75,11 @@ def causal_conv(
             taps = weight.to(dtype).view(C, m, K)
             y = (windows.unsqueeze(-2) * taps).sum(-1)  # (B, T, C, m)
             return y.flatten(-2), new_history
-        y = F.conv1d(xs.transpose(1, 2), weight.to(dtype), groups=C)  # (B, C*m, T)
+        w = weight.to(dtype)
+        if backend.use_native([xs, w]):
+            # CPU: the C kernel writes the expanded state token-major, in one pass per token.
+            return native.expand_native(xs, w, K - 1).flatten(-2), new_history
+        y = F.conv1d(xs.transpose(1, 2), w, groups=C)  # (B, C*m, T)
     # A token-minor view: callers that keep y as state must make it token-major (EC does).
     return y.transpose(1, 2), new_history
 

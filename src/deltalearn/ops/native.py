@@ -206,3 +206,41 @@ def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
         return _NativeRead.apply(xs, W, past)
     states, taps, B, S = _as_read(xs, W)
     return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))
+
+
+class _NativeExpand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, xs: torch.Tensor, weight: torch.Tensor, past: int) -> torch.Tensor:
+        B, S, d = xs.shape
+        K = weight.shape[-1]
+        dv = weight.shape[0] // d
+        xs = xs.contiguous()
+        taps = weight.reshape(d, dv, K).permute(2, 0, 1).contiguous()  # (K, d, dv)
+        out = torch.empty((B, S - past, d, dv), dtype=xs.dtype)
+        _call("expand_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
+        ctx.save_for_backward(xs, taps)
+        ctx.past = past
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, G: torch.Tensor):
+        xs, taps = ctx.saved_tensors
+        need_xs, need_weight = ctx.needs_input_grad[:2]
+        (B, S, d), (K, _, dv) = xs.shape, taps.shape
+        gxs = torch.empty_like(xs) if need_xs else None
+        gtaps = torch.empty_like(taps) if need_weight else None
+        _call(
+            "expand_backward", G.dtype, B, S, ctx.past, d, dv, K, _ptr(xs), _ptr(taps),
+            _ptr(G.contiguous()), _ptr(gxs), _ptr(gtaps),
+        )  # fmt: skip
+        gweight = None if gtaps is None else gtaps.permute(1, 2, 0).reshape(d * dv, 1, K)
+        return gxs, gweight, None
+
+
+def expand_native(xs: torch.Tensor, weight: torch.Tensor, past: int) -> torch.Tensor:
+    """The EC expansion on the C kernels: `xs` `(B, past + T, d)` (`past` earlier inputs, then the
+    T new ones), `weight` `(d·dv, 1, K)` in `nn.Conv1d` layout (tap K − 1 meets the current token)
+    -> `(B, T, d, dv)`, token-major; `out[b, t, i, j] = Σ_τ w[i·dv + j, τ] xs[b, past + t − (K − 1
+    − τ), i]`. Operands on CPU, of one dtype in `NATIVE_DTYPES`."""
+    return _NativeExpand.apply(xs, weight, past)

@@ -48,6 +48,8 @@ SIGNATURES = {
     "update_forward": [_I64] * 3 + [_P] * 9 + [_INT, _INT, _DBL, _DBL] + [_P] * 2 + [_INT],
     "read_forward": [_I64] * 6 + [_P] * 3 + [_INT],
     "read_backward": [_I64] * 6 + [_P] * 5 + [_INT],
+    "expand_forward": [_I64] * 6 + [_P] * 3 + [_INT],
+    "expand_backward": [_I64] * 6 + [_P] * 5 + [_INT],
 }
 SUFFIXES = {"float32": "f32", "float64": "f64"}
 # The double build (float64: tests and gradcheck, not speed) skips the per-dv copies of each loop.

@@ -375,3 +375,99 @@ int FN(read_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv,
     }
     return 0;
 }
+
+/* The embedding expansion EC: a causal depthwise convolution over tokens from d features to d * dv
+ * channels (channel (i, j) reads feature i), written token-major:
+ *   out[b, t, i, j] = sum_tau W[tau, i, j] e[b, past + t - (K - 1 - tau), i]
+ * e (B, S, d) with S = past + T; W (K, d, dv) (tap-major); out (B, T, d, dv). */
+INLINE void FN(expand_forward_row)(int64_t S, int64_t past, int64_t d, const int64_t dv, int64_t K,
+                                   int64_t b, int64_t t, const REAL *RESTRICT e,
+                                   const REAL *RESTRICT W, REAL *RESTRICT o) {
+    const int64_t row = d * dv;
+    for (int64_t q = 0; q < row; q++) o[q] = 0;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t src = past + t - (K - 1 - tau);
+        if (src < 0) continue;
+        const REAL *x = e + (b * S + src) * d, *w = W + tau * row;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) o[i * dv + j] += w[i * dv + j] * x[i];
+    }
+}
+
+int FN(expand_forward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                       const REAL *e, const REAL *W, REAL *out, int threads) {
+    const int64_t T = S - past, row = d * dv;
+    const int nt = FN(thread_count)(B * T * row * K, threads);
+#define EXPAND_FORWARD_LOOP(DV)                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t bt = 0;          \
+                                                                      bt < B * T; bt++)        \
+        FN(expand_forward_row)(S, past, d, DV, K, bt / T, bt % T, e, W, out + bt * row)
+    FOR_DV(dv, EXPAND_FORWARD_LOOP)
+#undef EXPAND_FORWARD_LOOP
+    return 0;
+}
+
+/* de[b, s, i] = sum_tau sum_j W[tau, i, j] G[b, s - past + (K - 1 - tau), i, j]   (0 <= index < T) */
+INLINE void FN(expand_input_grad_row)(int64_t T, int64_t past, int64_t d, const int64_t dv,
+                                      int64_t K, int64_t b, int64_t s, const REAL *RESTRICT W,
+                                      const REAL *RESTRICT G, REAL *RESTRICT ge) {
+    const int64_t row = d * dv;
+    for (int64_t i = 0; i < d; i++) ge[i] = 0;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t t = s - past + (K - 1 - tau);
+        if (t < 0 || t >= T) continue;
+        const REAL *g = G + (b * T + t) * row, *w = W + tau * row;
+        for (int64_t i = 0; i < d; i++) {
+            REAL acc = 0;
+            for (int64_t j = 0; j < dv; j++) acc += w[i * dv + j] * g[i * dv + j];
+            ge[i] += acc;
+        }
+    }
+}
+
+/* dW[tau, i, j] += G[b, t, i, j] e[b, past + t - (K - 1 - tau), i] for one (b, t). */
+INLINE void FN(expand_weight_grad_row)(int64_t S, int64_t past, int64_t d, const int64_t dv,
+                                       int64_t K, int64_t b, int64_t t, const REAL *RESTRICT e,
+                                       const REAL *RESTRICT g, REAL *RESTRICT acc) {
+    const int64_t row = d * dv;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t src = past + t - (K - 1 - tau);
+        if (src < 0) continue;
+        const REAL *x = e + (b * S + src) * d;
+        REAL *a = acc + tau * row;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++) a[i * dv + j] += g[i * dv + j] * x[i];
+    }
+}
+
+/* Backward of expand_forward from G = dL/dout (B, T, d, dv); either output may be NULL. */
+int FN(expand_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                        const REAL *e, const REAL *W, const REAL *G, REAL *ge, REAL *gW,
+                        int threads) {
+    const int64_t T = S - past, row = d * dv;
+    const int nt = FN(thread_count)(B * S * row * K, threads);
+    if (ge) {
+#define EXPAND_INPUT_GRAD_LOOP(DV)                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t bs = 0;          \
+                                                                      bs < B * S; bs++)        \
+        FN(expand_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, ge + bs * d)
+        FOR_DV(dv, EXPAND_INPUT_GRAD_LOOP)
+#undef EXPAND_INPUT_GRAD_LOOP
+    }
+    if (gW) {
+        REAL *partial = (REAL *)calloc((size_t)nt * K * row, sizeof(REAL));
+        if (!partial) return 2;
+#define EXPAND_WEIGHT_GRAD_LOOP(DV)                                                            \
+    _Pragma("omp parallel num_threads(nt)") {                                                  \
+        REAL *mine = partial + (int64_t)FN(thread_id)() * K * row;                             \
+        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++)             \
+            FN(expand_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, e, G + bt * row,     \
+                                       mine);                                                  \
+    }
+        FOR_DV(dv, EXPAND_WEIGHT_GRAD_LOOP)
+#undef EXPAND_WEIGHT_GRAD_LOOP
+        FN(sum_partials)(partial, nt, K * row, gW);
+        free(partial);
+    }
+    return 0;
+}
