@@ -345,37 +345,6 @@ INLINE void FN(read_weight_grad_row)(int64_t S, int64_t past, int64_t d, const i
     }
 }
 
-/* Backward of read_forward from G = dL/dout (B, T, d); either output may be NULL. */
-int FN(read_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
-                      const REAL *xs, const REAL *W, const REAL *G, REAL *gxs, REAL *gW,
-                      int threads) {
-    const int64_t T = S - past, row = d * dv;
-    const int nt = FN(thread_count)(B * S * row * K, threads);
-    if (gxs) {
-#define READ_INPUT_GRAD_LOOP(DV)                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t bs = 0;         \
-                                                                      bs < B * S; bs++)       \
-        FN(read_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, gxs + bs * row)
-        FOR_DV(dv, READ_INPUT_GRAD_LOOP)
-#undef READ_INPUT_GRAD_LOOP
-    }
-    if (gW) {
-        REAL *partial = (REAL *)calloc((size_t)nt * K * row, sizeof(REAL));
-        if (!partial) return 2;
-#define READ_WEIGHT_GRAD_LOOP(DV)                                                              \
-    _Pragma("omp parallel num_threads(nt)") {                                                  \
-        REAL *mine = partial + (int64_t)FN(thread_id)() * K * row;                             \
-        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++)             \
-            FN(read_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, G + bt * d, mine); \
-    }
-        FOR_DV(dv, READ_WEIGHT_GRAD_LOOP)
-#undef READ_WEIGHT_GRAD_LOOP
-        FN(sum_partials)(partial, nt, K * row, gW);
-        free(partial);
-    }
-    return 0;
-}
-
 /* The embedding expansion EC: a causal depthwise convolution over tokens from d features to d * dv
  * channels (channel (i, j) reads feature i), written token-major:
  *   out[b, t, i, j] = sum_tau W[tau, i, j] e[b, past + t - (K - 1 - tau), i]
@@ -440,34 +409,57 @@ INLINE void FN(expand_weight_grad_row)(int64_t S, int64_t past, int64_t d, const
     }
 }
 
-/* Backward of expand_forward from G = dL/dout (B, T, d, dv); either output may be NULL. */
-int FN(expand_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
-                        const REAL *e, const REAL *W, const REAL *G, REAL *ge, REAL *gW,
-                        int threads) {
+/* The backward of both token convolutions, either output may be NULL: of read_forward
+ * (`expand` = 0) from G = dL/dout (B, T, d), giving dxs (B, S, d, dv); of expand_forward
+ * (`expand` = 1) from G (B, T, d, dv), giving de (B, S, d). dW (K, d, dv) either way. */
+static int FN(token_conv_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv,
+                                   int64_t K, const REAL *xs, const REAL *W, const REAL *G,
+                                   REAL *gxs, REAL *gW, int threads, int expand) {
     const int64_t T = S - past, row = d * dv;
+    const int64_t g_row = expand ? row : d;
     const int nt = FN(thread_count)(B * S * row * K, threads);
-    if (ge) {
-#define EXPAND_INPUT_GRAD_LOOP(DV)                                                             \
+    if (gxs) {
+#define INPUT_GRAD_LOOP(DV)                                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t bs = 0;          \
-                                                                      bs < B * S; bs++)        \
-        FN(expand_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, ge + bs * d)
-        FOR_DV(dv, EXPAND_INPUT_GRAD_LOOP)
-#undef EXPAND_INPUT_GRAD_LOOP
+                                                                      bs < B * S; bs++) {      \
+        if (expand)                                                                            \
+            FN(expand_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, gxs + bs * d);  \
+        else                                                                                   \
+            FN(read_input_grad_row)(T, past, d, DV, K, bs / S, bs % S, W, G, gxs + bs * row);  \
+    }
+        FOR_DV(dv, INPUT_GRAD_LOOP)
+#undef INPUT_GRAD_LOOP
     }
     if (gW) {
         REAL *partial = (REAL *)calloc((size_t)nt * K * row, sizeof(REAL));
         if (!partial) return 2;
-#define EXPAND_WEIGHT_GRAD_LOOP(DV)                                                            \
+#define WEIGHT_GRAD_LOOP(DV)                                                                   \
     _Pragma("omp parallel num_threads(nt)") {                                                  \
         REAL *mine = partial + (int64_t)FN(thread_id)() * K * row;                             \
-        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++)             \
-            FN(expand_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, e, G + bt * row,     \
-                                       mine);                                                  \
+        _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++) {           \
+            const REAL *g = G + bt * g_row;                                                    \
+            if (expand)                                                                        \
+                FN(expand_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine);    \
+            else                                                                               \
+                FN(read_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine);      \
+        }                                                                                      \
     }
-        FOR_DV(dv, EXPAND_WEIGHT_GRAD_LOOP)
-#undef EXPAND_WEIGHT_GRAD_LOOP
+        FOR_DV(dv, WEIGHT_GRAD_LOOP)
+#undef WEIGHT_GRAD_LOOP
         FN(sum_partials)(partial, nt, K * row, gW);
         free(partial);
     }
     return 0;
+}
+
+int FN(read_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                      const REAL *xs, const REAL *W, const REAL *G, REAL *gxs, REAL *gW,
+                      int threads) {
+    return FN(token_conv_backward)(B, S, past, d, dv, K, xs, W, G, gxs, gW, threads, 0);
+}
+
+int FN(expand_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                        const REAL *e, const REAL *W, const REAL *G, REAL *ge, REAL *gW,
+                        int threads) {
+    return FN(token_conv_backward)(B, S, past, d, dv, K, e, W, G, ge, gW, threads, 1);
 }
