@@ -16,6 +16,7 @@ import pytest
 import torch
 from model_helpers import random_ids, tiny_model
 
+from deltalearn.nn import DeltaUpdate
 from deltalearn.nn.state import causal_conv
 from deltalearn.ops import _shapes as shapes
 from deltalearn.ops import (
@@ -242,6 +243,51 @@ def test_several_threads_give_the_one_thread_result(kernel_calls):
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         _close(two, one, torch.float32)
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("dv", "compress"), [(1, False), (4, False), (4, True)])
+def test_inference_update_is_one_kernel_equal_to_the_general_path(
+    kernel_calls, monkeypatch, dv, rule, value_head, compress
+):
+    """Under no_grad a DeltaUpdate (gate and value projections, rewrite, read) is one kernel call
+    with the numbers of the general path (`gate_and_value`, then the PyTorch epilogue)."""
+    update = DeltaUpdate(40, dv, rule=rule, value_head=value_head)
+    with torch.no_grad():
+        for param in update.parameters():
+            param.normal_()
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(3, 5, 40, *((dv,) if dv > 1 else ()), generator=gen)
+    h, c, u = (torch.randn(3, 5, 40, generator=gen) for _ in range(3))
+    args = (X, h, c, u) + ((torch.randn(40, dv, generator=gen),) if compress else ())
+    with torch.no_grad():
+        fast = update(*args)
+        assert kernel_calls == ["update_forward"]
+        monkeypatch.setattr(backend, "BACKEND", "torch")
+        general = update(*args)
+    for actual, expected in zip(
+        fast if compress else (fast,), general if compress else (general,), strict=True
+    ):
+        _close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])
+def test_whole_model_inference_and_decoding_equal_the_pytorch_path(monkeypatch, variant):
+    ids = random_ids(2, 12)
+    model = tiny_model(variant)
+
+    def logits_and_tokens(choice):
+        monkeypatch.setattr(backend, "BACKEND", choice)
+        with torch.no_grad():
+            logits = model(ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        return logits, tokens
+
+    logits, tokens = logits_and_tokens("native")
+    logits_ref, tokens_ref = logits_and_tokens("torch")
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, tokens_ref)
 
 
 def test_cpu_fp32_takes_the_kernels_by_default(monkeypatch):

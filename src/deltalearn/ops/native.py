@@ -144,8 +144,8 @@ def update_inference(
     x_next = torch.empty_like(h) if C is not None else None
     _call(
         "update_forward", X.dtype, h.numel() // d, d, W_value.shape[0], _ptr(X), _ptr(h), _ptr(c),
-        _ptr(u), _ptr(w_gate.contiguous()), _ptr(b_gate), _ptr(W_value.contiguous()),
-        _ptr(b_value), _ptr(C), int(rule == "delta"), int(value_head == "official"),
+        _ptr(u), _ptr(w_gate.contiguous()), _ptr(b_gate.contiguous()),
+        _ptr(W_value.contiguous()), _ptr(None if b_value is None else b_value.contiguous()), _ptr(C), int(rule == "delta"), int(value_head == "official"),
         float(value_scale), float(k_eps), _ptr(Y), _ptr(x_next),
     )  # fmt: skip
     return Y if C is None else (Y, x_next)
