@@ -162,3 +162,27 @@ def test_generate_refuses_what_the_model_cannot_return():
         )
     with pytest.raises(ValueError, match="output_gate"):  # generate checks against forward's names
         model.generate(prompt, max_new_tokens=2, output_gate=True)
+
+
+def test_conv_inputs_grow_without_copying_everything_per_token():
+    """Appending one token at a time keeps every input exactly (for `crop`) while reallocating
+    only when the buffer is full (doubling: a handful of copies for 100 tokens, not 100);
+    under autograd it concatenates instead, leaving nothing written in place."""
+    cache = DeltaLMCache()
+    steps = [torch.randn(2, 1, 3, 4) for _ in range(100)]
+    buffers = set()
+    for x in steps:
+        cache.append_conv("0.attn", x, 3)
+        spare = cache._conv_spare.get("0.attn")  # none after the first input
+        buffers.add(None if spare is None else spare.data_ptr())
+    torch.testing.assert_close(cache._conv_inputs["0.attn"], torch.cat(steps, 1), rtol=0, atol=0)
+    assert len(buffers) <= 8  # no buffer, then sizes 4, 6, 10, 18, 34, 66, 130
+    torch.testing.assert_close(cache.conv_history("0.attn", 3), torch.cat(steps[-3:], 1))
+    cache._map_conv(lambda seen: seen[:, :40])  # what `crop` does to them
+    cache.append_conv("0.attn", steps[0], 3)  # after a crop: a fresh buffer, the kept inputs
+    torch.testing.assert_close(
+        cache._conv_inputs["0.attn"], torch.cat(steps[:40] + steps[:1], 1), rtol=0, atol=0
+    )
+    x = torch.randn(2, 1, 3, 4, requires_grad=True)
+    cache.append_conv("0.attn", x, 3)
+    assert "0.attn" not in cache._conv_spare and cache._conv_inputs["0.attn"].requires_grad

@@ -17,6 +17,8 @@ assisted (speculative) and prompt-lookup decoding, which crop after verifying dr
 every variant, however far back they crop. The cost is memory that grows with the sequence like the
 KV cache itself: per token, `d` values for EC and `d·dv` per TC compressor (`2L + 1` of them), so a
 TC variant holds about `dv(2L + 1)/(2L)` times the KV cache of its `L` layers (width `d`).
+Appending writes into a buffer that doubles when full (outside autograd), so a long generation copies
+each input a constant number of times rather than every input at every token.
 
 `conv` is the read-only view the old layout exposed: the last `K − 1` inputs per convolution,
 `(B, K − 1, ...)`, zero-padded on the left while fewer than `K − 1` tokens were seen.
@@ -61,6 +63,10 @@ class DeltaLMCache(ConvInputCache, DynamicCache):
 
     def __init__(self, *args, **kwargs) -> None:
         self._conv_inputs: dict[str, torch.Tensor] = {}
+        # Where `_conv_inputs[key]` is the front of a larger buffer: the buffer, filled that far.
+        # Appending one token then writes into it instead of copying every input seen (a growing
+        # `torch.cat` per convolution and token, quadratic in the sequence length).
+        self._conv_spare: dict[str, torch.Tensor] = {}
         self._conv_history_len: dict[str, int] = {}
         super().__init__(*args, **kwargs)
 
@@ -90,16 +96,34 @@ class DeltaLMCache(ConvInputCache, DynamicCache):
                 f"inputs of shape {tuple(inputs.shape)} do not extend the cached inputs of "
                 f"{key!r}, of shape {tuple(seen.shape)} (batch and feature sizes must match)"
             )
-        self._conv_inputs[key] = inputs if seen is None else torch.cat([seen, inputs.to(seen)], 1)
+        self._conv_inputs[key] = inputs if seen is None else self._extend(key, seen, inputs)
         self._conv_history_len[key] = history_len
+
+    def _extend(self, key: str, seen: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """`seen` followed by `inputs` along the token axis, in `key`'s buffer when it has room
+        (grown by doubling: amortised one copy per input). Under autograd, a plain `torch.cat`
+        (no in-place writes into tensors a graph may hold)."""
+        inputs = inputs.to(seen)
+        if torch.is_grad_enabled() and (seen.requires_grad or inputs.requires_grad):
+            self._conv_spare.pop(key, None)
+            return torch.cat([seen, inputs], 1)
+        n, t = seen.shape[1], inputs.shape[1]
+        buffer = self._conv_spare.get(key)
+        if buffer is None or buffer.shape[1] < n + t or buffer[:, :n].data_ptr() != seen.data_ptr():
+            buffer = seen.new_empty(seen.shape[0], 2 * (n + t), *seen.shape[2:])
+            buffer[:, :n] = seen
+            self._conv_spare[key] = buffer
+        buffer[:, n : n + t] = inputs
+        return buffer[:, : n + t]
 
     def _map_conv(self, fn) -> None:
         self._conv_inputs = {key: fn(seen) for key, seen in self._conv_inputs.items()}
+        self._conv_spare = {}  # the mapped inputs are new tensors: buffers start again
 
     # ---- transformers Cache interface ------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
-        self._conv_inputs, self._conv_history_len = {}, {}
+        self._conv_inputs, self._conv_history_len, self._conv_spare = {}, {}, {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
