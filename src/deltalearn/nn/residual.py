@@ -153,7 +153,9 @@ class DeltaUpdate(nn.Module):
             return None
         dv = self.value_channels
         state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)
-        if not (state_fits and c.shape == h.shape and u.shape == h.shape and native.fits(X)):
+        if not (
+            state_fits and c.shape == h.shape and u.shape == h.shape and native.fits(X, not vector)
+        ):
             return None
         if compress is not None and (vector or compress.shape != (h.shape[-1], dv)):
             return None

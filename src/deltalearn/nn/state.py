@@ -67,15 +67,13 @@ def causal_conv(
     with no_autocast(x):
         xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
         new_history = xs[:, xs.shape[1] - (K - 1) :]
-        if B * T * weight.shape[0] <= _shapes.SMALL_STATE:
+        w = weight.to(dtype)
+        if B * T * w.shape[0] <= _shapes.SMALL_STATE:
             # E.g. one decoded token: oneDNN's grouped conv costs ~170 µs on a (1, 512, 4) input
             # here; the same sums as a product over the K-token window cost a few µs.
-            m = weight.shape[0] // C
             windows = xs.unfold(1, K, 1)  # (B, T, C, K)
-            taps = weight.to(dtype).view(C, m, K)
-            y = (windows.unsqueeze(-2) * taps).sum(-1)  # (B, T, C, m)
+            y = (windows.unsqueeze(-2) * w.view(C, -1, K)).sum(-1)  # (B, T, C, m)
             return y.flatten(-2), new_history
-        w = weight.to(dtype)
         if backend.use_native([xs, w]):
             # CPU: the C kernel writes the expanded state token-major, in one pass per token.
             return native.expand_native(xs, w, K - 1).flatten(-2), new_history

@@ -22,7 +22,7 @@ import torch
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
 # Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
 BACKEND: str | None = None
-# Input dtypes the kernels accumulate in fp32 without loss; float64 stays on the PyTorch path.
+# Input dtypes the Triton kernels accumulate in fp32 without loss; float64 stays off them.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The C kernels' dtypes (every operand in one of them); half precision stays on the PyTorch path.
 NATIVE_DTYPES = (torch.float32, torch.float64)

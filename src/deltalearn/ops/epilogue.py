@@ -17,8 +17,8 @@ tensors when triton is installed, one C kernel each way for fp32/float64 CPU ten
 (`ops/native.py`), else the same math in PyTorch ops as one autograd Function with a hand-written
 backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Which path runs: `ops/backend.py` (the
-`DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "torch" or "reference", the last
-switching every fast path off).
+`DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "native", "torch" or "reference",
+the last switching every fast path off).
 """
 
 from __future__ import annotations

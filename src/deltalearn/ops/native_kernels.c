@@ -330,18 +330,21 @@ INLINE void FN(read_input_grad_row)(int64_t T, int64_t past, int64_t d, const in
     }
 }
 
-/* dW[tau, i, j] += sum_t G[b, t, i] xs[b, past + t - (K - 1 - tau), i, j] for one (b, t). */
-INLINE void FN(read_weight_grad_row)(int64_t S, int64_t past, int64_t d, const int64_t dv,
-                                     int64_t K, int64_t b, int64_t t, const REAL *RESTRICT xs,
-                                     const REAL *RESTRICT g, REAL *RESTRICT acc) {
-    const int64_t row = d * dv;
+/* dW[tau, i, j] += G . x for one (b, t), x the input `past + t - (K - 1 - tau)`: for the read
+ * (`expand` = 0) G[b, t, i] xs[b, src, i, j]; for the expansion (`expand` = 1) G[b, t, i, j]
+ * e[b, src, i]. `expand` is a constant at each call, so each form gets its own loops. */
+INLINE void FN(weight_grad_row)(int64_t S, int64_t past, int64_t d, const int64_t dv, int64_t K,
+                                int64_t b, int64_t t, const REAL *RESTRICT xs,
+                                const REAL *RESTRICT g, REAL *RESTRICT acc, const int expand) {
+    const int64_t row = d * dv, x_row = expand ? d : row;
     for (int64_t tau = 0; tau < K; tau++) {
         const int64_t src = past + t - (K - 1 - tau);
         if (src < 0) continue;
-        const REAL *x = xs + (b * S + src) * row;
+        const REAL *x = xs + (b * S + src) * x_row;
         REAL *a = acc + tau * row;
         for (int64_t i = 0; i < d; i++)
-            for (int64_t j = 0; j < dv; j++) a[i * dv + j] += g[i] * x[i * dv + j];
+            for (int64_t j = 0; j < dv; j++)
+                a[i * dv + j] += expand ? g[i * dv + j] * x[i] : g[i] * x[i * dv + j];
     }
 }
 
@@ -394,21 +397,6 @@ INLINE void FN(expand_input_grad_row)(int64_t T, int64_t past, int64_t d, const 
     }
 }
 
-/* dW[tau, i, j] += G[b, t, i, j] e[b, past + t - (K - 1 - tau), i] for one (b, t). */
-INLINE void FN(expand_weight_grad_row)(int64_t S, int64_t past, int64_t d, const int64_t dv,
-                                       int64_t K, int64_t b, int64_t t, const REAL *RESTRICT e,
-                                       const REAL *RESTRICT g, REAL *RESTRICT acc) {
-    const int64_t row = d * dv;
-    for (int64_t tau = 0; tau < K; tau++) {
-        const int64_t src = past + t - (K - 1 - tau);
-        if (src < 0) continue;
-        const REAL *x = e + (b * S + src) * d;
-        REAL *a = acc + tau * row;
-        for (int64_t i = 0; i < d; i++)
-            for (int64_t j = 0; j < dv; j++) a[i * dv + j] += g[i * dv + j] * x[i];
-    }
-}
-
 /* The backward of both token convolutions, either output may be NULL: of read_forward
  * (`expand` = 0) from G = dL/dout (B, T, d), giving dxs (B, S, d, dv); of expand_forward
  * (`expand` = 1) from G (B, T, d, dv), giving de (B, S, d). dW (K, d, dv) either way. */
@@ -439,9 +427,9 @@ static int FN(token_conv_backward)(int64_t B, int64_t S, int64_t past, int64_t d
         _Pragma("omp for schedule(static)") for (int64_t bt = 0; bt < B * T; bt++) {           \
             const REAL *g = G + bt * g_row;                                                    \
             if (expand)                                                                        \
-                FN(expand_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine);    \
+                FN(weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine, 1);        \
             else                                                                               \
-                FN(read_weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine);      \
+                FN(weight_grad_row)(S, past, d, DV, K, bt / T, bt % T, xs, g, mine, 0);        \
         }                                                                                      \
     }
         FOR_DV(dv, WEIGHT_GRAD_LOOP)
