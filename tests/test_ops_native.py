@@ -25,6 +25,7 @@ from deltalearn.ops import (
     channel_mix_reference,
     native,
     native_build,
+    prepared,
     rewrite_epilogue,
     rewrite_epilogue_reference,
     token_mix,
@@ -50,6 +51,13 @@ def kernel_calls(monkeypatch):
         return real(name, dtype, *args)
 
     monkeypatch.setattr(native, "_call", counted)
+    real_run = prepared._Prepared._run
+
+    def counted_run(self, *args):
+        calls.append(self.name)
+        return real_run(self, *args)
+
+    monkeypatch.setattr(prepared._Prepared, "_run", counted_run)
     return calls
 
 
@@ -263,7 +271,7 @@ def test_inference_update_is_one_kernel_equal_to_the_general_path(
     args = (X, h, c, u) + ((torch.randn(40, dv, generator=gen),) if compress else ())
     with torch.no_grad():
         fast = update(*args)
-        assert kernel_calls == ["update_forward"]
+        assert kernel_calls == ["update_forward_packed"]
         monkeypatch.setattr(backend, "BACKEND", "torch")
         general = update(*args)
     for actual, expected in zip(

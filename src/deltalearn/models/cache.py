@@ -109,12 +109,13 @@ class DeltaLMCache(ConvInputCache, DynamicCache):
             return torch.cat([seen, inputs], 1)
         n, t = seen.shape[1], inputs.shape[1]
         buffer = self._conv_spare.get(key)
-        if buffer is None or buffer.shape[1] < n + t or buffer[:, :n].data_ptr() != seen.data_ptr():
+        # (narrow/copy_ rather than slice assignment: a few µs less per convolution and token)
+        if buffer is None or buffer.shape[1] < n + t or buffer.data_ptr() != seen.data_ptr():
             buffer = seen.new_empty(seen.shape[0], 2 * (n + t), *seen.shape[2:])
-            buffer[:, :n] = seen
+            buffer.narrow(1, 0, n).copy_(seen)
             self._conv_spare[key] = buffer
-        buffer[:, n : n + t] = inputs
-        return buffer[:, : n + t]
+        buffer.narrow(1, n, t).copy_(inputs)
+        return buffer.narrow(1, 0, n + t)
 
     def _map_conv(self, fn) -> None:
         self._conv_inputs = {key: fn(seen) for key, seen in self._conv_inputs.items()}

@@ -73,7 +73,6 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
-from deltalearn.ops import channel_mix
 from deltalearn.ops.epilogue import fused_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
@@ -131,9 +130,20 @@ def _read_state(
     X = _mask_padding(X, step.token_mask)
     if step.cache is None:
         return compress(X)
-    x_in, _ = compress.forward_cached(X, step.cache.conv_history(key, compress.history_len))
-    step.cache.append_conv(key, X, compress.history_len)  # all inputs: exact `crop`
+    K1 = compress.history_len
+    if _reads_in_place(step.cache):  # the new inputs appended first, then read where they lie
+        step.cache.append_conv(key, X, K1)
+        return compress.read_inputs(step.cache.conv_history(key, K1 + X.shape[1]), K1)
+    x_in, _ = compress.forward_cached(X, step.cache.conv_history(key, K1))
+    step.cache.append_conv(key, X, K1)  # all inputs: exact `crop`
     return x_in
+
+
+def _reads_in_place(cache: ConvInputCache) -> bool:
+    """Whether a convolution reads its window straight out of `cache` after appending to it: a
+    `DeltaLMCache` (which appends into a buffer) without autograd. One-token decoding then spends
+    no concatenation of history and input, per convolution and token, on the host."""
+    return isinstance(cache, DeltaLMCache) and not torch.is_grad_enabled()
 
 
 class DeltaLMBlock(GradientCheckpointingLayer):
@@ -174,8 +184,7 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         if self._fuses_read():
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
-            C = self.compress.mixing_matrix()  # folded once for both reads
-            x_in = channel_mix(X, C)
+            x_in, C = self.compress.read_with_matrix(X)  # C folded once for both reads
             X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
             return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
@@ -418,6 +427,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if step.cache is None:
             return self.expand(e)
         K1 = self.expand.history_len
+        if _reads_in_place(step.cache):
+            step.cache.append_conv("embed", e, K1)
+            return self.expand.expand_inputs(step.cache.conv_history("embed", K1 + e.shape[1]))
         X, _ = self.expand.forward_cached(e, step.cache.conv_history("embed", K1))
         step.cache.append_conv("embed", e, K1)  # all inputs: exact `crop`
         return X
@@ -465,8 +477,11 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
 
     def _updates(self) -> list[DeltaUpdate]:
         """The rewrite modules in order: layer 0 attention, layer 0 MLP, layer 1 attention, ..."""
-        blocks = list(self.layers)
-        return [u for b in blocks for u in (b.attn_update, b.mlp_update) if u is not None]
+        # Through the module dicts: nn.Module.__getattr__ costs ~1 µs a module, per forward.
+        blocks = [b._modules for b in self._modules["layers"]._modules.values()]
+        return [
+            u for b in blocks for u in (b.get("attn_update"), b.get("mlp_update")) if u is not None
+        ]
 
     def _collect_gates(self, updates: list[DeltaUpdate]) -> DeltaLMGates:
         recs = [u.last_record for u in updates]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltalearn.ops import _shapes, backend, native
+from deltalearn.ops import _shapes, backend, native, prepared
 from deltalearn.ops._shapes import no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.token_mixing import token_mix
@@ -66,20 +66,30 @@ def causal_conv(
         raise ValueError(f"history must have shape {(B, K - 1, C)}, got {tuple(history.shape)}")
     with no_autocast(x):
         xs = torch.cat([history.to(dtype), x.to(dtype)], dim=1)  # (B, K-1+T, C)
-        new_history = xs[:, xs.shape[1] - (K - 1) :]
-        w = weight.to(dtype)
+    return causal_conv_window(xs, weight), xs[:, xs.shape[1] - (K - 1) :]
+
+
+def causal_conv_window(xs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`causal_conv` of the last `T` inputs of `xs` `(B, K − 1 + T, C)`, which holds the `K − 1`
+    inputs before them first: `y` `(B, T, C * m)` (possibly a token-minor view) in the promoted
+    dtype, autocast off."""
+    B, S, C = xs.shape
+    K = weight.shape[-1]
+    T = S - (K - 1)
+    dtype = promote_float(xs.dtype, weight.dtype)
+    with no_autocast(xs):
+        xs, w = xs.to(dtype), weight.to(dtype)
+        if backend.use_native([xs, w]):
+            # CPU: the C kernel writes the expanded state token-major, in one pass per token.
+            return native.expand_native(xs, w, K - 1).flatten(-2)
         if B * T * w.shape[0] <= _shapes.SMALL_STATE:
             # E.g. one decoded token: oneDNN's grouped conv costs ~170 µs on a (1, 512, 4) input
             # here; the same sums as a product over the K-token window cost a few µs.
             windows = xs.unfold(1, K, 1)  # (B, T, C, K)
-            y = (windows.unsqueeze(-2) * w.view(C, -1, K)).sum(-1)  # (B, T, C, m)
-            return y.flatten(-2), new_history
-        if backend.use_native([xs, w]):
-            # CPU: the C kernel writes the expanded state token-major, in one pass per token.
-            return native.expand_native(xs, w, K - 1).flatten(-2), new_history
+            return (windows.unsqueeze(-2) * w.view(C, -1, K)).sum(-1).flatten(-2)  # (B, T, C*m)
         y = F.conv1d(xs.transpose(1, 2), w, groups=C)  # (B, C*m, T)
     # A token-minor view: callers that keep y as state must make it token-major (EC does).
-    return y.transpose(1, 2), new_history
+    return y.transpose(1, 2)
 
 
 class _TokenConv(nn.Module):
@@ -109,6 +119,7 @@ class EmbeddingConv(_TokenConv):
     def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
         super().__init__(dim, value_channels, kernel_size)
         self.weight = nn.Parameter(torch.empty(dim * value_channels, 1, kernel_size))
+        self._expand_plan: prepared.PreparedConv | None = None  # expand_inputs
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -121,9 +132,30 @@ class EmbeddingConv(_TokenConv):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`e` `(B, T, d)`, history `(B, K−1, d)` -> `X_0` `(B, T, d, dv)`, new history."""
         y, history = causal_conv(e, self.weight, history)  # (B, T, d*dv), token-minor
+        return self._state(y), history
+
+    def expand_inputs(self, es: torch.Tensor) -> torch.Tensor:
+        """`X_0` `(B, T, d, dv)` of the last T of `es` `(B, K − 1 + T, d)`, which holds the
+        `K − 1` embeddings before them first (zeros before the first token)."""
+        weight, past = self._parameters["weight"], self.kernel_size - 1
+        plan = self._expand_plan
+        if (
+            plan is not None
+            and not torch.compiler.is_compiling()
+            and plan.holds(es, (weight,), past)
+        ):
+            return plan(es)  # one decoded token: a prepared kernel call (ops.prepared)
+        X = self._state(causal_conv_window(es, weight))
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            plan = prepared.prepare_expansion(es, weight, past)
+            if plan is not None:
+                self._expand_plan = plan
+        return X
+
+    def _state(self, y: torch.Tensor) -> torch.Tensor:
         # Token-major: left as the conv's view, the whole residual stream would keep a token-minor
         # layout, and every per-token reduction (readout kᵀX, compressors) would stride.
-        return y.contiguous().unflatten(-1, (self.dim, self.value_channels)), history
+        return y.contiguous().unflatten(-1, (self.dim, self.value_channels))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(e)[0]
@@ -148,6 +180,19 @@ def _fold_once_in_inference(
     folded = fold()
     module._fold_cache = (key, folded)
     return folded
+
+
+def _keep_read_plan(
+    module: nn.Module, xs: torch.Tensor, W: torch.Tensor, past: int, params: tuple
+) -> None:
+    """Keep the compressor's read as a prepared kernel call (`ops.prepared`) where one applies
+    (inference on CPU): decoding repeats the same read at every token and sublayer, and the checks
+    and the fold lookup cost more host time than the kernel."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    plan = prepared.prepare_read(xs, W, past, params)
+    if plan is not None:
+        module._read_plan = plan
 
 
 class ChannelCompressor(nn.Module):
@@ -175,6 +220,7 @@ class ChannelCompressor(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
         self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
+        self._read_plan: prepared.PreparedConv | None = None  # _keep_read_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -205,12 +251,24 @@ class ChannelCompressor(nn.Module):
         return _fold_once_in_inference(self, (w, self.read), fold)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.read_with_matrix(X)[0]
+
+    def read_with_matrix(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The read of X `(..., d, dv)` -> `(..., d)`, and the folded matrix `c` it took (a fused
+        rewrite reads its output with the same matrix)."""
+        params = (self._parameters["weight"], self._parameters["read"])
+        plan = self._read_plan
+        if plan is not None and not torch.compiler.is_compiling() and plan.holds(X, params, 0):
+            return plan(X), plan.weights
         if X.shape[-2:] != (self.dim, self.value_channels):
             raise ValueError(
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "
                 f"{(self.dim, self.value_channels)}"
             )
-        return channel_mix(X, self.mixing_matrix())  # one channel at a time: see ops/mixing.py
+        C = self.mixing_matrix()
+        x = channel_mix(X, C)  # one channel at a time: see ops/mixing.py
+        _keep_read_plan(self, X, C, 0, params)
+        return x, C
 
 
 class TokenCompressor(_TokenConv):
@@ -226,6 +284,7 @@ class TokenCompressor(_TokenConv):
         self.weight = nn.Parameter(torch.empty(dim, value_channels, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
         self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
+        self._read_plan: prepared.PreparedConv | None = None  # _keep_read_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -249,22 +308,36 @@ class TokenCompressor(_TokenConv):
             raise ValueError(
                 f"history must have shape {(B, K - 1, d, dv)}, got {tuple(history.shape)}"
             )
-        with no_autocast(X):
+        # Past inputs before X: the cached history, or the zero left padding of a fresh sequence
+        # (then simply not read).
+        xs = X if history is None else torch.cat([history.to(X.dtype), X], dim=1)
+        x_in = self.read_inputs(xs, 0 if history is None else K - 1)
+        new_history = xs[:, max(xs.shape[1] - (K - 1), 0) :]
+        if new_history.shape[1] < K - 1:  # fewer inputs than K − 1 so far: pad with zeros
+            new_history = F.pad(new_history, (0, 0, 0, 0, K - 1 - new_history.shape[1], 0))
+        return x_in, new_history
+
+    def read_inputs(self, xs: torch.Tensor, past: int) -> torch.Tensor:
+        """The read of `xs` `(B, past + T, d, dv)` — `past` earlier inputs (zeros before the first
+        token), then the T new states — as `(B, T, d)`."""
+        params = (self._parameters["weight"], self._parameters["read"])
+        plan = self._read_plan
+        if plan is not None and not torch.compiler.is_compiling() and plan.holds(xs, params, past):
+            return plan(xs)
+        with no_autocast(xs):
             # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
-            w = _fold_once_in_inference(  # (d, dv, K)
-                self, (self.weight, self.read), lambda: self.weight * self.read[:, None]
-            )
-            # Past inputs before X: the cached history, or the zero left padding of a fresh
-            # sequence (then simply not read).
-            xs = X if history is None else torch.cat([history.to(X.dtype), X], dim=1)
-            past = 0 if history is None else K - 1
+            w = _fold_once_in_inference(self, params, self._fold)  # (d, dv, K)
             # Each tap read in place on the state as it lies (token-major): no d·dv-wide conv
             # output, no transposes, no zero-filled gradient per tap (ops/token_mixing.py).
             x_in = token_mix(xs, w, past)
-            new_history = xs[:, max(xs.shape[1] - (K - 1), 0) :]
-            if new_history.shape[1] < K - 1:  # fewer inputs than K − 1 so far: pad with zeros
-                new_history = F.pad(new_history, (0, 0, 0, 0, K - 1 - new_history.shape[1], 0))
-        return x_in, new_history
+        _keep_read_plan(self, xs, w, past, params)
+        return x_in
+
+    def _fold(self) -> torch.Tensor:
+        w = self.weight * self.read[:, None]  # (d, dv, K)
+        if w.is_cpu:  # tap-major in memory, the layout the C kernels read: no copy per call
+            return w.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        return w
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(X)[0]

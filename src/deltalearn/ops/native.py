@@ -129,28 +129,6 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
     return Y if C is None else (Y, x_next)
 
 
-def update_inference(
-    X, h, c, u, w_gate, b_gate, W_value, b_value, compress, rule, value_head, value_scale, k_eps
-):
-    """A DDL sublayer's whole update without autograd, from its inputs: the linear gate's logit
-    `c·w_g + b_g`, the value head's pre-activation `W_v x (+ b_v)` (x = c for the paper head, u for
-    the official one) and `rewrite_epilogue`, in one kernel call — the same numbers as
-    `gate_and_value` then `rewrite_epilogue` up to summation order. Y, or `(Y, x_next)` with
-    `compress`. Operands on CPU, of one dtype in `NATIVE_DTYPES`, shapes checked by the caller."""
-    X, h, c, u = X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous()
-    C = None if compress is None else compress.contiguous()
-    d = h.shape[-1]
-    Y = torch.empty_like(X)
-    x_next = torch.empty_like(h) if C is not None else None
-    _call(
-        "update_forward", X.dtype, h.numel() // d, d, W_value.shape[0], _ptr(X), _ptr(h), _ptr(c),
-        _ptr(u), _ptr(w_gate.contiguous()), _ptr(b_gate.contiguous()),
-        _ptr(W_value.contiguous()), _ptr(None if b_value is None else b_value.contiguous()), _ptr(C), int(rule == "delta"), int(value_head == "official"),
-        float(value_scale), float(k_eps), _ptr(Y), _ptr(x_next),
-    )  # fmt: skip
-    return Y if C is None else (Y, x_next)
-
-
 def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(states, taps, B, S): states `(B, S, d, dv)` in memory, taps `(K, d, dv)`. A channel read
     (W `(d, dv)`) is one tap over every row as one sequence."""
@@ -208,16 +186,22 @@ def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
     return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))
 
 
+def _expand_forward(xs: torch.Tensor, weight: torch.Tensor, past: int):
+    """(out, xs, taps): the expansion of contiguous `xs`, with the inputs backward keeps."""
+    B, S, d = xs.shape
+    K = weight.shape[-1]
+    dv = weight.shape[0] // d
+    xs = xs.contiguous()
+    taps = weight.reshape(d, dv, K).permute(2, 0, 1).contiguous()  # (K, d, dv)
+    out = torch.empty((B, S - past, d, dv), dtype=xs.dtype)
+    _call("expand_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
+    return out, xs, taps
+
+
 class _NativeExpand(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xs: torch.Tensor, weight: torch.Tensor, past: int) -> torch.Tensor:
-        B, S, d = xs.shape
-        K = weight.shape[-1]
-        dv = weight.shape[0] // d
-        xs = xs.contiguous()
-        taps = weight.reshape(d, dv, K).permute(2, 0, 1).contiguous()  # (K, d, dv)
-        out = torch.empty((B, S - past, d, dv), dtype=xs.dtype)
-        _call("expand_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
+        out, xs, taps = _expand_forward(xs, weight, past)
         ctx.save_for_backward(xs, taps)
         ctx.past = past
         return out
@@ -243,4 +227,6 @@ def expand_native(xs: torch.Tensor, weight: torch.Tensor, past: int) -> torch.Te
     T new ones), `weight` `(d·dv, 1, K)` in `nn.Conv1d` layout (tap K − 1 meets the current token)
     -> `(B, T, d, dv)`, token-major; `out[b, t, i, j] = Σ_τ w[i·dv + j, τ] xs[b, past + t − (K − 1
     − τ), i]`. Operands on CPU, of one dtype in `NATIVE_DTYPES`."""
-    return _NativeExpand.apply(xs, weight, past)
+    if torch.is_grad_enabled() and (xs.requires_grad or weight.requires_grad):
+        return _NativeExpand.apply(xs, weight, past)
+    return _expand_forward(xs, weight, past)[0]

@@ -50,6 +50,9 @@ SIGNATURES = {
     "read_backward": [_I64] * 6 + [_P] * 5 + [_INT],
     "expand_forward": [_I64] * 6 + [_P] * 3 + [_INT],
     "expand_backward": [_I64] * 6 + [_P] * 5 + [_INT],
+    "update_forward_packed": [_P] * 8 + [_INT],
+    "read_forward_packed": [_P] * 3 + [_INT],
+    "expand_forward_packed": [_P] * 3 + [_INT],
 }
 SUFFIXES = {"float32": "f32", "float64": "f64"}
 # The double build (float64: tests and gradcheck, not speed) skips the per-dv copies of each loop.

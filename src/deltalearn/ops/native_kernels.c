@@ -451,3 +451,31 @@ int FN(expand_backward)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t d
                         int threads) {
     return FN(token_conv_backward)(B, S, past, d, dv, K, e, W, G, ge, gW, threads, 1);
 }
+
+/* Prepared calls (ops/native.py: InferenceUpdate, PreparedConv): what stays the same from one
+ * decoded token to the next is packed once into `ints` (sizes, flags, weight addresses) and
+ * `reals`, so a call passes only the per-token arrays: each ctypes argument costs host time, and
+ * one-token decoding is bound by it.
+ *   update:  ints = N, d, dv, w_gate, b_gate, W_value, b_value, C, delta, official;
+ *            reals = scale, eps
+ *   read, expand: ints = B, S, past, d, dv, K, taps */
+#define ADDR(T, v) ((T)(intptr_t)(v))
+int FN(update_forward_packed)(const int64_t *ints, const double *reals, const REAL *X,
+                              const REAL *h, const REAL *c, const REAL *u, REAL *Y, REAL *x_next,
+                              int threads) {
+    return FN(update_forward)(ints[0], ints[1], ints[2], X, h, c, u, ADDR(const REAL *, ints[3]),
+                              ADDR(const REAL *, ints[4]), ADDR(const REAL *, ints[5]),
+                              ADDR(const REAL *, ints[6]), ADDR(const REAL *, ints[7]),
+                              (int)ints[8], (int)ints[9], reals[0], reals[1], Y, x_next, threads);
+}
+
+int FN(read_forward_packed)(const int64_t *ints, const REAL *xs, REAL *out, int threads) {
+    return FN(read_forward)(ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], xs,
+                            ADDR(const REAL *, ints[6]), out, threads);
+}
+
+int FN(expand_forward_packed)(const int64_t *ints, const REAL *e, REAL *out, int threads) {
+    return FN(expand_forward)(ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], e,
+                              ADDR(const REAL *, ints[6]), out, threads);
+}
+#undef ADDR
