@@ -113,6 +113,9 @@ def test_update_takes_the_general_path_where_the_prepared_call_does_not_apply(ru
         backend.BACKEND = "torch"
         update(*args)
         backend.BACKEND = None
+        update.fused = False  # the plain reference composition
+        update(*args)
+        update.fused = True
         assert runs == []
         update(X[:1], h[:1], c[:1], u[:1])  # another shape: prepared anew
         assert runs == ["update_forward_packed"]

@@ -106,10 +106,11 @@ class InferenceUpdate(_Prepared):
 
     def holds(self, update, X, h, c, u, compress) -> bool:
         """Whether this call applies now to these inputs and `compress`, and to the `DeltaUpdate`
-        `update` as it is now (not recording, the weights it had)."""
+        `update` as it is now (fused, not recording, the weights it had)."""
         dtype, shape = self.dtype, self.h_shape
         return (
             not torch.is_grad_enabled()
+            and update.fused
             and not update.record
             and X.shape == self.shape
             and h.shape == shape
