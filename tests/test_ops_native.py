@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_helpers import record_kernel_calls
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.nn import DeltaUpdate
@@ -25,7 +26,6 @@ from deltalearn.ops import (
     channel_mix_reference,
     native,
     native_build,
-    prepared,
     rewrite_epilogue,
     rewrite_epilogue_reference,
     token_mix,
@@ -44,20 +44,7 @@ def kernel_calls(monkeypatch):
     """Force the kernels (an error if they cannot be built) and record each kernel call's name."""
     monkeypatch.setattr(backend, "BACKEND", "native")
     calls = []
-    real = native._call
-
-    def counted(name, dtype, *args):
-        calls.append(name)
-        return real(name, dtype, *args)
-
-    monkeypatch.setattr(native, "_call", counted)
-    real_run = prepared._Prepared._run
-
-    def counted_run(self, *args):
-        calls.append(self.name)
-        return real_run(self, *args)
-
-    monkeypatch.setattr(prepared._Prepared, "_run", counted_run)
+    record_kernel_calls(monkeypatch, calls)
     return calls
 
 

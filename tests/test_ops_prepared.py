@@ -12,6 +12,7 @@ import pickle
 
 import pytest
 import torch
+from kernel_helpers import record_kernel_calls
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.models.cache import DeltaLMCache
@@ -32,13 +33,7 @@ def _default_backend(monkeypatch):
 def runs(monkeypatch):
     """The names of the prepared calls that run."""
     names = []
-    real = prepared._Prepared._run
-
-    def counted(self, *args):
-        names.append(self.name)
-        return real(self, *args)
-
-    monkeypatch.setattr(prepared._Prepared, "_run", counted)
+    record_kernel_calls(monkeypatch, names, general=False)
     return names
 
 
