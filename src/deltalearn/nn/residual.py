@@ -153,7 +153,7 @@ class DeltaUpdate(nn.Module):
 
     def _inference_kernel_weights(self, X, h, c, u, compress, vector: bool) -> list | None:
         """`[w_gate, b_gate, W_value, b_value]` where the whole update runs as one C kernel
-        (`ops.native.update_inference`), else None: inference (no autograd, no record) with the
+        (`ops.prepared.InferenceUpdate`), else None: inference (no autograd, no record) with the
         linear gate on CPU tensors of one fp32 or float64 dtype. Decoding one token at a time is
         bound by host work: a dozen dispatched ops per update otherwise. (The weights are read
         from the module dicts directly: `self.gate.out.weight` costs ~2 µs through
