@@ -61,20 +61,6 @@ def test_checkpointed_grads_equal_plain(variant):
             )
 
 
-@pytest.mark.parametrize("variant", ["ddl-cc", "write-only-cc"])
-def test_reentrant_checkpointing_keeps_the_fused_reads_gradients(variant):
-    """The fused channel read hands each block the read the rewrite before it made (`x_in`, C):
-    a reentrant checkpoint, which tracks only tensor arguments, still passes their gradients."""
-    model = tiny_model(variant).train()
-    ids = random_ids(2, 12)
-    plain, _ = _grads(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's note on use_reentrant=True
-        ckpt, _ = _grads(model, ids)
-    _assert_same_grads(ckpt, plain)
-
-
 @pytest.mark.parametrize("variant", ["ddl-tc", "ddl"])
 def test_disable_restores_plain_model(variant):
     model = tiny_model(variant).train()

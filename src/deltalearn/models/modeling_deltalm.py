@@ -183,21 +183,20 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         X: torch.Tensor,
         step: _Step,
         x_in: torch.Tensor | None = None,
-        read: torch.Tensor | None = None,
         read_next: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The block's output state. With the fused read (`_fuses_read`), `x_in` is this block's
-        read of X and `read` its compressor's matrix when the rewrite before it made the read
-        already, and with `read_next` (the next channel compressor's matrix) the MLP rewrite reads
-        its output too: then `(X, x_next)`. (Tensors as separate arguments, not a tuple: a
-        reentrant checkpoint sees only those.)"""
+        read of X when the rewrite before it made it already, and with `read_next` (the next
+        channel compressor's matrix) the MLP rewrite reads its output too: `(X, x_next)`."""
         attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
         i = self.layer_idx
         if self._fuses_read():
             # Each channel-compressor read comes out of the rewrite before it (the kernels read
             # each row as they write it): one pass over the state fewer per read.
-            # C is folded once for both of its reads.
-            x_in, C = self.compress.read_with_matrix(X) if x_in is None else (x_in, read)
+            if x_in is None:
+                x_in, C = self.compress.read_with_matrix(X)  # C folded once for both reads
+            else:
+                C = self.compress.mixing_matrix()
             X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
             return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update, read_next)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
@@ -368,12 +367,10 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             for block in blocks:
                 X = block(X, step)
             return X, None
-        compressors = [block.compress for block in blocks[1:]] + [self.final_compress]
-        x_in = C = None
-        for block, compress in zip(blocks, compressors, strict=True):
-            C_next = compress.mixing_matrix()
-            X, x_in = block(X, step, x_in, C, C_next)
-            C = C_next
+        reads = [block.compress for block in blocks[1:]] + [self.final_compress]
+        x_in = None
+        for block, read in zip(blocks, reads, strict=True):
+            X, x_in = block(X, step, x_in, read.mixing_matrix())
         return X, x_in
 
     def _prepare_step(
