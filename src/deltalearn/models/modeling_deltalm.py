@@ -178,27 +178,15 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
         return residual_step(X, _read_state(self.compress, X, step, key), norm, branch, update)
 
-    def forward(
-        self,
-        X: torch.Tensor,
-        step: _Step,
-        x_in: torch.Tensor | None = None,
-        read_next: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The block's output state. With the fused read (`_fuses_read`), `x_in` is this block's
-        read of X when the rewrite before it made it already, and with `read_next` (the next
-        channel compressor's matrix) the MLP rewrite reads its output too: `(X, x_next)`."""
+    def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
         attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
         i = self.layer_idx
         if self._fuses_read():
-            # Each channel-compressor read comes out of the rewrite before it (the kernels read
-            # each row as they write it): one pass over the state fewer per read.
-            if x_in is None:
-                x_in, C = self.compress.read_with_matrix(X)  # C folded once for both reads
-            else:
-                C = self.compress.mixing_matrix()
+            # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
+            # Triton kernel reads each row as it writes it): one pass over the state fewer.
+            x_in, C = self.compress.read_with_matrix(X)  # C folded once for both reads
             X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
-            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update, read_next)
+            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
         return self.sublayer(X, self.mlp_norm, self.mlp, self.mlp_update, step, f"{i}.mlp")
 
@@ -333,7 +321,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             if u.record != output_gates:
                 u.record = output_gates
         try:
-            X, x_final = self._run_blocks(self._embed(input_ids, step), step)
+            X = self._embed(input_ids, step)
+            for block in self.layers:
+                X = block(X, step)
             gates = self._collect_gates(updates) if output_gates and updates else None
         finally:
             for u in updates:
@@ -342,9 +332,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 if u.last_record is not None:
                     u.last_record = None
 
-        if x_final is None:
-            x_final = _read_state(self.final_compress, X, step, "final")
-        x = self.norm(x_final)  # (B, T, d)
+        x = self.norm(_read_state(self.final_compress, X, step, "final"))  # (B, T, d)
         keep = logits_to_keep if labels is None else 0  # the loss needs every position
         logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T, V)
         loss = None
@@ -356,22 +344,6 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = self.config.return_dict
         return out if return_dict else out.to_tuple()
-
-    def _run_blocks(self, X: torch.Tensor, step: _Step) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The blocks in order: the last state, and the final compressor's read of it where the
-        last rewrite made it (None otherwise). With the fused read every channel-compressor read
-        but the first comes out of the rewrite before it: each MLP rewrite also reads its output
-        with the next block's compressor (the last block's with the final one)."""
-        blocks = list(self.layers)
-        if not (blocks and all(block._fuses_read() for block in blocks)):
-            for block in blocks:
-                X = block(X, step)
-            return X, None
-        reads = [block.compress for block in blocks[1:]] + [self.final_compress]
-        x_in = None
-        for block, read in zip(blocks, reads, strict=True):
-            X, x_in = block(X, step, x_in, read.mixing_matrix())
-        return X, x_in
 
     def _prepare_step(
         self,
