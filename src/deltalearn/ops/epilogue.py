@@ -41,10 +41,11 @@ EPILOGUE_RULES = ("delta", "write_only")
 EPILOGUE_VALUE_HEADS = ("paper", "official")
 # Module-level override of DELTALEARN_FUSED_READ (None: read the environment on each call): whether
 # DeltaLM hands a channel compressor's read of the state to the rewrite before it (`compress=`), so
-# that the Triton kernel reads the row it has just written. "on" by default: on an H200 (small, bf16,
-# 8 x 1024) it lifted ddl-cc from 0.45 to 0.48x the baseline's training throughput and from 0.40 to
-# 0.44x its inference (benchmarks/results/h200_model_fusedread_*.json); the CPU path does the same
-# work either way.
+# that the kernel (Triton on CUDA, C on a CPU) reads the row it has just written. "on" by default: on
+# an H200 (small, bf16, 8 x 1024) it lifted ddl-cc from 0.45 to 0.48x the baseline's training
+# throughput and from 0.40 to 0.44x its inference (benchmarks/results/h200_model_fusedread_*.json).
+# (Only within a block: the next block's read would need that block's parameters outside its own
+# forward, where FSDP2 keeps them sharded.)
 FUSED_READ: str | None = None
 FUSED_READ_CHOICES = ("off", "on")
 
