@@ -119,7 +119,7 @@ class EmbeddingConv(_TokenConv):
     def __init__(self, dim: int, value_channels: int, kernel_size: int = 4) -> None:
         super().__init__(dim, value_channels, kernel_size)
         self.weight = nn.Parameter(torch.empty(dim * value_channels, 1, kernel_size))
-        self._expand_plan: prepared.PreparedConv | None = None  # expand_inputs
+        self._expand_plan: prepared.PreparedConv | None = None  # _keep_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,10 +146,7 @@ class EmbeddingConv(_TokenConv):
         ):
             return plan(es)  # one decoded token: a prepared kernel call (ops.prepared)
         X = self._state(causal_conv_window(es, weight))
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            plan = prepared.prepare_expansion(es, weight, past)
-            if plan is not None:
-                self._expand_plan = plan
+        _keep_plan(self, "_expand_plan", lambda: prepared.prepare_expansion(es, weight, past))
         return X
 
     def _state(self, y: torch.Tensor) -> torch.Tensor:
@@ -182,17 +179,15 @@ def _fold_once_in_inference(
     return folded
 
 
-def _keep_read_plan(
-    module: nn.Module, xs: torch.Tensor, W: torch.Tensor, past: int, params: tuple
-) -> None:
-    """Keep the compressor's read as a prepared kernel call (`ops.prepared`) where one applies
-    (inference on CPU): decoding repeats the same read at every token and sublayer, and the checks
-    and the fold lookup cost more host time than the kernel."""
+def _keep_plan(module: nn.Module, name: str, prepare: Callable[[], object]) -> None:
+    """Keep `prepare()` (a prepared kernel call of `ops.prepared`, or None where none applies) as
+    `module.<name>`, in inference only: decoding repeats the same read or expansion at every token,
+    and the checks and the fold lookup cost more host time than the kernel."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
-    plan = prepared.prepare_read(xs, W, past, params)
+    plan = prepare()
     if plan is not None:
-        module._read_plan = plan
+        setattr(module, name, plan)
 
 
 class ChannelCompressor(nn.Module):
@@ -220,7 +215,7 @@ class ChannelCompressor(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
         self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
-        self._read_plan: prepared.PreparedConv | None = None  # _keep_read_plan
+        self._read_plan: prepared.PreparedConv | None = None  # _keep_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -267,7 +262,7 @@ class ChannelCompressor(nn.Module):
             )
         C = self.mixing_matrix()
         x = channel_mix(X, C)  # one channel at a time: see ops/mixing.py
-        _keep_read_plan(self, X, C, 0, params)
+        _keep_plan(self, "_read_plan", lambda: prepared.prepare_read(X, C, 0, params))
         return x, C
 
 
@@ -284,7 +279,7 @@ class TokenCompressor(_TokenConv):
         self.weight = nn.Parameter(torch.empty(dim, value_channels, kernel_size))
         self.read = nn.Parameter(torch.empty(value_channels))
         self._fold_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
-        self._read_plan: prepared.PreparedConv | None = None  # _keep_read_plan
+        self._read_plan: prepared.PreparedConv | None = None  # _keep_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -330,7 +325,7 @@ class TokenCompressor(_TokenConv):
             # Each tap read in place on the state as it lies (token-major): no d·dv-wide conv
             # output, no transposes, no zero-filled gradient per tap (ops/token_mixing.py).
             x_in = token_mix(xs, w, past)
-        _keep_read_plan(self, xs, w, past, params)
+        _keep_plan(self, "_read_plan", lambda: prepared.prepare_read(xs, w, past, params))
         return x_in
 
     def _fold(self) -> torch.Tensor:

@@ -89,23 +89,28 @@ def use_native(tensors: list[torch.Tensor], choice: str | None = None) -> bool:
     `NATIVE_DTYPES`, outside `torch.compile` and functorch transforms, with the backend "auto" (and
     the kernels built) or "native" (NativeBuildError where they cannot be built). `choice` as in
     `use_triton`."""
-    if torch.compiler.is_compiling():  # first: nothing below is traceable
-        return False
-    choice = backend() if choice is None else choice
-    if choice not in ("auto", "native"):
+    if not native_allowed(choice):  # first: it checks torch.compile before anything untraceable
         return False
     dtype = tensors[0].dtype
     if dtype not in NATIVE_DTYPES or not all(_plain_cpu(t, dtype) for t in tensors):
         return False
-    # Inside vmap/grad transforms tensors are wrappers with no data a C kernel could read.
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
     from deltalearn.ops import native_build
 
-    if choice == "native":
+    if (choice or backend()) == "native":
         native_build.require_library()  # raises, naming why, where the kernels cannot be built
         return True
     return native_build.library() is not None
+
+
+def native_allowed(choice: str | None = None) -> bool:
+    """Whether the C kernels may run now, whatever the operands: outside `torch.compile` and
+    functorch transforms, with the backend (`choice`, else `backend()`) "auto" or "native"."""
+    if torch.compiler.is_compiling():  # first: nothing below is traceable
+        return False
+    # Inside vmap/grad transforms tensors are wrappers with no data a C kernel could read.
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return (backend() if choice is None else choice) in ("auto", "native")
 
 
 def _plain_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:

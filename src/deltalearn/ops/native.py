@@ -186,13 +186,18 @@ def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
     return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))
 
 
+def expansion_taps(weight: torch.Tensor, d: int) -> torch.Tensor:
+    """The EC conv `weight` `(d·dv, 1, K)` as the kernels read it: `(K, d, dv)`, contiguous."""
+    K = weight.shape[-1]
+    return weight.reshape(d, weight.shape[0] // d, K).permute(2, 0, 1).contiguous()
+
+
 def _expand_forward(xs: torch.Tensor, weight: torch.Tensor, past: int):
     """(out, xs, taps): the expansion of contiguous `xs`, with the inputs backward keeps."""
     B, S, d = xs.shape
-    K = weight.shape[-1]
-    dv = weight.shape[0] // d
     xs = xs.contiguous()
-    taps = weight.reshape(d, dv, K).permute(2, 0, 1).contiguous()  # (K, d, dv)
+    taps = expansion_taps(weight, d)
+    K, _, dv = taps.shape
     out = torch.empty((B, S - past, d, dv), dtype=xs.dtype)
     _call("expand_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
     return out, xs, taps

@@ -26,19 +26,13 @@ import torch
 
 from deltalearn.ops import backend
 from deltalearn.ops._shapes import autocast_on
-from deltalearn.ops.native import _as_read, _kernel, _read_shape, fits
+from deltalearn.ops.native import _as_read, _kernel, _read_shape, expansion_taps, fits
 
 
 def inference_kernels_now() -> bool:
-    """What `backend.use_native` checks beyond the (CPU) operands, for a call made while no
-    autograd runs: the backend allows the kernels, no compile or functorch transform, no CPU
-    autocast."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and backend.backend() in ("auto", "native")
-        and not autocast_on("cpu")
-    )
+    """What `backend.use_native` checks beyond the (CPU) operands (`backend.native_allowed`), and no
+    CPU autocast: for a call made while no autograd runs."""
+    return backend.native_allowed() and not autocast_on("cpu")
 
 
 def _stamps(tensors) -> tuple:
@@ -192,8 +186,6 @@ def prepare_expansion(es: torch.Tensor, weight: torch.Tensor, past: int) -> Prep
     if es.dim() != 3 or not _applies(es, weight):
         return None
     B, S, d = es.shape
-    K = weight.shape[-1]
-    dv = weight.shape[0] // d
-    taps = weight.detach().reshape(d, dv, K).permute(2, 0, 1).contiguous()  # (K, d, dv)
-    shape = (B, S - past, d, dv)
+    taps = expansion_taps(weight.detach(), d)  # (K, d, dv)
+    shape = (B, S - past, d, taps.shape[-1])
     return PreparedConv("expand_forward_packed", es, taps, B, S, past, (weight,), shape, None)
