@@ -255,6 +255,38 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
         _close(a, b, tol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "write-only-cc"])
+def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, variant):
+    """The forward kernel writes e, 1/n and β for `ops.state_tape`: a DeltaLM on the kernels keeps
+    only its last state and gets the gradients of keeping them all (odd width 40, fp32)."""
+    import weakref
+
+    from deltalearn import DeltaLM, DeltaLMConfig
+    from deltalearn.ops import state_tape
+
+    shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
+    torch.manual_seed(0)
+    model = DeltaLM(DeltaLMConfig.preset(variant, "tiny", **shape))
+    ids = torch.randint(0, 50, (2, 6))
+    results = []
+    for rebuild in ("off", "on"):
+        monkeypatch.setattr(state_tape, "REBUILD", rebuild)
+        outputs: list = []
+        hook = model.layers[0].register_forward_hook(
+            lambda m, a, out, outputs=outputs: outputs.append(weakref.ref(out))
+        )
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        hook.remove()
+        results.append(outputs[0]() is None)  # the first block's output freed after forward
+        loss.backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    kept_off, grads_off, freed_on, grads_on = results
+    assert not kept_off and freed_on
+    for a, b in zip(grads_on, grads_off, strict=True):
+        _close(a, b, tol=1e-5)
+
+
 def test_compressor_read_bf16(interpreted):
     leaves = _inputs((3,), 96, 4, torch.bfloat16, compress=True)
     _check_against_reference(leaves, "delta", "paper")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -73,6 +74,7 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
+from deltalearn.ops import state_tape
 from deltalearn.ops.epilogue import fused_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
@@ -320,10 +322,16 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         for u in updates:
             if u.record != output_gates:
                 u.record = output_gates
+        rebuild = bool(updates) and not checkpointing and self._rebuilds_states()
         try:
-            X = self._embed(input_ids, step)
-            for block in self.layers:
-                X = block(X, step)
+            # A plain nullcontext otherwise: torch.compile traces through that.
+            with state_tape.recording() if rebuild else nullcontext() as tape:
+                X = self._embed(input_ids, step)
+                if tape is not None:
+                    tape.add(X)
+                for block in self.layers:
+                    X = block(X, step)
+                x = self.norm(_read_state(self.final_compress, X, step, "final"))  # (B, T, d)
             gates = self._collect_gates(updates) if output_gates and updates else None
         finally:
             for u in updates:
@@ -332,7 +340,6 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 if u.last_record is not None:
                     u.last_record = None
 
-        x = self.norm(_read_state(self.final_compress, X, step, "final"))  # (B, T, d)
         keep = logits_to_keep if labels is None else 0  # the loss needs every position
         logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T, V)
         loss = None
@@ -470,6 +477,19 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         # Enabling also hooked the embedding to make its output require grad (for frozen
         # embeddings, e.g. PEFT); drop that hook too, so that disabling restores the plain model.
         self.disable_input_require_grads()
+
+    @staticmethod
+    def _rebuilds_states() -> bool:
+        """Whether this forward keeps only its last state for backward and rebuilds the others
+        from it (`ops.state_tape`): with autograd, outside `torch.compile`, unless switched off or
+        saved-tensor hooks of the caller's are active (`save_on_cpu`, a checkpoint around the
+        model: theirs decide what is kept)."""
+        return (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and state_tape.rebuild_enabled()
+            and not state_tape.outer_hooks_active()
+        )
 
     @property
     def _has_conv_history(self) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from deltalearn.ops import state_tape
 from deltalearn.ops._shapes import accumulation_dtype, cast_grads, no_autocast
 from deltalearn.ops.fused import _readout, delta_rewrite_grads, rank1_update, write_only_grads
 
@@ -44,6 +45,9 @@ class _RewriteEpilogue(torch.autograd.Function):
         # A vector state stays in vector ops (fewer per decoded token): e (...), else (..., dv).
         e = v - _readout(k, X) if rule == "delta" else v
         Y = rank1_update(X.to(acc), beta[..., None] * k, e)
+        tape = state_tape.active()
+        if tape is not None and X.dtype == acc:  # a rounded state cannot be rebuilt exactly
+            tape.link(X, Y, k, None, beta, e)
         # The state is saved only where backward reads it; a bf16 state is saved as it came. A
         # half-precision h (the branch output under autocast) is half the bytes of k: keep h and
         # recompute k = ρh in backward (the same ops, so the same numbers).

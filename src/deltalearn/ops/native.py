@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from deltalearn.ops import state_tape
 from deltalearn.ops.native_build import SUFFIXES, library
 
 # The longest value axis the kernels take (MAX_DV in native_kernels.c); longer ones stay on the
@@ -84,6 +85,9 @@ class _NativeEpilogue(torch.autograd.Function):
         Y, x_next, rho, beta, e, v = _epilogue_forward(
             X, h, z, p, C, delta, official, value_scale, k_eps
         )
+        tape = state_tape.active()
+        if tape is not None:  # before saving: Y is then a state the tape knows
+            tape.link(X, Y, h, rho, beta, e)
         ctx.save_for_backward(
             X if delta else None, h, rho, beta, e, v, C, Y if C is not None else None
         )
@@ -127,6 +131,19 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
     delta, official = rule == "delta", value_head == "official"
     Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps, False)
     return Y if C is None else (Y, x_next)
+
+
+def rebuild_state(Y: torch.Tensor, h, rho, beta, e, out: torch.Tensor | None = None):
+    """`Y − (β ρ h) eᵀ` (`ops.state_tape`) on the C kernel: contiguous CPU operands of Y's dtype
+    in `NATIVE_DTYPES`; Y `(..., d)` or `(..., d, dv)`, h `(..., d)`, ρ and β `(...)`, e `(...)`
+    or `(..., dv)`; written into `out` (contiguous, Y's shape) where given."""
+    d = h.shape[-1]
+    X = torch.empty_like(Y) if out is None else out
+    _call(
+        "state_rebuild", Y.dtype, h.numel() // d, d, Y.numel() // h.numel(), _ptr(Y), _ptr(h),
+        _ptr(rho), _ptr(beta), _ptr(e), _ptr(X),
+    )  # fmt: skip
+    return X
 
 
 def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:

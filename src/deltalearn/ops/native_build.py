@@ -45,6 +45,7 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 SIGNATURES = {
     "epilogue_forward": [_I64] * 3 + [_P] * 5 + [_INT, _INT, _DBL, _DBL] + [_P] * 6 + [_INT],
     "epilogue_backward": [_I64] * 3 + [_P] * 10 + [_INT, _INT, _DBL] + [_P] * 5 + [_INT],
+    "state_rebuild": [_I64] * 3 + [_P] * 6 + [_INT],
     "update_forward": [_I64] * 3 + [_P] * 9 + [_INT, _INT, _DBL, _DBL] + [_P] * 2 + [_INT],
     "read_forward": [_I64] * 6 + [_P] * 3 + [_INT],
     "read_backward": [_I64] * 6 + [_P] * 5 + [_INT],

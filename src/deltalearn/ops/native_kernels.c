@@ -122,6 +122,29 @@ int FN(epilogue_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const 
     return 0;
 }
 
+/* The state before a rewrite from the state after it (ops/state_tape.py): X = Y - (beta rho h) e^T,
+ * with the row scalars the forward kept for backward and the products formed as the forward
+ * formed them (br = beta rho, a = br h[i]). N rows; one pass, no temporary. */
+int FN(state_rebuild)(int64_t N, int64_t d, int64_t dv, const REAL *Y, const REAL *h,
+                      const REAL *rho, const REAL *beta, const REAL *e, REAL *X, int threads) {
+    const int nt = FN(thread_count)(N * d * dv, threads);
+#define STATE_REBUILD_LOOP(DV)                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t n = 0; n < N;   \
+                                                                      n++) {                  \
+        const REAL br = beta[n] * rho[n];                                                     \
+        const REAL *RESTRICT yn = Y + n * d * DV, *RESTRICT hn = h + n * d;                   \
+        const REAL *RESTRICT en = e + n * DV;                                                 \
+        REAL *RESTRICT xn = X + n * d * DV;                                                   \
+        for (int64_t i = 0; i < d; i++) {                                                     \
+            const REAL a = br * hn[i];                                                        \
+            for (int64_t j = 0; j < DV; j++) xn[i * DV + j] = yn[i * DV + j] - a * en[j];     \
+        }                                                                                     \
+    }
+    FOR_DV(dv, STATE_REBUILD_LOOP)
+#undef STATE_REBUILD_LOOP
+    return 0;
+}
+
 /* A whole DDL update for inference (no backward), from the sublayer's inputs: the linear gate's
  * logit z = w_g . c + b_g and the value head's pre-activation p = W_v x (+ b_v), x = c ("paper")
  * or u ("official"), then the epilogue row above. One call per sublayer instead of a dozen

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltalearn.ops import state_tape
+
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
 MAX_TILE = 4096
@@ -62,13 +64,21 @@ COMPRESS_PROGRAMS: int | None = None
 
 
 @triton.jit
+def _store_rows(E, RHO, BETA, rows, rmask, vcol, pv_mask, e, inv_n, beta, DV: tl.constexpr):
+    """The row scalars that let `ops.state_tape` rebuild X from Y: e, 1/n and β (fp32)."""
+    tl.store(E + rows[:, None] * DV + vcol[None, :], e, mask=pv_mask)
+    tl.store(RHO + rows, inv_n, mask=rmask)
+    tl.store(BETA + rows, beta, mask=rmask)
+
+
+@triton.jit
 def _fwd_kernel(
-    X, H, Z, P, C, Y, XN,
+    X, H, Z, P, C, Y, XN, E, RHO, BETA,
     n_rows, d, eps2, value_scale,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
-    COMPRESS: tl.constexpr,
+    COMPRESS: tl.constexpr, SAVE_ROWS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,6 +115,8 @@ def _fwd_kernel(
         else:
             e = v
         coef = (beta * inv_n)[:, None] * e  # Y = X + h ⊗ coef
+        if SAVE_ROWS:
+            _store_rows(E, RHO, BETA, rows, rmask, vcol, pv_mask, e, inv_n, beta, DV)
         y = (xf + hf[:, :, None] * coef[:, None, :]).to(Y.dtype.element_ty)
         tl.store(y_row + dcol[None, :, None] * DV, y, mask=xm)
         if COMPRESS:
@@ -131,6 +143,8 @@ def _fwd_kernel(
         else:
             e = v
         coef = (beta * inv_n)[:, None] * e
+        if SAVE_ROWS:
+            _store_rows(E, RHO, BETA, rows, rmask, vcol, pv_mask, e, inv_n, beta, DV)
         # Pass 2: the write (and the compressor read of the written row).
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK_D + dcol
@@ -352,6 +366,7 @@ class _RewriteEpilogue(torch.autograd.Function):
         n_rows = z.numel()
         dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
         Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+        X_in, h_in = X, h
         X, h = _rows(X, n_rows, d, dv), _rows(h, n_rows, d)
         z, p = z.reshape(n_rows), _rows(p, n_rows, dv)
         block_m, block_d, num_chunks, block_v = launch_config(d, dv)
@@ -362,16 +377,27 @@ class _RewriteEpilogue(torch.autograd.Function):
             XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
         else:
             XN = Y
+        # Where a state tape records this forward, the kernel also writes the row scalars the
+        # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
+        tape = state_tape.active()
+        save_rows = tape is not None and n_rows > 0
+        if save_rows:
+            e = torch.empty((n_rows, dv), dtype=torch.float32, device=X.device)
+            rho, beta = (torch.empty(n_rows, dtype=torch.float32, device=X.device) for _ in "rb")
+        else:
+            e = rho = beta = Y  # unwritten placeholder pointers
         grid = (triton.cdiv(n_rows, block_m),)
         if n_rows > 0:
             _fwd_kernel[grid](
-                X, h, z, p, Cc, Y, XN,
+                X, h, z, p, Cc, Y, XN, e, rho, beta,
                 n_rows, d, float(k_eps) ** 2, float(value_scale),
                 *X.stride(), *h.stride(), z.stride(0), *p.stride(),
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
-                num_warps=_num_warps(block_m, block_d, block_v),
+                SAVE_ROWS=save_rows, num_warps=_num_warps(block_m, block_d, block_v),
             )  # fmt: skip
+        if save_rows:  # before saving: Y is then a state the tape knows
+            tape.link(X_in, Y, h_in, rho, beta, e.reshape(ctx.shapes[3]))
         ctx.save_for_backward(X, h, z, p, C)
         ctx.delta, ctx.official = delta, official
         ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)

@@ -1,0 +1,270 @@
+"""Rebuild the residual states in backward instead of keeping them (training memory).
+
+A DDL rewrite changes the state by a rank-1 term, `X' = X + (βk) eᵀ` with `e = v − kᵀX` (delta) or
+`v` (write-only), and its backward keeps h, ρ = 1/‖h‖ (so k = ρh), β and e anyway — per row, d + dv
++ 2 numbers. So the state before a rewrite is one pass away from the state after it:
+
+    X = X' − (βρh) eᵀ
+
+Without this, autograd keeps every sublayer's input state for backward (the rewrite's ∂k needs it,
+and so do the compressor reads' weight gradients and, for d_v = 1, the norm): d·d_v numbers per
+token and sublayer, where the additive baseline keeps d. Within a `StateTape`, every tensor autograd
+saves that *is* a registered state (by identity, or a view of one) is kept as a handle instead;
+the tape keeps only the states no rewrite has consumed (the last one, in a DeltaLM), and backward
+rebuilds X_i from X_{i+1} as it walks down the model — autograd runs every consumer of X_{i+1}
+before the rewrite that made it, so each state is rebuilt once, from the one above it. The cost is
+one pass over the state per sublayer in backward; the rebuilt state differs from the kept one by
+round-off (a few ulp of X_{i+1}; the errors add, they do not grow, down the chain).
+
+Rewrites that can be inverted this way say so with `StateTape.link` (the C kernels and the PyTorch
+Function of the fused epilogue); a state whose rewrite never links (the Triton kernel, the reference
+composition) stays kept as before. Every other saved tensor is kept as a detached alias (returning
+it as-is would tie an op's output to its own graph node: a reference cycle autograd cannot free).
+Second-order gradients (`create_graph=True`) are refused: a detached tensor carries none.
+
+`DELTALEARN_REBUILD_STATES` ("on", the default, or "off"; or `REBUILD` below) switches it; DeltaLM
+uses it in every forward with autograd except under activation checkpointing (which keeps no
+states at all), `torch.compile`, and saved-tensor hooks of the caller's (`save_on_cpu`, a checkpoint
+around the whole model), which keep deciding what is saved.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from deltalearn.ops.fused import rank1_update
+
+# Module-level override of DELTALEARN_REBUILD_STATES (None: read the environment at each forward).
+REBUILD: str | None = None
+REBUILD_CHOICES = ("on", "off")
+# State dtypes rebuilt: a half-precision Y is rounded, so Y − (βk)eᵀ would not give X back.
+EXACT = (torch.float32, torch.float64)
+
+_ACTIVE: contextvars.ContextVar[StateTape | None] = contextvars.ContextVar(
+    "deltalearn_state_tape", default=None
+)
+
+
+def rebuild_enabled() -> bool:
+    """Whether DeltaLM rebuilds states in backward (`REBUILD`, else DELTALEARN_REBUILD_STATES:
+    "on", the default, or "off")."""
+    choice = REBUILD if REBUILD is not None else os.environ.get("DELTALEARN_REBUILD_STATES", "on")
+    if choice not in REBUILD_CHOICES:
+        raise ValueError(
+            f"state rebuilding (deltalearn.ops.state_tape.REBUILD or DELTALEARN_REBUILD_STATES) "
+            f"must be one of {list(REBUILD_CHOICES)}, got {choice!r}"
+        )
+    return choice == "on"
+
+
+def outer_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active already (`torch.autograd.graph.save_on_cpu`, a
+    non-reentrant checkpoint, a caller's own): a tape inside them would take their place."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+def active() -> StateTape | None:
+    """The tape of the forward running now in this context, if any (never in a traced graph:
+    DeltaLM does not record under torch.compile, and a context variable does not trace)."""
+    if torch.compiler.is_compiling():
+        return None
+    return _ACTIVE.get()
+
+
+class _Slot:
+    """One registered state: `owner` the tensor autograd sees (weakly, to match by identity),
+    `kept` a detached alias while the tape holds it, `link` how to rebuild it from the state
+    above: `(above, h, rho, beta, e)`."""
+
+    __slots__ = ("owner", "kept", "link", "layout")
+
+    def __init__(self, state: torch.Tensor) -> None:
+        self.owner = weakref.ref(state)
+        self.kept: torch.Tensor | None = state.detach()
+        self.link: tuple | None = None
+        self.layout = (tuple(state.shape), state.stride(), state.dtype, state.device)
+
+
+class _Handle:
+    """What autograd keeps in place of a registered state (or a view of one)."""
+
+    __slots__ = ("tape", "index", "view")
+
+    def __init__(self, tape: StateTape, index: int, view: tuple | None) -> None:
+        self.tape, self.index, self.view = tape, index, view
+
+
+class StateTape:
+    """The registered states of one forward and the links between them (module docstring).
+
+    Use through `recording()`; rewrites call `link`, the model calls `add` for its first state.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[_Slot] = []
+        self._by_id: dict[int, int] = {}
+        self._rebuilt: list[int] = []  # slots whose `kept` is a rebuilt state, in rebuild order
+
+    # -- forward ---------------------------------------------------------------------------
+    def add(self, state: torch.Tensor) -> int:
+        """Register `state` (kept until a rewrite links it to its successor); its slot index."""
+        index = self._find(state)
+        if index is not None:
+            return index
+        self._slots.append(_Slot(state))
+        index = len(self._slots) - 1
+        self._by_id[id(state)] = index
+        return index
+
+    def link(
+        self,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        h: torch.Tensor,
+        rho: torch.Tensor | None,
+        beta: torch.Tensor,
+        e: torch.Tensor,
+    ) -> None:
+        """Record that rewrite `Y = X + (β ρ h) eᵀ` happened (rows of h `(..., d)`, ρ and β
+        `(...)` or `(..., 1)`, ρ None where h is k already; e `(..., dv)` for a matrix state or
+        `(...)` for a vector one), so X can be rebuilt from Y. Y is registered; X stops being kept
+        if it was registered, had no link yet, and X and Y are of one dtype in `EXACT`."""
+        above = self.add(Y)
+        index = self._find(X)
+        if index is None or X.dtype != Y.dtype or X.shape != Y.shape or X.dtype not in EXACT:
+            return
+        slot = self._slots[index]
+        if slot.link is not None or index == above:
+            return
+        lead = h.shape[:-1]
+        slot.link = (
+            above,
+            h.detach(),
+            None if rho is None else rho.detach().reshape(lead),
+            beta.detach().reshape(lead),
+            e.detach(),
+        )
+        slot.kept = None
+
+    def _find(self, t: torch.Tensor) -> int | None:
+        index = self._by_id.get(id(t))
+        if index is not None and self._slots[index].owner() is t:
+            return index
+        return None
+
+    # -- the saved-tensor hooks ----------------------------------------------------------------
+    def pack(self, t: torch.Tensor):
+        index = self._find(t)
+        if index is not None:
+            return _Handle(self, index, None)
+        base = t._base
+        if base is not None:
+            index = self._find(base)
+            if index is not None:
+                return _Handle(self, index, (tuple(t.shape), t.stride(), t.storage_offset()))
+        return t.detach()  # not t itself: an op's saved output would keep its own graph alive
+
+    @staticmethod
+    def unpack(packed) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "second-order gradients (create_graph=True) through a DeltaLM forward need its "
+                "states kept: set DELTALEARN_REBUILD_STATES=off (or deltalearn.ops.state_tape."
+                "REBUILD = 'off') for that forward"
+            )
+        if type(packed) is not _Handle:
+            return packed
+        state = packed.tape.state(packed.index)
+        if packed.view is None:
+            return state
+        size, stride, offset = packed.view
+        return state.as_strided(size, stride, offset)
+
+    # -- backward --------------------------------------------------------------------------
+    def state(self, index: int) -> torch.Tensor:
+        """The state of slot `index`: kept, or rebuilt from the nearest kept one above it."""
+        slot = self._slots[index]
+        if slot.kept is not None:
+            return slot.kept
+        chain = [index]  # walk up to a kept state, then rebuild down
+        while self._slots[chain[-1]].kept is None:
+            link = self._slots[chain[-1]].link
+            if link is None:  # unreachable: `kept` is only dropped for a linked slot
+                raise RuntimeError(f"state tape: slot {chain[-1]} has neither state nor link")
+            chain.append(link[0])
+        above = self._slots[chain.pop()].kept
+        for i in reversed(chain):
+            above = self._rebuild(i, above)
+        return above
+
+    def _rebuild(self, index: int, above: torch.Tensor) -> torch.Tensor:
+        slot = self._slots[index]
+        above_index, h, rho, beta, e = slot.link
+        size, stride, dtype, _ = slot.layout
+        spare = self._release_above(above_index, slot.layout)
+        if rho is not None and _native_takes(above, h, rho, beta, e):
+            from deltalearn.ops import native
+
+            X = native.rebuild_state(above, h, rho, beta, e, out=spare)
+        else:
+            scale = beta if rho is None else beta * rho
+            write = h.to(dtype) * scale.to(dtype).unsqueeze(-1)  # (..., d): β k, as formed forward
+            X = rank1_update(above, write, e.to(dtype), value=-1.0)
+        if X.stride() != stride:  # a view of it was saved: the original layout
+            X = torch.empty_strided(size, stride, dtype=dtype, device=X.device).copy_(X)
+        slot.kept = X
+        self._rebuilt.append(index)
+        return X
+
+    def _release_above(self, above_index: int, layout: tuple) -> torch.Tensor | None:
+        """Drop the rebuilt states more than one rewrite above the one being rebuilt (every reader
+        has had them by now); return one of them no other tensor shares memory with and of
+        `layout`, to write the new state into (a fresh state-sized buffer costs page faults on
+        a CPU: 1.5 against 0.2 ms a rebuild at 2048 × 256 × 4)."""
+        spare, keep = None, []
+        for j in self._rebuilt:
+            if j <= above_index:
+                keep.append(j)
+                continue
+            slot = self._slots[j]
+            old, slot.kept = slot.kept, None
+            # 2: `old` and the storage object asked; anything more is another tensor's view.
+            if (
+                spare is None
+                and slot.layout == layout
+                and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2
+            ):
+                spare = old
+        self._rebuilt = keep
+        return spare
+
+    def kept_count(self) -> int:
+        """How many states the tape holds now (tests: one after a DeltaLM forward)."""
+        return sum(slot.kept is not None for slot in self._slots)
+
+
+def _native_takes(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernel rebuilds from these operands (one pass, no temporary): contiguous CPU
+    tensors of one dtype the kernels take, the kernels allowed and built."""
+    from deltalearn.ops import backend
+
+    return all(t.is_contiguous() for t in tensors) and backend.use_native(list(tensors))
+
+
+@contextmanager
+def recording() -> Iterator[StateTape]:
+    """Run a forward with a new `StateTape` active (the saved-tensor hooks and `active()`)."""
+    tape = StateTape()
+    token = _ACTIVE.set(tape)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(tape.pack, StateTape.unpack):
+            yield tape
+    finally:
+        _ACTIVE.reset(token)

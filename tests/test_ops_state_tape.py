@@ -1,0 +1,170 @@
+"""States rebuilt in backward (`ops.state_tape`): the same gradients as keeping them, while a
+training forward keeps only its last state."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import pytest
+import torch
+from model_helpers import random_ids, tiny_model
+
+from deltalearn.ops import backend, native, native_build, state_tape
+from deltalearn.ops.epilogue import rewrite_epilogue
+
+REWRITING = ["ddl", "ddl-cc", "ddl-tc", "write-only-cc", "ddl-cc-noec", "write-only"]
+
+
+def _grads(model, ids, rebuild: str, monkeypatch) -> dict[str, torch.Tensor]:
+    monkeypatch.setattr(state_tape, "REBUILD", rebuild)
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(on: dict, off: dict, rtol: float) -> None:
+    assert on.keys() == off.keys()
+    for name, g in off.items():
+        scale = g.abs().max().clamp_min(1e-30)
+        assert ((on[name] - g).abs().max() / scale).item() < rtol, name
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("variant", REWRITING)
+def test_rebuilt_states_give_the_kept_states_gradients(variant, impl, monkeypatch):
+    monkeypatch.setattr(backend, "BACKEND", impl)
+    model = tiny_model(variant).double().train()
+    ids = random_ids(2, 12)
+    off = _grads(model, ids, "off", monkeypatch)
+    on = _grads(model, ids, "on", monkeypatch)
+    _assert_same_grads(on, off, 1e-11)  # float64: round-off of the rebuild only
+
+
+def test_rebuilt_states_in_fp32_and_under_bf16_autocast(monkeypatch):
+    model = tiny_model("ddl-cc").train()
+    ids = random_ids(2, 12)
+    _assert_same_grads(
+        _grads(model, ids, "on", monkeypatch), _grads(model, ids, "off", monkeypatch), 1e-4
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        on = _grads(model, ids, "on", monkeypatch)
+        off = _grads(model, ids, "off", monkeypatch)
+    _assert_same_grads(on, off, 2e-2)
+
+
+def _block_outputs(model, ids, rebuild: str, monkeypatch):
+    """Weak references to each block's output state after a training forward, and the loss."""
+    monkeypatch.setattr(state_tape, "REBUILD", rebuild)
+    refs = []
+    hooks = [
+        block.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+        for block in model.layers
+    ]
+    try:
+        loss = model(ids, labels=ids).loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return refs, loss
+
+
+@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])
+def test_a_training_forward_keeps_only_its_last_state(variant, monkeypatch):
+    model = tiny_model(variant, num_layers=3).train()
+    ids = random_ids(2, 12)
+    refs, loss = _block_outputs(model, ids, "off", monkeypatch)
+    assert all(r() is not None for r in refs)  # kept for backward
+    refs, loss = _block_outputs(model, ids, "on", monkeypatch)
+    # None of the block outputs is held any more (the tape keeps a detached alias of the last one,
+    # which backward rebuilds the others from).
+    assert not any(r() is not None for r in refs)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_backward_twice_through_a_retained_graph(monkeypatch):
+    model = tiny_model("ddl-cc").double().train()
+    ids = random_ids(2, 12)
+    monkeypatch.setattr(state_tape, "REBUILD", "on")
+    loss = model(ids, labels=ids).loss
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_second_order_gradients_are_refused_with_the_way_out(monkeypatch):
+    model = tiny_model("ddl").double().train()
+    monkeypatch.setattr(state_tape, "REBUILD", "on")
+    loss = model(random_ids(1, 6), labels=random_ids(1, 6)).loss
+    with pytest.raises(RuntimeError, match="DELTALEARN_REBUILD_STATES=off"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+def test_a_chain_of_rewrites_rebuilds_each_state_and_views_of_it():
+    """The tape on its own: three C-kernel rewrites, a view of the first state saved by an op."""
+    torch.manual_seed(0)
+    rows, d, dv = 5, 7, 3
+    X0 = torch.randn(rows, d, dv, dtype=torch.float64, requires_grad=True)
+    params = [
+        [torch.randn(rows, *s, dtype=torch.float64, requires_grad=True) for s in ((d,), (), (dv,))]
+        for _ in range(3)
+    ]
+
+    def forward(rebuild: bool):
+        with state_tape.recording() if rebuild else contextlib.nullcontext() as tape:
+            X = X0 * 1.0  # a state with a graph of its own
+            if tape is not None:
+                tape.add(X)
+            side = X[..., 1].exp().sum()  # saves a view of the first state
+            for h, z, p in params:
+                X = rewrite_epilogue(X, h, z, p)
+            loss = (X * X).sum() + side
+        return loss, tape
+
+    loss, tape = forward(True)
+    assert tape.kept_count() == 1  # the last state only
+    on = torch.autograd.grad(loss, [X0, *sum(params, [])])
+    off = torch.autograd.grad(forward(False)[0], [X0, *sum(params, [])])
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
+def test_the_c_kernel_rewrite_links_its_state():
+    X = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)
+    h, z, p = torch.randn(3, 8), torch.randn(3), torch.randn(3, 2)
+    h, z, p = h.double(), z.double(), p.double()
+    with state_tape.recording() as tape:
+        X1 = X * 2.0
+        tape.add(X1)
+        Y = native.rewrite_epilogue_native(X1, h, z, p, None, "delta", "paper", 4.0, 1e-5)
+    assert tape.kept_count() == 1
+    torch.testing.assert_close(tape.state(0), X1.detach(), rtol=0, atol=1e-14)
+    assert tape.state(1) is not None and tape.state(1).data_ptr() == Y.data_ptr()
+
+
+def test_bad_switch_value_is_named(monkeypatch):
+    monkeypatch.setattr(state_tape, "REBUILD", None)
+    monkeypatch.setenv("DELTALEARN_REBUILD_STATES", "yes")
+    with pytest.raises(ValueError, match="DELTALEARN_REBUILD_STATES.*'yes'"):
+        state_tape.rebuild_enabled()
+
+
+def test_a_callers_saved_tensor_hooks_take_precedence(monkeypatch):
+    """Under `save_on_cpu` (or any hooks of the caller's) the model saves through them, as before."""
+    monkeypatch.setattr(state_tape, "REBUILD", "on")
+    model = tiny_model("ddl-cc").train()
+    ids = random_ids(2, 12)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    state = (2, 12, model.config.hidden_size, model.config.value_channels)
+    assert sum(s == state for s in packed) >= 2 * model.config.num_layers
