@@ -58,6 +58,7 @@ def test_json_names_machine_torch_date_and_settings(model_run):
     _, report = model_run
     assert report["benchmark"] == "model" and report["reference"] == "baseline"
     assert report["machine"] and report["torch"] == torch.__version__
+    assert report["cpu_allocator"] in ("keep", "default")  # recorded: it moves CPU speeds
     assert len(report["date"]) >= 10 and report["date"][4] == "-"
     settings = report["settings"]
     assert settings["overrides"] == {

@@ -35,6 +35,8 @@ import torch
 
 from deltalearn.bench.timing import format_table, interleaved_medians, run_header, sync, timed
 from deltalearn.errors import ConfigError
+from deltalearn.train import host_allocator
+from deltalearn.train.host_allocator import keep_freed_memory
 
 MEASURES = ("train", "infer", "generate", "memory")
 DEFAULT_VARIANTS = ("baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc")
@@ -329,6 +331,7 @@ def model_benchmark(bench: ModelBench) -> list[dict[str, object]]:
 
 def _measure(bench: ModelBench) -> list[dict[str, object]]:
     device = torch.device(bench.device)
+    keep_freed_memory(device)  # as `deltalearn train` runs on a CPU
     runs = {v: build_variant(bench, v) for v in bench.variants}
     rows: dict[str, dict[str, object]] = {
         v: {"variant": v, "params_M": sum(p.numel() for p in r.model.parameters()) / 1e6}
@@ -398,6 +401,8 @@ def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, 
         **run_header(torch.device(bench.device)),
         "peak_tflops": peak,
         "peak_source": source,
+        # CPU runs: whether glibc keeps freed memory (train.host_allocator), as training does.
+        "cpu_allocator": "keep" if host_allocator.applied() else "default",
         "reference": bench.variants[0],
         "settings": dataclasses.asdict(bench),
         "notes": notes,
@@ -417,6 +422,8 @@ def format_model_report(report: dict[str, Any]) -> str:
         f"median of {s['repeats']}",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
+    if report.get("cpu_allocator") == "keep":
+        lines.append("  cpu allocator: freed memory kept for reuse (deltalearn.train.host_allocator)")
     if "flops" in report["notes"]:
         peak = report.get("peak_tflops")
         lines.append(

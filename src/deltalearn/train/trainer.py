@@ -55,6 +55,7 @@ from deltalearn.train.distributed import (
     unwrap,
     wrap_model,
 )
+from deltalearn.train.host_allocator import keep_freed_memory
 from deltalearn.train.logging import RunLogger
 from deltalearn.train.optim import build_optimizer, lr_at
 from deltalearn.train.runs import check_run_paths, quiet_hf
@@ -142,6 +143,7 @@ class Trainer:
         self.cfg, self.env, self.data = cfg, env, data
         self.run_dir = Path(cfg.run.out)
         self.device = env.device
+        keep_freed_memory(self.device)  # CPU: no page faults for each step's activations
         self.dtype = _autocast_dtype(cfg, self.device)
         world, accum = env.world_size, cfg.run.grad_accum
         if cfg.run.batch_size % (world * accum):
