@@ -423,7 +423,9 @@ def format_model_report(report: dict[str, Any]) -> str:
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
     if report.get("cpu_allocator") == "keep":
-        lines.append("  cpu allocator: freed memory kept for reuse (deltalearn.train.host_allocator)")
+        lines.append(
+            "  cpu allocator: freed memory kept for reuse (deltalearn.train.host_allocator)"
+        )
     if "flops" in report["notes"]:
         peak = report.get("peak_tflops")
         lines.append(
