@@ -168,3 +168,35 @@ def test_a_callers_saved_tensor_hooks_take_precedence(monkeypatch):
     loss.backward()
     state = (2, 12, model.config.hidden_size, model.config.value_channels)
     assert sum(s == state for s in packed) >= 2 * model.config.num_layers
+
+
+def test_no_recording_where_hooks_are_refused_or_taken():
+    """torch.func transforms refuse saved-tensor hooks, and a caller's hooks come first."""
+    seen = []
+
+    def f(x):
+        seen.append(state_tape.can_record())
+        return (x * x).sum()
+
+    torch.func.grad(f)(torch.randn(3))
+    assert seen == [False]
+    assert state_tape.can_record()
+    with torch.autograd.graph.save_on_cpu():
+        assert not state_tape.can_record()
+
+
+def test_the_tape_dies_with_the_graph(monkeypatch):
+    """No reference cycle: the tape (and the last state it keeps) goes once the graph does."""
+    monkeypatch.setattr(state_tape, "REBUILD", "on")
+    model = tiny_model("ddl-cc").train()
+    tapes = []
+    hook = model.layers[0].register_forward_hook(
+        lambda m, a, out: tapes.append(weakref.ref(state_tape.active()))
+    )
+    ids = random_ids(2, 8)
+    loss = model(ids, labels=ids).loss
+    hook.remove()
+    assert tapes[0]() is not None  # the graph holds it
+    loss.backward()
+    del loss
+    assert tapes[0]() is None

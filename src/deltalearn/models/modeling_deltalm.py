@@ -481,14 +481,14 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
     @staticmethod
     def _rebuilds_states() -> bool:
         """Whether this forward keeps only its last state for backward and rebuilds the others
-        from it (`ops.state_tape`): with autograd, outside `torch.compile`, unless switched off or
-        saved-tensor hooks of the caller's are active (`save_on_cpu`, a checkpoint around the
-        model: theirs decide what is kept)."""
+        from it (`ops.state_tape`): with autograd, outside `torch.compile`, unless switched off,
+        inside a torch.func transform, or under saved-tensor hooks of the caller's (`save_on_cpu`,
+        a checkpoint around the model: theirs decide what is kept)."""
         return (
             torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and state_tape.rebuild_enabled()
-            and not state_tape.outer_hooks_active()
+            and state_tape.can_record()
         )
 
     @property

@@ -24,8 +24,9 @@ Second-order gradients (`create_graph=True`) are refused: a detached tensor carr
 
 `DELTALEARN_REBUILD_STATES` ("on", the default, or "off"; or `REBUILD` below) switches it; DeltaLM
 uses it in every forward with autograd except under activation checkpointing (which keeps no
-states at all), `torch.compile`, and saved-tensor hooks of the caller's (`save_on_cpu`, a checkpoint
-around the whole model), which keep deciding what is saved.
+states at all), `torch.compile`, torch.func transforms (which refuse saved-tensor hooks), and
+saved-tensor hooks of the caller's (`save_on_cpu`, a checkpoint around the whole model), which keep
+deciding what is saved.
 """
 
 from __future__ import annotations
@@ -63,11 +64,16 @@ def rebuild_enabled() -> bool:
     return choice == "on"
 
 
-def outer_hooks_active() -> bool:
-    """Whether saved-tensor hooks are active already (`torch.autograd.graph.save_on_cpu`, a
-    non-reentrant checkpoint, a caller's own): a tape inside them would take their place."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
+def can_record() -> bool:
+    """Whether a tape may record now: saved-tensor hooks allowed (torch.func transforms disallow
+    them) and none active already (`torch.autograd.graph.save_on_cpu`, a non-reentrant checkpoint,
+    a caller's own: a tape inside them would take their place)."""
+    autograd = torch._C._autograd
+    allowed = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if allowed is not None and not allowed():
+        return False
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is None
 
 
 def active() -> StateTape | None:
