@@ -200,3 +200,37 @@ def test_the_tape_dies_with_the_graph(monkeypatch):
     loss.backward()
     del loss
     assert tapes[0]() is None
+
+
+@pytest.mark.parametrize("value_channels", [1, 4])
+def test_a_stack_of_drop_in_residuals_under_recording(value_channels):
+    """The README's recipe for your own network: DeltaResidual layers inside `recording()`."""
+    from deltalearn.nn import DeltaResidual, repeat_expansion
+
+    torch.manual_seed(0)
+    d = 24
+    layers = torch.nn.ModuleList(
+        DeltaResidual(d, torch.nn.Linear(d, d), value_channels, record_gates=False)
+        for _ in range(4)
+    ).double()
+    x = torch.randn(5, 7, d, dtype=torch.float64)
+
+    def run(rebuild: bool):
+        refs = []
+        with state_tape.recording() if rebuild else contextlib.nullcontext():
+            X = x if value_channels == 1 else repeat_expansion(x, value_channels)
+            for layer in layers:
+                X = layer(X)
+                refs.append(weakref.ref(X))
+        loss = (X * X).sum()
+        del X
+        alive = [r() is not None for r in refs]
+        layers.zero_grad(set_to_none=True)
+        loss.backward()
+        return alive, [p.grad.clone() for p in layers.parameters()]
+
+    alive_off, grads_off = run(False)
+    alive_on, grads_on = run(True)
+    assert all(alive_off) and not any(alive_on[:-1])  # the last one: the loss keeps it
+    for a, b in zip(grads_on, grads_off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
