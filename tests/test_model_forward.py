@@ -379,5 +379,5 @@ def test_fused_read_applies_only_where_it_can(monkeypatch):
 
 def test_fused_read_switch_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("DELTALEARN_FUSED_READ", "yes")
-    with pytest.raises(ValueError, match=r"DELTALEARN_FUSED_READ.*\['off', 'on'\].*'yes'"):
+    with pytest.raises(ValueError, match=r"DELTALEARN_FUSED_READ.*\['on', 'off'\].*'yes'"):
         tiny_model("ddl-cc")(random_ids(1, 4))

@@ -23,8 +23,6 @@ the last switching every fast path off).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from deltalearn.ops import backend, native
@@ -36,6 +34,7 @@ from deltalearn.ops.reference import (
     normalize_direction,
     write_only_reference,
 )
+from deltalearn.ops.switches import switched_on
 
 EPILOGUE_RULES = ("delta", "write_only")
 EPILOGUE_VALUE_HEADS = ("paper", "official")
@@ -47,19 +46,17 @@ EPILOGUE_VALUE_HEADS = ("paper", "official")
 # (Only within a block: the next block's read would need that block's parameters outside its own
 # forward, where FSDP2 keeps them sharded.)
 FUSED_READ: str | None = None
-FUSED_READ_CHOICES = ("off", "on")
 
 
 def fused_read_enabled() -> bool:
     """Whether DeltaLM fuses each channel-compressor read into the rewrite before it (`FUSED_READ`
     above, else DELTALEARN_FUSED_READ: "on", the default, or "off")."""
-    choice = FUSED_READ if FUSED_READ is not None else os.environ.get("DELTALEARN_FUSED_READ", "on")
-    if choice not in FUSED_READ_CHOICES:
-        raise ValueError(
-            f"fused compressor read (deltalearn.ops.epilogue.FUSED_READ or DELTALEARN_FUSED_READ) "
-            f"must be one of {list(FUSED_READ_CHOICES)}, got {choice!r}"
-        )
-    return choice == "on"
+    return switched_on(
+        FUSED_READ,
+        "DELTALEARN_FUSED_READ",
+        "deltalearn.ops.epilogue.FUSED_READ",
+        "fused compressor read",
+    )
 
 
 def check_epilogue_inputs(

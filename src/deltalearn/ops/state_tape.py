@@ -32,7 +32,6 @@ deciding what is saved.
 from __future__ import annotations
 
 import contextvars
-import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,10 +39,10 @@ from contextlib import contextmanager
 import torch
 
 from deltalearn.ops.fused import rank1_update
+from deltalearn.ops.switches import switched_on
 
 # Module-level override of DELTALEARN_REBUILD_STATES (None: read the environment at each forward).
 REBUILD: str | None = None
-REBUILD_CHOICES = ("on", "off")
 # State dtypes rebuilt: a half-precision Y is rounded, so Y − (βk)eᵀ would not give X back.
 EXACT = (torch.float32, torch.float64)
 
@@ -55,13 +54,12 @@ _ACTIVE: contextvars.ContextVar[StateTape | None] = contextvars.ContextVar(
 def rebuild_enabled() -> bool:
     """Whether DeltaLM rebuilds states in backward (`REBUILD`, else DELTALEARN_REBUILD_STATES:
     "on", the default, or "off")."""
-    choice = REBUILD if REBUILD is not None else os.environ.get("DELTALEARN_REBUILD_STATES", "on")
-    if choice not in REBUILD_CHOICES:
-        raise ValueError(
-            f"state rebuilding (deltalearn.ops.state_tape.REBUILD or DELTALEARN_REBUILD_STATES) "
-            f"must be one of {list(REBUILD_CHOICES)}, got {choice!r}"
-        )
-    return choice == "on"
+    return switched_on(
+        REBUILD,
+        "DELTALEARN_REBUILD_STATES",
+        "deltalearn.ops.state_tape.REBUILD",
+        "state rebuilding",
+    )
 
 
 def can_record() -> bool:
