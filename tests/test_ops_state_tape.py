@@ -234,3 +234,22 @@ def test_a_stack_of_drop_in_residuals_under_recording(value_channels):
     assert all(alive_off) and not any(alive_on[:-1])  # the last one: the loss keeps it
     for a, b in zip(grads_on, grads_off, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
+def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch):
+    """Down a 3-block model, each state after the first two rebuilt ones goes into the buffer of
+    one already read by all its consumers (a fresh buffer costs page faults on a CPU)."""
+    monkeypatch.setattr(state_tape, "REBUILD", "on")
+    outs = []
+    real = native.rebuild_state
+
+    def spy(*args, out=None):
+        outs.append(out is not None)
+        return real(*args, out=out)
+
+    monkeypatch.setattr(native, "rebuild_state", spy)
+    model = tiny_model("ddl-cc", num_layers=3).train()
+    ids = random_ids(2, 8)
+    model(ids, labels=ids).loss.backward()
+    assert len(outs) == 6 and outs[:2] == [False, False] and all(outs[2:]), outs

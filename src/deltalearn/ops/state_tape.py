@@ -239,12 +239,7 @@ class StateTape:
                 continue
             slot = self._slots[j]
             old, slot.kept = slot.kept, None
-            # 2: `old` and the storage object asked; anything more is another tensor's view.
-            if (
-                spare is None
-                and slot.layout == layout
-                and torch._C._storage_Use_Count(old.untyped_storage()._cdata) == 2
-            ):
+            if spare is None and slot.layout == layout and _unshared(old):
                 spare = old
         self._rebuilt = keep
         return spare
@@ -252,6 +247,13 @@ class StateTape:
     def kept_count(self) -> int:
         """How many states the tape holds now (tests: one after a DeltaLM forward)."""
         return sum(slot.kept is not None for slot in self._slots)
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """Whether no tensor but `t` uses its memory (False where torch cannot say)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # 2: `t` and the storage object asked; anything more is another tensor's view.
+    return use_count is not None and use_count(t.untyped_storage()._cdata) == 2
 
 
 def _native_takes(*tensors: torch.Tensor) -> bool:
