@@ -6,7 +6,8 @@ Why one Function and not autograd through the generators: autograd through `k = 
 well as k alive for backward (two `d`-vectors per token and sublayer, where one is enough), and
 records a graph node per generator op. This Function saves X, k (h where h is narrower, under
 autocast), 1/‖h‖ and per-row scalars only; on a CPU training step at width 256 that is 16 MB of the
-32 MB ddl spends above the baseline.
+32 MB ddl spends above the baseline. (In a DeltaLM training forward X is rebuilt from Y in backward
+rather than kept: `ops/state_tape.py`.)
 
 Math (matrix state; a vector state is dv = 1), with the rewrite's own gradients from `ops/fused.py`:
     ρ = (‖h‖² + ε²)^-½,  k = ρ h          ∂L/∂h = ρ (∂L/∂k − k (kᵀ ∂L/∂k))

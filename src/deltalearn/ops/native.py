@@ -9,7 +9,8 @@ accumulates every tap and value channel of a row in one loop.
 
 Without autograd (inference, cached decoding) the kernels are called directly; with it, through one
 autograd Function each. Saved for backward: X (the delta rule), h, and per-row scalars; with
-`compress`, also Y (the state the next sublayer keeps anyway) and C.
+`compress`, also Y (the state the next sublayer keeps anyway) and C. In a DeltaLM training forward
+the states among them are rebuilt rather than kept (`ops/state_tape.py`, `rebuild_state` below).
 """
 
 from __future__ import annotations

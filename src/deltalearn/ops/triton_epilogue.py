@@ -4,7 +4,9 @@ Per row (token) the kernel reads the projections the sublayer already computed �
 h `(d)`, the gate logit z `()`, the value pre-activation p `(dv)` — and the state X `(d, dv)`, and
 writes Y `(d, dv)`; nothing else of the row's size ever reaches global memory. Saved for backward:
 the inputs X, h, z, p only; the norm, β, v and the readout are recomputed there (a few flops per
-element against a second state-sized tensor kept alive for every sublayer).
+element against a second state-sized tensor kept alive for every sublayer). Where a state tape
+records the forward (`ops/state_tape.py`), the kernel also writes e, 1/n and β per row (fp32),
+from which backward rebuilds X out of Y instead of keeping it.
 
 Forward (a vector state is the case dv = 1):
     n = sqrt(‖h‖² + ε²),  k = h / n,  β = 2σ(z),  v = p  or  s·σ(p)        ("paper" / "official")
