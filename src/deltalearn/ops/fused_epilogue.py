@@ -46,13 +46,14 @@ class _RewriteEpilogue(torch.autograd.Function):
         # A vector state stays in vector ops (fewer per decoded token): e (...), else (..., dv).
         e = v - _readout(k, X) if rule == "delta" else v
         Y = rank1_update(X.to(acc), beta[..., None] * k, e)
-        tape = state_tape.active()
-        if tape is not None and X.dtype == acc:  # a rounded state cannot be rebuilt exactly
-            tape.link(X, Y, k, None, beta, e)
         # The state is saved only where backward reads it; a bf16 state is saved as it came. A
         # half-precision h (the branch output under autocast) is half the bytes of k: keep h and
         # recompute k = ρh in backward (the same ops, so the same numbers).
         ctx.k_from_h = h.dtype != acc
+        tape = state_tape.active()
+        if tape is not None and X.dtype == acc:  # a rounded state cannot be rebuilt exactly
+            # What the Function keeps anyway: h and ρ where it keeps h, else k itself.
+            tape.link(X, Y, *((h, rho) if ctx.k_from_h else (k, None)), beta, e)
         ctx.save_for_backward(
             X if rule == "delta" else None, h if ctx.k_from_h else k, rho, beta, e, v
         )
