@@ -253,3 +253,35 @@ def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch):
     ids = random_ids(2, 8)
     model(ids, labels=ids).loss.backward()
     assert len(outs) == 6 and outs[:2] == [False, False] and all(outs[2:]), outs
+
+
+def test_a_node_holding_two_states_apart_keeps_its_numbers():
+    """An op that saved states two rewrites apart (X_i and X_{i+2}) unpacks the upper one first,
+    then the lower one, whose rebuild drops the upper one: its buffer, still held by the node, must
+    not take the next rebuilt state."""
+    torch.manual_seed(0)
+    rows, d, dv = 6, 8, 2
+    X0 = torch.randn(rows, d, dv, dtype=torch.float64, requires_grad=True)
+    params = [
+        [torch.randn(rows, *s, dtype=torch.float64, requires_grad=True) for s in ((d,), (), (dv,))]
+        for _ in range(4)
+    ]
+
+    def forward(rebuild: bool):
+        with state_tape.recording() if rebuild else contextlib.nullcontext() as tape:
+            X = X0 * 1.0
+            if tape is not None:
+                tape.add(X)
+            states = [X]
+            for h, z, p in params:
+                X = rewrite_epilogue(X, h, z, p)
+                states.append(X)
+            # each order of saving (and unpacking) the two
+            loss = (states[3] * states[1]).sum() + (states[1] * states[3]).exp().sum()
+            loss = loss + (X * X).sum()
+        return loss
+
+    on = torch.autograd.grad(forward(True), [X0, *sum(params, [])])
+    off = torch.autograd.grad(forward(False), [X0, *sum(params, [])])
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

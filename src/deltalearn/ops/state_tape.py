@@ -16,9 +16,9 @@ before the rewrite that made it, so each state is rebuilt once, from the one abo
 one pass over the state per sublayer in backward; the rebuilt state differs from the kept one by
 round-off (a few ulp of X_{i+1}; the errors add, they do not grow, down the chain).
 
-Rewrites that can be inverted this way say so with `StateTape.link` (the C kernels and the PyTorch
-Function of the fused epilogue); a state whose rewrite never links (the Triton kernel, the reference
-composition) stays kept as before. Every other saved tensor is kept as a detached alias (returning
+Rewrites that can be inverted this way say so with `StateTape.link` (the C kernels, the Triton
+kernel and the PyTorch Function of the fused epilogue); a state whose rewrite never links (the
+reference composition, a half-precision state) stays kept as before. Every other saved tensor is kept as a detached alias (returning
 it as-is would tie an op's output to its own graph node: a reference cycle autograd cannot free).
 Second-order gradients (`create_graph=True`) are refused: a detached tensor carries none.
 
@@ -187,7 +187,9 @@ class StateTape:
             return packed
         state = packed.tape.state(packed.index)
         if packed.view is None:
-            return state
+            # An alias of its own, not the tape's tensor: while anything holds it, the tape sees
+            # its memory shared and writes no other rebuilt state into it (`_unshared`).
+            return state.detach()
         size, stride, offset = packed.view
         return state.as_strided(size, stride, offset)
 
