@@ -102,33 +102,47 @@ def test_second_order_gradients_are_refused_with_the_way_out(monkeypatch):
         torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
 
 
-def test_a_chain_of_rewrites_rebuilds_each_state_and_views_of_it():
-    """The tape on its own: three C-kernel rewrites, a view of the first state saved by an op."""
+def _chain_gradients(rows: int, d: int, dv: int, rewrites: int, loss_of) -> tuple[list, list, int]:
+    """Gradients of `loss_of(states)` over a chain of `rewrites` fused rewrites from a random
+    float64 state (its first state with a graph of its own), with the tape recording and without;
+    and the number of states the tape still held after the forward."""
     torch.manual_seed(0)
-    rows, d, dv = 5, 7, 3
     X0 = torch.randn(rows, d, dv, dtype=torch.float64, requires_grad=True)
     params = [
         [torch.randn(rows, *s, dtype=torch.float64, requires_grad=True) for s in ((d,), (), (dv,))]
-        for _ in range(3)
+        for _ in range(rewrites)
     ]
-
-    def forward(rebuild: bool):
+    leaves = [X0, *sum(params, [])]
+    results, kept = [], 0
+    for rebuild in (True, False):
         with state_tape.recording() if rebuild else contextlib.nullcontext() as tape:
-            X = X0 * 1.0  # a state with a graph of its own
+            states = [X0 * 1.0]
             if tape is not None:
-                tape.add(X)
-            side = X[..., 1].exp().sum()  # saves a view of the first state
+                tape.add(states[0])
             for h, z, p in params:
-                X = rewrite_epilogue(X, h, z, p)
-            loss = (X * X).sum() + side
-        return loss, tape
+                states.append(rewrite_epilogue(states[-1], h, z, p))
+            loss = loss_of(states)
+        if tape is not None:
+            kept = tape.kept_count()
+        results.append(torch.autograd.grad(loss, leaves))
+    return *results, kept
 
-    loss, tape = forward(True)
-    assert tape.kept_count() == 1  # the last state only
-    on = torch.autograd.grad(loss, [X0, *sum(params, [])])
-    off = torch.autograd.grad(forward(False)[0], [X0, *sum(params, [])])
+
+def _assert_all_close(on, off) -> None:
     for a, b in zip(on, off, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_chain_of_rewrites_rebuilds_each_state_and_views_of_it():
+    """The tape on its own: three C-kernel rewrites, a view of the first state saved by an op."""
+
+    def loss_of(states):
+        side = states[0][..., 1].exp().sum()  # saves a view of the first state
+        return (states[-1] * states[-1]).sum() + side
+
+    on, off, kept = _chain_gradients(5, 7, 3, 3, loss_of)
+    assert kept == 1  # the last state only
+    _assert_all_close(on, off)
 
 
 @pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
@@ -259,29 +273,11 @@ def test_a_node_holding_two_states_apart_keeps_its_numbers():
     """An op that saved states two rewrites apart (X_i and X_{i+2}) unpacks the upper one first,
     then the lower one, whose rebuild drops the upper one: its buffer, still held by the node, must
     not take the next rebuilt state."""
-    torch.manual_seed(0)
-    rows, d, dv = 6, 8, 2
-    X0 = torch.randn(rows, d, dv, dtype=torch.float64, requires_grad=True)
-    params = [
-        [torch.randn(rows, *s, dtype=torch.float64, requires_grad=True) for s in ((d,), (), (dv,))]
-        for _ in range(4)
-    ]
 
-    def forward(rebuild: bool):
-        with state_tape.recording() if rebuild else contextlib.nullcontext() as tape:
-            X = X0 * 1.0
-            if tape is not None:
-                tape.add(X)
-            states = [X]
-            for h, z, p in params:
-                X = rewrite_epilogue(X, h, z, p)
-                states.append(X)
-            # each order of saving (and unpacking) the two
-            loss = (states[3] * states[1]).sum() + (states[1] * states[3]).exp().sum()
-            loss = loss + (X * X).sum()
-        return loss
+    def loss_of(states):
+        # each order of saving (and unpacking) the two
+        apart = (states[3] * states[1]).sum() + (states[1] * states[3]).exp().sum()
+        return apart + (states[-1] * states[-1]).sum()
 
-    on = torch.autograd.grad(forward(True), [X0, *sum(params, [])])
-    off = torch.autograd.grad(forward(False), [X0, *sum(params, [])])
-    for a, b in zip(on, off, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    on, off, _ = _chain_gradients(6, 8, 2, 4, loss_of)
+    _assert_all_close(on, off)
