@@ -36,7 +36,6 @@ import torch
 from deltalearn.bench.timing import format_table, interleaved_medians, run_header, sync, timed
 from deltalearn.errors import ConfigError
 from deltalearn.train import host_allocator
-from deltalearn.train.host_allocator import keep_freed_memory
 
 MEASURES = ("train", "infer", "generate", "memory")
 DEFAULT_VARIANTS = ("baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc")
@@ -331,7 +330,7 @@ def model_benchmark(bench: ModelBench) -> list[dict[str, object]]:
 
 def _measure(bench: ModelBench) -> list[dict[str, object]]:
     device = torch.device(bench.device)
-    keep_freed_memory(device)  # as `deltalearn train` runs on a CPU
+    host_allocator.keep_freed_memory(device)  # as `deltalearn train` runs on a CPU
     runs = {v: build_variant(bench, v) for v in bench.variants}
     rows: dict[str, dict[str, object]] = {
         v: {"variant": v, "params_M": sum(p.numel() for p in r.model.parameters()) / 1e6}

@@ -385,7 +385,8 @@ class _RewriteEpilogue(torch.autograd.Function):
         save_rows = tape is not None and n_rows > 0
         if save_rows:
             e = torch.empty((n_rows, dv), dtype=torch.float32, device=X.device)
-            rho, beta = (torch.empty(n_rows, dtype=torch.float32, device=X.device) for _ in "rb")
+            rho = torch.empty(n_rows, dtype=torch.float32, device=X.device)
+            beta = torch.empty_like(rho)
         else:
             e = rho = beta = Y  # unwritten placeholder pointers
         grid = (triton.cdiv(n_rows, block_m),)
