@@ -4,9 +4,12 @@
     deltalearn bench model      DeltaLM variants vs the additive baseline: training, full-sequence
                                 inference, cached generation and the training step's peak memory
     deltalearn bench decode     cached generation: dynamic vs static cache, eager vs compiled
+    deltalearn bench kernels    the Triton kernels the variants launch, compiled for a CUDA GPU
+                                here (no GPU needed): registers, spills, shared memory
 
 Every figure comes with its ratio to the reference measured in the same run (interleaved repeats,
-median), and every report names the machine, the torch version and the date.
+median), and every report names the machine, the torch version and the date (`kernels` measures
+no time: it compiles).
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from deltalearn.bench.decode import (
     format_decode_report,
 )
 from deltalearn.bench.decode import __doc__ as DECODE_DOC
+from deltalearn.bench.kernels import MODES as KERNEL_MODES
+from deltalearn.bench.kernels import (
+    KernelBench,
+    format_kernels_report,
+    kernels_benchmark,
+    kernels_report,
+)
+from deltalearn.bench.kernels import __doc__ as KERNELS_DOC
 from deltalearn.bench.model import (
     DEFAULT_VARIANTS,
     DTYPES,
@@ -38,6 +49,7 @@ from deltalearn.bench.model import (
 from deltalearn.bench.model import __doc__ as MODEL_DOC
 from deltalearn.bench.operator import operator_benchmark
 from deltalearn.bench.timing import format_table, run_header, write_json
+from deltalearn.errors import ConfigError
 
 __all__ = [
     "DecodeBench",
@@ -48,7 +60,7 @@ __all__ = [
     "operator_benchmark",
 ]
 
-_SUBCOMMANDS = ("operator", "model", "decode")
+_SUBCOMMANDS = ("operator", "model", "decode", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--json", type=Path, help="also write the report as JSON here")
+
+    k = sub.add_parser(
+        "kernels",
+        help="the Triton kernels the variants launch, compiled for a CUDA GPU (no GPU needed)",
+        description=KERNELS_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    k.add_argument("--size", default="small", help="preset size: tiny, small, medium")
+    k.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    k.add_argument("--variants", default=",".join(KernelBench().variants))
+    k.add_argument("--dtypes", default="bfloat16,float32", help="autocast dtypes (float32: none)")
+    k.add_argument("--modes", default=",".join(KERNEL_MODES))
+    k.add_argument("--batch", type=int, default=2)
+    k.add_argument("--seq", type=int, default=16)
+    k.add_argument(
+        "--arch", type=int, default=90, help="compute capability: 90 = sm_90 (H100/H200)"
+    )
+    k.add_argument("--json", type=Path, help="also write the report as JSON here")
     return parser
+
+
+def _kernels(args: argparse.Namespace) -> dict:
+    """`bench kernels`, which needs triton (the optional `gpu` extra)."""
+    from deltalearn.ops.backend import triton_available
+
+    if not triton_available():
+        raise ConfigError("bench kernels compiles Triton kernels: pip install 'deltalearn[gpu]'")
+    bench = KernelBench(
+        variants=_split(args.variants),
+        size=args.size,
+        overrides=parse_overrides(args.set),
+        dtypes=_split(args.dtypes),
+        modes=_split(args.modes),
+        batch=args.batch,
+        seq=args.seq,
+        arch=args.arch,
+    )
+    report = kernels_report(bench, kernels_benchmark(bench))
+    print(format_kernels_report(report))
+    return report
 
 
 def _split(text: str) -> list[str]:
@@ -178,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = decode_report(decode, decode_benchmark(decode))
         print(format_decode_report(report))
+    elif args.what == "kernels":
+        report = _kernels(args)
     else:
         bench = ModelBench(
             variants=_split(args.variants),
