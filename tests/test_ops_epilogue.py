@@ -195,6 +195,23 @@ def test_non_contiguous_inputs_and_two_leading_axes(interpreted):
     _check_against_reference(leaves, "delta", "official")
 
 
+def test_dense_rows_apart_and_strided_rows_take_their_own_kernels(interpreted):
+    """Rows that are contiguous `(d, dv)` blocks, however far apart, get constant in-row strides
+    (vector loads on a GPU); rows that are not keep the runtime strides; value pre-activations
+    p whose rows lie apart keep theirs. All match the reference."""
+    d, dv = 40, 4
+    X = torch.randn(2, 3, d + 5, dv)[:, :, :d]  # dense rows, (d + 5)·dv apart
+    p = torch.randn(6, dv + 2)[:, :dv].reshape(2, 3, dv)
+    leaves = [t.detach().requires_grad_() for t in (X, torch.randn(2, 3, d), torch.randn(2, 3), p)]
+    assert te._dense_rows(X.reshape(6, d, dv)) and not X.is_contiguous()
+    assert not p.reshape(6, dv).is_contiguous()
+    _check_against_reference(leaves, "delta", "official")
+    strided = torch.randn(2, 3, dv, d).transpose(-1, -2)  # channels d apart
+    assert not te._dense_rows(strided.reshape(6, d, dv))
+    leaves[0] = strided.detach().requires_grad_()
+    _check_against_reference(leaves, "delta", "paper")
+
+
 def test_upstream_gradient_with_zero_strides(interpreted):
     # Y.sum() hands backward an expanded (stride 0) gradient; the kernel reads it in place.
     leaves = _inputs((3,), 96, 2)

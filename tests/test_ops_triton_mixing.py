@@ -127,6 +127,17 @@ def test_strided_states(interpreted):
     _compare(channel_mix, channel_mix_reference, sliced.requires_grad_(), C)
 
 
+def test_dense_tokens_apart(interpreted):
+    """Tokens that are contiguous `(d, dv)` blocks further apart than d·dv: the kernels take the
+    in-token strides as constants (vector loads on a GPU) and the token stride as it is."""
+    xs = torch.randn(2, 19, 30, 4)[:, :, :24]
+    assert tm._dense_tokens(xs) and not xs.is_contiguous()
+    assert not tm._dense_tokens(torch.randn(2, 19, 4, 24).transpose(-1, -2))
+    _compare(token_mix, token_mix_reference, xs.requires_grad_(), torch.randn(24, 4, 4), 3)
+    C = torch.randn(24, 4, requires_grad=True)
+    _compare(channel_mix, channel_mix_reference, xs, C)
+
+
 def test_strided_upstream_gradient(interpreted):
     X = torch.randn(4, 11, 24, 4, requires_grad=True)
     C = torch.randn(24, 4, requires_grad=True)

@@ -143,6 +143,7 @@ def _compile_row(launch, arch: int, dtype_name: str) -> dict[str, object]:
         "spilled_bytes": compiled.local_bytes,
         "shared_bytes": compiled.shared_bytes,
         "warps": compiled.num_warps,
+        "wide_load_share": round(compiled.wide_load_share, 3),
         "used_by": [],
     }
 
@@ -175,6 +176,7 @@ def format_kernels_report(report: dict[str, Any]) -> str:
         "spilled_bytes": "spilled B",
         "shared_bytes": "shared B",
         "warps": "warps",
+        "wide_load_share": "128-bit loads",
         "used_by": "launched by",
     }
     return "\n".join([*head, format_table(report["rows"], columns)])

@@ -73,6 +73,9 @@ class CompiledLaunch:
     stack_bytes: int
     shared_bytes: int
     num_warps: int
+    # Of the bits the kernel's global-load instructions fetch, counted over the instructions in
+    # its code (not executed), the share fetched 128 bits at a time (`ld.global.v4.b32`).
+    wide_load_share: float
     usage_line: str = field(repr=False)
 
 
@@ -172,8 +175,26 @@ def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
         stack_bytes=usage["STACK"],
         shared_bytes=usage["SHARED"],
         num_warps=options.num_warps,
+        wide_load_share=wide_load_share(compiled.asm["ptx"]),
         usage_line=usage["line"],
     )
+
+
+def wide_load_share(ptx: str) -> float:
+    """The share of the bits `ptx`'s global loads fetch that 128-bit instructions fetch (each
+    instruction counted once, as written). A tile of contiguous channel vectors loaded one 32-bit
+    value at a time gives ~0; one vector load per thread and row gives ~1."""
+    total = wide = 0
+    for qualifiers in re.findall(r"\bld\.global((?:\.[\w:]+)+)", ptx):
+        lanes, bits = 1, 0
+        for q in qualifiers.split(".")[1:]:
+            if re.fullmatch(r"v\d+", q):
+                lanes = int(q[1:])
+            elif re.fullmatch(r"[bfsu]\d+", q):
+                bits = int(q[1:])
+        total += lanes * bits
+        wide += lanes * bits if lanes * bits >= 128 else 0
+    return wide / total if total else 0.0
 
 
 def resource_usage(cubin: bytes) -> dict[str, Any]:

@@ -31,6 +31,9 @@ BLOCK_D·dv ≤ MAX_TILE) the forward holds h and X in registers between the red
 wider rows are processed in NUM_CHUNKS chunks of BLOCK_D columns, twice (reduce, then write). The
 backward always takes the two passes over smaller tiles (MAX_TILE_BWD); the second re-reads what the
 same program has just read, mostly from cache.
+Rows that lie as contiguous `(d, dv)` blocks (any distance apart) get their in-row strides as
+compile-time constants (`X_DENSE`, `G_DENSE`): Triton then loads a thread's channel vector in one
+128-bit access rather than one 32-bit load per channel (sm_90 code: `deltalearn bench kernels`).
 
 Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) runs these kernels only when the variable is
 set before triton is first imported: triton.language's own jitted helpers (`tl.sum`, `tl.sigmoid`)
@@ -66,6 +69,26 @@ COMPRESS_PROGRAMS: int | None = None
 
 
 @triton.jit
+def _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV: tl.constexpr, DENSE: tl.constexpr):
+    """Pointers to the value channels of each row's first feature `(BLOCK_M, 1, BLOCK_V)`, and the
+    feature stride. A dense row (`(d, dv)` contiguous) has the strides `(DV, 1)` as constants:
+    Triton then knows each channel vector is contiguous and aligned and loads it in one access
+    (`ld.global.v4` at dv = 4) instead of one per channel."""
+    if DENSE:
+        return X + rows[:, None, None] * sx_m + vcol[None, None, :], DV
+    return X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v, sx_d
+
+
+@triton.jit
+def _channels(P, rows, vcol, sp_m, sp_v, DV: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """Pointers to the per-row channel values `(BLOCK_M, BLOCK_V)` of P `(N, dv)`; contiguous
+    (rows DV apart) with constant strides, as `_state_rows`."""
+    if CONTIGUOUS:
+        return P + rows[:, None] * DV + vcol[None, :]
+    return P + rows[:, None] * sp_m + vcol[None, :] * sp_v
+
+
+@triton.jit
 def _store_rows(E, RHO, BETA, rows, rmask, vcol, pv_mask, e, inv_n, beta, DV: tl.constexpr):
     """The row scalars that let `ops.state_tape` rebuild X from Y: e, 1/n and β (fp32)."""
     tl.store(E + rows[:, None] * DV + vcol[None, :], e, mask=pv_mask)
@@ -80,7 +103,7 @@ def _fwd_kernel(
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
-    COMPRESS: tl.constexpr, SAVE_ROWS: tl.constexpr,
+    COMPRESS: tl.constexpr, SAVE_ROWS: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,7 +115,8 @@ def _fwd_kernel(
 
     beta = 2.0 * tl.sigmoid(tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32))
     pv_mask = rmask[:, None] & vmask[None, :]
-    pre = tl.load(P + rows[:, None] * sp_m + vcol[None, :] * sp_v, mask=pv_mask, other=0.0)
+    p_ptr = _channels(P, rows, vcol, sp_m, sp_v, DV, P_CONTIGUOUS)
+    pre = tl.load(p_ptr, mask=pv_mask, other=0.0)
     pre = pre.to(tl.float32)
     if OFFICIAL:
         v = value_scale * tl.sigmoid(pre)
@@ -100,7 +124,7 @@ def _fwd_kernel(
         v = pre  # (BLOCK_M, BLOCK_V); padded value lanes meet G = X = C = 0 below
 
     h_row = H + rows[:, None] * sh_m  # (BLOCK_M, 1) pointers
-    x_row = X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v  # (BLOCK_M, 1, BLOCK_V)
+    x_row, sxd = _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)  # (BLOCK_M, 1, BLOCK_V)
     y_row = Y + rows[:, None, None] * (d * DV) + vcol[None, None, :]  # Y is contiguous
     xn_row = XN + rows[:, None] * d
 
@@ -110,7 +134,7 @@ def _fwd_kernel(
         hm = rmask[:, None] & dmask[None, :]
         xm = hm[:, :, None] & vmask[None, None, :]
         hf = tl.load(h_row + dcol[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-        xf = tl.load(x_row + dcol[None, :, None] * sx_d, mask=xm, other=0.0).to(tl.float32)
+        xf = tl.load(x_row + dcol[None, :, None] * sxd, mask=xm, other=0.0).to(tl.float32)
         inv_n = tl.rsqrt(tl.sum(hf * hf, axis=1) + eps2)
         if DELTA:
             e = v - tl.sum(hf[:, :, None] * xf, axis=1) * inv_n[:, None]
@@ -137,7 +161,7 @@ def _fwd_kernel(
             sq += tl.sum(hf * hf, axis=1)
             if DELTA:
                 xm = hm[:, :, None] & vmask[None, None, :]
-                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
                 hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
         inv_n = tl.rsqrt(sq + eps2)
         if DELTA:
@@ -154,7 +178,7 @@ def _fwd_kernel(
             hm = rmask[:, None] & dmask[None, :]
             xm = hm[:, :, None] & vmask[None, None, :]
             hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-            xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0).to(tl.float32)
+            xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0).to(tl.float32)
             y = (xf + hf[:, :, None] * coef[:, None, :]).to(Y.dtype.element_ty)
             tl.store(y_row + offs[None, :, None] * DV, y, mask=xm)
             if COMPRESS:
@@ -193,7 +217,8 @@ def _bwd_kernel(
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
-    COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr,
+    COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
+    G_DENSE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -210,7 +235,8 @@ def _bwd_kernel(
         zf = tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32)
         beta = 2.0 * tl.sigmoid(zf)
         pv_mask = rmask[:, None] & vmask[None, :]
-        pre = tl.load(P + rows[:, None] * sp_m + vcol[None, :] * sp_v, mask=pv_mask, other=0.0)
+        p_ptr = _channels(P, rows, vcol, sp_m, sp_v, DV, P_CONTIGUOUS)
+        pre = tl.load(p_ptr, mask=pv_mask, other=0.0)
         pre = pre.to(tl.float32)
         if OFFICIAL:
             sig = tl.sigmoid(pre)
@@ -221,8 +247,8 @@ def _bwd_kernel(
             dv_dp = tl.full([BLOCK_M, BLOCK_V], 1.0, tl.float32)
 
         h_row = H + rows[:, None] * sh_m
-        x_row = X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v
-        g_row = G + rows[:, None, None] * sg_m + vcol[None, None, :] * sg_v
+        x_row, sxd = _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+        g_row, sgd = _state_rows(G, rows, vcol, sg_m, sg_d, sg_v, DV, G_DENSE)
         gn_row = GN + rows[:, None] * sn_m
 
         # Pass 1: ‖h‖², hᵀX, hᵀG (G including the compressor term).
@@ -231,13 +257,13 @@ def _bwd_kernel(
         hg = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
-                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
+                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sgd, sn_d,
                 DV, BLOCK_D, COMPRESS,
             )  # fmt: skip
             sq += tl.sum(hf * hf, axis=1)
             hg += tl.sum(hf[:, :, None] * gf, axis=1)
             if DELTA:
-                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
                 hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
 
         inv_n = tl.rsqrt(sq + eps2)
@@ -260,12 +286,12 @@ def _bwd_kernel(
         # Pass 2: the row-sized gradients ∂h, ∂X (and the ∂C partial sums).
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
-                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
+                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sgd, sn_d,
                 DV, BLOCK_D, COMPRESS,
             )  # fmt: skip
             gk = tl.sum(gf * e[:, None, :], axis=2)
             if DELTA or COMPRESS:
-                xf = tl.load(x_row + offs[None, :, None] * sx_d, mask=xm, other=0.0)
+                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
                 xf = xf.to(tl.float32)
             if DELTA:
                 gk -= tl.sum(xf * s_g[:, None, :], axis=2)
@@ -335,6 +361,17 @@ def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
     return t if span < 2**31 else t.contiguous()
 
 
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether the rows of `t` `(N, d, dv)` are contiguous blocks, whatever the stride between
+    rows: the kernels then take the strides within a row as constants (`_state_rows`)."""
+    inner = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != inner:
+            return False
+        inner *= size
+    return True
+
+
 def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
     """`t` with its rows flattened to `shape`: a view whenever the leading axes merge (the kernels
     take the strides), int32-safe within a row."""
@@ -397,7 +434,8 @@ class _RewriteEpilogue(torch.autograd.Function):
                 *X.stride(), *h.stride(), z.stride(0), *p.stride(),
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
-                SAVE_ROWS=save_rows, num_warps=_num_warps(block_m, block_d, block_v),
+                SAVE_ROWS=save_rows, X_DENSE=_dense_rows(X), P_CONTIGUOUS=p.is_contiguous(),
+                num_warps=_num_warps(block_m, block_d, block_v),
             )  # fmt: skip
         if save_rows:  # before saving: Y is then a state the tape knows
             tape.link(X_in, Y, h_in, rho, beta, e.reshape(ctx.shapes[3]))
@@ -443,7 +481,8 @@ class _RewriteEpilogue(torch.autograd.Function):
                 *X.stride(), *h.stride(), z.stride(0), *p.stride(), *gY.stride(), *sn,
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
-                COMPRESS=compress, WRITE_GX=write_gx,
+                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=_dense_rows(X),
+                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=_dense_rows(gY),
                 num_warps=_num_warps(block_m, block_d, block_v, compress),
             )  # fmt: skip
         if need_X and not write_gx:

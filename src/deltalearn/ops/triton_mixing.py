@@ -47,12 +47,23 @@ WEIGHT_GRAD_PROGRAMS: int | None = None
 
 
 @triton.jit
+def _feature_channels(dcol, vcol, sx_d, sx_v, DV: tl.constexpr, DENSE: tl.constexpr):
+    """Offsets `(1, BLOCK_D, BLOCK_V)` of features `dcol` and channels `vcol` within a token of
+    the state. Dense (`(d, dv)` contiguous: strides `(DV, 1)`) with constant strides, so Triton
+    loads each channel vector in one access (`ld.global.v4` at dv = 4) rather than one per
+    channel; else the runtime strides."""
+    if DENSE:
+        return dcol[None, :, None] * DV + vcol[None, None, :]
+    return dcol[None, :, None] * sx_d + vcol[None, None, :] * sx_v
+
+
+@triton.jit
 def _read_fwd_kernel(
     XS, W, OUT,
     T, n_tblocks, d, past,
     sx_b, sx_s, sx_d, sx_v,
     DV: tl.constexpr, K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, XS_DENSE: tl.constexpr,
 ):  # fmt: skip
     pid_r = tl.program_id(0)
     b = (pid_r // n_tblocks).to(tl.int64)
@@ -60,7 +71,7 @@ def _read_fwd_kernel(
     dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_V)
     wmask = (dcol < d)[:, None] & (vcol < DV)[None, :]
-    x_base = XS + b * sx_b + dcol[None, :, None] * sx_d + vcol[None, None, :] * sx_v
+    x_base = XS + b * sx_b + _feature_channels(dcol, vcol, sx_d, sx_v, DV, XS_DENSE)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for tau in tl.static_range(K):
         src = t + (past - (K - 1 - tau))
@@ -83,6 +94,7 @@ def _read_bwd_kernel(
     sx_b, sx_s, sx_d, sx_v, sg_b, sg_t, sg_d,
     DV: tl.constexpr, K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GX: tl.constexpr, REDUCE_W: tl.constexpr,
+    XS_DENSE: tl.constexpr,
 ):  # fmt: skip
     pid_r = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -107,7 +119,7 @@ def _read_bwd_kernel(
         if REDUCE_W:
             x_ptr = (
                 XS + b * sx_b + s.to(tl.int64)[:, None, None] * sx_s
-                + dcol[None, :, None] * sx_d + vcol[None, None, :] * sx_v
+                + _feature_channels(dcol, vcol, sx_d, sx_v, DV, XS_DENSE)
             )  # fmt: skip
             x = tl.load(x_ptr, mask=xmask, other=0.0).to(tl.float32)
         gx = tl.zeros([BLOCK_T, BLOCK_D, BLOCK_V], dtype=tl.float32)
@@ -145,6 +157,12 @@ def read_launch_config(d: int, dv: int) -> tuple[int, int, int]:
     return block_t, block_d, block_v
 
 
+def _dense_tokens(xs: torch.Tensor) -> bool:
+    """Whether each token of `xs` `(B, S, d, dv)` is one contiguous `(d, dv)` block."""
+    d, dv = xs.shape[2:]
+    return (d == 1 or xs.stride(2) == dv) and (dv == 1 or xs.stride(3) == 1)
+
+
 def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -> int:
     if WEIGHT_GRAD_PROGRAMS is not None:
         cap = WEIGHT_GRAD_PROGRAMS
@@ -180,6 +198,7 @@ class _ValueRead(torch.autograd.Function):
             _read_fwd_kernel[grid](
                 xs, Wc, out, T, n_tblocks, d, past, *xs.stride(),
                 DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
+                XS_DENSE=_dense_tokens(xs),
             )  # fmt: skip
         ctx.save_for_backward(xs, Wc)
         ctx.past = past
@@ -210,6 +229,7 @@ class _ValueRead(torch.autograd.Function):
                 *xs.stride(), *G.stride(),
                 DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_K=triton.next_power_of_2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
+                XS_DENSE=_dense_tokens(xs),
             )  # fmt: skip
         else:  # no rows: nothing to read
             if need_xs:
