@@ -1,6 +1,6 @@
 """The host's share of an eager training step on the GPU path, measured on any CPU: the model takes
 the code path it takes on CUDA (the Triton rewrite and read Functions, `DELTALEARN_EPILOGUE=triton`)
-with every kernel launch replaced by a no-op, at a width where the arithmetic is negligible, so a
+with every kernel launch recorded instead of made (`ops.triton_aot.recording`), at a width where the arithmetic is negligible, so a
 step's time is what the host spends issuing it (Python, autograd, the dispatcher, the optimizer).
 
     python benchmarks/host_overhead.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--repeats 21]
@@ -25,25 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from deltalearn import DeltaLM
 from deltalearn.bench.model import ModelBench, build_config
 from deltalearn.ops import _shapes as shapes
-from deltalearn.ops import backend
-from deltalearn.ops import triton_epilogue as te
-from deltalearn.ops import triton_mixing as tm
-
-
-class _NoLaunch:
-    """Stands in for a `@triton.jit` kernel: `kernel[grid](...)` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def stub_kernels() -> None:
-    for module, names in (
-        (te, ("_fwd_kernel", "_bwd_kernel")),
-        (tm, ("_read_fwd_kernel", "_read_bwd_kernel")),
-    ):
-        for name in names:
-            setattr(module, name, _NoLaunch())
+from deltalearn.ops import triton_aot
 
 
 class _CountOps(TorchDispatchMode):
@@ -99,8 +81,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    stub_kernels()
-    backend.BACKEND = "triton"
+    # The Triton path with every launch recorded instead of made (the record is dropped).
+    recording = triton_aot.recording()
+    launches = recording.__enter__()
     shapes.SMALL_STATE = (
         0  # the reads of a real-sized state take their Function, not the few-op form
     )
@@ -117,6 +100,7 @@ def main() -> None:
             start = time.perf_counter()
             steps[v]()
             times[v].append(time.perf_counter() - start)
+            launches.clear()
     base = statistics.median(times[variants[0]])
     print(
         f"| variant | autograd nodes | ATen ops fwd + bwd | host ms a step | {variants[0]} ÷ it |"

@@ -281,3 +281,49 @@ def test_a_node_holding_two_states_apart_keeps_its_numbers():
 
     on, off, _ = _chain_gradients(6, 8, 2, 4, loss_of)
     _assert_all_close(on, off)
+
+
+def test_code_that_reads_no_state_runs_without_the_hooks():
+    """`outside`: a branch, or the norm of a compressed x_in, saves its tensors as autograd always
+    does (no Python hook per saved tensor); code given a state keeps the hooks; hooks come back
+    after an error; a caller's own hooks on top are left alone."""
+    seen = []
+
+    def saves(x):
+        seen.append(torch._C._autograd._top_saved_tensors_default_hooks(False))
+        return (x * x).sum()
+
+    X = torch.randn(3, 8, requires_grad=True)
+    with state_tape.recording() as tape:
+        state = X * 2
+        tape.add(state)
+        other = X + 1
+        state_tape.outside(saves, other)
+        state_tape.outside(saves, state)
+        state_tape.outside(saves, state[:, :4])  # a view of a state is one too
+        with pytest.raises(ZeroDivisionError):
+            state_tape.outside(lambda x: 1 / 0, other)
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False)[0] == tape.pack
+        with torch.autograd.graph.save_on_cpu():
+            state_tape.outside(saves, other)
+    assert seen[0] is None
+    assert seen[1][0] == tape.pack and seen[2][0] == tape.pack
+    assert seen[3] is not None and seen[3][0] != tape.pack
+    assert state_tape.outside(saves, other) is not None  # no tape: a plain call
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_weights_and_tensors_without_history_are_saved_as_they_are():
+    """The pack hook hands back what has no graph (a weight, a kernel's row scalars) itself, a
+    detached alias of what has one, a handle for a state."""
+    w = torch.nn.Parameter(torch.randn(4))
+    x = torch.randn(4, requires_grad=True)
+    with state_tape.recording() as tape:
+        y = x * 3
+        tape.add(y)
+        assert tape.pack(w) is w
+        plain = torch.randn(4)
+        assert tape.pack(plain) is plain
+        alias = tape.pack(x * 2)
+        assert alias.grad_fn is None and not alias.requires_grad
+        assert type(tape.pack(y)).__name__ == "_Handle"

@@ -33,6 +33,7 @@ from deltalearn.ops import (
     delta_rewrite_reference,
     native,
     prepared,
+    state_tape,
     write_only_reference,
 )
 from deltalearn.ops._shapes import autocast_on, no_autocast
@@ -135,7 +136,8 @@ class DeltaUpdate(nn.Module):
             )
             self._inference_plan = plan
             return plan(X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous())
-        z, p = gate_and_value(self.gate, self.value, c, u)  # (...) fp32, (..., dv)
+        # (...) fp32, (..., dv); no saved-tensor hooks unless u is a state (ops.state_tape)
+        z, p = state_tape.outside(gate_and_value, self.gate, self.value, c, u)
         if vector:
             p = p.squeeze(-1)
         value_head, value_scale = self.value.kind, self.value.sigmoid_scale
@@ -333,8 +335,10 @@ def residual_step(
     rewrite `update(X, h, c, x_in)`, or `X + h` for the additive rule (`update` None), where a
     matrix state `(..., d, dv)` receives `h` in every value channel. With `compress` (a `(d, dv)`
     mixing matrix; rewrites only) the pair `(X', x_next)` of `DeltaUpdate.forward`."""
-    c = norm(x_in)
-    h = branch(c)
+    # Saved-tensor hooks only where a state is read (ops.state_tape.outside): not in the branch,
+    # nor in the norm of a compressed state's x_in.
+    c = state_tape.outside(norm, x_in)
+    h = state_tape.outside(branch, c)
     if h.shape != x_in.shape:
         raise ValueError(
             f"branch must map (..., {x_in.shape[-1]}) to the same shape; got {tuple(h.shape)} "

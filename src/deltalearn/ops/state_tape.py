@@ -150,12 +150,18 @@ class StateTape:
         lead = h.shape[:-1]
         slot.link = (
             above,
-            h.detach(),
-            None if rho is None else rho.detach().reshape(lead),
-            beta.detach().reshape(lead),
-            e.detach(),
+            _untied(h),
+            None if rho is None else _untied(rho).reshape(lead),
+            _untied(beta).reshape(lead),
+            _untied(e),
         )
         slot.kept = None
+
+    def registered(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a registered state or a view of one."""
+        return self._find(t) is not None or (
+            t._base is not None and self._find(t._base) is not None
+        )
 
     def _find(self, t: torch.Tensor) -> int | None:
         index = self._by_id.get(id(t))
@@ -173,6 +179,8 @@ class StateTape:
             index = self._find(base)
             if index is not None:
                 return _Handle(self, index, (tuple(t.shape), t.stride(), t.storage_offset()))
+        if t.grad_fn is None:  # a weight, or made inside an op's forward: no graph to tie up
+            return t
         return t.detach()  # not t itself: an op's saved output would keep its own graph alive
 
     @staticmethod
@@ -251,6 +259,12 @@ class StateTape:
         return sum(slot.kept is not None for slot in self._slots)
 
 
+def _untied(t: torch.Tensor) -> torch.Tensor:
+    """`t` without its graph: `t` itself when it has none (the row scalars a kernel's forward
+    makes), else a detached alias (one dispatched op fewer where none is needed)."""
+    return t if t.grad_fn is None else t.detach()
+
+
 def _unshared(t: torch.Tensor) -> bool:
     """Whether no tensor but `t` uses its memory (False where torch cannot say)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -264,6 +278,29 @@ def _native_takes(*tensors: torch.Tensor) -> bool:
     from deltalearn.ops import backend
 
     return all(t.is_contiguous() for t in tensors) and backend.use_native(list(tensors))
+
+
+def outside(fn, *args):
+    """`fn(*args)` with the active tape's saved-tensor hooks off unless an argument is a
+    registered state (or a view of one). A sublayer's branch reads only its normalised input, and
+    a compressed state's norm and projections read x_in, not the state; the tensors they save
+    (activations, weights: two dozen a sublayer) the hooks would only pass through, each by a
+    Python call and a dispatched op — host time that bounds eager training on a GPU. Plain
+    `fn(*args)` where no tape records or its hooks are not the innermost ones."""
+    tape = active()
+    autograd = torch._C._autograd
+    if tape is None or not hasattr(autograd, "_pop_saved_tensors_default_hooks"):
+        return fn(*args)
+    if any(isinstance(a, torch.Tensor) and tape.registered(a) for a in args):
+        return fn(*args)
+    top = autograd._top_saved_tensors_default_hooks(False)
+    if top is None or top[0] != tape.pack:
+        return fn(*args)
+    autograd._pop_saved_tensors_default_hooks()
+    try:
+        return fn(*args)
+    finally:
+        autograd._push_saved_tensors_default_hooks(*top)
 
 
 @contextmanager
