@@ -284,6 +284,11 @@ def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, v
     shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
     torch.manual_seed(0)
     model = DeltaLM(DeltaLMConfig.preset(variant, "tiny", **shape))
+    rebuilt = []
+    kernel = te.rebuild_state_triton
+    monkeypatch.setattr(
+        te, "rebuild_state_triton", lambda *a, **k: rebuilt.append(1) or kernel(*a, **k)
+    )
     ids = torch.randint(0, 50, (2, 6))
     results = []
     for rebuild in ("off", "on"):
@@ -300,8 +305,30 @@ def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, v
         results.append([p.grad.clone() for p in model.parameters()])
     kept_off, grads_off, freed_on, grads_on = results
     assert not kept_off and freed_on
+    assert len(rebuilt) == 2 * 2  # the input state of every rewrite, by the rebuild kernel
     for a, b in zip(grads_on, grads_off, strict=True):
         _close(a, b, tol=1e-5)
+
+
+@pytest.mark.parametrize("d, dv", [(40, 1), (96, 4), (200, 3), (8192, 4)])
+def test_the_rebuild_kernel_inverts_the_forward(interpreted, d, dv):
+    """`rebuild_state_triton` gives back the state before a rewrite from the one after it and the
+    row scalars the forward kernel wrote (chunked rows at d = 8192; a strided Y; into `out`)."""
+    from deltalearn.ops import state_tape
+
+    leaves = [t.detach() for t in _inputs((2, 3), d, dv)]
+    X = leaves[0]
+    with state_tape.recording() as tape:
+        tape.add(X)
+        Y = ep.rewrite_epilogue(*leaves, rule="delta", value_head="official")
+    _, h, rho, beta, e = tape._slots[0].link
+    rebuilt = te.rebuild_state_triton(Y, h, rho, beta, e)
+    _close(rebuilt, X, tol=1e-5)
+    strided = Y.transpose(0, 1).contiguous().transpose(0, 1)  # rows apart, each still dense
+    h_strided = torch.randn(2, 3, 2 * d)[..., ::2].copy_(h)  # every other column
+    out = torch.empty_like(Y)
+    assert te.rebuild_state_triton(strided, h_strided, rho, beta, e, out=out) is out
+    _close(out, X, tol=1e-5)
 
 
 def test_compressor_read_bf16(interpreted):

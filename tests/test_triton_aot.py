@@ -32,7 +32,13 @@ pytestmark = [
         not knobs.nvidia.cuobjdump.path, reason="this triton build ships no cuobjdump"
     ),
 ]
-KERNEL_NAMES = {"_fwd_kernel", "_bwd_kernel", "_read_fwd_kernel", "_read_bwd_kernel"}
+KERNEL_NAMES = {
+    "_fwd_kernel",
+    "_bwd_kernel",
+    "_rebuild_kernel",
+    "_read_fwd_kernel",
+    "_read_bwd_kernel",
+}
 
 
 def test_every_kernel_of_the_paper_variants_compiles_for_sm90_without_spills():

@@ -151,8 +151,8 @@ class StateTape:
         slot.link = (
             above,
             _untied(h),
-            None if rho is None else _untied(rho).reshape(lead),
-            _untied(beta).reshape(lead),
+            None if rho is None else _rows_of(_untied(rho), lead),
+            _rows_of(_untied(beta), lead),
             _untied(e),
         )
         slot.kept = None
@@ -227,6 +227,12 @@ class StateTape:
             from deltalearn.ops import native
 
             X = native.rebuild_state(above, h, rho, beta, e, out=spare)
+        elif rho is not None and _triton_takes(above, h):
+            from deltalearn.ops.triton_epilogue import rebuild_state_triton
+
+            # One kernel where the forward was one: the composition below is seven dispatched
+            # ops, host time that eager training on a GPU is bound by.
+            X = rebuild_state_triton(above, h, rho, beta, e, out=spare)
         else:
             scale = beta if rho is None else beta * rho
             write = h.to(dtype) * scale.to(dtype).unsqueeze(-1)  # (..., d): β k, as formed forward
@@ -265,6 +271,11 @@ def _untied(t: torch.Tensor) -> torch.Tensor:
     return t if t.grad_fn is None else t.detach()
 
 
+def _rows_of(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """`t` shaped `lead` (one scalar a row): itself where it is already (no dispatched view)."""
+    return t if t.shape == lead else t.reshape(lead)
+
+
 def _unshared(t: torch.Tensor) -> bool:
     """Whether no tensor but `t` uses its memory (False where torch cannot say)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -301,6 +312,14 @@ def outside(fn, *args):
         return fn(*args)
     finally:
         autograd._push_saved_tensors_default_hooks(*top)
+
+
+def _triton_takes(above: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the Triton kernel rebuilds from these operands: those its forward kernel took (the
+    row scalars it wrote are fp32 and contiguous)."""
+    from deltalearn.ops import backend
+
+    return backend.use_triton([above, h])
 
 
 @contextmanager

@@ -42,6 +42,7 @@ from deltalearn.ops import backend, triton_epilogue, triton_mixing
 KERNELS = (
     (triton_epilogue, "_fwd_kernel"),
     (triton_epilogue, "_bwd_kernel"),
+    (triton_epilogue, "_rebuild_kernel"),
     (triton_mixing, "_read_fwd_kernel"),
     (triton_mixing, "_read_bwd_kernel"),
 )

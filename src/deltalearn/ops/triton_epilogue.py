@@ -316,6 +316,39 @@ def _bwd_kernel(
                 tl.store(gc_ptr, acc + part, mask=cmask)
 
 
+@triton.jit
+def _rebuild_kernel(
+    Y, H, RHO, BETA, E, X,
+    n_rows, d,
+    sy_m, sy_d, sy_v, sh_m, sh_d,
+    DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, Y_DENSE: tl.constexpr,
+):  # fmt: skip
+    """The state before a rewrite from the one after it (`ops.state_tape`): X = Y − (βρh) eᵀ
+    from the row scalars the forward wrote (`_store_rows`); X contiguous."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    rows = rows.to(tl.int64)
+    vcol = tl.arange(0, BLOCK_V)
+    vmask = vcol < DV
+    dcol = tl.arange(0, BLOCK_D)
+    br = tl.load(BETA + rows, mask=rmask, other=0.0) * tl.load(RHO + rows, mask=rmask, other=0.0)
+    pv_mask = rmask[:, None] & vmask[None, :]
+    e = tl.load(E + rows[:, None] * DV + vcol[None, :], mask=pv_mask, other=0.0)
+    h_row = H + rows[:, None] * sh_m
+    y_row, syd = _state_rows(Y, rows, vcol, sy_m, sy_d, sy_v, DV, Y_DENSE)
+    x_row = X + rows[:, None, None] * (d * DV) + vcol[None, None, :]
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK_D + dcol
+        hm = rmask[:, None] & (offs < d)[None, :]
+        xm = hm[:, :, None] & vmask[None, None, :]
+        a = br[:, None] * tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
+        y = tl.load(y_row + offs[None, :, None] * syd, mask=xm, other=0.0).to(tl.float32)
+        x = y - a[:, :, None] * e[:, None, :]
+        tl.store(x_row + offs[None, :, None] * DV, x.to(X.dtype.element_ty), mask=xm)
+
+
 def _floor_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
@@ -420,9 +453,9 @@ class _RewriteEpilogue(torch.autograd.Function):
         # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
         tape = state_tape.active()
         save_rows = tape is not None and n_rows > 0
-        if save_rows:
-            e = torch.empty((n_rows, dv), dtype=torch.float32, device=X.device)
-            rho = torch.empty(n_rows, dtype=torch.float32, device=X.device)
+        if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
+            e = torch.empty(ctx.shapes[3], dtype=torch.float32, device=X.device)
+            rho = torch.empty(ctx.shapes[2], dtype=torch.float32, device=X.device)
             beta = torch.empty_like(rho)
         else:
             e = rho = beta = Y  # unwritten placeholder pointers
@@ -438,7 +471,7 @@ class _RewriteEpilogue(torch.autograd.Function):
                 num_warps=_num_warps(block_m, block_d, block_v),
             )  # fmt: skip
         if save_rows:  # before saving: Y is then a state the tape knows
-            tape.link(X_in, Y, h_in, rho, beta, e.reshape(ctx.shapes[3]))
+            tape.link(X_in, Y, h_in, rho, beta, e)
         ctx.save_for_backward(X, h, z, p, C)
         ctx.delta, ctx.official = delta, official
         ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
@@ -502,6 +535,47 @@ class _RewriteEpilogue(torch.autograd.Function):
             None,
             None,
         )
+
+
+def rebuild_state_triton(
+    Y: torch.Tensor,
+    h: torch.Tensor,
+    rho: torch.Tensor,
+    beta: torch.Tensor,
+    e: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`Y − (β ρ h) eᵀ` (`ops.state_tape`) as one kernel: Y `(..., d)` or `(..., d, dv)`, h
+    `(..., d)`, ρ and β `(...)`, e `(...)` or `(..., dv)` (the fp32 row scalars the forward
+    kernel wrote); written into `out` (contiguous, Y's shape) where given, else a new tensor."""
+    d = h.shape[-1]
+    n_rows = h.numel() // d
+    dv = Y.numel() // h.numel() if h.numel() else 1
+    if out is None or not out.is_contiguous():
+        out = torch.empty(Y.shape, dtype=Y.dtype, device=Y.device)
+    X = out
+    if n_rows == 0:
+        return X
+    # Strides of the rows without reshaping where the layout is plain: each view is a
+    # dispatched op, and eager training on a GPU is bound by host work.
+    if Y.is_contiguous():
+        y_strides, y_dense = (d * dv, dv, 1), True
+    else:
+        Y = _rows(Y, n_rows, d, dv)
+        y_strides, y_dense = Y.stride(), _dense_rows(Y)
+    if h.is_contiguous():
+        h_strides = (d, 1)
+    else:
+        h = _rows(h, n_rows, d)
+        h_strides = h.stride()
+    rho, beta, e = (t if t.is_contiguous() else t.contiguous() for t in (rho, beta, e))
+    block_m, block_d, num_chunks, block_v = launch_config(d, dv)
+    _rebuild_kernel[(triton.cdiv(n_rows, block_m),)](
+        Y, h, rho, beta, e, X, n_rows, d, *y_strides, *h_strides,
+        DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d, NUM_CHUNKS=num_chunks,
+        Y_DENSE=y_dense, num_warps=_num_warps(block_m, block_d, block_v),
+    )  # fmt: skip
+    return X
 
 
 def rewrite_epilogue_triton(
