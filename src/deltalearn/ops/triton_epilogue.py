@@ -397,12 +397,30 @@ def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
 def _dense_rows(t: torch.Tensor) -> bool:
     """Whether the rows of `t` `(N, d, dv)` are contiguous blocks, whatever the stride between
     rows: the kernels then take the strides within a row as constants (`_state_rows`)."""
+    return _dense(t.shape, t.stride())
+
+
+def _dense(shape, strides) -> bool:
     inner = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+    for size, stride in zip(reversed(shape[1:]), reversed(strides[1:]), strict=True):
         if size != 1 and stride != inner:
             return False
         inner *= size
     return True
+
+
+def _flat(t: torch.Tensor, *shape: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """`t` as the kernels read it with its rows flattened to `shape`, and the strides: `t` itself
+    with the strides computed where it is contiguous (a reshape is a dispatched op, and eager
+    training on a GPU is bound by such host work), else the view `_rows` makes."""
+    if t.is_contiguous():
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.append(step)
+            step *= size
+        return t, tuple(reversed(strides))
+    view = _rows(t, *shape)
+    return view, view.stride()
 
 
 def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -439,8 +457,8 @@ class _RewriteEpilogue(torch.autograd.Function):
         dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
         Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
         X_in, h_in = X, h
-        X, h = _rows(X, n_rows, d, dv), _rows(h, n_rows, d)
-        z, p = z.reshape(n_rows), _rows(p, n_rows, dv)
+        (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
+        (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
         block_m, block_d, num_chunks, block_v = launch_config(d, dv)
         compress = C is not None
         Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
@@ -464,15 +482,16 @@ class _RewriteEpilogue(torch.autograd.Function):
             _fwd_kernel[grid](
                 X, h, z, p, Cc, Y, XN, e, rho, beta,
                 n_rows, d, float(k_eps) ** 2, float(value_scale),
-                *X.stride(), *h.stride(), z.stride(0), *p.stride(),
+                *sx, *sh, *sz, *sp,
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
-                SAVE_ROWS=save_rows, X_DENSE=_dense_rows(X), P_CONTIGUOUS=p.is_contiguous(),
-                num_warps=_num_warps(block_m, block_d, block_v),
+                SAVE_ROWS=save_rows, X_DENSE=_dense((n_rows, d, dv), sx),
+                P_CONTIGUOUS=p.is_contiguous(), num_warps=_num_warps(block_m, block_d, block_v),
             )  # fmt: skip
         if save_rows:  # before saving: Y is then a state the tape knows
             tape.link(X_in, Y, h_in, rho, beta, e)
         ctx.save_for_backward(X, h, z, p, C)
+        ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
         ctx.delta, ctx.official = delta, official
         ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
         ctx.set_materialize_grads(False)
@@ -481,54 +500,55 @@ class _RewriteEpilogue(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
         X, h, z, p, C = ctx.saved_tensors
-        n_rows, d, dv = X.shape
+        (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
+        X_shape, h_shape, z_shape, p_shape = ctx.shapes
         gY = grads[0]
-        gN = grads[1].reshape(n_rows, d) if C is not None and grads[1] is not None else None
+        compress = C is not None and grads[1] is not None
         need_X, need_h, need_z, need_p, need_C = ctx.needs_input_grad[:5]
-        compress = gN is not None
         if gY is None:
             if not compress:
                 return (None,) * 9
-            gY = X.new_zeros(()).expand(n_rows, d, dv)  # stride 0: read, never materialised
-        gY = _rows(gY, n_rows, d, dv)
+            gY = X.new_zeros(()).expand(X_shape)  # stride 0: read, never materialised
         write_gx = need_X and (ctx.delta or compress)
+        gY_in = gY
+        gY, sg = _flat(gY, n_rows, d, dv)
 
         block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
         num_blocks = triton.cdiv(n_rows, block_m)
         nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
         iters = triton.cdiv(num_blocks, nprog) if num_blocks else 0
-        gX = torch.empty_like(X, memory_format=torch.contiguous_format) if write_gx else gY
-        gh = torch.empty((n_rows, d), dtype=h.dtype, device=h.device)
-        gz = torch.empty((n_rows,), dtype=z.dtype, device=z.device)
-        gp = torch.empty((n_rows, dv), dtype=p.dtype, device=p.device)
+        # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
+        gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
+        gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
+        gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
+        gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
         if compress:
             Cc = C.contiguous()
             gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
-            sn = gN.stride()
+            gN, sn = _flat(grads[1], n_rows, d)
         else:
             Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
         if n_rows > 0:
             _bwd_kernel[(nprog,)](
                 X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
                 n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
-                *X.stride(), *h.stride(), z.stride(0), *p.stride(), *gY.stride(), *sn,
+                *sx, *sh, *sz, *sp, *sg, *sn,
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
-                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=_dense_rows(X),
-                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=_dense_rows(gY),
+                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=_dense((n_rows, d, dv), sx),
+                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=_dense((n_rows, d, dv), sg),
                 num_warps=_num_warps(block_m, block_d, block_v, compress),
             )  # fmt: skip
         if need_X and not write_gx:
-            gX = gY.to(X.dtype)  # write-only, no compressor read: ∂X = G
+            gX = gY_in.to(X.dtype)  # write-only, no compressor read: ∂X = G
         gC = None
         if need_C:
             gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
-        X_shape, h_shape, z_shape, p_shape = ctx.shapes
         return (
-            gX.reshape(X_shape) if need_X else None,
-            gh.reshape(h_shape) if need_h else None,
-            gz.reshape(z_shape) if need_z else None,
-            gp.reshape(p_shape) if need_p else None,
+            gX if need_X else None,
+            gh if need_h else None,
+            gz if need_z else None,
+            gp if need_p else None,
             gC,
             None,
             None,
