@@ -164,14 +164,14 @@ def test_linear_gate_keeps_its_input_in_the_autocast_dtype():
     kept = []
 
     def pack(t):
-        kept.append((tuple(t.shape), t.dtype))
+        kept.append((t.numel(), t.dtype))  # c's rows, in whatever shape the Function keeps them
         return t
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with keep, torch.autocast("cpu", dtype=torch.bfloat16):
         z = gate.logits(c)
     assert z.dtype == torch.float32
-    assert ((4, 16, 64), torch.bfloat16) in kept and ((4, 16, 64), torch.float32) not in kept
+    assert (c.numel(), torch.bfloat16) in kept and (c.numel(), torch.float32) not in kept
     plain = nn.functional.linear(c, gate.out.weight, gate.out.bias).squeeze(-1)
     torch.testing.assert_close(z, plain)
     G = torch.randn_like(z)

@@ -103,18 +103,26 @@ class _LinearProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, c, x, w_g, b_g, W_v, b_v, keep_dtype, lin_dtype):
-        c_kept = c.to(keep_dtype)
-        z = F.linear(c, w_g, b_g).squeeze(-1)
+        # On the rows as one matrix: every reshape and transpose is a dispatched op, and eager
+        # training on a GPU is bound by such host work (addmm and mm, as `F.linear` takes them:
+        # the FLOPs `deltalearn.models.flops` counts).
+        d = c.shape[-1]
+        c2 = c.reshape(-1, d)
+        c_kept = c2.to(keep_dtype)
+        z = torch.addmm(b_g, c2, w_g.t()).view(c.shape[:-1])
         ctx.has_value = W_v is not None
         if not ctx.has_value:
             ctx.save_for_backward(c_kept, w_g)
             return z
-        x_low = _cast(x, lin_dtype)
+        x2 = c2 if x is c else x.reshape(-1, d)
+        x_low = _cast(x2, lin_dtype)
         if x is c and c_kept.dtype == x_low.dtype:
             x_low = c_kept  # the paper head reads c: keep one copy
-        p = F.linear(x_low, _cast(W_v, lin_dtype), _cast(b_v, lin_dtype))
+        W, b = _cast(W_v, lin_dtype), _cast(b_v, lin_dtype)
+        p = (x_low @ W.t() if b is None else torch.addmm(b, x_low, W.t())).view(*c.shape[:-1], -1)
         ctx.save_for_backward(c_kept, w_g, x_low, W_v)
         ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
+        ctx.row_shape = c.shape
         return z, p
 
     @staticmethod
@@ -122,22 +130,20 @@ class _LinearProjections(torch.autograd.Function):
     def backward(ctx: Any, gz: torch.Tensor, gp: torch.Tensor | None = None):
         c_kept, w_g, *value = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d = c_kept.shape[-1]
+        shape = ctx.row_shape if value else None
+        gz2 = gz.reshape(-1, 1)
         # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
         # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
-        gc = gz.unsqueeze(-1) @ w_g if need[0] else None
-        gw_g = gb_g = None
-        if need[2]:
-            gw_g = (gz.reshape(1, -1) @ c_kept.reshape(-1, d).to(gz.dtype)).to(w_g.dtype)
-        if need[3]:
-            gb_g = gz.sum().reshape(1).to(w_g.dtype)
+        gc = (gz2 @ w_g).view(*gz.shape, -1) if need[0] else None
+        gw_g = (gz2.t() @ c_kept.to(gz.dtype)).to(w_g.dtype) if need[2] else None
+        gb_g = gz2.sum(0).to(w_g.dtype) if need[3] else None
         if not ctx.has_value:
             return gc, None, gw_g, gb_g, None, None, None, None
         x_low, W_v = value
         x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
         rows = gp.reshape(-1, gp.shape[-1])
-        gx = (gp @ _cast(W_v, lin_dtype)).to(x_dtype) if need[1] else None
-        gW_v = (rows.t() @ x_low.reshape(-1, d)).to(W_v.dtype) if need[4] else None
+        gx = (rows @ _cast(W_v, lin_dtype)).to(x_dtype).view(shape) if need[1] else None
+        gW_v = (rows.t() @ x_low).to(W_v.dtype) if need[4] else None
         gb_v = rows.sum(0).to(b_dtype) if need[5] else None
         return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None
 
