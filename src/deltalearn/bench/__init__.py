@@ -15,6 +15,7 @@ no time: it compiles).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -177,19 +178,24 @@ def _kernels(args: argparse.Namespace) -> dict:
 
     if not triton_available():
         raise ConfigError("bench kernels compiles Triton kernels: pip install 'deltalearn[gpu]'")
-    bench = KernelBench(
-        variants=_split(args.variants),
-        size=args.size,
-        overrides=parse_overrides(args.set),
-        dtypes=_split(args.dtypes),
-        modes=_split(args.modes),
-        batch=args.batch,
-        seq=args.seq,
-        arch=args.arch,
-    )
+    bench = _settings(KernelBench, args)
     report = kernels_report(bench, kernels_benchmark(bench))
     print(format_kernels_report(report))
     return report
+
+
+def _settings(cls, args: argparse.Namespace):
+    """A benchmark's settings (dataclass `cls`) from its options of the same names: `--set` parsed
+    into `overrides`, the comma-separated lists split."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "overrides":
+            values[f.name] = parse_overrides(args.set)
+        elif isinstance(getattr(cls(), f.name), list):
+            values[f.name] = _split(getattr(args, f.name))
+        else:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
 
 
 def _split(text: str) -> list[str]:
@@ -214,19 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_table(rows))
     elif args.what == "decode":
-        decode = DecodeBench(
-            variants=_split(args.variants),
-            size=args.size,
-            overrides=parse_overrides(args.set),
-            batch=args.batch,
-            prompt=args.prompt,
-            tokens=args.tokens,
-            dtype=args.dtype,
-            modes=_split(args.modes),
-            compile_mode=args.compile_mode,
-            repeats=args.repeats,
-            device=args.device,
-        )
+        decode = _settings(DecodeBench, args)
         report = decode_report(decode, decode_benchmark(decode))
         print(format_decode_report(report))
     elif args.what == "kernels":

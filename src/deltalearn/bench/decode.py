@@ -14,7 +14,6 @@ row. The compiled step is traced and compiled before timing; its compile time is
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,13 @@ from typing import Any
 import torch
 
 from deltalearn.bench.model import ModelBench, build_config
-from deltalearn.bench.timing import format_table, interleaved_medians, run_header, timed
+from deltalearn.bench.timing import (
+    format_table,
+    interleaved_medians,
+    settings_report,
+    size_text,
+    timed,
+)
 from deltalearn.errors import ConfigError
 
 MODES = ("dynamic", "static", "static-compiled")
@@ -142,21 +147,15 @@ def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
 
 
 def decode_report(bench: DecodeBench, rows: list[dict[str, object]]) -> dict[str, object]:
-    return {
-        "benchmark": "decode",
-        **run_header(torch.device(bench.device)),
-        "settings": dataclasses.asdict(bench),
-        "rows": rows,
-    }
+    return settings_report("decode", torch.device(bench.device), bench, rows)
 
 
 def format_decode_report(report: dict[str, Any]) -> str:
     s = report["settings"]
-    sets = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
     reference = s["modes"][0]
     head = [
         f"decode benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
-        f"size {s['size']}{' ' + sets if sets else ''}, {s['dtype']}, batch {s['batch']}, "
+        f"{size_text(s)}, {s['dtype']}, batch {s['batch']}, "
         f"prompt {s['prompt']}, {s['tokens']} decoded tokens, compile mode {s['compile_mode']}; "
         f"median of {s['repeats']}; ratios against each variant's {reference} row",
     ]

@@ -11,14 +11,13 @@ are reported. A kernel that does not compile fails the command, naming the launc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from deltalearn.bench.model import ModelBench, build_config
-from deltalearn.bench.timing import format_table, run_header
+from deltalearn.bench.timing import format_table, settings_report, size_text
 from deltalearn.errors import ConfigError
 
 MODES = ("train", "infer", "decode")
@@ -149,22 +148,16 @@ def _compile_row(launch, arch: int, dtype_name: str) -> dict[str, object]:
 
 
 def kernels_report(bench: KernelBench, rows: list[dict[str, object]]) -> dict[str, object]:
-    return {
-        "benchmark": "kernels",
-        **run_header(torch.device("cpu")),
-        "settings": dataclasses.asdict(bench),
-        "rows": rows,
-    }
+    return settings_report("kernels", torch.device("cpu"), bench, rows)
 
 
 def format_kernels_report(report: dict[str, Any]) -> str:
     s = report["settings"]
-    sets = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
     spills = sum(1 for r in report["rows"] if r["spilled_bytes"])
     head = [
         f"Triton kernels compiled for sm_{s['arch']} on {report['machine']} (no GPU needed), "
         f"triton {_triton_version()}, {report['date']}",
-        f"size {s['size']}{' ' + sets if sets else ''}, one block, batch {s['batch']} × "
+        f"{size_text(s)}, one block, batch {s['batch']} × "
         f"{s['seq']} tokens; {len(report['rows'])} distinct kernels, {spills} spilling registers",
     ]
     columns = {

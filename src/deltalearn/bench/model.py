@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from deltalearn.bench.timing import format_table, interleaved_medians, run_header, sync, timed
+from deltalearn.bench.timing import (
+    format_table,
+    interleaved_medians,
+    run_header,
+    size_text,
+    sync,
+    timed,
+)
 from deltalearn.errors import ConfigError
 from deltalearn.train import host_allocator
 
@@ -412,10 +419,9 @@ def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, 
 def format_model_report(report: dict[str, Any]) -> str:
     """The printed form: machine line, settings, definitions, then the table."""
     s, ref = report["settings"], report["reference"]
-    sets = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
     lines = [
         f"model benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
-        f"size {s['size']}{' ' + sets if sets else ''}, batch {s['batch']} x seq {s['seq']}, "
+        f"{size_text(s)}, batch {s['batch']} x seq {s['seq']}, "
         f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
         f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens; "
         f"median of {s['repeats']}",

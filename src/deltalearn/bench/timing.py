@@ -8,6 +8,7 @@ the same run survives such bursts far better than two absolute figures.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -126,3 +127,20 @@ def write_json(path: Path, report: dict[str, object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+
+
+def settings_report(benchmark: str, device: torch.device, settings, rows: list) -> dict:
+    """A benchmark's JSON report: its name, the machine line (`run_header`), its settings (a
+    dataclass) and its rows."""
+    return {
+        "benchmark": benchmark,
+        **run_header(device),
+        "settings": dataclasses.asdict(settings),
+        "rows": rows,
+    }
+
+
+def size_text(settings: dict) -> str:
+    """ "size tiny" and the `--set` overrides of a report's settings, e.g. "size tiny d_v=2"."""
+    sets = " ".join(f"{k}={v}" for k, v in settings["overrides"].items())
+    return f"size {settings['size']}{' ' + sets if sets else ''}"
