@@ -300,11 +300,12 @@ def outside(fn, *args):
     `fn(*args)` where no tape records or its hooks are not the innermost ones."""
     tape = active()
     autograd = torch._C._autograd
-    if tape is None or not hasattr(autograd, "_pop_saved_tensors_default_hooks"):
+    top_of = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    if tape is None or top_of is None or not hasattr(autograd, "_pop_saved_tensors_default_hooks"):
         return fn(*args)
     if any(isinstance(a, torch.Tensor) and tape.registered(a) for a in args):
         return fn(*args)
-    top = autograd._top_saved_tensors_default_hooks(False)
+    top = top_of(False)
     if top is None or top[0] != tape.pack:
         return fn(*args)
     autograd._pop_saved_tensors_default_hooks()

@@ -121,8 +121,10 @@ def _specialize(launch: Launch, target_backend) -> tuple[tuple, Any, dict, dict,
     signature, the constexprs and the attributes (alignment, divisibility by 16)."""
     kwargs = dict(launch.kwargs)
     kwargs.setdefault("debug", False)
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    # The compilation settings `run` adds in this triton version (they differ between versions).
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     fn = launch.kernel
     binder = create_function_from_signature(fn.signature, fn.params, target_backend)
     bound, specialization, options = binder(*launch.args, **kwargs)

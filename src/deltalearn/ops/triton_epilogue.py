@@ -69,20 +69,20 @@ COMPRESS_PROGRAMS: int | None = None
 
 
 @triton.jit
-def _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV: tl.constexpr, DENSE: tl.constexpr):
-    """Pointers to the value channels of each row's first feature `(BLOCK_M, 1, BLOCK_V)`, and the
-    feature stride. A dense row (`(d, dv)` contiguous) has the strides `(DV, 1)` as constants:
-    Triton then knows each channel vector is contiguous and aligned and loads it in one access
-    (`ld.global.v4` at dv = 4) instead of one per channel."""
+def _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV: tl.constexpr, DENSE: tl.constexpr):
+    """Pointers `(BLOCK_M, BLOCK_D, BLOCK_V)` to features `offs` and channels `vcol` of `rows`. A
+    dense row (`(d, dv)` contiguous) takes the strides `(DV, 1)` as constants: Triton then knows
+    each channel vector contiguous and aligned and loads it in one access (`ld.global.v4` at
+    dv = 4) instead of one per channel."""
     if DENSE:
-        return X + rows[:, None, None] * sx_m + vcol[None, None, :], DV
-    return X + rows[:, None, None] * sx_m + vcol[None, None, :] * sx_v, sx_d
+        return X + rows[:, None, None] * sx_m + offs[None, :, None] * DV + vcol[None, None, :]
+    return X + rows[:, None, None] * sx_m + offs[None, :, None] * sx_d + vcol[None, None, :] * sx_v
 
 
 @triton.jit
 def _channels(P, rows, vcol, sp_m, sp_v, DV: tl.constexpr, CONTIGUOUS: tl.constexpr):
     """Pointers to the per-row channel values `(BLOCK_M, BLOCK_V)` of P `(N, dv)`; contiguous
-    (rows DV apart) with constant strides, as `_state_rows`."""
+    (rows DV apart) with constant strides, as `_state_ptrs`."""
     if CONTIGUOUS:
         return P + rows[:, None] * DV + vcol[None, :]
     return P + rows[:, None] * sp_m + vcol[None, :] * sp_v
@@ -124,7 +124,6 @@ def _fwd_kernel(
         v = pre  # (BLOCK_M, BLOCK_V); padded value lanes meet G = X = C = 0 below
 
     h_row = H + rows[:, None] * sh_m  # (BLOCK_M, 1) pointers
-    x_row, sxd = _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)  # (BLOCK_M, 1, BLOCK_V)
     y_row = Y + rows[:, None, None] * (d * DV) + vcol[None, None, :]  # Y is contiguous
     xn_row = XN + rows[:, None] * d
 
@@ -134,7 +133,8 @@ def _fwd_kernel(
         hm = rmask[:, None] & dmask[None, :]
         xm = hm[:, :, None] & vmask[None, None, :]
         hf = tl.load(h_row + dcol[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-        xf = tl.load(x_row + dcol[None, :, None] * sxd, mask=xm, other=0.0).to(tl.float32)
+        x_ptr = _state_ptrs(X, rows, dcol, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+        xf = tl.load(x_ptr, mask=xm, other=0.0).to(tl.float32)
         inv_n = tl.rsqrt(tl.sum(hf * hf, axis=1) + eps2)
         if DELTA:
             e = v - tl.sum(hf[:, :, None] * xf, axis=1) * inv_n[:, None]
@@ -161,7 +161,8 @@ def _fwd_kernel(
             sq += tl.sum(hf * hf, axis=1)
             if DELTA:
                 xm = hm[:, :, None] & vmask[None, None, :]
-                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
+                x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+                xf = tl.load(x_ptr, mask=xm, other=0.0)
                 hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
         inv_n = tl.rsqrt(sq + eps2)
         if DELTA:
@@ -178,7 +179,8 @@ def _fwd_kernel(
             hm = rmask[:, None] & dmask[None, :]
             xm = hm[:, :, None] & vmask[None, None, :]
             hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-            xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0).to(tl.float32)
+            x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+            xf = tl.load(x_ptr, mask=xm, other=0.0).to(tl.float32)
             y = (xf + hf[:, :, None] * coef[:, None, :]).to(Y.dtype.element_ty)
             tl.store(y_row + offs[None, :, None] * DV, y, mask=xm)
             if COMPRESS:
@@ -190,8 +192,8 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_tile(
-    c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sg_d, sn_d,
-    DV: tl.constexpr, BLOCK_D: tl.constexpr, COMPRESS: tl.constexpr,
+    c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d, sg_v, sn_d,
+    DV: tl.constexpr, BLOCK_D: tl.constexpr, COMPRESS: tl.constexpr, G_DENSE: tl.constexpr,
 ):  # fmt: skip
     """Chunk `c` of the rows' feature axis, as both backward passes read it: offsets, masks, h, the
     upstream gradient G in fp32 with the compressor read's gradient folded in (G + gn ⊗ C), gn."""
@@ -200,7 +202,8 @@ def _bwd_tile(
     hm = rmask[:, None] & dmask[None, :]
     xm = hm[:, :, None] & vmask[None, None, :]
     hf = tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-    gf = tl.load(g_row + offs[None, :, None] * sg_d, mask=xm, other=0.0).to(tl.float32)
+    g_ptr = _state_ptrs(G, rows, offs, vcol, sg_m, sg_d, sg_v, DV, G_DENSE)
+    gf = tl.load(g_ptr, mask=xm, other=0.0).to(tl.float32)
     gn = tl.zeros_like(hf)  # ∂L/∂x_next; only read with COMPRESS
     if COMPRESS:
         gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
@@ -247,8 +250,6 @@ def _bwd_kernel(
             dv_dp = tl.full([BLOCK_M, BLOCK_V], 1.0, tl.float32)
 
         h_row = H + rows[:, None] * sh_m
-        x_row, sxd = _state_rows(X, rows, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
-        g_row, sgd = _state_rows(G, rows, vcol, sg_m, sg_d, sg_v, DV, G_DENSE)
         gn_row = GN + rows[:, None] * sn_m
 
         # Pass 1: ‖h‖², hᵀX, hᵀG (G including the compressor term).
@@ -257,13 +258,14 @@ def _bwd_kernel(
         hg = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
-                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sgd, sn_d,
-                DV, BLOCK_D, COMPRESS,
+                c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d,
+                sg_v, sn_d, DV, BLOCK_D, COMPRESS, G_DENSE,
             )  # fmt: skip
             sq += tl.sum(hf * hf, axis=1)
             hg += tl.sum(hf[:, :, None] * gf, axis=1)
             if DELTA:
-                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
+                x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+                xf = tl.load(x_ptr, mask=xm, other=0.0)
                 hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
 
         inv_n = tl.rsqrt(sq + eps2)
@@ -286,13 +288,13 @@ def _bwd_kernel(
         # Pass 2: the row-sized gradients ∂h, ∂X (and the ∂C partial sums).
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
-                c, dcol, d, rmask, vcol, vmask, h_row, g_row, gn_row, C, sh_d, sgd, sn_d,
-                DV, BLOCK_D, COMPRESS,
+                c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d,
+                sg_v, sn_d, DV, BLOCK_D, COMPRESS, G_DENSE,
             )  # fmt: skip
             gk = tl.sum(gf * e[:, None, :], axis=2)
             if DELTA or COMPRESS:
-                xf = tl.load(x_row + offs[None, :, None] * sxd, mask=xm, other=0.0)
-                xf = xf.to(tl.float32)
+                x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
+                xf = tl.load(x_ptr, mask=xm, other=0.0).to(tl.float32)
             if DELTA:
                 gk -= tl.sum(xf * s_g[:, None, :], axis=2)
             gk = beta[:, None] * gk
@@ -337,14 +339,14 @@ def _rebuild_kernel(
     pv_mask = rmask[:, None] & vmask[None, :]
     e = tl.load(E + rows[:, None] * DV + vcol[None, :], mask=pv_mask, other=0.0)
     h_row = H + rows[:, None] * sh_m
-    y_row, syd = _state_rows(Y, rows, vcol, sy_m, sy_d, sy_v, DV, Y_DENSE)
     x_row = X + rows[:, None, None] * (d * DV) + vcol[None, None, :]
     for c in range(NUM_CHUNKS):
         offs = c * BLOCK_D + dcol
         hm = rmask[:, None] & (offs < d)[None, :]
         xm = hm[:, :, None] & vmask[None, None, :]
         a = br[:, None] * tl.load(h_row + offs[None, :] * sh_d, mask=hm, other=0.0).to(tl.float32)
-        y = tl.load(y_row + offs[None, :, None] * syd, mask=xm, other=0.0).to(tl.float32)
+        y_ptr = _state_ptrs(Y, rows, offs, vcol, sy_m, sy_d, sy_v, DV, Y_DENSE)
+        y = tl.load(y_ptr, mask=xm, other=0.0).to(tl.float32)
         x = y - a[:, :, None] * e[:, None, :]
         tl.store(x_row + offs[None, :, None] * DV, x.to(X.dtype.element_ty), mask=xm)
 
@@ -396,7 +398,7 @@ def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
 
 def _dense_rows(t: torch.Tensor) -> bool:
     """Whether the rows of `t` `(N, d, dv)` are contiguous blocks, whatever the stride between
-    rows: the kernels then take the strides within a row as constants (`_state_rows`)."""
+    rows: the kernels then take the strides within a row as constants (`_state_ptrs`)."""
     return _dense(t.shape, t.stride())
 
 
