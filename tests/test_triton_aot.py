@@ -122,3 +122,10 @@ def test_bench_kernels_bad_settings_are_one_line_errors(capsys):
     assert cli_main(["bench", "kernels", "--modes", "train,fly"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltalearn: error: ") and "fly" in err and "\n" not in err
+
+
+def test_bench_kernels_refuses_the_interpreter(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli_main(["bench", "kernels", "--variants", "ddl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "TRITON_INTERPRET" in err and "\n" not in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -178,6 +179,11 @@ def _kernels(args: argparse.Namespace) -> dict:
 
     if not triton_available():
         raise ConfigError("bench kernels compiles Triton kernels: pip install 'deltalearn[gpu]'")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise ConfigError(
+            "bench kernels compiles the kernels for a GPU; unset TRITON_INTERPRET (the "
+            "interpreter replaces them with NumPy code)"
+        )
     bench = _settings(KernelBench, args)
     report = kernels_report(bench, kernels_benchmark(bench))
     print(format_kernels_report(report))
