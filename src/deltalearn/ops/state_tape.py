@@ -17,9 +17,13 @@ one pass over the state per sublayer in backward; the rebuilt state differs from
 round-off (a few ulp of X_{i+1}; the errors add, they do not grow, down the chain).
 
 Rewrites that can be inverted this way say so with `StateTape.link` (the C kernels, the Triton
-kernel and the PyTorch Function of the fused epilogue); a state whose rewrite never links (the
-reference composition, a half-precision state) stays kept as before. Every other saved tensor is kept as a detached alias (returning
-it as-is would tie an op's output to its own graph node: a reference cycle autograd cannot free).
+kernels — whose backward rebuilds with one kernel too — and the PyTorch Function of the fused
+epilogue); a state whose rewrite never links (the reference composition, a half-precision state)
+stays kept as before. Every other saved tensor is kept as it is where it has no graph (a weight, a
+kernel's row scalars) and as a detached alias otherwise (returning an op's own output as-is would
+tie it to its own graph node: a reference cycle autograd cannot free). Code that reads no state —
+a sublayer's branch, the norm and projections of a compressed x_in — runs with the hooks off
+(`outside`): its saved tensors are autograd's as usual, without a Python call each.
 Second-order gradients (`create_graph=True`) are refused: a detached tensor carries none.
 
 `DELTALEARN_REBUILD_STATES` ("on", the default, or "off"; or `REBUILD` below) switches it; DeltaLM
