@@ -81,26 +81,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    # The Triton path with every launch recorded instead of made (the record is dropped).
-    recording = triton_aot.recording()
-    launches = recording.__enter__()
     shapes.SMALL_STATE = (
         0  # the reads of a real-sized state take their Function, not the few-op form
     )
     variants = args.variants.split(",")
-    made = {v: make_step(v, args.layers) for v in variants}
-    steps = {v: step for v, (step, _) in made.items()}
-    counts = {v: count() for v, (_, count) in made.items()}
-    for step in steps.values():  # warm: AdamW state, allocator
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        for v in variants:
-            start = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - start)
-            launches.clear()
+    # The Triton path with every launch recorded instead of made (the record is dropped).
+    with triton_aot.recording() as launches:
+        made = {v: make_step(v, args.layers) for v in variants}
+        steps = {v: step for v, (step, _) in made.items()}
+        counts = {v: count() for v, (_, count) in made.items()}
+        for step in steps.values():  # warm: AdamW state, allocator
+            for _ in range(3):
+                step()
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:
+                launches.clear()
+                start = time.perf_counter()
+                steps[v]()
+                times[v].append(time.perf_counter() - start)
     base = statistics.median(times[variants[0]])
     print(
         f"| variant | autograd nodes | ATen ops fwd + bwd | host ms a step | {variants[0]} ÷ it |"

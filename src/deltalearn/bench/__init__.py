@@ -193,11 +193,11 @@ def _kernels(args: argparse.Namespace) -> dict:
 def _settings(cls, args: argparse.Namespace):
     """A benchmark's settings (dataclass `cls`) from its options of the same names: `--set` parsed
     into `overrides`, the comma-separated lists split."""
-    values = {}
+    values, defaults = {}, cls()
     for f in dataclasses.fields(cls):
         if f.name == "overrides":
             values[f.name] = parse_overrides(args.set)
-        elif isinstance(getattr(cls(), f.name), list):
+        elif isinstance(getattr(defaults, f.name), list):
             values[f.name] = _split(getattr(args, f.name))
         else:
             values[f.name] = getattr(args, f.name)

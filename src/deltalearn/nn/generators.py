@@ -110,6 +110,7 @@ class _LinearProjections(torch.autograd.Function):
         c2 = c.reshape(-1, d)
         c_kept = c2.to(keep_dtype)
         z = torch.addmm(b_g, c2, w_g.t()).view(c.shape[:-1])
+        ctx.row_shape = c.shape
         ctx.has_value = W_v is not None
         if not ctx.has_value:
             ctx.save_for_backward(c_kept, w_g)
@@ -122,7 +123,6 @@ class _LinearProjections(torch.autograd.Function):
         p = (x_low @ W.t() if b is None else torch.addmm(b, x_low, W.t())).view(*c.shape[:-1], -1)
         ctx.save_for_backward(c_kept, w_g, x_low, W_v)
         ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
-        ctx.row_shape = c.shape
         return z, p
 
     @staticmethod
@@ -130,11 +130,10 @@ class _LinearProjections(torch.autograd.Function):
     def backward(ctx: Any, gz: torch.Tensor, gp: torch.Tensor | None = None):
         c_kept, w_g, *value = ctx.saved_tensors
         need = ctx.needs_input_grad
-        shape = ctx.row_shape if value else None
         gz2 = gz.reshape(-1, 1)
         # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
         # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
-        gc = (gz2 @ w_g).view(*gz.shape, -1) if need[0] else None
+        gc = (gz2 @ w_g).view(ctx.row_shape) if need[0] else None
         gw_g = (gz2.t() @ c_kept.to(gz.dtype)).to(w_g.dtype) if need[2] else None
         gb_g = gz2.sum(0).to(w_g.dtype) if need[3] else None
         if not ctx.has_value:
@@ -142,7 +141,7 @@ class _LinearProjections(torch.autograd.Function):
         x_low, W_v = value
         x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
         rows = gp.reshape(-1, gp.shape[-1])
-        gx = (rows @ _cast(W_v, lin_dtype)).to(x_dtype).view(shape) if need[1] else None
+        gx = (rows @ _cast(W_v, lin_dtype)).to(x_dtype).view(ctx.row_shape) if need[1] else None
         gW_v = (rows.t() @ x_low).to(W_v.dtype) if need[4] else None
         gb_v = rows.sum(0).to(b_dtype) if need[5] else None
         return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None

@@ -51,6 +51,19 @@ def is_small_state(X: torch.Tensor) -> bool:
     return X.numel() <= SMALL_STATE
 
 
+def dense_past_first(shape, strides) -> bool:
+    """Whether every element past the first axis of a tensor of `shape` and `strides` lies in one
+    contiguous block (size-1 axes aside), whatever the stride of the first axis: a row of the
+    rewrite's `(N, d, dv)`, a token of the reads' `(S, d, dv)`. The Triton kernels then take the
+    strides inside it as constants and load channel vectors whole."""
+    inner = 1
+    for size, stride in zip(reversed(shape[1:]), reversed(strides[1:]), strict=True):
+        if size != 1 and stride != inner:
+            return False
+        inner *= size
+    return True
+
+
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, float64 when any input is float64."""
     # Plain Python: torch.promote_types goes through the dispatcher, once per tensor and call.

@@ -12,7 +12,7 @@ wrappers choose. `compile_launch` compiles one for a target (default sm_90, the 
 own argument specialisation, and reads the kernel's resources back from the binary
 (`cuobjdump -res-usage`): registers a thread, bytes of local memory (spilled registers), shared
 memory. `tests/test_triton_aot.py` compiles every kernel the paper's variants reach;
-`benchmarks/triton_resources.py` prints the table.
+`deltalearn bench kernels` prints the table.
 
 The recorded kernels' outputs stay as allocated (uninitialised): record for the launches, never for
 the numbers.
@@ -26,7 +26,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,11 @@ class CompiledLaunch:
     pointers: dict[str, str]  # each pointer argument's element type, e.g. {"X": "fp32"}
     registers: int  # a thread
     local_bytes: int  # a thread: registers spilled to (slow) local memory; 0 = no spills
-    stack_bytes: int
     shared_bytes: int
     num_warps: int
     # Of the bits the kernel's global-load instructions fetch, counted over the instructions in
     # its code (not executed), the share fetched 128 bits at a time (`ld.global.v4.b32`).
     wide_load_share: float
-    usage_line: str = field(repr=False)
 
 
 class _Recorder:
@@ -140,17 +138,6 @@ def launch_key(launch: Launch, arch: int = 90) -> tuple:
     return _specialize(launch, _backend(arch))[0]
 
 
-def distinct(launches: list[Launch], arch: int = 90) -> list[Launch]:
-    """`launches` without those Triton would compile to the same binary as an earlier one."""
-    seen, out = set(), []
-    for launch in launches:
-        key = launch_key(launch, arch)
-        if key not in seen:
-            seen.add(key)
-            out.append(launch)
-    return out
-
-
 def _target(arch: int) -> GPUTarget:
     return GPUTarget("cuda", arch, 32)
 
@@ -175,11 +162,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
         pointers={k: t[1:] for k, t in signature.items() if t.startswith("*")},
         registers=usage["REG"],
         local_bytes=usage["LOCAL"],
-        stack_bytes=usage["STACK"],
         shared_bytes=usage["SHARED"],
         num_warps=options.num_warps,
         wide_load_share=wide_load_share(compiled.asm["ptx"]),
-        usage_line=usage["line"],
     )
 
 

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from deltalearn.ops import state_tape
+from deltalearn.ops._shapes import dense_past_first
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
@@ -399,16 +400,7 @@ def _row_offsets_fit_int32(t: torch.Tensor) -> torch.Tensor:
 def _dense_rows(t: torch.Tensor) -> bool:
     """Whether the rows of `t` `(N, d, dv)` are contiguous blocks, whatever the stride between
     rows: the kernels then take the strides within a row as constants (`_state_ptrs`)."""
-    return _dense(t.shape, t.stride())
-
-
-def _dense(shape, strides) -> bool:
-    inner = 1
-    for size, stride in zip(reversed(shape[1:]), reversed(strides[1:]), strict=True):
-        if size != 1 and stride != inner:
-            return False
-        inner *= size
-    return True
+    return dense_past_first(t.shape, t.stride())
 
 
 def _flat(t: torch.Tensor, *shape: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -487,7 +479,7 @@ class _RewriteEpilogue(torch.autograd.Function):
                 *sx, *sh, *sz, *sp,
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
-                SAVE_ROWS=save_rows, X_DENSE=_dense((n_rows, d, dv), sx),
+                SAVE_ROWS=save_rows, X_DENSE=dense_past_first((n_rows, d, dv), sx),
                 P_CONTIGUOUS=p.is_contiguous(), num_warps=_num_warps(block_m, block_d, block_v),
             )  # fmt: skip
         if save_rows:  # before saving: Y is then a state the tape knows
@@ -537,8 +529,8 @@ class _RewriteEpilogue(torch.autograd.Function):
                 *sx, *sh, *sz, *sp, *sg, *sn,
                 DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
-                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=_dense((n_rows, d, dv), sx),
-                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=_dense((n_rows, d, dv), sg),
+                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
+                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
                 num_warps=_num_warps(block_m, block_d, block_v, compress),
             )  # fmt: skip
         if need_X and not write_gx:
@@ -578,24 +570,14 @@ def rebuild_state_triton(
     X = out
     if n_rows == 0:
         return X
-    # Strides of the rows without reshaping where the layout is plain: each view is a
-    # dispatched op, and eager training on a GPU is bound by host work.
-    if Y.is_contiguous():
-        y_strides, y_dense = (d * dv, dv, 1), True
-    else:
-        Y = _rows(Y, n_rows, d, dv)
-        y_strides, y_dense = Y.stride(), _dense_rows(Y)
-    if h.is_contiguous():
-        h_strides = (d, 1)
-    else:
-        h = _rows(h, n_rows, d)
-        h_strides = h.stride()
-    rho, beta, e = (t if t.is_contiguous() else t.contiguous() for t in (rho, beta, e))
+    (Y, sy), (h, sh) = _flat(Y, n_rows, d, dv), _flat(h, n_rows, d)
+    rho, beta, e = rho.contiguous(), beta.contiguous(), e.contiguous()
     block_m, block_d, num_chunks, block_v = launch_config(d, dv)
     _rebuild_kernel[(triton.cdiv(n_rows, block_m),)](
-        Y, h, rho, beta, e, X, n_rows, d, *y_strides, *h_strides,
+        Y, h, rho, beta, e, X, n_rows, d, *sy, *sh,
         DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d, NUM_CHUNKS=num_chunks,
-        Y_DENSE=y_dense, num_warps=_num_warps(block_m, block_d, block_v),
+        Y_DENSE=dense_past_first((n_rows, d, dv), sy),
+        num_warps=_num_warps(block_m, block_d, block_v),
     )  # fmt: skip
     return X
 

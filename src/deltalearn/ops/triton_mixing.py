@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops._shapes import promote_float
+from deltalearn.ops._shapes import dense_past_first, promote_float
 
 # Elements of the state one program holds (fp32 after the load).
 MAX_TILE = 2048
@@ -159,8 +159,7 @@ def read_launch_config(d: int, dv: int) -> tuple[int, int, int]:
 
 def _dense_tokens(xs: torch.Tensor) -> bool:
     """Whether each token of `xs` `(B, S, d, dv)` is one contiguous `(d, dv)` block."""
-    d, dv = xs.shape[2:]
-    return (d == 1 or xs.stride(2) == dv) and (dv == 1 or xs.stride(3) == 1)
+    return dense_past_first(xs.shape[1:], xs.stride()[1:])
 
 
 def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -> int:
