@@ -37,7 +37,9 @@ from deltalearn.ops import (
     write_only_reference,
 )
 from deltalearn.ops._shapes import autocast_on, no_autocast
+from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
+from deltalearn.ops.extension import update_function
 
 
 @dataclass
@@ -112,14 +114,23 @@ class DeltaUpdate(nn.Module):
         """The rewritten state; with `compress` (a channel compressor's `(d, dv)` mixing matrix)
         also the next sublayer's read of it, `(Y, x_next)`, read inside the Triton kernel when
         that runs."""
-        plan = self._inference_plan
-        # Compile first: a traced graph never takes the plan (nothing in it is traceable).
-        if (
-            plan is not None
-            and not torch.compiler.is_compiling()
-            and plan.holds(self, X, h, c, u, compress)
-        ):
-            return plan(X, h, c, u)
+        # Without autograd on CPU: the whole update in one call whose checks run in C++
+        # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
+        # first: it checks torch.compile before anything untraceable.
+        if not torch.is_grad_enabled() and not self.record and self.fused and native_allowed():
+            fast = update_function()
+            weights = self._inference_weights()
+            if fast is not None and weights is not None:
+                value = self._modules["value"]
+                out = fast(
+                    X, h, c, u, *weights, compress, self.rule == "delta",
+                    value.kind == "official", value.sigmoid_scale, self.k_eps,
+                )  # fmt: skip
+                if out is not None:
+                    return out
+            plan = self._inference_plan
+            if plan is not None and plan.holds(self, X, h, c, u, compress):
+                return plan(X, h, c, u)
         vector = X.dim() == h.dim()  # vector state: scalar target
         if vector and self.value_channels != 1:
             raise ValueError(
@@ -175,15 +186,18 @@ class DeltaUpdate(nn.Module):
         if compress is not None and (vector or compress.shape != (h.shape[-1], dv)):
             return None
         weights = self._inference_weights()
-        if weights[0].shape[-1] != h.shape[-1]:
+        if weights is None or weights[0].shape[-1] != h.shape[-1]:
             return None
         operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
         return weights if backend.use_native(operands) else None
 
-    def _inference_weights(self) -> tuple[torch.Tensor, ...]:
-        """`(w_gate, b_gate, W_value, b_value)` of the linear gate, read from the module dicts
-        (`self.gate.out.weight` costs ~2 µs through `nn.Module.__getattr__`)."""
-        gate_out = self._modules["gate"]._modules["out"]._parameters
+    def _inference_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """`(w_gate, b_gate, W_value, b_value)` of the linear gate (None for the MLP gate), read
+        from the module dicts (`self.gate.out.weight` costs ~2 µs through `nn.Module.__getattr__`)."""
+        gate = self._modules["gate"]._modules
+        if gate.get("hidden") is not None:
+            return None
+        gate_out = gate["out"]._parameters
         value = self._modules["value"]._modules["proj"]._parameters
         return gate_out["weight"], gate_out["bias"], value["weight"], value["bias"]
 

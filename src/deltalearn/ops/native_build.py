@@ -92,7 +92,8 @@ def cache_key(cc: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _run(cmd: list[str]) -> None:
+def run_command(cmd: list[str]) -> None:
+    """Run a build step; NativeBuildError with the end of its stderr where it fails."""
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise NativeBuildError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -109,10 +110,10 @@ def build(cc: str, out: Path) -> tuple[str, ...]:
                 for real, suffix, extra in (("float", "f32", []), ("double", "f64", GENERIC)):
                     obj = Path(tmp) / f"kernels_{suffix}.o"
                     defines = [f"-DREAL={real}", f"-DSUFFIX={suffix}", *extra]
-                    _run([cc, *flags, "-fPIC", *defines, "-c", str(SOURCE), "-o", str(obj)])
+                    run_command([cc, *flags, "-fPIC", *defines, "-c", str(SOURCE), "-o", str(obj)])
                     objects.append(str(obj))
                 staged = Path(tmp) / LIBRARY_NAME
-                _run([cc, *flags, "-shared", *objects, "-o", str(staged), "-lm"])
+                run_command([cc, *flags, "-shared", *objects, "-o", str(staged), "-lm"])
             except NativeBuildError as e:
                 errors.append(str(e))
                 continue
