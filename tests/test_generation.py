@@ -178,11 +178,13 @@ def test_conv_inputs_grow_without_copying_everything_per_token():
     torch.testing.assert_close(cache._conv_inputs["0.attn"], torch.cat(steps, 1), rtol=0, atol=0)
     assert len(buffers) <= 8  # no buffer, then sizes 4, 6, 10, 18, 34, 66, 130
     torch.testing.assert_close(cache.conv_history("0.attn", 3), torch.cat(steps[-3:], 1))
-    cache._map_conv(lambda seen: seen[:, :40])  # what `crop` does to them
-    cache.append_conv("0.attn", steps[0], 3)  # after a crop: a fresh buffer, the kept inputs
+    buffer = cache._conv_spare["0.attn"].data_ptr()
+    cache._crop_conv(40)  # what `crop` does to them
+    cache.append_conv("0.attn", steps[0], 3)  # after a crop: the same buffer, the kept inputs
     torch.testing.assert_close(
         cache._conv_inputs["0.attn"], torch.cat(steps[:40] + steps[:1], 1), rtol=0, atol=0
     )
+    assert cache._conv_spare["0.attn"].data_ptr() == buffer
     x = torch.randn(2, 1, 3, 4, requires_grad=True)
     cache.append_conv("0.attn", x, 3)
     assert "0.attn" not in cache._conv_spare and cache._conv_inputs["0.attn"].requires_grad

@@ -6,17 +6,20 @@ prepared ctypes call instead."""
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
 import torch
 from model_helpers import random_ids, tiny_model
 
-from deltalearn.nn import DeltaUpdate, residual
+from deltalearn.nn import ChannelCompressor, DeltaUpdate, EmbeddingConv, TokenCompressor
 from deltalearn.ops import backend, extension, native_build
 
 if native_build.compiler() is None or extension.cxx_compiler() is None:
     pytest.skip("no C or C++ compiler: the extension cannot be built here", allow_module_level=True)
+
+FUNCTIONS = ("update", "channel_read", "token_read", "expand")
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +30,22 @@ def _default_backend(monkeypatch):
 
 @pytest.fixture
 def taken(monkeypatch):
-    """How many DeltaUpdate calls the extension ran (returned a result for)."""
-    real = extension.update_function()
+    """How many calls of each of the extension's functions ran (returned a result)."""
+    real = extension.loaded()
     assert real is not None, "the extension failed to build (see the warning)"
-    count = [0]
+    counts = {name: 0 for name in FUNCTIONS}
 
-    def counted(*args):
-        out = real(*args)
-        count[0] += out is not None
-        return out
+    def counted(name):
+        def call(*args):
+            out = getattr(real, name)(*args)
+            counts[name] += out is not None
+            return out
 
-    monkeypatch.setattr(residual, "update_function", lambda: counted)
-    return count
+        return call
+
+    fake = types.SimpleNamespace(**{name: counted(name) for name in FUNCTIONS})
+    monkeypatch.setattr(extension, "loaded", lambda: fake)
+    return counts
 
 
 def _update_and_inputs(dv, rule="delta", head="paper", dtype=torch.float32, rows=(3, 5), d=40):
@@ -84,7 +91,7 @@ def test_update_equals_the_general_path(taken, dv, compress, rule, head, dtype):
         args += (torch.randn(40, dv, dtype=dtype),)
     with torch.no_grad():
         fast = update(*args)
-    assert taken[0] == 1
+    assert taken["update"] == 1
     _close(fast, _general(update, args))
 
 
@@ -92,7 +99,7 @@ def test_a_large_update_runs_without_the_gil_and_agrees(taken):
     update, args = _update_and_inputs(4, rows=(8, 300), d=64)  # 76800 state elements
     with torch.no_grad():
         fast = update(*args)
-    assert taken[0] == 1
+    assert taken["update"] == 1
     _close(fast, _general(update, args))
 
 
@@ -106,7 +113,7 @@ def test_the_weights_are_read_at_every_call(taken):
         _close(moved, _general(update, args))
         update.value.proj.weight = torch.nn.Parameter(torch.randn_like(update.value.proj.weight))
         _close(update(*args), _general(update, args))
-    assert taken[0] == 3
+    assert taken["update"] == 3
     with pytest.raises(AssertionError):
         _close(moved, first)
 
@@ -131,12 +138,12 @@ def test_training_recording_autocast_and_other_backends_skip_it(taken, monkeypat
         monkeypatch.setattr(backend, "BACKEND", None)
         update.fused = False
         update(*args)
-    assert taken[0] == 0
+    assert taken["update"] == 0
 
 
 def test_what_a_kernel_cannot_read_is_declined():
     """None (the caller's general path) for each input the kernel must not read as it lies."""
-    fast = extension.update_function()
+    fast = extension.loaded().update
     update, (X, h, c, u) = _update_and_inputs(4)
     weights = update._inference_weights()
     C = torch.randn(40, 4)
@@ -165,7 +172,7 @@ def test_what_a_kernel_cannot_read_is_declined():
 
 def test_a_vmapped_tensor_is_declined():
     """Inside vmap the state is a functorch wrapper whose data no C kernel can read."""
-    fast = extension.update_function()
+    fast = extension.loaded().update
     update, (X, h, c, u) = _update_and_inputs(1)
     weights = update._inference_weights()
     seen = []
@@ -179,31 +186,178 @@ def test_a_vmapped_tensor_is_declined():
     assert seen == [None]
 
 
-@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])
-def test_decoding_takes_it_and_gives_the_pytorch_paths_tokens(taken, monkeypatch, variant):
-    ids = random_ids(1, 8)
+# The extension's calls while generating 5 tokens from an 8-token prompt (the prefill and 4 decoded
+# tokens; 2 layers): 4 updates and 5 reads a forward, the appending ones (TC, EC) from the third
+# forward on (the prefill keeps its inputs as they are, the first token moves them into a buffer).
+DECODE_CALLS = {
+    "ddl": {"update": 20, "channel_read": 0, "token_read": 0, "expand": 0},
+    "ddl-cc": {"update": 20, "channel_read": 15, "token_read": 0, "expand": 3},
+    "ddl-tc": {"update": 20, "channel_read": 0, "token_read": 15, "expand": 3},
+}
+
+
+@pytest.mark.parametrize("variant", list(DECODE_CALLS))
+def test_decoding_takes_it_and_gives_the_pytorch_paths_numbers(taken, monkeypatch, variant):
+    ids = random_ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
     model = tiny_model(variant)
-    tokens = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert taken[0] == 2 * model.config.num_layers * 5  # every update of the prefill and 4 tokens
+    assert model.config.num_layers == 2
+
+    def generate():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    tokens, scores = generate()
+    assert taken == DECODE_CALLS[variant]
     monkeypatch.setattr(backend, "BACKEND", "torch")
-    assert torch.equal(tokens, model.generate(ids, max_new_tokens=5, do_sample=False))
+    tokens_ref, scores_ref = generate()
+    assert torch.equal(tokens, tokens_ref)
+    torch.testing.assert_close(scores, scores_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("dv", "K"), [(1, 1), (2, 2), (4, 3), (4, 4), (8, 5)])
+def test_channel_read_equals_the_general_path(taken, monkeypatch, dv, K, dtype):
+    torch.manual_seed(0)
+    compress = ChannelCompressor(24, dv, K).to(dtype)
+    with torch.no_grad():
+        for p in compress.parameters():
+            p.normal_()
+        X = torch.randn(2, 3, 24, dv, dtype=dtype)
+        x, C = compress.read_with_matrix(X)
+        assert taken["channel_read"] == 1
+        monkeypatch.setattr(backend, "BACKEND", "torch")
+        x_ref, C_ref = compress.read_with_matrix(X)
+    _close((x, C), (x_ref, C_ref))
+
+
+def _window(B, seen, capacity, feature, dtype=torch.float32):
+    buffer = torch.full((B, capacity, *feature), float("nan"), dtype=dtype)
+    buffer[:, :seen] = torch.randn(B, seen, *feature, dtype=dtype)
+    return buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("B", "n", "T", "K"), [(1, 0, 5, 4), (2, 2, 1, 4), (2, 1, 2, 4), (3, 9, 2, 3), (1, 6, 1, 1)]
+)
+def test_token_read_appends_then_reads_as_the_compressor_does(B, n, T, K, dtype):
+    """Fewer inputs seen than K − 1 (zeros before the first token), one and several new tokens,
+    batch rows a buffer's length apart."""
+    torch.manual_seed(0)
+    compress = TokenCompressor(12, 4, K).to(dtype)
+    with torch.no_grad():
+        for p in compress.parameters():
+            p.normal_()
+    buffer = _window(B, n, n + T + 3, (12, 4), dtype)
+    X = torch.randn(B, T, 12, 4, dtype=dtype)
+    seen = buffer[:, :n].clone()
+    with torch.no_grad():
+        x_in, front = extension.loaded().token_read(
+            buffer, buffer.narrow(1, 0, n), X, compress.weight, compress.read
+        )
+        expected = compress.forward_cached(X, _history(seen, K - 1))[0]
+    _close(x_in, expected)
+    assert torch.equal(buffer[:, :n], seen) and torch.equal(buffer[:, n : n + T], X)
+    assert buffer[:, n + T :].isnan().all()
+    assert front.data_ptr() == buffer.data_ptr() and front.shape == (B, n + T, 12, 4)
+
+
+def _history(seen, length):
+    """The last `length` inputs of `seen` `(B, n, ...)`, zero-padded on the left."""
+    pad = torch.zeros(
+        seen.shape[0], max(length - seen.shape[1], 0), *seen.shape[2:], dtype=seen.dtype
+    )
+    return torch.cat([pad, seen], 1)[:, -length:] if length else seen[:, :0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("B", "n", "T", "dv"), [(1, 0, 5, 4), (2, 1, 1, 4), (2, 1, 2, 4), (2, 7, 3, 2)]
+)
+def test_expand_appends_then_expands_as_the_embedding_conv_does(B, n, T, dv, dtype):
+    torch.manual_seed(0)
+    expand = EmbeddingConv(12, dv, 4).to(dtype)
+    with torch.no_grad():
+        expand.weight.normal_()
+    buffer = _window(B, n, n + T, (12,), dtype)
+    e = torch.randn(B, T, 12, dtype=dtype)
+    seen = buffer[:, :n].clone()
+    with torch.no_grad():
+        X, front = extension.loaded().expand(buffer, buffer[:, :n], e, expand.weight)
+        expected = expand.forward_cached(e, _history(seen, 3))[0]
+    _close(X, expected)
+    assert torch.equal(front, torch.cat([seen, e], 1)) and front.data_ptr() == buffer.data_ptr()
+
+
+def test_the_appending_reads_decline_before_writing_anything():
+    fast = extension.loaded()
+    compress, expand = TokenCompressor(12, 4), EmbeddingConv(12, 4)
+    w, r = compress.weight.detach(), compress.read.detach()
+    buffer = _window(2, 3, 6, (12, 4))
+    seen = buffer[:, :3]
+    X = torch.randn(2, 2, 12, 4)
+    before = buffer.clone()
+    declined = [
+        fast.token_read(buffer, buffer[:, :5], X, w, r),  # no room for 2 more after 5
+        fast.token_read(None, seen, X, w, r),  # no buffer yet
+        fast.token_read(buffer, None, X, w, r),
+        fast.token_read(buffer, seen.clone(), X, w, r),  # seen is not the buffer's front
+        fast.token_read(buffer, buffer[:, 1:3], X, w, r),
+        fast.token_read(buffer, seen, X.double(), w, r),
+        fast.token_read(buffer, seen, X[:1], w, r),  # another batch size
+        fast.token_read(buffer, seen, X.transpose(2, 3).contiguous().transpose(2, 3), w, r),
+        fast.token_read(buffer[:, :, :6], seen[:, :, :6], X[:, :, :6], w, r),  # strided buffer
+        fast.token_read(buffer, seen, X, w[:6], r),  # taps of another width
+        fast.expand(buffer[..., 0], seen[..., 0], X[..., 0], expand.weight.detach()[:30]),
+    ]
+    assert declined == [None] * len(declined)
+    with torch.enable_grad():
+        assert fast.token_read(buffer, seen, X, w.requires_grad_(), r) is None
+    assert torch.equal(buffer.nan_to_num(7.0), before.nan_to_num(7.0))
+
+
+def test_crop_and_reorder_after_extension_decoding(taken):
+    """The cache the extension appended to crops and reorders like one appended in Python."""
+    model = tiny_model("ddl-tc")
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        for t in range(6, 9):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        cache = out.past_key_values  # 9 tokens
+        cache.crop(7)
+        again = model(ids[:, 7:9], past_key_values=cache, use_cache=True).logits
+        cache.reorder_cache(torch.tensor([1, 0]))
+        last = model(ids[[1, 0], 9:], past_key_values=cache).logits
+    # Appending calls in three cached forwards (tokens 7 and 8, and after the crop, which keeps
+    # the buffers), each reading 2 sublayers x 2 layers + the final read; the prefill, token 6 and
+    # the one after the reorder (new tensors) move the inputs into a buffer first.
+    assert taken["token_read"] == 3 * (2 * 2 + 1) and taken["expand"] == 3
+    torch.testing.assert_close(again, full[:, 7:9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, full[[1, 0], 9:], rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_cxx_compiler_it_warns_once_and_the_prepared_call_runs(monkeypatch):
     monkeypatch.setattr(extension, "cxx_compiler", lambda: None)
-    extension.update_function.cache_clear()
+    extension.loaded.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-            assert extension.update_function() is None
+            assert extension.loaded() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert extension.update_function() is None  # said once
+            assert extension.loaded() is None  # said once
             update, args = _update_and_inputs(1)
             with torch.no_grad():
                 update(*args)
             assert update._inference_plan is not None
     finally:
-        extension.update_function.cache_clear()
+        extension.loaded.cache_clear()
 
 
 def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):

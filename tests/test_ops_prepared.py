@@ -16,8 +16,8 @@ from kernel_helpers import record_kernel_calls
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.models.cache import DeltaLMCache
-from deltalearn.nn import ChannelCompressor, DeltaUpdate, EmbeddingConv, TokenCompressor, residual
-from deltalearn.ops import backend, native_build, prepared
+from deltalearn.nn import ChannelCompressor, DeltaUpdate, EmbeddingConv, TokenCompressor
+from deltalearn.ops import backend, extension, native_build, prepared
 
 if native_build.compiler() is None:
     pytest.skip("no C compiler: the CPU kernels cannot be built here", allow_module_level=True)
@@ -27,8 +27,8 @@ if native_build.compiler() is None:
 def _default_backend(monkeypatch):
     monkeypatch.setattr(backend, "BACKEND", None)
     monkeypatch.delenv("DELTALEARN_EPILOGUE", raising=False)
-    # The prepared update is the fallback of the C++ extension (tests/test_ops_extension.py).
-    monkeypatch.setattr(residual, "update_function", lambda: None)
+    # The prepared calls are the C++ extension's fallback (tests/test_ops_extension.py).
+    monkeypatch.setattr(extension, "loaded", lambda: None)
 
 
 @pytest.fixture

@@ -117,6 +117,22 @@ class DeltaLMCache(ConvInputCache, DynamicCache):
         buffer.narrow(1, n, t).copy_(inputs)
         return buffer.narrow(1, 0, n + t)
 
+    def convolve_appending(
+        self, key: str, inputs: torch.Tensor, history_len: int, kernel, *weights
+    ) -> torch.Tensor | None:
+        """`kernel(buffer, seen, inputs, *weights)` — an appending read of the inference extension
+        (`ops/extension.py`), which writes `inputs` `(B, T, ...)` after the inputs `seen` at the
+        front of `key`'s spare buffer and convolves the window ending with them, returning the
+        output and the buffer's new front — or None, untouched, where `inputs` do not extend
+        `seen` there as they are (no buffer yet, no room left, another shape or dtype): then
+        `append_conv` grows the buffer, converts them or says what is wrong."""
+        out = kernel(self._conv_spare.get(key), self._conv_inputs.get(key), inputs, *weights)
+        if out is None:
+            return None
+        self._conv_inputs[key] = out[1]
+        self._conv_history_len[key] = history_len
+        return out[0]
+
     def _map_conv(self, fn) -> None:
         self._conv_inputs = {key: fn(seen) for key, seen in self._conv_inputs.items()}
         self._conv_spare = {}  # the mapped inputs are new tensors: buffers start again
@@ -153,7 +169,11 @@ class DeltaLMCache(ConvInputCache, DynamicCache):
         keep = kept_length(length, max_length)
         if keep < length:
             super().crop(keep - length)
-        self._map_conv(lambda s: s[:, :keep])
+        self._crop_conv(keep)
+
+    def _crop_conv(self, keep: int) -> None:
+        # Views of the same buffers: later appends overwrite what was cut (no new buffers).
+        self._conv_inputs = {key: seen[:, :keep] for key, seen in self._conv_inputs.items()}
 
 
 class DeltaLMStaticCache(ConvInputCache, StaticCache):

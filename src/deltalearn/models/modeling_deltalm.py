@@ -74,7 +74,8 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
-from deltalearn.ops import state_tape
+from deltalearn.ops import extension, state_tape
+from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import fused_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
@@ -134,11 +135,29 @@ def _read_state(
         return compress(X)
     K1 = compress.history_len
     if _reads_in_place(step.cache):  # the new inputs appended first, then read where they lie
+        params = compress._parameters
+        x_in = _convolve_appending(
+            step.cache, key, X, K1, "token_read", params["weight"], params["read"]
+        )
+        if x_in is not None:
+            return x_in
         step.cache.append_conv(key, X, K1)
         return compress.read_inputs(step.cache.conv_history(key, K1 + X.shape[1]), K1)
     x_in, _ = compress.forward_cached(X, step.cache.conv_history(key, K1))
     step.cache.append_conv(key, X, K1)  # all inputs: exact `crop`
     return x_in
+
+
+def _convolve_appending(
+    cache: DeltaLMCache, key: str, inputs: torch.Tensor, history_len: int, kernel: str, *weights
+) -> torch.Tensor | None:
+    """Append `inputs` to convolution `key`'s inputs and convolve the window that ends with them,
+    in one call of the inference extension (`kernel`: "token_read" or "expand"; `ops/extension.py`)
+    — or None, the cache untouched, where that does not apply."""
+    fast = extension.loaded() if native_allowed() else None
+    if fast is None:
+        return None
+    return cache.convolve_appending(key, inputs, history_len, getattr(fast, kernel), *weights)
 
 
 def _reads_in_place(cache: ConvInputCache) -> bool:
@@ -435,6 +454,10 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             return self.expand(e)
         K1 = self.expand.history_len
         if _reads_in_place(step.cache):
+            weight = self.expand._parameters["weight"]
+            X = _convolve_appending(step.cache, "embed", e, K1, "expand", weight)
+            if X is not None:
+                return X
             step.cache.append_conv("embed", e, K1)
             return self.expand.expand_inputs(step.cache.conv_history("embed", K1 + e.shape[1]))
         X, _ = self.expand.forward_cached(e, step.cache.conv_history("embed", K1))

@@ -31,6 +31,7 @@ from deltalearn.ops import (
     backend,
     channel_mix,
     delta_rewrite_reference,
+    extension,
     native,
     prepared,
     state_tape,
@@ -39,7 +40,6 @@ from deltalearn.ops import (
 from deltalearn.ops._shapes import autocast_on, no_autocast
 from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
-from deltalearn.ops.extension import update_function
 
 
 @dataclass
@@ -118,11 +118,11 @@ class DeltaUpdate(nn.Module):
         # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
         # first: it checks torch.compile before anything untraceable.
         if not torch.is_grad_enabled() and not self.record and self.fused and native_allowed():
-            fast = update_function()
+            fast = extension.loaded()
             weights = self._inference_weights()
             if fast is not None and weights is not None:
                 value = self._modules["value"]
-                out = fast(
+                out = fast.update(
                     X, h, c, u, *weights, compress, self.rule == "delta",
                     value.kind == "official", value.sigmoid_scale, self.k_eps,
                 )  # fmt: skip

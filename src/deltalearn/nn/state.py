@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltalearn.ops import _shapes, backend, native, prepared
+from deltalearn.ops import _shapes, backend, extension, native, prepared
 from deltalearn.ops._shapes import no_autocast, promote_float
 from deltalearn.ops.mixing import channel_mix
 from deltalearn.ops.token_mixing import token_mix
@@ -252,9 +252,17 @@ class ChannelCompressor(nn.Module):
         """The read of X `(..., d, dv)` -> `(..., d)`, and the folded matrix `c` it took (a fused
         rewrite reads its output with the same matrix)."""
         params = (self._parameters["weight"], self._parameters["read"])
-        plan = self._read_plan
-        if plan is not None and not torch.compiler.is_compiling() and plan.holds(X, params, 0):
-            return plan(X), plan.weights
+        # Without autograd on CPU: the fold and the read in one call whose checks run in C++
+        # (ops/extension.py), else the prepared ctypes call. native_allowed first: it checks
+        # torch.compile before anything untraceable.
+        if not torch.is_grad_enabled() and backend.native_allowed():
+            fast = extension.loaded()
+            out = None if fast is None else fast.channel_read(X, *params)
+            if out is not None:
+                return out
+            plan = self._read_plan
+            if plan is not None and plan.holds(X, params, 0):
+                return plan(X), plan.weights
         if X.shape[-2:] != (self.dim, self.value_channels):
             raise ValueError(
                 f"state of shape {tuple(X.shape)} does not end in (dim, value_channels) = "

@@ -1,13 +1,15 @@
-"""Building and loading `inference_ext.cpp`: a DDL update without autograd in one call from Python,
-with its checks in C++ (the host time of about one ATen op; `DeltaUpdate.forward` takes it first).
+"""Building and loading `inference_ext.cpp`: DDL's per-token work without autograd — a DeltaUpdate,
+a compressor read, the EC expansion — in one call from Python each, with the checks in C++ (the host
+time of about one ATen op). `DeltaUpdate.forward`, the compressors and the embedding expansion
+take it first where it applies.
 
 Built on first use with the machine's C++ compiler (`$CXX`, else Python's, else `c++`) against the
 headers and libraries of the torch it runs with, cached under `cache_root()/extension/<key>/` —
 the key hashes the source, the compiler, the flags, the torch and Python versions — and moved into
 place atomically, like the C kernels (`native_build`), whose entry points it calls.
 
-No C++ compiler or a failed build is not an error: `update_function()` returns None, says why once
-(a warning), and the update takes the prepared ctypes call of `ops/prepared.py` instead.
+No C++ compiler or a failed build is not an error: `loaded()` returns None, says why once (a
+warning), and the callers take the prepared ctypes calls of `ops/prepared.py` instead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import sys
 import sysconfig
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from deltalearn.ops import native_build
 
 SOURCE = Path(__file__).with_name("inference_ext.cpp")
 MODULE_NAME = "deltalearn_inference_ext"  # PyInit_<name> in the source
+KERNELS = ("update_forward", "read_forward", "expand_forward")  # the C kernels it calls
 # torch's headers use a few C++20 features (compilers accept them in C++17 with a warning).
 FLAG_SETS = (("-O2", "-std=c++20"), ("-O2", "-std=c++17"))
 
@@ -113,23 +115,27 @@ def load_module():
         module = _import(path)
     except (ImportError, OSError) as e:
         raise native_build.NativeBuildError(f"loading {path} failed: {e}") from None
-    address = [ctypes.cast(getattr(lib, f"update_forward_{s}"), ctypes.c_void_p).value
-               for s in ("f32", "f64")]  # fmt: skip
-    module.set_kernels(*address)
+    for name in KERNELS:
+        f32, f64 = (
+            ctypes.cast(getattr(lib, f"{name}_{suffix}"), ctypes.c_void_p).value
+            for suffix in ("f32", "f64")
+        )
+        module.set_kernel(name, f32, f64)
     return module
 
 
 @functools.cache
-def update_function() -> Callable | None:
-    """The module's `update` (see `inference_ext.cpp`), or None (with one warning saying why)."""
+def loaded():
+    """The built module (`update`, `channel_read`, `token_read`, `expand`; see
+    `inference_ext.cpp`), or None (with one warning saying why) where it cannot be built."""
     if native_build.library() is None:  # no C kernels to call (that warns itself)
         return None
     try:
-        return load_module().update
+        return load_module()
     except native_build.NativeBuildError as e:
         warnings.warn(
             f"deltalearn's inference extension is unavailable, decoding takes the slower ctypes "
-            f"call instead: {e}",
+            f"calls instead: {e}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -1,21 +1,32 @@
-// A DDL sublayer's whole update without autograd, called from Python with its tensors as they are
-// (`ops/extension.py` builds and loads this module; `DeltaUpdate.forward` calls it).
+// DDL's per-token work without autograd, called from Python with its tensors as they are
+// (`ops/extension.py` builds and loads this module):
 //
-// Decoding one token at a time is bound by host work: through ctypes, one update costs a dozen
-// Python-level checks (shapes, layouts, weight stamps) and an argument conversion each token. Here
-// the checks read the tensors' metadata in C++ and the C kernel (`update_forward` of
-// `native_kernels.c`, its address handed over by `set_kernels`) runs straight after: about the
-// host time of one dispatched ATen op. Where anything does not fit — autograd or CPU autocast on,
-// a tensor that is not a plain contiguous CPU tensor of the state's dtype, shapes that disagree —
-// `update` returns None and the caller takes its general path, which names what is wrong.
+//   update        a DeltaUpdate: gate and value projections, rewrite, optional compressor read
+//   channel_read  a CC read of the state, with the folded (d, dv) matrix it took
+//   token_read    a TC read that first appends the new states to the cache's spare buffer
+//   expand        the EC expansion, appending the new embeddings to the cache's buffer first
+//
+// Decoding one token at a time is bound by host work: through ctypes, each of these cost a dozen
+// Python-level checks (shapes, layouts, weight stamps), a folded-weight lookup and an argument
+// conversion per token, and the cache appends a few dispatched ops more. Here the checks read the
+// tensors' metadata in C++, the weights are folded in C++ (a few thousand multiplies), and the C
+// kernels of `native_kernels.c` (their addresses handed over by `set_kernel`) run straight after:
+// about the host time of one dispatched ATen op each. Where anything does not fit — autograd or
+// CPU autocast on, a tensor that is not a plain contiguous CPU tensor of the state's dtype, shapes
+// that disagree — a function returns None, writes nothing, and the caller takes its general path,
+// which names what is wrong.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -26,10 +37,22 @@ using UpdateKernel = int (*)(int64_t N, int64_t d, int64_t dv, const Real *X, co
                              int official, double scale, double eps, Real *Y, Real *x_next,
                              int threads);
 
-UpdateKernel<float> update_f32 = nullptr;
-UpdateKernel<double> update_f64 = nullptr;
+// read: xs (B, S, d, dv) with S = past + T, taps (K, d, dv), out (B, T, d);
+// expand: e (B, S, d), taps (K, d, dv), out (B, T, d, dv). Both with `past` earlier inputs first.
+template <typename Real>
+using ConvKernel = int (*)(int64_t B, int64_t S, int64_t past, int64_t d, int64_t dv, int64_t K,
+                           const Real *xs, const Real *taps, Real *out, int threads);
 
-// Above this many state elements the kernel runs without the GIL (a full-sequence forward).
+template <typename Real>
+struct Kernels {
+    UpdateKernel<Real> update = nullptr;
+    ConvKernel<Real> read = nullptr;
+    ConvKernel<Real> expand = nullptr;
+};
+Kernels<float> kernels_f32;
+Kernels<double> kernels_f64;
+
+// Above this many elements of work a kernel runs without the GIL (a full-sequence forward).
 constexpr int64_t RELEASE_GIL_FROM = 1 << 16;
 
 // Tensors whose data a C kernel cannot read as a plain array: subclasses that intercept dispatch,
@@ -54,46 +77,73 @@ const at::Tensor *plain(PyObject *o, at::ScalarType dtype) {
     return ok ? &t : nullptr;
 }
 
-template <typename Real>
-const Real *data(const at::Tensor *t) {
-    return t == nullptr ? nullptr : t->const_data_ptr<Real>();
+// Whether a kernel may run now at all, and the dtype of `first` when it is a tensor of one the C
+// kernels take (float or double); Undefined otherwise.
+at::ScalarType kernel_dtype(PyObject *first) {
+    if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU) ||
+        !THPVariable_Check(first)) {
+        return at::ScalarType::Undefined;
+    }
+    const at::ScalarType dtype = THPVariable_Unpack(first).scalar_type();
+    return dtype == at::kFloat || dtype == at::kDouble ? dtype : at::ScalarType::Undefined;
 }
 
-template <typename Real>
-PyObject *run(UpdateKernel<Real> kernel, const at::Tensor &X, const at::Tensor &h,
-              const at::Tensor &c, const at::Tensor &u, const at::Tensor &w_gate,
-              const at::Tensor &b_gate, const at::Tensor &W_value, const at::Tensor *b_value,
-              const at::Tensor *C, int64_t N, int64_t d, int64_t dv, int delta, int official,
-              double scale, double eps) {
-    at::Tensor Y = at::empty_like(X);
-    at::Tensor x_next = C == nullptr ? at::Tensor() : at::empty_like(h);
-    Real *x_next_data = C == nullptr ? nullptr : x_next.mutable_data_ptr<Real>();
-    const int threads = at::get_num_threads();
+bool check_count(const char *name, Py_ssize_t nargs, Py_ssize_t want) {
+    if (nargs == want) return true;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, want, nargs);
+    return false;
+}
+
+// Run `call` (returning the kernel's code), without the GIL for large work; false (a Python
+// error set) where the kernel failed.
+template <typename Call>
+bool run_kernel(const char *name, int64_t work, Call call) {
     int code;
-    auto call = [&] {
-        return kernel(N, d, dv, X.const_data_ptr<Real>(), h.const_data_ptr<Real>(),
-                      c.const_data_ptr<Real>(), u.const_data_ptr<Real>(),
-                      w_gate.const_data_ptr<Real>(), b_gate.const_data_ptr<Real>(),
-                      W_value.const_data_ptr<Real>(), data<Real>(b_value), data<Real>(C), delta,
-                      official, scale, eps, Y.mutable_data_ptr<Real>(), x_next_data, threads);
-    };
-    if (N * d * dv >= RELEASE_GIL_FROM) {
+    if (work >= RELEASE_GIL_FROM) {
         Py_BEGIN_ALLOW_THREADS code = call();
         Py_END_ALLOW_THREADS
     } else {
         code = call();
     }
-    if (code != 0) {
-        PyErr_Format(PyExc_RuntimeError, "deltalearn CPU kernel update_forward failed (code %d)",
-                     code);
-        return nullptr;
-    }
+    if (code == 0) return true;
+    PyErr_Format(PyExc_RuntimeError, "deltalearn CPU kernel %s failed (code %d)", name, code);
+    return false;
+}
+
+PyObject *pair(at::Tensor a, at::Tensor b) {
+    PyObject *out = PyTuple_New(2);
+    if (out == nullptr) return nullptr;
+    PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(a)));
+    PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(b)));
+    return out;
+}
+
+template <typename Real>
+const Real *data(const at::Tensor *t) {
+    return t == nullptr ? nullptr : t->const_data_ptr<Real>();
+}
+
+// ---- update --------------------------------------------------------------------------------------
+
+template <typename Real>
+PyObject *run_update(const Kernels<Real> &k, const at::Tensor *const *t, const at::Tensor *b_value,
+                     const at::Tensor *C, int64_t N, int64_t d, int64_t dv, int delta,
+                     int official, double scale, double eps) {
+    const at::Tensor &X = *t[0], &h = *t[1];
+    at::Tensor Y = at::empty_like(X);
+    at::Tensor x_next = C == nullptr ? at::Tensor() : at::empty_like(h);
+    Real *x_next_data = C == nullptr ? nullptr : x_next.mutable_data_ptr<Real>();
+    const int threads = at::get_num_threads();
+    const bool ok = run_kernel("update_forward", N * d * dv, [&] {
+        return k.update(N, d, dv, X.const_data_ptr<Real>(), h.const_data_ptr<Real>(),
+                        t[2]->const_data_ptr<Real>(), t[3]->const_data_ptr<Real>(),
+                        t[4]->const_data_ptr<Real>(), t[5]->const_data_ptr<Real>(),
+                        t[6]->const_data_ptr<Real>(), data<Real>(b_value), data<Real>(C), delta,
+                        official, scale, eps, Y.mutable_data_ptr<Real>(), x_next_data, threads);
+    });
+    if (!ok) return nullptr;
     if (C == nullptr) return THPVariable_Wrap(std::move(Y));
-    PyObject *pair = PyTuple_New(2);
-    if (pair == nullptr) return nullptr;
-    PyTuple_SET_ITEM(pair, 0, THPVariable_Wrap(std::move(Y)));
-    PyTuple_SET_ITEM(pair, 1, THPVariable_Wrap(std::move(x_next)));
-    return pair;
+    return pair(std::move(Y), std::move(x_next));
 }
 
 // update(X, h, c, u, w_gate, b_gate, W_value, b_value | None, C | None, delta, official, scale,
@@ -101,17 +151,11 @@ PyObject *run(UpdateKernel<Real> kernel, const at::Tensor &X, const at::Tensor &
 // (d) or (1, d); b_gate one value; W_value (dv, d); b_value (dv); C the (d, dv) compressor matrix
 // whose read of Y comes back too. delta, official: bools; scale, eps: floats.
 PyObject *update(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 13) {
-        PyErr_Format(PyExc_TypeError, "update takes 13 arguments, got %zd", nargs);
-        return nullptr;
-    }
-    if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU)) Py_RETURN_NONE;
-    if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
-    const at::ScalarType dtype = THPVariable_Unpack(args[0]).scalar_type();
-    if (dtype == at::kFloat ? update_f32 == nullptr
-                            : dtype != at::kDouble || update_f64 == nullptr) {
-        Py_RETURN_NONE;
-    }
+    if (!check_count("update", nargs, 13)) return nullptr;
+    const at::ScalarType dtype = kernel_dtype(args[0]);
+    const bool ready = dtype == at::kFloat ? kernels_f32.update != nullptr
+                                           : dtype == at::kDouble && kernels_f64.update != nullptr;
+    if (!ready) Py_RETURN_NONE;
     const at::Tensor *t[7];
     for (int i = 0; i < 7; i++) {
         t[i] = plain(args[i], dtype);
@@ -144,32 +188,300 @@ PyObject *update(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     const double scale = PyFloat_AsDouble(args[11]), eps = PyFloat_AsDouble(args[12]);
     if (delta < 0 || official < 0 || PyErr_Occurred()) return nullptr;
     if (dtype == at::kFloat) {
-        return run<float>(update_f32, X, h, c, u, w_gate, b_gate, W_value, b_value, C, N, d, dv,
-                          delta, official, scale, eps);
+        return run_update(kernels_f32, t, b_value, C, N, d, dv, delta, official, scale, eps);
     }
-    return run<double>(update_f64, X, h, c, u, w_gate, b_gate, W_value, b_value, C, N, d, dv,
-                       delta, official, scale, eps);
+    return run_update(kernels_f64, t, b_value, C, N, d, dv, delta, official, scale, eps);
 }
 
-// set_kernels(address of update_forward_f32, address of update_forward_f64): the C kernels'
-// entry points, as ctypes loaded them (`native_build.library()`).
-PyObject *set_kernels(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "set_kernels takes 2 addresses, got %zd", nargs);
+// ---- channel read -------------------------------------------------------------------------------
+
+// channel_read(X, weight, read) -> (x, C) | None.  X (..., d, dv); weight (d, K) the taps of the
+// "same"-padded conv along the value axis (K <= dv), read (dv). C[i, j] = sum_t w[i, t] ·
+// read[j - t + p] with p = (K - 1) / 2 (read is 0 outside [0, dv)), as `ChannelCompressor.
+// mixing_matrix` folds it; x[..., i] = sum_j C[i, j] X[..., i, j].
+template <typename Real>
+PyObject *run_channel_read(const Kernels<Real> &k, const at::Tensor &X, const at::Tensor &weight,
+                           const at::Tensor &read) {
+    const int64_t d = X.size(-2), dv = X.size(-1), K = weight.size(1), p = (K - 1) / 2;
+    at::Tensor C = at::empty({d, dv}, X.options());
+    const Real *w = weight.const_data_ptr<Real>(), *r = read.const_data_ptr<Real>();
+    Real *c = C.mutable_data_ptr<Real>();
+    for (int64_t i = 0; i < d; i++) {
+        for (int64_t j = 0; j < dv; j++) {
+            Real sum = 0;
+            for (int64_t tap = 0; tap < K; tap++) {
+                const int64_t o = j - tap + p;
+                if (o >= 0 && o < dv) sum += w[i * K + tap] * r[o];
+            }
+            c[i * dv + j] = sum;
+        }
+    }
+    std::vector<int64_t> shape(X.sizes().begin(), X.sizes().end() - 1);
+    at::Tensor x = at::empty(shape, X.options());
+    const int64_t rows = X.numel() / (d * dv);
+    const int threads = at::get_num_threads();
+    const bool ok = run_kernel("read_forward", rows * d * dv, [&] {
+        return k.read(1, rows, 0, d, dv, 1, X.const_data_ptr<Real>(), c, x.mutable_data_ptr<Real>(),
+                      threads);
+    });
+    if (!ok) return nullptr;
+    return pair(std::move(x), std::move(C));
+}
+
+PyObject *channel_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (!check_count("channel_read", nargs, 3)) return nullptr;
+    const at::ScalarType dtype = kernel_dtype(args[0]);
+    const bool ready = dtype == at::kFloat ? kernels_f32.read != nullptr
+                                           : dtype == at::kDouble && kernels_f64.read != nullptr;
+    if (!ready) Py_RETURN_NONE;
+    const at::Tensor *X = plain(args[0], dtype), *weight = plain(args[1], dtype),
+                     *read = plain(args[2], dtype);
+    if (X == nullptr || weight == nullptr || read == nullptr || X->dim() < 2 ||
+        X->numel() == 0 || weight->dim() != 2 || read->dim() != 1) {
+        Py_RETURN_NONE;
+    }
+    const int64_t d = X->size(-2), dv = X->size(-1), K = weight->size(1);
+    if (weight->size(0) != d || K < 1 || K > dv || read->size(0) != dv) Py_RETURN_NONE;
+    if (dtype == at::kFloat) return run_channel_read(kernels_f32, *X, *weight, *read);
+    return run_channel_read(kernels_f64, *X, *weight, *read);
+}
+
+// ---- token-axis convolutions reading the cache's buffer -----------------------------------------
+
+// What the two cached convolutions share: `buffer` (B, capacity, *feature), the cache's spare
+// buffer, whose front `seen` (B, n, *feature) — a narrowing of it — holds the n inputs seen so far;
+// `inputs` (B, T, *feature) are written after them, and the kernel reads, per batch row, the last
+// `past` = min(K - 1, n) earlier inputs and the T new ones where they lie.
+struct Window {
+    const at::Tensor *buffer, *inputs;
+    int64_t n, T, row;  // row: elements per token
+};
+
+// The window, if `seen` is the front of `buffer`, which has room for `inputs` after it, and all
+// three lie plainly in `dtype`.
+bool window_of(PyObject *buffer, PyObject *seen, PyObject *inputs, int64_t feature_dims,
+               at::ScalarType dtype, Window &w) {
+    w.buffer = plain(buffer, dtype);
+    w.inputs = plain(inputs, dtype);
+    if (w.buffer == nullptr || w.inputs == nullptr || !THPVariable_Check(seen)) return false;
+    const at::Tensor &b = *w.buffer, &x = *w.inputs, &s = THPVariable_Unpack(seen);
+    if (b.dim() != 2 + feature_dims || x.dim() != b.dim() || s.dim() != b.dim() ||
+        x.size(0) != b.size(0) || s.size(0) != b.size(0) || x.numel() == 0 ||
+        !x.sizes().slice(2).equals(b.sizes().slice(2)) ||
+        !s.sizes().slice(2).equals(b.sizes().slice(2))) {
+        return false;
+    }
+    // seen: the buffer's first n inputs, as `buffer.narrow(1, 0, n)` gives them
+    const bool front = s.defined() && s.scalar_type() == dtype && s.device().is_cpu() &&
+                       !s.key_set().has_any(WRAPPED) && s.layout() == at::kStrided &&
+                       s.storage().is_alias_of(b.storage()) &&
+                       s.storage_offset() == b.storage_offset() && s.strides().equals(b.strides());
+    if (!front) return false;
+    w.n = s.size(1);
+    w.T = x.size(1);
+    w.row = x.numel() / (x.size(0) * w.T);
+    return w.n + w.T <= b.size(1);
+}
+
+// (out, the buffer's first n + T inputs): what an appending call returns.
+PyObject *with_seen(at::Tensor out, const Window &w) {
+    return pair(std::move(out), w.buffer->narrow(1, 0, w.n + w.T));
+}
+
+// Append the window's inputs to its buffer, then run `kernel(batch row, earlier inputs, first
+// element read)` per batch row; false (a Python error set) where a kernel failed.
+template <typename Real, typename Kernel>
+bool append_and_run(const Window &w, int64_t K, const char *name, Kernel kernel) {
+    const int64_t B = w.buffer->size(0), capacity = w.buffer->size(1);
+    const int64_t past = std::min(K - 1, w.n);
+    Real *buffer = w.buffer->mutable_data_ptr<Real>();
+    const Real *inputs = w.inputs->const_data_ptr<Real>();
+    for (int64_t b = 0; b < B; b++) {
+        std::memcpy(buffer + (b * capacity + w.n) * w.row, inputs + b * w.T * w.row,
+                    sizeof(Real) * w.T * w.row);
+    }
+    for (int64_t b = 0; b < B; b++) {
+        const Real *first = buffer + (b * capacity + w.n - past) * w.row;
+        if (!run_kernel(name, w.T * w.row * K, [&] { return kernel(b, past, first); })) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// token_read(buffer, seen, X, weight, read) -> (x_in, seen') | None.  buffer (B, capacity, d, dv),
+// seen its first n inputs, X (B, T, d, dv), weight (d, dv, K), read (dv): writes X into
+// buffer[:, n : n + T], then reads the last min(K - 1, n) inputs before it and X with the taps
+// weight[i, j, tau] · read[j] (tap K - 1 the current token), as `TokenCompressor.read_inputs`.
+// x_in (B, T, d); seen' the buffer's first n + T inputs.
+// A few tokens (decoding) are read straight from the unfolded weights: folding the read vector
+// into the taps is as much work as such a read itself, and the kernel's set-up more.
+constexpr int64_t UNFOLDED_READ_ROWS = 4;
+
+// x[i] = sum_j read[j] sum_tau w[i, j, tau] X[t - (K - 1 - tau), i, j] of the window at `first`
+// (the `past` earlier inputs, then the new ones), for new token t.
+template <typename Real>
+void read_unfolded(int64_t d, int64_t dv, int64_t K, int64_t past, int64_t t, const Real *first,
+                   const Real *w, const Real *read, Real *x) {
+    for (int64_t i = 0; i < d; i++) {
+        Real acc = 0;
+        for (int64_t j = 0; j < dv; j++) {
+            const int64_t q = i * dv + j;
+            Real sum = 0;
+            for (int64_t tau = 0; tau < K; tau++) {
+                const int64_t src = past + t - (K - 1 - tau);
+                if (src >= 0) sum += w[q * K + tau] * first[src * d * dv + q];
+            }
+            acc += read[j] * sum;
+        }
+        x[i] = acc;
+    }
+}
+
+template <typename Real>
+PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tensor &weight,
+                         const at::Tensor &read) {
+    const int64_t d = weight.size(0), dv = weight.size(1), K = weight.size(2);
+    const int64_t B = w.inputs->size(0), T = w.T;
+    const Real *wt = weight.const_data_ptr<Real>(), *r = read.const_data_ptr<Real>();
+    at::Tensor x = at::empty({B, T, d}, w.inputs->options());
+    Real *out = x.mutable_data_ptr<Real>();
+    bool ok;
+    if (B * T <= UNFOLDED_READ_ROWS) {
+        ok = append_and_run<Real>(w, K, "read", [&](int64_t b, int64_t past, const Real *first) {
+            for (int64_t t = 0; t < T; t++)
+                read_unfolded(d, dv, K, past, t, first, wt, r, out + (b * T + t) * d);
+            return 0;
+        });
+    } else {
+        std::vector<Real> taps(K * d * dv);  // (K, d, dv): tap-major, as the kernel reads them
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t j = 0; j < dv; j++)
+                for (int64_t tau = 0; tau < K; tau++)
+                    taps[(tau * d + i) * dv + j] = wt[(i * dv + j) * K + tau] * r[j];
+        const int threads = at::get_num_threads();
+        ok = append_and_run<Real>(w, K, "read_forward", [&](int64_t b, int64_t past,
+                                                             const Real *first) {
+            return k.read(1, past + T, past, d, dv, K, first, taps.data(), out + b * T * d,
+                          threads);
+        });
+    }
+    return ok ? with_seen(std::move(x), w) : nullptr;
+}
+
+PyObject *token_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (!check_count("token_read", nargs, 5)) return nullptr;
+    const at::ScalarType dtype = kernel_dtype(args[0]);
+    const bool ready = dtype == at::kFloat ? kernels_f32.read != nullptr
+                                           : dtype == at::kDouble && kernels_f64.read != nullptr;
+    Window w;
+    if (!ready || !window_of(args[0], args[1], args[2], 2, dtype, w)) Py_RETURN_NONE;
+    const at::Tensor *weight = plain(args[3], dtype), *read = plain(args[4], dtype);
+    if (weight == nullptr || read == nullptr || weight->dim() != 3 || read->dim() != 1 ||
+        weight->size(0) != w.inputs->size(2) || weight->size(1) != w.inputs->size(3) ||
+        weight->size(2) < 1 || read->size(0) != weight->size(1)) {
+        Py_RETURN_NONE;
+    }
+    if (dtype == at::kFloat) return run_token_read(kernels_f32, w, *weight, *read);
+    return run_token_read(kernels_f64, w, *weight, *read);
+}
+
+// expand(buffer, seen, e, weight) -> (X_0, seen') | None.  buffer (B, capacity, d), seen its first
+// n embeddings, e (B, T, d), weight (d·dv, 1, K) in nn.Conv1d layout (output channel i·dv + j reads
+// feature i): writes e into buffer[:, n : n + T], then expands the last min(K - 1, n) embeddings
+// before it and e, as `EmbeddingConv.expand_inputs`. X_0 (B, T, d, dv); seen' as for token_read.
+template <typename Real>
+PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &weight) {
+    const int64_t d = w.inputs->size(2), dv = weight.size(0) / d, K = weight.size(2);
+    const int64_t B = w.inputs->size(0), T = w.T;
+    const Real *wt = weight.const_data_ptr<Real>();
+    at::Tensor X = at::empty({B, T, d, dv}, w.inputs->options());
+    Real *out = X.mutable_data_ptr<Real>();
+    bool ok;
+    if (B * T <= UNFOLDED_READ_ROWS) {  // X[t, i, j] = sum_tau w[i·dv + j, tau] e[t - (K-1-tau), i]
+        ok = append_and_run<Real>(w, K, "expand", [&](int64_t b, int64_t past, const Real *first) {
+            for (int64_t t = 0; t < T; t++) {
+                Real *o = out + (b * T + t) * d * dv;
+                for (int64_t q = 0; q < d * dv; q++) {
+                    Real sum = 0;
+                    for (int64_t tau = 0; tau < K; tau++) {
+                        const int64_t src = past + t - (K - 1 - tau);
+                        if (src >= 0) sum += wt[q * K + tau] * first[src * d + q / dv];
+                    }
+                    o[q] = sum;
+                }
+            }
+            return 0;
+        });
+    } else {
+        std::vector<Real> taps(K * d * dv);  // (K, d, dv)
+        for (int64_t q = 0; q < d * dv; q++)
+            for (int64_t tau = 0; tau < K; tau++) taps[tau * d * dv + q] = wt[q * K + tau];
+        const int threads = at::get_num_threads();
+        ok = append_and_run<Real>(w, K, "expand_forward", [&](int64_t b, int64_t past,
+                                                               const Real *first) {
+            return k.expand(1, past + T, past, d, dv, K, first, taps.data(),
+                            out + b * T * d * dv, threads);
+        });
+    }
+    return ok ? with_seen(std::move(X), w) : nullptr;
+}
+
+PyObject *expand(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (!check_count("expand", nargs, 4)) return nullptr;
+    const at::ScalarType dtype = kernel_dtype(args[0]);
+    const bool ready = dtype == at::kFloat
+                           ? kernels_f32.expand != nullptr
+                           : dtype == at::kDouble && kernels_f64.expand != nullptr;
+    Window w;
+    if (!ready || !window_of(args[0], args[1], args[2], 1, dtype, w)) Py_RETURN_NONE;
+    const at::Tensor *weight = plain(args[3], dtype);
+    const int64_t d = w.inputs->size(2);
+    if (weight == nullptr || weight->dim() != 3 || weight->size(1) != 1 || weight->size(2) < 1 ||
+        weight->size(0) < d || weight->size(0) % d != 0) {
+        Py_RETURN_NONE;
+    }
+    if (dtype == at::kFloat) return run_expand(kernels_f32, w, *weight);
+    return run_expand(kernels_f64, w, *weight);
+}
+
+// ---- set-up --------------------------------------------------------------------------------------
+
+// set_kernel(name, address of name_f32, address of name_f64): a C kernel's entry points, as ctypes
+// loaded them (`native_build.library()`); name one of update_forward, read_forward, expand_forward.
+PyObject *set_kernel(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (!check_count("set_kernel", nargs, 3)) return nullptr;
+    const char *name = PyUnicode_AsUTF8(args[0]);
+    if (name == nullptr) return nullptr;
+    void *f32 = PyLong_AsVoidPtr(args[1]), *f64 = PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred()) return nullptr;
+    if (std::strcmp(name, "update_forward") == 0) {
+        kernels_f32.update = reinterpret_cast<UpdateKernel<float>>(f32);
+        kernels_f64.update = reinterpret_cast<UpdateKernel<double>>(f64);
+    } else if (std::strcmp(name, "read_forward") == 0) {
+        kernels_f32.read = reinterpret_cast<ConvKernel<float>>(f32);
+        kernels_f64.read = reinterpret_cast<ConvKernel<double>>(f64);
+    } else if (std::strcmp(name, "expand_forward") == 0) {
+        kernels_f32.expand = reinterpret_cast<ConvKernel<float>>(f32);
+        kernels_f64.expand = reinterpret_cast<ConvKernel<double>>(f64);
+    } else {
+        PyErr_Format(PyExc_ValueError, "no kernel named %s", name);
         return nullptr;
     }
-    void *f32 = PyLong_AsVoidPtr(args[0]), *f64 = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return nullptr;
-    update_f32 = reinterpret_cast<UpdateKernel<float>>(f32);
-    update_f64 = reinterpret_cast<UpdateKernel<double>>(f64);
     Py_RETURN_NONE;
 }
 
+template <PyObject *(*F)(PyObject *, PyObject *const *, Py_ssize_t)>
+PyCFunction fastcall() {
+    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
+}
+
 PyMethodDef methods[] = {
-    {"update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(update)),
-     METH_FASTCALL, "A DDL update without autograd, or None where it does not apply."},
-    {"set_kernels", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_kernels)),
-     METH_FASTCALL, "The C kernels' entry points (addresses)."},
+    {"update", fastcall<update>(), METH_FASTCALL, "A DeltaUpdate, or None."},
+    {"channel_read", fastcall<channel_read>(), METH_FASTCALL, "A CC read and its matrix, or None."},
+    {"token_read", fastcall<token_read>(), METH_FASTCALL, "Append, then a TC read; or None."},
+    {"expand", fastcall<expand>(), METH_FASTCALL, "Append, then the EC expansion; or None."},
+    {"set_kernel", fastcall<set_kernel>(), METH_FASTCALL, "A C kernel's entry points."},
     {nullptr, nullptr, 0, nullptr},
 };
 
