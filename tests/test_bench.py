@@ -141,6 +141,33 @@ def test_greedy_decode_uses_the_cache_correctly():
     assert torch.equal(ids, expected)
 
 
+def test_decoding_takes_turns_on_copies_of_each_model(monkeypatch):
+    """Each timed decode runs on the next of `gen_instances` copies (same weights, other memory),
+    and the copies decode the same tokens."""
+    from deltalearn.bench import model as bench_model
+
+    bench = bench_model.ModelBench(
+        variants=["ddl-tc"], overrides=dict(hidden_size=32, num_heads=1, num_layers=1)
+    )
+    run = bench_model.build_variant(bench, "ddl-tc")
+    assert run.gen_instances == 3
+    used, outputs = [], []
+    real = bench_model.greedy_decode
+
+    def recorded(model, prompt, new_tokens):
+        used.append(model)
+        outputs.append(real(model, prompt, new_tokens))
+        return outputs[-1]
+
+    monkeypatch.setattr(bench_model, "greedy_decode", recorded)
+    for _ in range(4):
+        assert run.decode_seconds() > 0
+    assert used[0] is run.model and used[3] is run.model
+    assert len({id(m) for m in used}) == 3
+    assert used[1].embed.weight.data_ptr() != run.model.embed.weight.data_ptr()
+    assert all(torch.equal(ids, outputs[0][0]) for ids, _ in outputs)
+
+
 @pytest.mark.parametrize("impl, fused", [("default", True), ("reference", False)])
 def test_impl_switches_every_delta_update(impl, fused):
     from deltalearn.bench.model import ModelBench, build_variant
@@ -169,6 +196,7 @@ def test_width_256_preset_keeps_head_dim_32():
         (["--set", "hidden_size"], "KEY=VALUE"),
         (["--variants", "baseline,ddl-xx"], "ddl-xx"),
         (["--measure", "train,speed"], "speed"),
+        (["--gen-instances", "0"], "--gen-instances"),
     ],
 )
 def test_bad_settings_are_one_line_errors(capsys, extra, names):

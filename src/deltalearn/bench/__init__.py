@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (prefill)")
     m.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (timed)")
     m.add_argument("--gen-batch", type=int, default=1, help="rows decoded together")
+    m.add_argument(
+        "--gen-instances",
+        type=int,
+        default=3,
+        help="copies of each model decoding takes turns on (where weights lie moves CPU decoding)",
+    )
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument(
         "--peak-tflops",
@@ -246,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             gen_prompt=args.gen_prompt,
             gen_tokens=args.gen_tokens,
             gen_batch=args.gen_batch,
+            gen_instances=args.gen_instances,
             repeats=args.repeats,
             device=args.device,
             peak_tflops=args.peak_tflops,

@@ -24,6 +24,7 @@ or bf16); on a CPU, or an unknown GPU, MFU is left out unless `--peak-tflops` is
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import sys
@@ -117,13 +118,25 @@ class ModelBench:
     gen_prompt: int = 64
     gen_tokens: int = 64
     gen_batch: int = 1
+    # Copies of each model that decoding takes turns on, repeat by repeat: on a CPU where the
+    # weights lie in memory moves one-token decoding by a few per cent (three copies of one model,
+    # median of 11 each: 2064-2172 µs a token at `tiny`), so the median spans several placements.
+    gen_instances: int = 3
     repeats: int = 5
     device: str = "cpu"
     peak_tflops: float | None = None  # MFU's denominator; None: the table of known GPUs
 
     def check(self) -> None:
         """Raise `ConfigError` (one line) for the first bad setting, configs included."""
-        for name in ("batch", "seq", "gen_prompt", "gen_tokens", "gen_batch", "repeats"):
+        for name in (
+            "batch",
+            "seq",
+            "gen_prompt",
+            "gen_tokens",
+            "gen_batch",
+            "gen_instances",
+            "repeats",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(
@@ -185,6 +198,9 @@ class VariantRun:
     prompt: torch.Tensor  # (gen_batch, gen_prompt)
     gen_tokens: int
     dtype: torch.dtype
+    gen_instances: int = 1
+    _decoders: list[torch.nn.Module] = field(default_factory=list)
+    _decoded: int = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         device = self.ids.device.type
@@ -206,9 +222,16 @@ class VariantRun:
             self.model(self.ids)
 
     def decode_seconds(self) -> float:
-        self.model.eval()
+        """One timed decode, on the next of `gen_instances` copies of the model (made at the
+        first call, from the weights as they are then)."""
+        if not self._decoders:
+            self._decoders = [self.model]
+            self._decoders += [copy.deepcopy(self.model) for _ in range(self.gen_instances - 1)]
+        model = self._decoders[self._decoded % len(self._decoders)]
+        self._decoded += 1
+        model.eval()
         with self.autocast():
-            return greedy_decode(self.model, self.prompt, self.gen_tokens)[1]
+            return greedy_decode(model, self.prompt, self.gen_tokens)[1]
 
 
 def build_variant(bench: ModelBench, variant: str) -> VariantRun:
@@ -240,6 +263,7 @@ def build_variant(bench: ModelBench, variant: str) -> VariantRun:
         prompt=prompt.to(device),
         gen_tokens=bench.gen_tokens,
         dtype=getattr(torch, bench.dtype),
+        gen_instances=1 if bench.compile else bench.gen_instances,  # a copy would compile anew
     )
 
 
@@ -419,11 +443,14 @@ def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, 
 def format_model_report(report: dict[str, Any]) -> str:
     """The printed form: machine line, settings, definitions, then the table."""
     s, ref = report["settings"], report["reference"]
+    copies = 1 if s["compile"] else s.get("gen_instances", 1)
+    gen_copies = f" on {copies} copies of each model in turn" if copies > 1 else ""
     lines = [
         f"model benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
         f"{size_text(s)}, batch {s['batch']} x seq {s['seq']}, "
         f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
-        f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens; "
+        f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens"
+        f"{gen_copies}; "
         f"median of {s['repeats']}",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
