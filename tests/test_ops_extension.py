@@ -220,7 +220,7 @@ def test_decoding_takes_it_and_gives_the_pytorch_paths_numbers(taken, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("dv", "K"), [(1, 1), (2, 2), (4, 3), (4, 4), (8, 5)])
+@pytest.mark.parametrize(("dv", "K"), [(1, 1), (2, 2), (3, 2), (4, 3), (4, 4), (8, 5)])
 def test_channel_read_equals_the_general_path(taken, monkeypatch, dv, K, dtype):
     torch.manual_seed(0)
     compress = ChannelCompressor(24, dv, K).to(dtype)
@@ -242,29 +242,31 @@ def _window(B, seen, capacity, feature, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dv", [4, 3])  # 3: the loops that read dv at run time
 @pytest.mark.parametrize(
     ("B", "n", "T", "K"), [(1, 0, 5, 4), (2, 2, 1, 4), (2, 1, 2, 4), (3, 9, 2, 3), (1, 6, 1, 1)]
 )
-def test_token_read_appends_then_reads_as_the_compressor_does(B, n, T, K, dtype):
+def test_token_read_appends_then_reads_as_the_compressor_does(B, n, T, K, dv, dtype):
     """Fewer inputs seen than K − 1 (zeros before the first token), one and several new tokens,
     batch rows a buffer's length apart."""
     torch.manual_seed(0)
-    compress = TokenCompressor(12, 4, K).to(dtype)
+    compress = TokenCompressor(12, dv, K).to(dtype)
     with torch.no_grad():
         for p in compress.parameters():
             p.normal_()
-    buffer = _window(B, n, n + T + 3, (12, 4), dtype)
-    X = torch.randn(B, T, 12, 4, dtype=dtype)
-    seen = buffer[:, :n].clone()
+    buffer = _window(B, n, n + T + 3, (12, dv), dtype)
+    X = torch.randn(B, T, 12, dv, dtype=dtype)
+    seen, version = buffer[:, :n].clone(), buffer._version
     with torch.no_grad():
         x_in, front = extension.loaded().token_read(
             buffer, buffer.narrow(1, 0, n), X, compress.weight, compress.read
         )
         expected = compress.forward_cached(X, _history(seen, K - 1))[0]
     _close(x_in, expected)
+    assert buffer._version == version + 1  # the write is recorded as copy_ records it
     assert torch.equal(buffer[:, :n], seen) and torch.equal(buffer[:, n : n + T], X)
     assert buffer[:, n + T :].isnan().all()
-    assert front.data_ptr() == buffer.data_ptr() and front.shape == (B, n + T, 12, 4)
+    assert front.data_ptr() == buffer.data_ptr() and front.shape == (B, n + T, 12, dv)
 
 
 def _history(seen, length):
@@ -277,7 +279,7 @@ def _history(seen, length):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    ("B", "n", "T", "dv"), [(1, 0, 5, 4), (2, 1, 1, 4), (2, 1, 2, 4), (2, 7, 3, 2)]
+    ("B", "n", "T", "dv"), [(1, 0, 5, 4), (2, 1, 1, 4), (2, 1, 2, 4), (2, 1, 2, 3), (2, 7, 3, 2)]
 )
 def test_expand_appends_then_expands_as_the_embedding_conv_does(B, n, T, dv, dtype):
     torch.manual_seed(0)

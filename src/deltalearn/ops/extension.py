@@ -36,7 +36,7 @@ SOURCE = Path(__file__).with_name("inference_ext.cpp")
 MODULE_NAME = "deltalearn_inference_ext"  # PyInit_<name> in the source
 KERNELS = ("update_forward", "read_forward", "expand_forward")  # the C kernels it calls
 # torch's headers use a few C++20 features (compilers accept them in C++17 with a warning).
-FLAG_SETS = (("-O2", "-std=c++20"), ("-O2", "-std=c++17"))
+FLAG_SETS = (("-O3", "-std=c++20"), ("-O3", "-std=c++17"))
 
 
 def cxx_compiler() -> str | None:

@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,9 +68,17 @@ const c10::DispatchKeySet WRAPPED({
     c10::DispatchKey::ZeroTensor,
 });
 
+// Whether `o` is a tensor (nn.Parameter included): a subtype check, not THPVariable_Check's
+// isinstance, which runs nn.Parameter's metaclass hook (~0.5 µs an argument).
+bool is_tensor(PyObject *o) {
+    return THPVariableClass != nullptr &&
+           (THPVariable_CheckExact(o) ||
+            PyType_IsSubtype(Py_TYPE(o), reinterpret_cast<PyTypeObject *>(THPVariableClass)));
+}
+
 // The tensor behind `o`, if it is one and its data lie as a plain contiguous CPU array of `dtype`.
 const at::Tensor *plain(PyObject *o, at::ScalarType dtype) {
-    if (!THPVariable_Check(o)) return nullptr;
+    if (!is_tensor(o)) return nullptr;
     const at::Tensor &t = THPVariable_Unpack(o);
     const bool ok = t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
                     !t.is_nested() && t.scalar_type() == dtype && t.is_contiguous() &&
@@ -81,11 +90,24 @@ const at::Tensor *plain(PyObject *o, at::ScalarType dtype) {
 // kernels take (float or double); Undefined otherwise.
 at::ScalarType kernel_dtype(PyObject *first) {
     if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU) ||
-        !THPVariable_Check(first)) {
+        !is_tensor(first)) {
         return at::ScalarType::Undefined;
     }
     const at::ScalarType dtype = THPVariable_Unpack(first).scalar_type();
     return dtype == at::kFloat || dtype == at::kDouble ? dtype : at::ScalarType::Undefined;
+}
+
+// f(std::integral_constant<int64_t, DV>{}) with DV = dv for the usual value axes (1, 2, 4, 8: the
+// loops over it unroll and vectorise), else DV = 0 (those loops read dv at run time).
+template <typename F>
+auto with_dv(int64_t dv, F f) {
+    switch (dv) {
+        case 1: return f(std::integral_constant<int64_t, 1>{});
+        case 2: return f(std::integral_constant<int64_t, 2>{});
+        case 4: return f(std::integral_constant<int64_t, 4>{});
+        case 8: return f(std::integral_constant<int64_t, 8>{});
+        default: return f(std::integral_constant<int64_t, 0>{});
+    }
 }
 
 bool check_count(const char *name, Py_ssize_t nargs, Py_ssize_t want) {
@@ -195,6 +217,11 @@ PyObject *update(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
 
 // ---- channel read -------------------------------------------------------------------------------
 
+// A few tokens (decoding) are read straight from the unfolded weights, without a C kernel: folding
+// the read vector into the taps is as much work as such a read itself, and the kernel's set-up
+// (a scratch buffer, an OpenMP region) more.
+constexpr int64_t UNFOLDED_READ_ROWS = 4;
+
 // channel_read(X, weight, read) -> (x, C) | None.  X (..., d, dv); weight (d, K) the taps of the
 // "same"-padded conv along the value axis (K <= dv), read (dv). C[i, j] = sum_t w[i, t] ·
 // read[j - t + p] with p = (K - 1) / 2 (read is 0 outside [0, dv)), as `ChannelCompressor.
@@ -203,27 +230,52 @@ template <typename Real>
 PyObject *run_channel_read(const Kernels<Real> &k, const at::Tensor &X, const at::Tensor &weight,
                            const at::Tensor &read) {
     const int64_t d = X.size(-2), dv = X.size(-1), K = weight.size(1), p = (K - 1) / 2;
-    at::Tensor C = at::empty({d, dv}, X.options());
     const Real *w = weight.const_data_ptr<Real>(), *r = read.const_data_ptr<Real>();
+    // R[t, j] = read[j - t + p] (0 outside), then C = w R: no branch in the d-long loop.
+    std::vector<Real> R(K * dv, Real(0));
+    for (int64_t t = 0; t < K; t++)
+        for (int64_t j = 0; j < dv; j++)
+            if (j - t + p >= 0 && j - t + p < dv) R[t * dv + j] = r[j - t + p];
+    at::Tensor C = at::empty({d, dv}, X.options());
     Real *c = C.mutable_data_ptr<Real>();
-    for (int64_t i = 0; i < d; i++) {
-        for (int64_t j = 0; j < dv; j++) {
-            Real sum = 0;
-            for (int64_t tap = 0; tap < K; tap++) {
-                const int64_t o = j - tap + p;
-                if (o >= 0 && o < dv) sum += w[i * K + tap] * r[o];
-            }
-            c[i * dv + j] = sum;
-        }
-    }
     std::vector<int64_t> shape(X.sizes().begin(), X.sizes().end() - 1);
     at::Tensor x = at::empty(shape, X.options());
     const int64_t rows = X.numel() / (d * dv);
-    const int threads = at::get_num_threads();
-    const bool ok = run_kernel("read_forward", rows * d * dv, [&] {
-        return k.read(1, rows, 0, d, dv, 1, X.const_data_ptr<Real>(), c, x.mutable_data_ptr<Real>(),
-                      threads);
+    const Real *xs = X.const_data_ptr<Real>();
+    Real *out = x.mutable_data_ptr<Real>();
+    const bool unfolded = rows <= UNFOLDED_READ_ROWS;
+    with_dv(dv, [&](auto DV) {
+        const int64_t n_dv = DV ? DV : dv;
+        for (int64_t i = 0; i < d; i++) {
+            Real *ci = c + i * n_dv;
+            if constexpr (DV > 0) {  // in registers: c may alias nothing the compiler can prove
+                Real acc[DV] = {};
+                for (int64_t t = 0; t < K; t++)
+                    for (int64_t j = 0; j < DV; j++) acc[j] += w[i * K + t] * R[t * DV + j];
+                for (int64_t j = 0; j < DV; j++) ci[j] = acc[j];
+            } else {
+                for (int64_t j = 0; j < n_dv; j++) ci[j] = 0;
+                for (int64_t t = 0; t < K; t++)
+                    for (int64_t j = 0; j < n_dv; j++) ci[j] += w[i * K + t] * R[t * n_dv + j];
+            }
+        }
+        if (!unfolded) return 0;
+        for (int64_t n = 0; n < rows; n++) {
+            for (int64_t i = 0; i < d; i++) {
+                const Real *xi = xs + (n * d + i) * n_dv, *ci = c + i * n_dv;
+                Real sum = 0;
+                for (int64_t j = 0; j < n_dv; j++) sum += ci[j] * xi[j];
+                out[n * d + i] = sum;
+            }
+        }
+        return 0;
     });
+    bool ok = true;
+    if (!unfolded) {
+        const int threads = at::get_num_threads();
+        ok = run_kernel("read_forward", rows * d * dv,
+                        [&] { return k.read(1, rows, 0, d, dv, 1, xs, c, out, threads); });
+    }
     if (!ok) return nullptr;
     return pair(std::move(x), std::move(C));
 }
@@ -263,7 +315,7 @@ bool window_of(PyObject *buffer, PyObject *seen, PyObject *inputs, int64_t featu
                at::ScalarType dtype, Window &w) {
     w.buffer = plain(buffer, dtype);
     w.inputs = plain(inputs, dtype);
-    if (w.buffer == nullptr || w.inputs == nullptr || !THPVariable_Check(seen)) return false;
+    if (w.buffer == nullptr || w.inputs == nullptr || !is_tensor(seen)) return false;
     const at::Tensor &b = *w.buffer, &x = *w.inputs, &s = THPVariable_Unpack(seen);
     if (b.dim() != 2 + feature_dims || x.dim() != b.dim() || s.dim() != b.dim() ||
         x.size(0) != b.size(0) || s.size(0) != b.size(0) || x.numel() == 0 ||
@@ -300,6 +352,8 @@ bool append_and_run(const Window &w, int64_t K, const char *name, Kernel kernel)
         std::memcpy(buffer + (b * capacity + w.n) * w.row, inputs + b * w.T * w.row,
                     sizeof(Real) * w.T * w.row);
     }
+    // An in-place write, recorded as copy_ would record it (inference tensors keep no version).
+    if (!w.buffer->is_inference()) w.buffer->unsafeGetTensorImpl()->bump_version();
     for (int64_t b = 0; b < B; b++) {
         const Real *first = buffer + (b * capacity + w.n - past) * w.row;
         if (!run_kernel(name, w.T * w.row * K, [&] { return kernel(b, past, first); })) {
@@ -314,27 +368,24 @@ bool append_and_run(const Window &w, int64_t K, const char *name, Kernel kernel)
 // buffer[:, n : n + T], then reads the last min(K - 1, n) inputs before it and X with the taps
 // weight[i, j, tau] · read[j] (tap K - 1 the current token), as `TokenCompressor.read_inputs`.
 // x_in (B, T, d); seen' the buffer's first n + T inputs.
-// A few tokens (decoding) are read straight from the unfolded weights: folding the read vector
-// into the taps is as much work as such a read itself, and the kernel's set-up more.
-constexpr int64_t UNFOLDED_READ_ROWS = 4;
-
-// x[i] = sum_j read[j] sum_tau w[i, j, tau] X[t - (K - 1 - tau), i, j] of the window at `first`
-// (the `past` earlier inputs, then the new ones), for new token t.
-template <typename Real>
-void read_unfolded(int64_t d, int64_t dv, int64_t K, int64_t past, int64_t t, const Real *first,
+// x[i] = sum_tau sum_j read[j] w[i, j, tau] X[t - (K - 1 - tau), i, j] of the window at `first`
+// (the `past` earlier inputs, then the new ones), for new token t: tap by tap, the taps before the
+// first input skipped outside the d-long loop.
+template <int64_t DV, typename Real>
+void read_unfolded(int64_t d, int64_t dv_, int64_t K, int64_t past, int64_t t, const Real *first,
                    const Real *w, const Real *read, Real *x) {
-    for (int64_t i = 0; i < d; i++) {
-        Real acc = 0;
-        for (int64_t j = 0; j < dv; j++) {
-            const int64_t q = i * dv + j;
+    const int64_t dv = DV ? DV : dv_;
+    for (int64_t i = 0; i < d; i++) x[i] = 0;
+    for (int64_t tau = 0; tau < K; tau++) {
+        const int64_t src = past + t - (K - 1 - tau);
+        if (src < 0) continue;
+        const Real *xs = first + src * d * dv;
+        for (int64_t i = 0; i < d; i++) {
             Real sum = 0;
-            for (int64_t tau = 0; tau < K; tau++) {
-                const int64_t src = past + t - (K - 1 - tau);
-                if (src >= 0) sum += w[q * K + tau] * first[src * d * dv + q];
-            }
-            acc += read[j] * sum;
+            for (int64_t j = 0; j < dv; j++)
+                sum += read[j] * w[(i * dv + j) * K + tau] * xs[i * dv + j];
+            x[i] += sum;
         }
-        x[i] = acc;
     }
 }
 
@@ -349,8 +400,11 @@ PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tens
     bool ok;
     if (B * T <= UNFOLDED_READ_ROWS) {
         ok = append_and_run<Real>(w, K, "read", [&](int64_t b, int64_t past, const Real *first) {
-            for (int64_t t = 0; t < T; t++)
-                read_unfolded(d, dv, K, past, t, first, wt, r, out + (b * T + t) * d);
+            with_dv(dv, [&](auto DV) {
+                for (int64_t t = 0; t < T; t++)
+                    read_unfolded<DV>(d, dv, K, past, t, first, wt, r, out + (b * T + t) * d);
+                return 0;
+            });
             return 0;
         });
     } else {
@@ -400,18 +454,24 @@ PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &
     bool ok;
     if (B * T <= UNFOLDED_READ_ROWS) {  // X[t, i, j] = sum_tau w[i·dv + j, tau] e[t - (K-1-tau), i]
         ok = append_and_run<Real>(w, K, "expand", [&](int64_t b, int64_t past, const Real *first) {
-            for (int64_t t = 0; t < T; t++) {
-                Real *o = out + (b * T + t) * d * dv;
-                for (int64_t q = 0; q < d * dv; q++) {
-                    Real sum = 0;
-                    for (int64_t tau = 0; tau < K; tau++) {
-                        const int64_t src = past + t - (K - 1 - tau);
-                        if (src >= 0) sum += wt[q * K + tau] * first[src * d + q / dv];
+            return with_dv(dv, [&](auto DV) {
+                const int64_t n_dv = DV ? DV : dv;
+                for (int64_t t = 0; t < T; t++) {
+                    Real *o = out + (b * T + t) * d * n_dv;
+                    const int64_t first_tau = std::max<int64_t>(K - 1 - past - t, 0);
+                    const Real *e = first + (past + t - (K - 1 - first_tau)) * d;
+                    for (int64_t i = 0; i < d; i++) {
+                        for (int64_t j = 0; j < n_dv; j++) {
+                            const Real *wq = wt + (i * n_dv + j) * K;
+                            Real sum = 0;
+                            for (int64_t tau = first_tau; tau < K; tau++)
+                                sum += wq[tau] * e[(tau - first_tau) * d + i];
+                            o[i * n_dv + j] = sum;
+                        }
                     }
-                    o[q] = sum;
                 }
-            }
-            return 0;
+                return 0;
+            });
         });
     } else {
         std::vector<Real> taps(K * d * dv);  // (K, d, dv)
