@@ -1,8 +1,34 @@
-"""Recording which CPU kernels run (tests of `ops/native.py` and `ops/prepared.py`)."""
+"""Recording which CPU kernels run (tests of `ops/native.py`, `ops/prepared.py` and
+`ops/extension.py`), and a DeltaUpdate's numbers on the PyTorch path to hold them to."""
 
 from __future__ import annotations
 
-from deltalearn.ops import native, prepared
+import torch
+
+from deltalearn.ops import backend, native, prepared
+
+
+def on_pytorch_path(update, args):
+    """`update(*args)` without autograd on the PyTorch path (no C kernel, no C++ call)."""
+    saved = backend.BACKEND
+    backend.BACKEND = "torch"
+    try:
+        with torch.no_grad():
+            return update(*args)
+    finally:
+        backend.BACKEND = saved
+
+
+def assert_outputs_close(actual, expected) -> None:
+    """A tensor or a tuple of them, each within the round-off of its dtype (fp32 or float64)."""
+    pairs = zip(
+        actual if isinstance(actual, tuple) else (actual,),
+        expected if isinstance(expected, tuple) else (expected,),
+        strict=True,
+    )
+    for a, e in pairs:
+        tol = 2e-5 if e.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
 
 
 def record_kernel_calls(monkeypatch, calls: list[str], general: bool = True) -> None:

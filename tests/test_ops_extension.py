@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_helpers import assert_outputs_close, on_pytorch_path
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.nn import ChannelCompressor, DeltaUpdate, EmbeddingConv, TokenCompressor
@@ -60,27 +61,6 @@ def _update_and_inputs(dv, rule="delta", head="paper", dtype=torch.float32, rows
     return update, (X, h, c, u)
 
 
-def _general(update, args):
-    saved = backend.BACKEND
-    backend.BACKEND = "torch"
-    try:
-        with torch.no_grad():
-            return update(*args)
-    finally:
-        backend.BACKEND = saved
-
-
-def _close(actual, expected):
-    pairs = zip(
-        actual if isinstance(actual, tuple) else (actual,),
-        expected if isinstance(expected, tuple) else (expected,),
-        strict=True,
-    )
-    for a, e in pairs:
-        tol = 2e-5 if e.dtype == torch.float32 else 1e-12
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("head", ["paper", "official"])
 @pytest.mark.parametrize("rule", ["delta", "write_only"])
@@ -92,7 +72,7 @@ def test_update_equals_the_general_path(taken, dv, compress, rule, head, dtype):
     with torch.no_grad():
         fast = update(*args)
     assert taken["update"] == 1
-    _close(fast, _general(update, args))
+    assert_outputs_close(fast, on_pytorch_path(update, args))
 
 
 def test_a_large_update_runs_without_the_gil_and_agrees(taken):
@@ -100,7 +80,7 @@ def test_a_large_update_runs_without_the_gil_and_agrees(taken):
     with torch.no_grad():
         fast = update(*args)
     assert taken["update"] == 1
-    _close(fast, _general(update, args))
+    assert_outputs_close(fast, on_pytorch_path(update, args))
 
 
 def test_the_weights_are_read_at_every_call(taken):
@@ -110,12 +90,12 @@ def test_the_weights_are_read_at_every_call(taken):
         first = update(*args)
         update.gate.out.bias.add_(3.0)
         moved = update(*args)
-        _close(moved, _general(update, args))
+        assert_outputs_close(moved, on_pytorch_path(update, args))
         update.value.proj.weight = torch.nn.Parameter(torch.randn_like(update.value.proj.weight))
-        _close(update(*args), _general(update, args))
+        assert_outputs_close(update(*args), on_pytorch_path(update, args))
     assert taken["update"] == 3
     with pytest.raises(AssertionError):
-        _close(moved, first)
+        assert_outputs_close(moved, first)
 
 
 def test_training_recording_autocast_and_other_backends_skip_it(taken, monkeypatch):
@@ -232,7 +212,7 @@ def test_channel_read_equals_the_general_path(taken, monkeypatch, dv, K, dtype):
         assert taken["channel_read"] == 1
         monkeypatch.setattr(backend, "BACKEND", "torch")
         x_ref, C_ref = compress.read_with_matrix(X)
-    _close((x, C), (x_ref, C_ref))
+    assert_outputs_close((x, C), (x_ref, C_ref))
 
 
 def _window(B, seen, capacity, feature, dtype=torch.float32):
@@ -262,7 +242,7 @@ def test_token_read_appends_then_reads_as_the_compressor_does(B, n, T, K, dv, dt
             buffer, buffer.narrow(1, 0, n), X, compress.weight, compress.read
         )
         expected = compress.forward_cached(X, _history(seen, K - 1))[0]
-    _close(x_in, expected)
+    assert_outputs_close(x_in, expected)
     assert buffer._version == version + 1  # the write is recorded as copy_ records it
     assert torch.equal(buffer[:, :n], seen) and torch.equal(buffer[:, n : n + T], X)
     assert buffer[:, n + T :].isnan().all()
@@ -292,7 +272,7 @@ def test_expand_appends_then_expands_as_the_embedding_conv_does(B, n, T, dv, dty
     with torch.no_grad():
         X, front = extension.loaded().expand(buffer, buffer[:, :n], e, expand.weight)
         expected = expand.forward_cached(e, _history(seen, 3))[0]
-    _close(X, expected)
+    assert_outputs_close(X, expected)
     assert torch.equal(front, torch.cat([seen, e], 1)) and front.data_ptr() == buffer.data_ptr()
 
 
@@ -360,12 +340,3 @@ def test_without_a_cxx_compiler_it_warns_once_and_the_prepared_call_runs(monkeyp
             assert update._inference_plan is not None
     finally:
         extension.loaded.cache_clear()
-
-
-def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(extension, "SOURCE", broken)
-    with pytest.raises(native_build.NativeBuildError, match="broken.cpp"):
-        extension.build(extension.cxx_compiler(), tmp_path / "out" / "m.so")
-    assert not (tmp_path / "out" / "m.so").exists()

@@ -363,10 +363,23 @@ def test_no_compiler_falls_back_with_one_warning_or_fails_when_forced(monkeypatc
         native_build.library.cache_clear()
 
 
-def test_a_compiler_error_is_reported_with_its_message(monkeypatch, tmp_path):
-    bad = tmp_path / "bad.c"
+@pytest.mark.parametrize(
+    ("builder", "find_compiler", "source"),
+    [
+        (native_build, native_build.compiler, "bad.c"),
+        (extension, extension.cxx_compiler, "bad.cpp"),
+    ],
+)
+def test_a_compiler_error_is_reported_with_its_message(
+    monkeypatch, tmp_path, builder, find_compiler, source
+):
+    """The C kernels' build and the C++ extension's: the failing command named, nothing written."""
+    compiler = find_compiler()
+    if compiler is None:
+        pytest.skip("no compiler for this source")
+    bad = tmp_path / source
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native_build, "SOURCE", bad)
-    with pytest.raises(native_build.NativeBuildError, match="failed"):
-        native_build.build(native_build.compiler(), tmp_path / "out" / "lib.so")
+    monkeypatch.setattr(builder, "SOURCE", bad)
+    with pytest.raises(native_build.NativeBuildError, match=f"{source} .*failed"):
+        builder.build(compiler, tmp_path / "out" / "lib.so")
     assert not (tmp_path / "out" / "lib.so").exists()

@@ -12,7 +12,7 @@ import pickle
 
 import pytest
 import torch
-from kernel_helpers import record_kernel_calls
+from kernel_helpers import assert_outputs_close, on_pytorch_path, record_kernel_calls
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.models.cache import DeltaLMCache
@@ -51,24 +51,6 @@ def _update_and_inputs(dv: int, compress: bool):
     return update, (X, h, c, u) + ((C,) if compress else ())
 
 
-def _general(update, args):
-    """The update on the PyTorch path (no prepared call, no C kernel)."""
-    saved = backend.BACKEND
-    backend.BACKEND = "torch"
-    try:
-        with torch.no_grad():
-            return update(*args)
-    finally:
-        backend.BACKEND = saved
-
-
-def _close(a, b):
-    for x, y in zip(
-        a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True
-    ):
-        torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
-
-
 @pytest.mark.parametrize(("dv", "compress"), [(1, False), (4, False), (4, True)])
 def test_update_prepares_once_and_follows_its_weights(runs, dv, compress):
     update, args = _update_and_inputs(dv, compress)
@@ -78,17 +60,17 @@ def test_update_prepares_once_and_follows_its_weights(runs, dv, compress):
         assert isinstance(plan, prepared.InferenceUpdate)
         again = update(*args)
         assert update._inference_plan is plan and runs == ["update_forward_packed"] * 2
-        _close(again, first)
-        _close(first, _general(update, args))
+        assert_outputs_close(again, first)
+        assert_outputs_close(first, on_pytorch_path(update, args))
         update.gate.out.bias.add_(3.0)  # in place: a new version, the same storage
         moved = update(*args)
         assert update._inference_plan is not plan
-        _close(moved, _general(update, args))
+        assert_outputs_close(moved, on_pytorch_path(update, args))
         with pytest.raises(AssertionError):
-            _close(moved, first)
+            assert_outputs_close(moved, first)
         plan = update._inference_plan
         update.value.proj.weight = torch.nn.Parameter(torch.randn_like(update.value.proj.weight))
-        _close(update(*args), _general(update, args))
+        assert_outputs_close(update(*args), on_pytorch_path(update, args))
         assert update._inference_plan is not plan
 
 
@@ -149,9 +131,9 @@ def test_compressor_reads_and_expansion_prepare_once_and_follow_their_weights(ru
             backend.BACKEND = "torch"
             expected = call(module, x)
             backend.BACKEND = None
-            _close(call(module, x), expected)
+            assert_outputs_close(call(module, x), expected)
             with pytest.raises(AssertionError):
-                _close(expected, first)
+                assert_outputs_close(expected, first)
 
 
 @pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])

@@ -86,15 +86,18 @@ const at::Tensor *plain(PyObject *o, at::ScalarType dtype) {
     return ok ? &t : nullptr;
 }
 
-// Whether a kernel may run now at all, and the dtype of `first` when it is a tensor of one the C
-// kernels take (float or double); Undefined otherwise.
-at::ScalarType kernel_dtype(PyObject *first) {
+// The dtype of `first` where a kernel may run now — no autograd, no CPU autocast, `first` a tensor
+// of float or double and the kernel `has` picks from `Kernels` set for it — else Undefined.
+template <typename Has>
+at::ScalarType kernel_dtype(PyObject *first, Has has) {
     if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU) ||
         !is_tensor(first)) {
         return at::ScalarType::Undefined;
     }
     const at::ScalarType dtype = THPVariable_Unpack(first).scalar_type();
-    return dtype == at::kFloat || dtype == at::kDouble ? dtype : at::ScalarType::Undefined;
+    const bool set =
+        dtype == at::kFloat ? has(kernels_f32) : dtype == at::kDouble && has(kernels_f64);
+    return set ? dtype : at::ScalarType::Undefined;
 }
 
 // f(std::integral_constant<int64_t, DV>{}) with DV = dv for the usual value axes (1, 2, 4, 8: the
@@ -145,7 +148,7 @@ const Real *data(const at::Tensor *t) {
     return t == nullptr ? nullptr : t->const_data_ptr<Real>();
 }
 
-// ---- update --------------------------------------------------------------------------------------
+// ---- update -------------------------------------------------------------------------------------
 
 template <typename Real>
 PyObject *run_update(const Kernels<Real> &k, const at::Tensor *const *t, const at::Tensor *b_value,
@@ -174,10 +177,8 @@ PyObject *run_update(const Kernels<Real> &k, const at::Tensor *const *t, const a
 // whose read of Y comes back too. delta, official: bools; scale, eps: floats.
 PyObject *update(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("update", nargs, 13)) return nullptr;
-    const at::ScalarType dtype = kernel_dtype(args[0]);
-    const bool ready = dtype == at::kFloat ? kernels_f32.update != nullptr
-                                           : dtype == at::kDouble && kernels_f64.update != nullptr;
-    if (!ready) Py_RETURN_NONE;
+    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.update != nullptr; });
+    if (dtype == at::ScalarType::Undefined) Py_RETURN_NONE;
     const at::Tensor *t[7];
     for (int i = 0; i < 7; i++) {
         t[i] = plain(args[i], dtype);
@@ -282,10 +283,8 @@ PyObject *run_channel_read(const Kernels<Real> &k, const at::Tensor &X, const at
 
 PyObject *channel_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("channel_read", nargs, 3)) return nullptr;
-    const at::ScalarType dtype = kernel_dtype(args[0]);
-    const bool ready = dtype == at::kFloat ? kernels_f32.read != nullptr
-                                           : dtype == at::kDouble && kernels_f64.read != nullptr;
-    if (!ready) Py_RETURN_NONE;
+    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.read != nullptr; });
+    if (dtype == at::ScalarType::Undefined) Py_RETURN_NONE;
     const at::Tensor *X = plain(args[0], dtype), *weight = plain(args[1], dtype),
                      *read = plain(args[2], dtype);
     if (X == nullptr || weight == nullptr || read == nullptr || X->dim() < 2 ||
@@ -425,11 +424,11 @@ PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tens
 
 PyObject *token_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("token_read", nargs, 5)) return nullptr;
-    const at::ScalarType dtype = kernel_dtype(args[0]);
-    const bool ready = dtype == at::kFloat ? kernels_f32.read != nullptr
-                                           : dtype == at::kDouble && kernels_f64.read != nullptr;
+    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.read != nullptr; });
     Window w;
-    if (!ready || !window_of(args[0], args[1], args[2], 2, dtype, w)) Py_RETURN_NONE;
+    if (dtype == at::ScalarType::Undefined || !window_of(args[0], args[1], args[2], 2, dtype, w)) {
+        Py_RETURN_NONE;
+    }
     const at::Tensor *weight = plain(args[3], dtype), *read = plain(args[4], dtype);
     if (weight == nullptr || read == nullptr || weight->dim() != 3 || read->dim() != 1 ||
         weight->size(0) != w.inputs->size(2) || weight->size(1) != w.inputs->size(3) ||
@@ -489,12 +488,11 @@ PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &
 
 PyObject *expand(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("expand", nargs, 4)) return nullptr;
-    const at::ScalarType dtype = kernel_dtype(args[0]);
-    const bool ready = dtype == at::kFloat
-                           ? kernels_f32.expand != nullptr
-                           : dtype == at::kDouble && kernels_f64.expand != nullptr;
+    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.expand != nullptr; });
     Window w;
-    if (!ready || !window_of(args[0], args[1], args[2], 1, dtype, w)) Py_RETURN_NONE;
+    if (dtype == at::ScalarType::Undefined || !window_of(args[0], args[1], args[2], 1, dtype, w)) {
+        Py_RETURN_NONE;
+    }
     const at::Tensor *weight = plain(args[3], dtype);
     const int64_t d = w.inputs->size(2);
     if (weight == nullptr || weight->dim() != 3 || weight->size(1) != 1 || weight->size(2) < 1 ||
@@ -505,7 +503,7 @@ PyObject *expand(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return run_expand(kernels_f64, w, *weight);
 }
 
-// ---- set-up --------------------------------------------------------------------------------------
+// ---- set-up -------------------------------------------------------------------------------------
 
 // set_kernel(name, address of name_f32, address of name_f64): a C kernel's entry points, as ctypes
 // loaded them (`native_build.library()`); name one of update_forward, read_forward, expand_forward.
