@@ -19,7 +19,7 @@ from deltalearn.nn import (
     repeat_expansion,
 )
 from deltalearn.nn.generators import gate_and_value
-from deltalearn.ops import normalize_direction
+from deltalearn.ops import backend, normalize_direction
 
 
 def _mlp(dim: int) -> nn.Module:
@@ -189,12 +189,14 @@ def _plain_heads(gate, value, c, u):
     return z, value.pre_activation(c, u)
 
 
+@pytest.mark.parametrize("dv", [1, 4])  # 1: the value projection one column (elementwise on CPU)
 @pytest.mark.parametrize("value_head", ["official", "paper"])
-def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head):
+def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head, dv):
     """fp32: the same values and every gradient; float64: gradcheck; under bf16 autocast: z and ∂c
-    fp32-exact, the value projection's numbers those of autocast's linear, ∂w_g within bf16."""
+    fp32-exact, the value projection's numbers those of autocast's linear, ∂w_g within bf16. On a
+    CPU the one-column projections run as a product and a sum (`generators._one_column`)."""
     torch.manual_seed(0)
-    gate, value = GateHead(24), ValueHead(24, 4, value_head)
+    gate, value = GateHead(24), ValueHead(24, dv, value_head)
     params = [p for p in (*gate.parameters(), *value.parameters())]
     c = torch.randn(3, 5, 24, requires_grad=True)
     u = torch.randn(3, 5, 24, requires_grad=True)
@@ -221,10 +223,30 @@ def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head):
         fast, plain = gate_and_value(gate, value, c, u), _plain_heads(gate, value, c, u)
         for got, want in zip(fast, plain, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    gate64, value64 = GateHead(6).double(), ValueHead(6, 2, value_head).double()
+    gate64, value64 = GateHead(6).double(), ValueHead(6, dv, value_head).double()
     c64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     u64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: gate_and_value(gate64, value64, a, b), (c64, u64))
+
+
+def test_one_column_projections_skip_the_matrix_product_on_a_cpu(monkeypatch):
+    """A gate logit and a dv = 1 value: an elementwise product and a sum, forward and backward
+    (no matrix product a FLOP counter would see); the "torch" backend keeps the matrix products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gate, value = GateHead(24), ValueHead(24, 1)
+    c = torch.randn(3, 5, 24, requires_grad=True)
+
+    def matmul_flops():
+        with FlopCounterMode(display=False) as counter:
+            z, p = gate_and_value(gate, value, c, c)
+            (z.sum() + p.sum()).backward()
+        return counter.get_total_flops()
+
+    monkeypatch.setattr(backend, "BACKEND", None)
+    assert matmul_flops() == 0
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+    assert matmul_flops() == 2 * 3 * 15 * 24 * 2  # three products, one column each, two heads
 
 
 def test_direction_forms_agree():

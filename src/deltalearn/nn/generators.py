@@ -26,7 +26,7 @@ from deltalearn.nn.choices import (
     ValueHeadKind,
     check_choice,
 )
-from deltalearn.ops import normalize_direction
+from deltalearn.ops import backend, normalize_direction
 from deltalearn.ops._shapes import accumulation_dtype, autocast_on
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
@@ -109,7 +109,7 @@ class _LinearProjections(torch.autograd.Function):
         d = c.shape[-1]
         c2 = c.reshape(-1, d)
         c_kept = c2.to(keep_dtype)
-        z = torch.addmm(b_g, c2, w_g.t()).view(c.shape[:-1])
+        z = _one_column(c2, w_g, b_g).view(c.shape[:-1])
         ctx.row_shape = c.shape
         ctx.has_value = W_v is not None
         if not ctx.has_value:
@@ -120,7 +120,11 @@ class _LinearProjections(torch.autograd.Function):
         if x is c and c_kept.dtype == x_low.dtype:
             x_low = c_kept  # the paper head reads c: keep one copy
         W, b = _cast(W_v, lin_dtype), _cast(b_v, lin_dtype)
-        p = (x_low @ W.t() if b is None else torch.addmm(b, x_low, W.t())).view(*c.shape[:-1], -1)
+        if W.shape[0] == 1:  # dv = 1
+            p = _one_column(x_low, W, b).view(*c.shape[:-1], 1)
+        else:
+            p = x_low @ W.t() if b is None else torch.addmm(b, x_low, W.t())
+            p = p.view(*c.shape[:-1], -1)
         ctx.save_for_backward(c_kept, w_g, x_low, W_v)
         ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
         return z, p
@@ -133,18 +137,56 @@ class _LinearProjections(torch.autograd.Function):
         gz2 = gz.reshape(-1, 1)
         # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
         # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
-        gc = (gz2 @ w_g).view(ctx.row_shape) if need[0] else None
-        gw_g = (gz2.t() @ c_kept.to(gz.dtype)).to(w_g.dtype) if need[2] else None
+        gc = _outer(gz2, w_g).view(ctx.row_shape) if need[0] else None
+        gw_g = _column_sum(gz2, c_kept.to(gz.dtype)).to(w_g.dtype) if need[2] else None
         gb_g = gz2.sum(0).to(w_g.dtype) if need[3] else None
         if not ctx.has_value:
             return gc, None, gw_g, gb_g, None, None, None, None
         x_low, W_v = value
         x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
         rows = gp.reshape(-1, gp.shape[-1])
-        gx = (rows @ _cast(W_v, lin_dtype)).to(x_dtype).view(ctx.row_shape) if need[1] else None
-        gW_v = (rows.t() @ x_low).to(W_v.dtype) if need[4] else None
+        gx = (
+            _outer(rows, _cast(W_v, lin_dtype)).to(x_dtype).view(ctx.row_shape) if need[1] else None
+        )
+        gW_v = _column_sum(rows, x_low).to(W_v.dtype) if need[4] else None
         gb_v = rows.sum(0).to(b_dtype) if need[5] else None
         return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None
+
+
+# A matrix product with one column (a gate logit, dv = 1) as MKL takes it costs ~260 µs at 2048 ×
+# 256 between a training step's large products on a CPU, against ~70 µs as an elementwise product
+# and a sum (both read the matrix once): three of them a sublayer were most of ddl's extra training
+# time there (`benchmarks/README.md`). Only in fp32/float64 on a CPU with the fast paths on
+# (`backend.native_allowed`: not under torch.compile or the "torch"/"reference" backends, whose
+# matrix products a FLOP counter sees): a low-precision product would round each term before the
+# sum, and a GPU takes the matrix products at full speed.
+def _elementwise(a: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        w.shape[0] == 1
+        and a.is_cpu
+        and a.dtype in (torch.float32, torch.float64)
+        and backend.native_allowed()
+    )
+
+
+def _one_column(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`a @ w.t() (+ b)` for `a` (rows, d) and one output, `w` (1, d): (rows, 1)."""
+    if _elementwise(a, w):
+        out = (a * w).sum(-1, keepdim=True)
+        return out if b is None else out.add_(b)
+    return a @ w.t() if b is None else torch.addmm(b, a, w.t())
+
+
+def _outer(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`g @ w` for `g` (rows, n), `w` (n, d): with n = 1 each entry is one product."""
+    return g * w if _elementwise(g, w) else g @ w
+
+
+def _column_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`g.t() @ a` for `g` (rows, n), `a` (rows, d): (n, d)."""
+    if g.shape[1] == 1 and _elementwise(a, g.t()):
+        return (g * a).sum(0, keepdim=True)
+    return g.t() @ a
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
