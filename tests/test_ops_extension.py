@@ -121,6 +121,16 @@ def test_training_recording_autocast_and_other_backends_skip_it(taken, monkeypat
     assert taken["update"] == 0
 
 
+def test_an_mlp_gate_takes_the_general_path(taken):
+    torch.manual_seed(0)
+    update = DeltaUpdate(24, 4, gate="mlp", gate_hidden=8)
+    X, h, c, u = torch.randn(2, 3, 24, 4), *(torch.randn(2, 3, 24) for _ in range(3))
+    with torch.no_grad():
+        fast = update(X, h, c, u)
+    assert taken["update"] == 0
+    assert_outputs_close(fast, on_pytorch_path(update, (X, h, c, u)))
+
+
 def test_what_a_kernel_cannot_read_is_declined():
     """None (the caller's general path) for each input the kernel must not read as it lies."""
     fast = extension.loaded().update
