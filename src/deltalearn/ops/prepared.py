@@ -1,5 +1,7 @@
 """Prepared C-kernel calls for inference on CPU: one-token decoding repeats the same update, read
-and expansion at every token, and is bound by host work, not arithmetic.
+and expansion at every token, and is bound by host work, not arithmetic. The fallback of the C++
+inference extension (`ops/extension.py`, which checks and calls in C++ at a quarter of the host
+time), where no C++ compiler can build it.
 
 A prepared call is made once per module and input shape, after the general path has found that the
 kernel applies (operands on CPU, of one dtype in `backend.NATIVE_DTYPES`, shapes that fit), and is
