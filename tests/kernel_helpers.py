@@ -3,9 +3,21 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 from deltalearn.ops import backend, native, prepared
+
+
+def assert_warns_once(call, match: str) -> None:
+    """`call()` gives None with a RuntimeWarning matching `match`, and again None without one."""
+    with pytest.warns(RuntimeWarning, match=match):
+        assert call() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert call() is None  # said once
 
 
 def on_pytorch_path(update, args):

@@ -194,7 +194,7 @@ def _plain_heads(gate, value, c, u):
 def test_gate_and_value_as_one_node_equal_the_plain_projections(value_head, dv):
     """fp32: the same values and every gradient; float64: gradcheck; under bf16 autocast: z and ∂c
     fp32-exact, the value projection's numbers those of autocast's linear, ∂w_g within bf16. On a
-    CPU the one-column projections run as a product and a sum (`generators._one_column`)."""
+    CPU the one-column projections run as a product and a sum (`generators._project`)."""
     torch.manual_seed(0)
     gate, value = GateHead(24), ValueHead(24, dv, value_head)
     params = [p for p in (*gate.parameters(), *value.parameters())]

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_helpers import assert_outputs_close, on_pytorch_path
+from kernel_helpers import assert_outputs_close, assert_warns_once, on_pytorch_path
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.nn import ChannelCompressor, DeltaUpdate, EmbeddingConv, TokenCompressor
@@ -75,7 +75,8 @@ def test_update_equals_the_general_path(taken, dv, compress, rule, head, dtype):
     assert_outputs_close(fast, on_pytorch_path(update, args))
 
 
-def test_a_large_update_runs_without_the_gil_and_agrees(taken):
+def test_a_large_update_agrees(taken):
+    """Past RELEASE_GIL_FROM state elements the kernel runs without the GIL: the same numbers."""
     update, args = _update_and_inputs(4, rows=(8, 300), d=64)  # 76800 state elements
     with torch.no_grad():
         fast = update(*args)
@@ -109,12 +110,9 @@ def test_training_recording_autocast_and_other_backends_skip_it(taken, monkeypat
         update.record = False
         with torch.autocast("cpu", dtype=torch.bfloat16):
             update(*args)
-        for choice in ("torch", "reference", "triton"):
-            if choice == "triton" and not backend.triton_available():
-                continue
+        for choice in ("torch", "reference"):
             monkeypatch.setattr(backend, "BACKEND", choice)
-            if choice != "triton":  # forced Triton on CPU tensors needs the interpreter
-                update(*args)
+            update(*args)
         monkeypatch.setattr(backend, "BACKEND", None)
         update.fused = False
         update(*args)
@@ -339,11 +337,9 @@ def test_without_a_cxx_compiler_it_warns_once_and_the_prepared_call_runs(monkeyp
     monkeypatch.setattr(extension, "cxx_compiler", lambda: None)
     extension.loaded.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-            assert extension.loaded() is None
+        assert_warns_once(extension.loaded, "no C\\+\\+ compiler")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert extension.loaded() is None  # said once
             update, args = _update_and_inputs(1)
             with torch.no_grad():
                 update(*args)

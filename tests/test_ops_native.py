@@ -10,11 +10,9 @@ these tests skip; with one, a failed build fails them.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from kernel_helpers import record_kernel_calls
+from kernel_helpers import assert_warns_once, record_kernel_calls
 from model_helpers import random_ids, tiny_model
 
 from deltalearn.nn import DeltaUpdate
@@ -346,11 +344,7 @@ def test_no_compiler_falls_back_with_one_warning_or_fails_when_forced(monkeypatc
     native_build._loaded.cache_clear()
     native_build.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no C compiler"):
-            assert native_build.library() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert native_build.library() is None  # said once
+        assert_warns_once(native_build.library, "no C compiler")
         X = torch.randn(3, 8, 2)
         monkeypatch.setattr(backend, "BACKEND", "auto")
         assert not backend.use_native([X])

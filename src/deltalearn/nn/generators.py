@@ -109,7 +109,7 @@ class _LinearProjections(torch.autograd.Function):
         d = c.shape[-1]
         c2 = c.reshape(-1, d)
         c_kept = c2.to(keep_dtype)
-        z = _one_column(c2, w_g, b_g).view(c.shape[:-1])
+        z = _project(c2, w_g, b_g).view(c.shape[:-1])
         ctx.row_shape = c.shape
         ctx.has_value = W_v is not None
         if not ctx.has_value:
@@ -120,11 +120,7 @@ class _LinearProjections(torch.autograd.Function):
         if x is c and c_kept.dtype == x_low.dtype:
             x_low = c_kept  # the paper head reads c: keep one copy
         W, b = _cast(W_v, lin_dtype), _cast(b_v, lin_dtype)
-        if W.shape[0] == 1:  # dv = 1
-            p = _one_column(x_low, W, b).view(*c.shape[:-1], 1)
-        else:
-            p = x_low @ W.t() if b is None else torch.addmm(b, x_low, W.t())
-            p = p.view(*c.shape[:-1], -1)
+        p = _project(x_low, W, b).view(*c.shape[:-1], -1)
         ctx.save_for_backward(c_kept, w_g, x_low, W_v)
         ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
         return z, p
@@ -160,18 +156,18 @@ class _LinearProjections(torch.autograd.Function):
 # (`backend.native_allowed`: not under torch.compile or the "torch"/"reference" backends, whose
 # matrix products a FLOP counter sees): a low-precision product would round each term before the
 # sum, and a GPU takes the matrix products at full speed.
-def _elementwise(a: torch.Tensor, w: torch.Tensor) -> bool:
+def _elementwise(a: torch.Tensor, columns: int) -> bool:
     return (
-        w.shape[0] == 1
+        columns == 1
         and a.is_cpu
         and a.dtype in (torch.float32, torch.float64)
         and backend.native_allowed()
     )
 
 
-def _one_column(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """`a @ w.t() (+ b)` for `a` (rows, d) and one output, `w` (1, d): (rows, 1)."""
-    if _elementwise(a, w):
+def _project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`a @ w.t() (+ b)` for `a` (rows, d), `w` (n, d): (rows, n)."""
+    if _elementwise(a, w.shape[0]):
         out = (a * w).sum(-1, keepdim=True)
         return out if b is None else out.add_(b)
     return a @ w.t() if b is None else torch.addmm(b, a, w.t())
@@ -179,12 +175,12 @@ def _one_column(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
 
 def _outer(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`g @ w` for `g` (rows, n), `w` (n, d): with n = 1 each entry is one product."""
-    return g * w if _elementwise(g, w) else g @ w
+    return g * w if _elementwise(g, g.shape[1]) else g @ w
 
 
 def _column_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """`g.t() @ a` for `g` (rows, n), `a` (rows, d): (n, d)."""
-    if g.shape[1] == 1 and _elementwise(a, g.t()):
+    if _elementwise(a, g.shape[1]):
         return (g * a).sum(0, keepdim=True)
     return g.t() @ a
 

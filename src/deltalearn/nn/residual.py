@@ -119,8 +119,8 @@ class DeltaUpdate(nn.Module):
         # first: it checks torch.compile before anything untraceable.
         if not torch.is_grad_enabled() and not self.record and self.fused and native_allowed():
             fast = extension.loaded()
-            weights = self._inference_weights()
-            if fast is not None and weights is not None:
+            weights = None if fast is None else self._inference_weights()
+            if weights is not None:
                 value = self._modules["value"]
                 out = fast.update(
                     X, h, c, u, *weights, compress, self.rule == "delta",
@@ -172,10 +172,7 @@ class DeltaUpdate(nn.Module):
         from the module dicts directly: `self.gate.out.weight` costs ~2 µs through
         `nn.Module.__getattr__`.) Shapes that do not fit go the general way, which names what is
         wrong."""
-        if torch.is_grad_enabled() or self.record:
-            return None
-        gate = self._modules["gate"]
-        if gate.hidden is not None or autocast_on(X.device.type):
+        if torch.is_grad_enabled() or self.record or autocast_on(X.device.type):
             return None
         dv = self.value_channels
         state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)

@@ -20,7 +20,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shutil
 import sys
 import sysconfig
 import tempfile
@@ -41,12 +40,8 @@ FLAG_SETS = (("-O3", "-std=c++20"), ("-O3", "-std=c++17"))
 
 def cxx_compiler() -> str | None:
     """The C++ compiler to build with: `$CXX`, else the one Python was built with, else `c++`."""
-    for candidate in (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++"):
-        if candidate:
-            path = shutil.which(candidate.split()[0])
-            if path:
-                return path
-    return None
+    cxx = (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++")
+    return native_build.find_tool(*cxx)
 
 
 def _torch_dirs() -> tuple[list[str], str]:

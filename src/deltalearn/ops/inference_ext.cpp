@@ -362,11 +362,6 @@ bool append_and_run(const Window &w, int64_t K, const char *name, Kernel kernel)
     return true;
 }
 
-// token_read(buffer, seen, X, weight, read) -> (x_in, seen') | None.  buffer (B, capacity, d, dv),
-// seen its first n inputs, X (B, T, d, dv), weight (d, dv, K), read (dv): writes X into
-// buffer[:, n : n + T], then reads the last min(K - 1, n) inputs before it and X with the taps
-// weight[i, j, tau] · read[j] (tap K - 1 the current token), as `TokenCompressor.read_inputs`.
-// x_in (B, T, d); seen' the buffer's first n + T inputs.
 // x[i] = sum_tau sum_j read[j] w[i, j, tau] X[t - (K - 1 - tau), i, j] of the window at `first`
 // (the `past` earlier inputs, then the new ones), for new token t: tap by tap, the taps before the
 // first input skipped outside the d-long loop.
@@ -422,6 +417,11 @@ PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tens
     return ok ? with_seen(std::move(x), w) : nullptr;
 }
 
+// token_read(buffer, seen, X, weight, read) -> (x_in, seen') | None.  buffer (B, capacity, d, dv),
+// seen its first n inputs, X (B, T, d, dv), weight (d, dv, K), read (dv): writes X into
+// buffer[:, n : n + T], then reads the last min(K - 1, n) inputs before it and X with the taps
+// weight[i, j, tau] · read[j] (tap K - 1 the current token), as `TokenCompressor.read_inputs`.
+// x_in (B, T, d); seen' the buffer's first n + T inputs.
 PyObject *token_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("token_read", nargs, 5)) return nullptr;
     const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.read != nullptr; });
@@ -439,10 +439,6 @@ PyObject *token_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return run_token_read(kernels_f64, w, *weight, *read);
 }
 
-// expand(buffer, seen, e, weight) -> (X_0, seen') | None.  buffer (B, capacity, d), seen its first
-// n embeddings, e (B, T, d), weight (d·dv, 1, K) in nn.Conv1d layout (output channel i·dv + j reads
-// feature i): writes e into buffer[:, n : n + T], then expands the last min(K - 1, n) embeddings
-// before it and e, as `EmbeddingConv.expand_inputs`. X_0 (B, T, d, dv); seen' as for token_read.
 template <typename Real>
 PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &weight) {
     const int64_t d = w.inputs->size(2), dv = weight.size(0) / d, K = weight.size(2);
@@ -486,6 +482,10 @@ PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &
     return ok ? with_seen(std::move(X), w) : nullptr;
 }
 
+// expand(buffer, seen, e, weight) -> (X_0, seen') | None.  buffer (B, capacity, d), seen its first
+// n embeddings, e (B, T, d), weight (d·dv, 1, K) in nn.Conv1d layout (output channel i·dv + j reads
+// feature i): writes e into buffer[:, n : n + T], then expands the last min(K - 1, n) embeddings
+// before it and e, as `EmbeddingConv.expand_inputs`. X_0 (B, T, d, dv); seen' as for token_read.
 PyObject *expand(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("expand", nargs, 4)) return nullptr;
     const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.expand != nullptr; });

@@ -66,7 +66,12 @@ class NativeBuildError(RuntimeError):
 
 def compiler() -> str | None:
     """The C compiler to build with: `$CC`, else the one Python was built with, else `cc`."""
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
+    return find_tool(os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc")
+
+
+def find_tool(*candidates: str | None) -> str | None:
+    """The path of the first candidate command (its first word; None and "" skipped) on PATH."""
+    for candidate in candidates:
         if candidate:
             path = shutil.which(candidate.split()[0])
             if path:
