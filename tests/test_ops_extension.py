@@ -207,6 +207,56 @@ def test_decoding_takes_it_and_gives_the_pytorch_paths_numbers(taken, monkeypatc
     torch.testing.assert_close(scores, scores_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_calls_the_extension_directly_unless_a_module_call_does_more(taken, monkeypatch):
+    """Without autograd DeltaLM checks once a forward that the extension may run and then calls it
+    for each rewrite and the final read itself, skipping their module calls — except where such a
+    call does more than `forward`: a hook on the module, a global forward hook, a subclass's own
+    forward. Those still run, for every rewrite and every forward, with the same numbers."""
+    model = tiny_model("ddl-cc").eval()
+    ids = random_ids(1, 6)
+    forwards = []
+    real_forward = DeltaUpdate.forward
+
+    def spy(self, *args):
+        forwards.append(self)
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(DeltaUpdate, "forward", spy)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert forwards == [] and taken["update"] == 4  # 2 layers, each update called directly
+
+    update = model.layers[1].mlp_update
+    hooked, final_reads = [], []
+    handles = [
+        update.register_forward_hook(lambda module, args, out: hooked.append(module)),
+        model.final_compress.register_forward_hook(lambda m, args, out: final_reads.append(out)),
+    ]
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    assert forwards == [update] and hooked == [update] and len(final_reads) == 1
+    for handle in handles:
+        handle.remove()
+
+    forwards.clear()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    with hook, torch.no_grad():
+        model(ids)
+    assert len(forwards) == 4
+
+    class Counted(DeltaUpdate):
+        def forward(self, *args):
+            forwards.append(self)
+            return super().forward(*args)
+
+    forwards.clear()
+    update.__class__ = Counted
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert forwards == [update, update]  # the subclass's forward, then DeltaUpdate's (the spy)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("dv", "K"), [(1, 1), (2, 2), (3, 2), (4, 3), (4, 4), (8, 5)])
 def test_channel_read_equals_the_general_path(taken, monkeypatch, dv, K, dtype):

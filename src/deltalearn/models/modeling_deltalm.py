@@ -44,6 +44,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -74,6 +75,7 @@ from deltalearn.nn import (
     repeat_expansion,
     residual_step,
 )
+from deltalearn.nn.calls import plain_call
 from deltalearn.ops import extension, state_tape
 from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import fused_read_enabled
@@ -89,6 +91,11 @@ class _Step:
     attn_mask: torch.Tensor | None  # (B|1, 1, T, S) bool, or None for plain causal
     token_mask: torch.Tensor | None  # (B, T) 1 = real token, 0 = padding; None = no padding
     cache: DynamicCache | None
+    # Checked once a forward instead of at each of its calls (one decoded token makes dozens):
+    # the inference extension where the forward may call it directly (`DeltaLM._fast_calls`),
+    # and whether channel-compressor reads are fused into the rewrite before them.
+    fast: ModuleType | None = None
+    fuse_reads: bool = False
 
 
 def _make_compressor(config: DeltaLMConfig) -> Compressor | None:
@@ -129,6 +136,10 @@ def _read_state(
     if compress is None:
         return X
     if compress.history_len == 0:  # CC reads only the current token
+        if step.fast is not None and plain_call(compress, ChannelCompressor):
+            read = compress.decode_read(step.fast, X)
+            if read is not None:
+                return read[0]
         return compress(X)
     X = _mask_padding(X, step.token_mask)
     if step.cache is None:
@@ -136,9 +147,7 @@ def _read_state(
     K1 = compress.history_len
     if _reads_in_place(step.cache):  # the new inputs appended first, then read where they lie
         params = compress._parameters
-        x_in = _convolve_appending(
-            step.cache, key, X, K1, "token_read", params["weight"], params["read"]
-        )
+        x_in = _convolve_appending(step, key, X, K1, "token_read", params["weight"], params["read"])
         if x_in is not None:
             return x_in
         step.cache.append_conv(key, X, K1)
@@ -149,15 +158,15 @@ def _read_state(
 
 
 def _convolve_appending(
-    cache: DeltaLMCache, key: str, inputs: torch.Tensor, history_len: int, kernel: str, *weights
+    step: _Step, key: str, inputs: torch.Tensor, history_len: int, kernel: str, *weights
 ) -> torch.Tensor | None:
-    """Append `inputs` to convolution `key`'s inputs and convolve the window that ends with them,
-    in one call of the inference extension (`kernel`: "token_read" or "expand"; `ops/extension.py`)
-    — or None, the cache untouched, where that does not apply."""
-    fast = extension.loaded() if native_allowed() else None
-    if fast is None:
+    """Append `inputs` to convolution `key`'s inputs in the step's cache and convolve the window
+    that ends with them, in one call of the inference extension (`kernel`: "token_read" or
+    "expand"; `ops/extension.py`) — or None, the cache untouched, where that does not apply."""
+    if step.fast is None:
         return None
-    return cache.convolve_appending(key, inputs, history_len, getattr(fast, kernel), *weights)
+    kernel_fn = getattr(step.fast, kernel)
+    return step.cache.convolve_appending(key, inputs, history_len, kernel_fn, *weights)
 
 
 def _reads_in_place(cache: ConvInputCache) -> bool:
@@ -197,28 +206,33 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         key: str,
     ) -> torch.Tensor:
         """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
-        return residual_step(X, _read_state(self.compress, X, step, key), norm, branch, update)
+        x_in = _read_state(self.compress, X, step, key)
+        return residual_step(X, x_in, norm, branch, update, fast=step.fast)
 
     def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
         attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
         i = self.layer_idx
-        if self._fuses_read():
+        if self._fuses_read(step.fuse_reads):
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
-            x_in, C = self.compress.read_with_matrix(X)  # C folded once for both reads
-            X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C)
-            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update)
+            compress, fast = self._modules["compress"], step.fast
+            read = None if fast is None else compress.decode_read(fast, X)
+            x_in, C = compress.read_with_matrix(X) if read is None else read  # C: both reads
+            X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C, fast)
+            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update, fast=fast)
         X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
         return self.sublayer(X, self.mlp_norm, self.mlp, self.mlp_update, step, f"{i}.mlp")
 
-    def _fuses_read(self) -> bool:
-        """The fused read (`ops.epilogue.fused_read_enabled`) needs a channel compressor (it reads
-        only the current token) and the fused rewrite."""
-        return (
-            isinstance(self.compress, ChannelCompressor)
-            and self.attn_update is not None
-            and self.attn_update.fused
-            and fused_read_enabled()
+    def _fuses_read(self, switched_on: bool | None = None) -> bool:
+        """The fused read (`ops.epilogue.fused_read_enabled`, unless the forward read it already:
+        `switched_on`) needs a channel compressor (it reads only the current token) and the fused
+        rewrite."""
+        if not (fused_read_enabled() if switched_on is None else switched_on):
+            return False
+        modules = self._modules  # not nn.Module.__getattr__: ~0.5 µs a lookup, per block and token
+        update = modules.get("attn_update")
+        return isinstance(modules.get("compress"), ChannelCompressor) and bool(
+            update and update.fused
         )
 
 
@@ -334,8 +348,11 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 f"a DeltaLMStaticCache for a fixed-shape cache), got {type(cache).__name__}"
             )
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
-
         updates = self._updates()
+        if updates:
+            step.fast = self._fast_calls()
+            step.fuse_reads = self.config.expanded and fused_read_enabled()
+
         # Attributes set only where they change: nn.Module.__setattr__ costs ~2 µs, three per
         # rewrite and forward, which one decoded token at a time notices.
         for u in updates:
@@ -455,7 +472,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         K1 = self.expand.history_len
         if _reads_in_place(step.cache):
             weight = self.expand._parameters["weight"]
-            X = _convolve_appending(step.cache, "embed", e, K1, "expand", weight)
+            X = _convolve_appending(step, "embed", e, K1, "expand", weight)
             if X is not None:
                 return X
             step.cache.append_conv("embed", e, K1)
@@ -500,6 +517,16 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         # Enabling also hooked the embedding to make its output require grad (for frozen
         # embeddings, e.g. PEFT); drop that hook too, so that disabling restores the plain model.
         self.disable_input_require_grads()
+
+    @staticmethod
+    def _fast_calls() -> ModuleType | None:
+        """The inference extension (`ops/extension.py`) where this forward's rewrites and reads
+        may call it directly: no autograd, outside torch.compile and functorch transforms, the
+        fast paths allowed (`ops.backend`) and the extension built. Each call still declines
+        inputs it does not take (the general path then names what is wrong)."""
+        if torch.is_grad_enabled() or not native_allowed():
+            return None
+        return extension.loaded()
 
     @staticmethod
     def _rebuilds_states() -> bool:

@@ -248,6 +248,12 @@ class ChannelCompressor(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.read_with_matrix(X)[0]
 
+    def decode_read(self, fast, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`read_with_matrix(X)` as one call of the inference extension `fast` (the fold and the
+        read), for a caller that checked once that it may run (no autograd, the fast paths
+        allowed: `DeltaLM.forward`); None, nothing computed, where the extension declines X."""
+        return fast.channel_read(X, self._parameters["weight"], self._parameters["read"])
+
     def read_with_matrix(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The read of X `(..., d, dv)` -> `(..., d)`, and the folded matrix `c` it took (a fused
         rewrite reads its output with the same matrix)."""
@@ -257,7 +263,7 @@ class ChannelCompressor(nn.Module):
         # torch.compile before anything untraceable.
         if not torch.is_grad_enabled() and backend.native_allowed():
             fast = extension.loaded()
-            out = None if fast is None else fast.channel_read(X, *params)
+            out = None if fast is None else self.decode_read(fast, X)
             if out is not None:
                 return out
             plan = self._read_plan
