@@ -21,8 +21,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
@@ -135,6 +134,12 @@ bool run_kernel(const char *name, int64_t work, Call call) {
     return false;
 }
 
+// A new contiguous CPU tensor, allocated without the dispatcher (a decoded token allocates a few
+// dozen of these; at::empty's dispatch costs more than the allocation).
+at::Tensor new_cpu(at::IntArrayRef sizes, const at::Tensor &like) {
+    return at::Tensor(at::detail::empty_cpu(sizes, like.scalar_type()));
+}
+
 PyObject *pair(at::Tensor a, at::Tensor b) {
     PyObject *out = PyTuple_New(2);
     if (out == nullptr) return nullptr;
@@ -155,8 +160,8 @@ PyObject *run_update(const Kernels<Real> &k, const at::Tensor *const *t, const a
                      const at::Tensor *C, int64_t N, int64_t d, int64_t dv, int delta,
                      int official, double scale, double eps) {
     const at::Tensor &X = *t[0], &h = *t[1];
-    at::Tensor Y = at::empty_like(X);
-    at::Tensor x_next = C == nullptr ? at::Tensor() : at::empty_like(h);
+    at::Tensor Y = new_cpu(X.sizes(), X);
+    at::Tensor x_next = C == nullptr ? at::Tensor() : new_cpu(h.sizes(), h);
     Real *x_next_data = C == nullptr ? nullptr : x_next.mutable_data_ptr<Real>();
     const int threads = at::get_num_threads();
     const bool ok = run_kernel("update_forward", N * d * dv, [&] {
@@ -237,10 +242,10 @@ PyObject *run_channel_read(const Kernels<Real> &k, const at::Tensor &X, const at
     for (int64_t t = 0; t < K; t++)
         for (int64_t j = 0; j < dv; j++)
             if (j - t + p >= 0 && j - t + p < dv) R[t * dv + j] = r[j - t + p];
-    at::Tensor C = at::empty({d, dv}, X.options());
+    at::Tensor C = new_cpu({d, dv}, X);
     Real *c = C.mutable_data_ptr<Real>();
     std::vector<int64_t> shape(X.sizes().begin(), X.sizes().end() - 1);
-    at::Tensor x = at::empty(shape, X.options());
+    at::Tensor x = new_cpu(shape, X);
     const int64_t rows = X.numel() / (d * dv);
     const Real *xs = X.const_data_ptr<Real>();
     Real *out = x.mutable_data_ptr<Real>();
@@ -389,7 +394,7 @@ PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tens
     const int64_t d = weight.size(0), dv = weight.size(1), K = weight.size(2);
     const int64_t B = w.inputs->size(0), T = w.T;
     const Real *wt = weight.const_data_ptr<Real>(), *r = read.const_data_ptr<Real>();
-    at::Tensor x = at::empty({B, T, d}, w.inputs->options());
+    at::Tensor x = new_cpu({B, T, d}, *w.inputs);
     Real *out = x.mutable_data_ptr<Real>();
     bool ok;
     if (B * T <= UNFOLDED_READ_ROWS) {
@@ -444,7 +449,7 @@ PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &
     const int64_t d = w.inputs->size(2), dv = weight.size(0) / d, K = weight.size(2);
     const int64_t B = w.inputs->size(0), T = w.T;
     const Real *wt = weight.const_data_ptr<Real>();
-    at::Tensor X = at::empty({B, T, d, dv}, w.inputs->options());
+    at::Tensor X = new_cpu({B, T, d, dv}, *w.inputs);
     Real *out = X.mutable_data_ptr<Real>();
     bool ok;
     if (B * T <= UNFOLDED_READ_ROWS) {  // X[t, i, j] = sum_tau w[i·dv + j, tau] e[t - (K-1-tau), i]
