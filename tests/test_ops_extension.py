@@ -181,6 +181,8 @@ DECODE_CALLS = {
     "ddl": {"update": 20, "channel_read": 0, "token_read": 0, "expand": 0},
     "ddl-cc": {"update": 20, "channel_read": 15, "token_read": 0, "expand": 3},
     "ddl-tc": {"update": 20, "channel_read": 0, "token_read": 15, "expand": 3},
+    # The expanded additive control: no rewrite to fuse its reads into, the same expansion.
+    "additive-cc": {"update": 0, "channel_read": 25, "token_read": 0, "expand": 3},
 }
 
 

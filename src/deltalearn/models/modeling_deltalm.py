@@ -141,32 +141,23 @@ def _read_state(
             if read is not None:
                 return read[0]
         return compress(X)
-    X = _mask_padding(X, step.token_mask)
-    if step.cache is None:
+    X, cache = _mask_padding(X, step.token_mask), step.cache
+    if cache is None:
         return compress(X)
     K1 = compress.history_len
-    if _reads_in_place(step.cache):  # the new inputs appended first, then read where they lie
-        params = compress._parameters
-        x_in = _convolve_appending(step, key, X, K1, "token_read", params["weight"], params["read"])
+    if step.fast is not None and isinstance(cache, DeltaLMCache):
+        params = compress._parameters  # the new inputs appended, then read where they lie
+        x_in = cache.convolve_appending(
+            key, X, K1, step.fast.token_read, params["weight"], params["read"]
+        )
         if x_in is not None:
             return x_in
-        step.cache.append_conv(key, X, K1)
-        return compress.read_inputs(step.cache.conv_history(key, K1 + X.shape[1]), K1)
-    x_in, _ = compress.forward_cached(X, step.cache.conv_history(key, K1))
-    step.cache.append_conv(key, X, K1)  # all inputs: exact `crop`
+    if _reads_in_place(cache):
+        cache.append_conv(key, X, K1)
+        return compress.read_inputs(cache.conv_history(key, K1 + X.shape[1]), K1)
+    x_in, _ = compress.forward_cached(X, cache.conv_history(key, K1))
+    cache.append_conv(key, X, K1)  # all inputs: exact `crop`
     return x_in
-
-
-def _convolve_appending(
-    step: _Step, key: str, inputs: torch.Tensor, history_len: int, kernel: str, *weights
-) -> torch.Tensor | None:
-    """Append `inputs` to convolution `key`'s inputs in the step's cache and convolve the window
-    that ends with them, in one call of the inference extension (`kernel`: "token_read" or
-    "expand"; `ops/extension.py`) — or None, the cache untouched, where that does not apply."""
-    if step.fast is None:
-        return None
-    kernel_fn = getattr(step.fast, kernel)
-    return step.cache.convolve_appending(key, inputs, history_len, kernel_fn, *weights)
 
 
 def _reads_in_place(cache: ConvInputCache) -> bool:
@@ -349,7 +340,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             )
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
         updates = self._updates()
-        if updates:
+        if updates or self.config.expanded:  # the baseline calls none of it
             step.fast = self._fast_calls()
             step.fuse_reads = self.config.expanded and fused_read_enabled()
 
@@ -470,11 +461,12 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if step.cache is None:
             return self.expand(e)
         K1 = self.expand.history_len
-        if _reads_in_place(step.cache):
-            weight = self.expand._parameters["weight"]
-            X = _convolve_appending(step, "embed", e, K1, "expand", weight)
+        if step.fast is not None and isinstance(step.cache, DeltaLMCache):
+            weight = self.expand._parameters["weight"]  # appended, then expanded where they lie
+            X = step.cache.convolve_appending("embed", e, K1, step.fast.expand, weight)
             if X is not None:
                 return X
+        if _reads_in_place(step.cache):
             step.cache.append_conv("embed", e, K1)
             return self.expand.expand_inputs(step.cache.conv_history("embed", K1 + e.shape[1]))
         X, _ = self.expand.forward_cached(e, step.cache.conv_history("embed", K1))
