@@ -135,16 +135,18 @@ def _read_state(
     """x_in: the state itself (dv = 1) or its compression, keeping the conv history in the cache."""
     if compress is None:
         return X
-    if compress.history_len == 0:  # CC reads only the current token
+    K1 = compress.history_len
+    if K1 == 0:  # CC reads only the current token
         if step.fast is not None and plain_call(compress, ChannelCompressor):
             read = compress.decode_read(step.fast, X)
             if read is not None:
                 return read[0]
         return compress(X)
-    X, cache = _mask_padding(X, step.token_mask), step.cache
+    if step.token_mask is not None:
+        X = _mask_padding(X, step.token_mask)
+    cache = step.cache
     if cache is None:
         return compress(X)
-    K1 = compress.history_len
     if step.fast is not None and isinstance(cache, DeltaLMCache):
         params = compress._parameters  # the new inputs appended, then read where they lie
         x_in = cache.convolve_appending(
@@ -197,22 +199,24 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         key: str,
     ) -> torch.Tensor:
         """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
-        x_in = _read_state(self.compress, X, step, key)
+        x_in = _read_state(self._modules.get("compress"), X, step, key)
         return residual_step(X, x_in, norm, branch, update, fast=step.fast)
 
     def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
-        attn = partial(self.attn, rope=step.rope, mask=step.attn_mask, cache=step.cache)
-        i = self.layer_idx
+        m = self._modules  # not nn.Module.__getattr__: ~0.5 µs a lookup, per block and token
+        attn = partial(m["attn"], rope=step.rope, mask=step.attn_mask, cache=step.cache)
+        attn_update, mlp_update = m.get("attn_update"), m.get("mlp_update")  # None: additive
         if self._fuses_read(step.fuse_reads):
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
-            compress, fast = self._modules["compress"], step.fast
+            compress, fast = m["compress"], step.fast
             read = None if fast is None else compress.decode_read(fast, X)
             x_in, C = compress.read_with_matrix(X) if read is None else read  # C: both reads
-            X, x_next = residual_step(X, x_in, self.attn_norm, attn, self.attn_update, C, fast)
-            return residual_step(X, x_next, self.mlp_norm, self.mlp, self.mlp_update, fast=fast)
-        X = self.sublayer(X, self.attn_norm, attn, self.attn_update, step, f"{i}.attn")
-        return self.sublayer(X, self.mlp_norm, self.mlp, self.mlp_update, step, f"{i}.mlp")
+            X, x_next = residual_step(X, x_in, m["attn_norm"], attn, attn_update, C, fast)
+            return residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, fast=fast)
+        i = self.layer_idx
+        X = self.sublayer(X, m["attn_norm"], attn, attn_update, step, f"{i}.attn")
+        return self.sublayer(X, m["mlp_norm"], m["mlp"], mlp_update, step, f"{i}.mlp")
 
     def _fuses_read(self, switched_on: bool | None = None) -> bool:
         """The fused read (`ops.epilogue.fused_read_enabled`, unless the forward read it already:
@@ -340,7 +344,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             )
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
         updates = self._updates()
-        if updates or self.config.expanded:  # the baseline calls none of it
+        if updates or self.final_compress is not None:  # the baseline calls none of it
             step.fast = self._fast_calls()
             step.fuse_reads = self.config.expanded and fused_read_enabled()
 
