@@ -162,6 +162,20 @@ def test_several_rows_per_program(interpreted, rule):
     _check_against_reference(_inputs((19,), 24, 2), rule, "paper")
 
 
+def test_launch_arithmetic_equals_tritons():
+    """The host-side `next_pow2` and `cdiv` the launches use instead of triton's (~2 µs a call
+    through its constexpr wrapper) give triton's numbers."""
+    import triton
+
+    from deltalearn.ops._shapes import cdiv, next_pow2
+
+    for n in [*range(1, 300), 767, 768, 769, 1023, 1024, 1025, 4097]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 64, 100):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert cdiv(0, 7) == triton.cdiv(0, 7) == 0
+
+
 def test_backward_tiles_are_at_most_512_columns():
     """At d = 768 the one-chunk backward tile ran 4x slower on an H200 (benchmarks/README.md)."""
     assert te.backward_launch_config(768, 1) == (1, 512, 2, 1)

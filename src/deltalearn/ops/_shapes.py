@@ -64,6 +64,17 @@ def dense_past_first(shape, strides) -> bool:
     return True
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): `triton.next_power_of_2`, which costs ~2 µs a
+    call through triton's constexpr-function wrapper — host time, a dozen calls a launch."""
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """`ceil(a / b)` for a >= 0, b >= 1: `triton.cdiv` without its wrapper (see `next_pow2`)."""
+    return -(-a // b)
+
+
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, float64 when any input is float64."""
     # Plain Python: torch.promote_types goes through the dispatcher, once per tensor and call.

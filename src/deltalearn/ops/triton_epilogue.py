@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from deltalearn.ops import state_tape
-from deltalearn.ops._shapes import dense_past_first
+from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
@@ -359,16 +359,16 @@ def _floor_pow2(n: int) -> int:
 def launch_config(d: int, dv: int, max_tile: int | None = None) -> tuple[int, int, int, int]:
     """`(BLOCK_M, BLOCK_D, NUM_CHUNKS, BLOCK_V)` for rows of width `d` with `dv` value channels."""
     tile = _floor_pow2(MAX_TILE if max_tile is None else max_tile)
-    block_v = triton.next_power_of_2(dv)
-    block_d = min(triton.next_power_of_2(d), max(tile // block_v, 16))
-    num_chunks = triton.cdiv(d, block_d)
+    block_v = next_pow2(dv)
+    block_d = min(next_pow2(d), max(tile // block_v, 16))
+    num_chunks = cdiv(d, block_d)
     block_m = min(_floor_pow2(tile // (block_d * block_v)), _floor_pow2(MAX_ROWS))
     return block_m, block_d, num_chunks, block_v
 
 
 def backward_launch_config(d: int, dv: int) -> tuple[int, int, int, int]:
     """`launch_config` of the backward: MAX_TILE_BWD elements, at most MAX_COLUMNS_BWD columns."""
-    return launch_config(d, dv, min(MAX_TILE_BWD, MAX_COLUMNS_BWD * triton.next_power_of_2(dv)))
+    return launch_config(d, dv, min(MAX_TILE_BWD, MAX_COLUMNS_BWD * next_pow2(dv)))
 
 
 def _num_warps(block_m: int, block_d: int, block_v: int, reduces_dc: bool = False) -> int:
@@ -471,7 +471,7 @@ class _RewriteEpilogue(torch.autograd.Function):
             beta = torch.empty_like(rho)
         else:
             e = rho = beta = Y  # unwritten placeholder pointers
-        grid = (triton.cdiv(n_rows, block_m),)
+        grid = (cdiv(n_rows, block_m),)
         if n_rows > 0:
             _fwd_kernel[grid](
                 X, h, z, p, Cc, Y, XN, e, rho, beta,
@@ -508,9 +508,9 @@ class _RewriteEpilogue(torch.autograd.Function):
         gY, sg = _flat(gY, n_rows, d, dv)
 
         block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
-        num_blocks = triton.cdiv(n_rows, block_m)
+        num_blocks = cdiv(n_rows, block_m)
         nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
-        iters = triton.cdiv(num_blocks, nprog) if num_blocks else 0
+        iters = cdiv(num_blocks, nprog) if num_blocks else 0
         # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
         gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
         gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
@@ -573,7 +573,7 @@ def rebuild_state_triton(
     (Y, sy), (h, sh) = _flat(Y, n_rows, d, dv), _flat(h, n_rows, d)
     rho, beta, e = rho.contiguous(), beta.contiguous(), e.contiguous()
     block_m, block_d, num_chunks, block_v = launch_config(d, dv)
-    _rebuild_kernel[(triton.cdiv(n_rows, block_m),)](
+    _rebuild_kernel[(cdiv(n_rows, block_m),)](
         Y, h, rho, beta, e, X, n_rows, d, *sy, *sh,
         DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d, NUM_CHUNKS=num_chunks,
         Y_DENSE=dense_past_first((n_rows, d, dv), sy),

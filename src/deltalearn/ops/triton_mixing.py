@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops._shapes import dense_past_first, promote_float
+from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2, promote_float
 
 # Elements of the state one program holds (fp32 after the load).
 MAX_TILE = 2048
@@ -151,8 +151,8 @@ def _read_bwd_kernel(
 def read_launch_config(d: int, dv: int) -> tuple[int, int, int]:
     """`(BLOCK_T, BLOCK_D, BLOCK_V)`: a tile of MAX_TILE state elements, at most MAX_COLUMNS
     features wide."""
-    block_v = triton.next_power_of_2(dv)
-    block_d = min(triton.next_power_of_2(d), MAX_COLUMNS, max(MAX_TILE // block_v, 1))
+    block_v = next_pow2(dv)
+    block_d = min(next_pow2(d), MAX_COLUMNS, max(MAX_TILE // block_v, 1))
     block_t = max(MAX_TILE // (block_d * block_v), 1)
     return block_t, block_d, block_v
 
@@ -191,9 +191,9 @@ class _ValueRead(torch.autograd.Function):
         K, T = W.shape[-1], S - past
         Wc = W.contiguous()
         block_t, block_d, block_v = read_launch_config(d, dv)
-        n_tblocks = triton.cdiv(T, block_t)
+        n_tblocks = cdiv(T, block_t)
         if out.numel() > 0:
-            grid = (B * n_tblocks, triton.cdiv(d, block_d))
+            grid = (B * n_tblocks, cdiv(d, block_d))
             _read_fwd_kernel[grid](
                 xs, Wc, out, T, n_tblocks, d, past, *xs.stride(),
                 DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
@@ -211,8 +211,8 @@ class _ValueRead(torch.autograd.Function):
         K, T = W.shape[-1], S - ctx.past
         G = G.reshape(B, T, d)
         block_t, block_d, block_v = read_launch_config(d, dv)
-        n_sblocks = triton.cdiv(S, block_t)
-        n_blocks, n_dblocks = B * n_sblocks, triton.cdiv(d, block_d)
+        n_sblocks = cdiv(S, block_t)
+        n_blocks, n_dblocks = B * n_sblocks, cdiv(d, block_d)
         nprog = _weight_grad_programs(n_blocks, n_dblocks, xs.device) if need_W else n_blocks
         xs_shape, W_shape = ctx.shapes
         gxs = torch.empty(xs_shape, dtype=xs.dtype, device=xs.device) if need_xs else None
@@ -224,10 +224,10 @@ class _ValueRead(torch.autograd.Function):
         if n_blocks > 0 and (need_xs or need_W):
             _read_bwd_kernel[(nprog, n_dblocks)](
                 xs, W, G, gxs if need_xs else G, gW_part if need_W else G,
-                T, S, n_sblocks, n_blocks, d, ctx.past, triton.cdiv(n_blocks, nprog),
+                T, S, n_sblocks, n_blocks, d, ctx.past, cdiv(n_blocks, nprog),
                 *xs.stride(), *G.stride(),
                 DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
-                BLOCK_K=triton.next_power_of_2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
+                BLOCK_K=next_pow2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
                 XS_DENSE=_dense_tokens(xs),
             )  # fmt: skip
         else:  # no rows: nothing to read
