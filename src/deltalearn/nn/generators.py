@@ -108,7 +108,7 @@ class _LinearProjections(torch.autograd.Function):
         # the FLOPs `deltalearn.models.flops` counts).
         d = c.shape[-1]
         c2 = c.reshape(-1, d)
-        c_kept = c2.to(keep_dtype)
+        c_kept = _cast(c2, keep_dtype)
         z = _project(c2, w_g, b_g).view(c.shape[:-1])
         ctx.row_shape = c.shape
         ctx.has_value = W_v is not None
@@ -134,18 +134,20 @@ class _LinearProjections(torch.autograd.Function):
         # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
         # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
         gc = _outer(gz2, w_g).view(ctx.row_shape) if need[0] else None
-        gw_g = _column_sum(gz2, c_kept.to(gz.dtype)).to(w_g.dtype) if need[2] else None
-        gb_g = gz2.sum(0).to(w_g.dtype) if need[3] else None
+        gw_g = _cast(_column_sum(gz2, _cast(c_kept, gz.dtype)), w_g.dtype) if need[2] else None
+        gb_g = _cast(gz2.sum(0), w_g.dtype) if need[3] else None
         if not ctx.has_value:
             return gc, None, gw_g, gb_g, None, None, None, None
         x_low, W_v = value
         x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
         rows = gp.reshape(-1, gp.shape[-1])
         gx = (
-            _outer(rows, _cast(W_v, lin_dtype)).to(x_dtype).view(ctx.row_shape) if need[1] else None
+            _cast(_outer(rows, _cast(W_v, lin_dtype)), x_dtype).view(ctx.row_shape)
+            if need[1]
+            else None
         )
-        gW_v = _column_sum(rows, x_low).to(W_v.dtype) if need[4] else None
-        gb_v = rows.sum(0).to(b_dtype) if need[5] else None
+        gW_v = _cast(_column_sum(rows, x_low), W_v.dtype) if need[4] else None
+        gb_v = _cast(rows.sum(0), b_dtype) if need[5] else None
         return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None
 
 
@@ -186,7 +188,8 @@ def _column_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    return t if t is None or dtype is None else t.to(dtype)
+    # Checked here: a no-op `.to` still costs ~1 µs of host time, ten a sublayer in training.
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def _projection_dtypes(c: torch.Tensor, acc: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
@@ -254,13 +257,13 @@ def gate_and_value(
     if not torch.is_grad_enabled() and not autocast_on(c.device.type):
         # Inference (one decoded token at a time is bound by host work): the same two linears
         # without an autograd node and an autocast switch.
-        z = c.to(acc)
+        z = _cast(c, acc)
         x = z if value.kind == "paper" else u
-        logit = F.linear(z, gate.out.weight.to(acc), gate.out.bias.to(acc)).squeeze(-1)
+        logit = F.linear(z, _cast(gate.out.weight, acc), _cast(gate.out.bias, acc)).squeeze(-1)
         return logit, F.linear(x, value.proj.weight, value.proj.bias)
     keep, lin = _projection_dtypes(c, acc)
     with torch.autocast(device_type=c.device.type, enabled=False):
-        z = c.to(acc)
+        z = _cast(c, acc)
         x = z if value.kind == "paper" else u
-        w, b = gate.out.weight.to(acc), gate.out.bias.to(acc)
+        w, b = _cast(gate.out.weight, acc), _cast(gate.out.bias, acc)
         return _LinearProjections.apply(z, x, w, b, value.proj.weight, value.proj.bias, keep, lin)
