@@ -226,9 +226,8 @@ class DeltaLMBlock(GradientCheckpointingLayer):
             return False
         modules = self._modules  # not nn.Module.__getattr__: ~0.5 µs a lookup, per block and token
         update = modules.get("attn_update")
-        return isinstance(modules.get("compress"), ChannelCompressor) and bool(
-            update and update.fused
-        )
+        compress = modules.get("compress")
+        return isinstance(compress, ChannelCompressor) and update is not None and update.fused
 
 
 class DeltaLM(PreTrainedModel, GenerationMixin):

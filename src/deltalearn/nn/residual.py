@@ -173,7 +173,7 @@ class DeltaUpdate(nn.Module):
         for many updates (`DeltaLM.forward`: no autograd, the fast paths allowed, `fast` loaded).
         None, nothing computed, where the module call must run: hooks on this module, the
         reference path, gate records, an MLP gate, or inputs the extension declines. Decoding one
-        token at a time on a CPU is bound by host work; this saves about a third of an update's."""
+        token at a time on a CPU is bound by host work; this saves a third of an update's host time."""
         if self.record or not self.fused or not plain_call(self, DeltaUpdate):
             return None
         return self._extension_update(fast, X, h, c, u, compress)
