@@ -339,6 +339,17 @@ bool window_of(PyObject *buffer, PyObject *seen, PyObject *inputs, int64_t featu
     return w.n + w.T <= b.size(1);
 }
 
+// An appending call's window over (buffer, seen, inputs) = args[0..2], and the dtype of the
+// kernel `has` asks for: Undefined (the call returns None) where there is no such kernel for the
+// buffer's dtype or `window_of` declines.
+template <typename Has>
+at::ScalarType appending_window(PyObject *const *args, int64_t feature_dims, Has has, Window &w) {
+    const auto dtype = kernel_dtype(args[0], has);
+    if (dtype == at::ScalarType::Undefined) return dtype;
+    const bool fits = window_of(args[0], args[1], args[2], feature_dims, dtype, w);
+    return fits ? dtype : at::ScalarType::Undefined;
+}
+
 // (out, the buffer's first n + T inputs): what an appending call returns.
 PyObject *with_seen(at::Tensor out, const Window &w) {
     return pair(std::move(out), w.buffer->narrow(1, 0, w.n + w.T));
@@ -429,11 +440,10 @@ PyObject *run_token_read(const Kernels<Real> &k, const Window &w, const at::Tens
 // x_in (B, T, d); seen' the buffer's first n + T inputs.
 PyObject *token_read(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("token_read", nargs, 5)) return nullptr;
-    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.read != nullptr; });
     Window w;
-    if (dtype == at::ScalarType::Undefined || !window_of(args[0], args[1], args[2], 2, dtype, w)) {
-        Py_RETURN_NONE;
-    }
+    const auto dtype =
+        appending_window(args, 2, [](const auto &k) { return k.read != nullptr; }, w);
+    if (dtype == at::ScalarType::Undefined) Py_RETURN_NONE;
     const at::Tensor *weight = plain(args[3], dtype), *read = plain(args[4], dtype);
     if (weight == nullptr || read == nullptr || weight->dim() != 3 || read->dim() != 1 ||
         weight->size(0) != w.inputs->size(2) || weight->size(1) != w.inputs->size(3) ||
@@ -493,11 +503,10 @@ PyObject *run_expand(const Kernels<Real> &k, const Window &w, const at::Tensor &
 // before it and e, as `EmbeddingConv.expand_inputs`. X_0 (B, T, d, dv); seen' as for token_read.
 PyObject *expand(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_count("expand", nargs, 4)) return nullptr;
-    const auto dtype = kernel_dtype(args[0], [](const auto &k) { return k.expand != nullptr; });
     Window w;
-    if (dtype == at::ScalarType::Undefined || !window_of(args[0], args[1], args[2], 1, dtype, w)) {
-        Py_RETURN_NONE;
-    }
+    const auto dtype =
+        appending_window(args, 1, [](const auto &k) { return k.expand != nullptr; }, w);
+    if (dtype == at::ScalarType::Undefined) Py_RETURN_NONE;
     const at::Tensor *weight = plain(args[3], dtype);
     const int64_t d = w.inputs->size(2);
     if (weight == nullptr || weight->dim() != 3 || weight->size(1) != 1 || weight->size(2) < 1 ||
