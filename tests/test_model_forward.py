@@ -340,8 +340,8 @@ def _loss_logits_and_grads(model, ids):
 @pytest.mark.parametrize("variant", ["ddl-cc", "write-only-cc"])
 def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
     """DELTALEARN_FUSED_READ=on hands each block's MLP read to the attention rewrite: same logits,
-    gradients and gate records (here on the PyTorch path; on CUDA it is the kernel's read)."""
-    from deltalearn.ops import epilogue
+    gradients and gate records (here the C kernel's read; on CUDA the Triton kernel's)."""
+    from deltalearn.nn import DeltaUpdate
 
     model = tiny_model(variant).train()
     ids = random_ids(2, 12)
@@ -351,13 +351,13 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
     monkeypatch.setenv("DELTALEARN_FUSED_READ", "on")
     assert all(block._fuses_read() for block in model.layers)
     calls = []
-    real = epilogue.rewrite_epilogue
+    real = DeltaUpdate.forward
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("compress") is not None)
-        return real(*args, **kwargs)
+    def spy(self, X, h, c, u, compress=None):
+        calls.append(compress is not None)
+        return real(self, X, h, c, u, compress)
 
-    monkeypatch.setattr("deltalearn.nn.residual.rewrite_epilogue", spy)
+    monkeypatch.setattr(DeltaUpdate, "forward", spy)
     on = _loss_logits_and_grads(model, ids)
     assert calls == [True, False] * len(model.layers)  # the attention rewrite reads for the MLP
     torch.testing.assert_close(on[0], off[0], rtol=1e-5, atol=1e-5)

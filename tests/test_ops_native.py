@@ -220,9 +220,12 @@ def test_embedding_expansion_float64_gradcheck(kernel_calls, monkeypatch):
 
 
 def test_several_threads_give_the_one_thread_result(kernel_calls):
-    """Rows split over threads, weight gradients summed per thread then in thread order."""
+    """Rows split over threads, weight gradients summed per thread then in thread order (the
+    epilogue's ∂C, a read's taps, an update's projection weights)."""
     X, h, z, p, C = _epilogue_leaves((64, 32), 96, 4, torch.float32)  # above PARALLEL_MIN
     W = torch.randn(96, 4, 4)
+    update, operands = _update_and_operands(96, 4, "delta", "official")
+    operands[:4] = [t.repeat(14, 7, *([1] * (t.dim() - 2))) for t in operands[:4]]
     results = []
     threads = torch.get_num_threads()
     try:
@@ -232,7 +235,8 @@ def test_several_threads_give_the_one_thread_result(kernel_calls):
                 lambda X, h, z, p, C: rewrite_epilogue(X, h, z, p, compress=C), [X, h, z, p, C]
             )
             read, read_grads = _outputs_and_grads(lambda a, b: token_mix(a, b), [X, W])
-            results.append(outs + grads + read + read_grads)
+            update_grads = _update_outputs_and_grads(update, operands, compress=True)
+            results.append(outs + grads + read + read_grads + sum(update_grads, ()))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
@@ -266,6 +270,105 @@ def test_inference_update_is_one_kernel_equal_to_the_general_path(
         fast if compress else (fast,), general if compress else (general,), strict=True
     ):
         _close(actual, expected, torch.float32)
+
+
+def _update_and_operands(d, dv, rule, value_head, dtype=torch.float32, gate="linear"):
+    update = DeltaUpdate(d, dv, rule=rule, value_head=value_head, gate=gate).to(dtype)
+    update.record = False
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # weights of the scale of nn.Linear's: gates neither 0 nor 2
+        for param in update.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=dtype) / d**0.5)
+    X = torch.randn(3, 5, d, *((dv,) if dv > 1 else ()), generator=gen, dtype=dtype)
+    h, c, u = (torch.randn(3, 5, d, generator=gen, dtype=dtype) for _ in range(3))
+    C = torch.randn(d, dv, generator=gen, dtype=dtype)
+    return update, [X, h, c, u, C]
+
+
+def _update_outputs_and_grads(update, operands, compress):
+    """Outputs of `update` on `operands` (with the compressor read if `compress`) and the
+    gradients of a fixed random loss with respect to each operand and each parameter."""
+    leaves = [t.detach().requires_grad_() for t in operands[: 5 if compress else 4]]
+    out = update(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(3)  # the same numbers in fp32 and float64
+    ups = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    # u: unread by the paper head (its gradient zeros, as with any unused input)
+    grads = torch.autograd.grad(
+        outs, [*leaves, *update.parameters()], ups, allow_unused=True, materialize_grads=True
+    )
+    return outs, grads
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(
+    ("d", "dv", "compress"),
+    [(96, 1, False), (200, 2, True), (96, 3, True), (200, 4, False), (96, 4, True), (40, 8, True)],
+)
+def test_training_update_is_one_kernel_each_way_equal_to_the_general_path(
+    kernel_calls, monkeypatch, d, dv, compress, rule, value_head
+):
+    """With autograd a DeltaUpdate on CPU (gate and value projections, rewrite, read) is one
+    kernel call each way, with the values and every gradient — state, branch output, both
+    projections' inputs, every weight, the compressor — of the general path (`gate_and_value`,
+    then the PyTorch epilogue Function) run in float64 (the fp32 general path is the further
+    of the two from it: its weight gradients sum in fp32, the kernel's in double)."""
+    update, operands = _update_and_operands(d, dv, rule, value_head)
+    outs, grads = _update_outputs_and_grads(update, operands, compress)
+    assert kernel_calls == ["update_forward_saved", "update_backward"]
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+    update.double()
+    ref_outs, ref_grads = _update_outputs_and_grads(
+        update, [t.double() for t in operands], compress
+    )
+    for actual, expected in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        _close(actual.double(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("dv", "compress"), [(1, False), (3, True)])
+def test_training_update_float64_gradcheck(kernel_calls, dv, compress, rule, value_head):
+    update, operands = _update_and_operands(7, dv, rule, value_head, torch.float64)
+    gate, value = update.gate.out, update.value.proj
+    weights = [gate.weight, gate.bias, value.weight] + (
+        [value.bias] if value.bias is not None else []
+    )
+    leaves = [t.detach().requires_grad_() for t in operands + weights]
+
+    def fn(X, h, c, u, C, w_g, b_g, W_v, b_v=None):
+        C = C if compress else None
+        return native.update_native(X, h, c, u, w_g, b_g, W_v, b_v, C, rule, value_head, 3.0, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert "update_backward" in kernel_calls
+
+
+def test_the_update_kernels_record_gates_and_leave_mlp_gates_and_autocast(
+    kernel_calls, monkeypatch
+):
+    """A gate record changes nothing in the graph (activation checkpointing recomputes a forward
+    without the record: it must save the same tensors) and records what the general path does;
+    an MLP gate has no kernel and autocast runs in bf16: both take the PyTorch projections."""
+    update, (X, h, c, u, _) = _update_and_operands(32, 4, "delta", "paper")
+    update.record = True
+    update(X, h, c, u.requires_grad_()).sum().backward()
+    assert kernel_calls == ["update_forward_saved", "update_backward"]
+    record = update.last_record
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+    update(X, h, c, u)
+    for field in ("beta", "readout", "target", "discrepancy"):
+        _close(getattr(record, field), getattr(update.last_record, field), torch.float32)
+    monkeypatch.setattr(backend, "BACKEND", "native")
+    kernel_calls.clear()
+    mlp, _ = _update_and_operands(32, 4, "delta", "paper", gate="mlp")
+    mlp(X, h, c, u).sum().backward()
+    assert kernel_calls == ["epilogue_forward", "epilogue_backward"]
+    update.record = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        update(X, h, c, u).float().sum().backward()
+    assert "update_forward_saved" not in kernel_calls
 
 
 @pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])

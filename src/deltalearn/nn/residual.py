@@ -134,14 +134,26 @@ class DeltaUpdate(nn.Module):
         if not self.fused:
             out = self._forward_reference(X, h, c, u, vector)
             return out if compress is None else (out, channel_mix(out, compress))
-        weights = self._inference_kernel_weights(X, h, c, u, compress, vector)
+        weights = self._native_update_weights(X, h, c, u, compress, vector)
         if weights is not None:
             value = self._modules["value"]
-            plan = prepared.InferenceUpdate(
-                X, h, weights, compress, self.rule, value.kind, value.sigmoid_scale, self.k_eps
-            )
-            self._inference_plan = plan
-            return plan(X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous())
+            if torch.is_grad_enabled():  # projections and rewrite as one autograd node
+                out = native.update_native(
+                    X, h, c, u, *weights, compress, self.rule, value.kind, value.sigmoid_scale,
+                    self.k_eps,
+                )  # fmt: skip
+            else:
+                plan = prepared.InferenceUpdate(
+                    X, h, weights, compress, self.rule, value.kind, value.sigmoid_scale,
+                    self.k_eps,
+                )  # fmt: skip
+                self._inference_plan = plan
+                out = plan(X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous())
+            if self.record:  # the projections again, outside the graph, only to record
+                with torch.no_grad():
+                    z, p = gate_and_value(self.gate, self.value, c, u)
+                self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
+            return out
         # (...) fp32, (..., dv); no saved-tensor hooks unless u is a state (ops.state_tape)
         z, p = state_tape.outside(gate_and_value, self.gate, self.value, c, u)
         if vector:
@@ -152,12 +164,18 @@ class DeltaUpdate(nn.Module):
             k_eps=self.k_eps, compress=compress,
         )  # fmt: skip
         if self.record:
-            with torch.no_grad():  # the generators again, outside the fused op, only to record
-                k, beta, v = epilogue_generators(
-                    h, z, p, value_head=value_head, value_scale=value_scale, k_eps=self.k_eps
-                )
-            self.last_record = _record(X, k, beta, v)
+            self._keep_record(X, h, z, p)
         return out
+
+    def _keep_record(self, X: torch.Tensor, h: torch.Tensor, z: torch.Tensor, p: torch.Tensor):
+        """`last_record` from the epilogue's operands: the generators again, outside the fused
+        op and the graph, only to record."""
+        value = self._modules["value"]
+        with torch.no_grad():
+            k, beta, v = epilogue_generators(
+                h, z, p, value_head=value.kind, value_scale=value.sigmoid_scale, k_eps=self.k_eps
+            )
+        self.last_record = _record(X, k, beta, v)
 
     def decode_update(
         self,
@@ -188,15 +206,16 @@ class DeltaUpdate(nn.Module):
             value.kind == "official", value.sigmoid_scale, self.k_eps,
         )  # fmt: skip
 
-    def _inference_kernel_weights(self, X, h, c, u, compress, vector: bool) -> list | None:
-        """`[w_gate, b_gate, W_value, b_value]` where the whole update runs as one C kernel
-        (`ops.prepared.InferenceUpdate`), else None: inference (no autograd, no record) with the
-        linear gate on CPU tensors of one fp32 or float64 dtype. Decoding one token at a time is
-        bound by host work: a dozen dispatched ops per update otherwise. (The weights are read
-        from the module dicts directly: `self.gate.out.weight` costs ~2 µs through
-        `nn.Module.__getattr__`.) Shapes that do not fit go the general way, which names what is
-        wrong."""
-        if torch.is_grad_enabled() or self.record or autocast_on(X.device.type):
+    def _native_update_weights(self, X, h, c, u, compress, vector: bool) -> tuple | None:
+        """`(w_gate, b_gate, W_value, b_value)` where the whole update, projections included,
+        runs on the C kernels (one call without autograd: `ops.prepared.InferenceUpdate`; one
+        autograd Function with it: `ops.native.update_native`), else None: the linear gate, no
+        autocast, CPU tensors of one fp32 or float64 dtype (with or without a gate record, so
+        that activation checkpointing recomputes what the forward ran). Decoding one token at
+        a time is bound by host work (a dozen dispatched ops per update otherwise), and a CPU
+        training step spent more on the projections' products than on the rewrite. Shapes that
+        do not fit go the general way, which names what is wrong."""
+        if autocast_on(X.device.type):
             return None
         dv = self.value_channels
         state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)

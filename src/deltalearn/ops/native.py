@@ -8,8 +8,12 @@ it is in cache, `compress=`), its backward reads G and X once and writes ∂X on
 accumulates every tap and value channel of a row in one loop.
 
 Without autograd (inference, cached decoding) the kernels are called directly; with it, through one
-autograd Function each. Saved for backward: X (the delta rule), h, and per-row scalars; with
-`compress`, also Y (the state the next sublayer keeps anyway) and C. In a DeltaLM training forward
+autograd Function each. A `DeltaUpdate` with the linear gate runs whole in one kernel each way
+(`update_native`): the gate's logit and the value head's pre-activation are row dot products inside
+the epilogue's row loop, and their backward (∂c, ∂u and the weight gradients, summed in double)
+inside its backward's — no products, temporaries or autograd node of their own. Saved for
+backward: X (the delta rule), h, and per-row scalars; with `compress`, also Y (the state the next
+sublayer keeps anyway) and C; for a whole update also c, u and the weights. In a DeltaLM training forward
 the states among them are rebuilt rather than kept (`ops/state_tape.py`, `rebuild_state` below).
 """
 
@@ -57,11 +61,10 @@ def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
         )
 
 
-def _epilogue_forward(
-    X, h, z, p, C, delta: bool, official: bool, scale: float, eps: float, saved: bool = True
-):
-    """Run the forward kernel on contiguous inputs; return (Y, x_next or None, rho, beta, e, v),
-    the last four (what backward needs) None unless `saved`."""
+def _forward_buffers(X, h, C, saved: bool, keep_v: bool):
+    """`(rows, d, dv, (Y, x_next, rho, beta, e, v))` for a forward kernel: the outputs (x_next
+    None without C) and, where `saved`, the row scalars backward reads — ρ and β one a row, e (and
+    v where `keep_v`) shaped as the value pre-activation p, `(...)` or `(..., dv)`."""
     d = h.shape[-1]
     rows = h.numel() // d
     dv = X.numel() // h.numel()
@@ -69,8 +72,19 @@ def _epilogue_forward(
     x_next = torch.empty_like(h) if C is not None else None
     rho = beta = e = v = None
     if saved:
-        rho, beta = torch.empty_like(z), torch.empty_like(z)
-        e, v = torch.empty_like(p), torch.empty_like(p)
+        lead = h.shape[:-1]
+        rho, beta = h.new_empty(lead), h.new_empty(lead)
+        e = h.new_empty(lead if X.dim() == h.dim() else (*lead, dv))
+        v = torch.empty_like(e) if keep_v else None
+    return rows, d, dv, (Y, x_next, rho, beta, e, v)
+
+
+def _epilogue_forward(
+    X, h, z, p, C, delta: bool, official: bool, scale: float, eps: float, saved: bool = True
+):
+    """Run the forward kernel on contiguous inputs; return (Y, x_next or None, rho, beta, e, v),
+    the last four (what backward needs) None unless `saved`."""
+    rows, d, dv, (Y, x_next, rho, beta, e, v) = _forward_buffers(X, h, C, saved, keep_v=saved)
     _call(
         "epilogue_forward", X.dtype, rows, d, dv, _ptr(X), _ptr(h), _ptr(z), _ptr(p), _ptr(C),
         int(delta), int(official), float(scale), float(eps),
@@ -131,6 +145,100 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
         return _NativeEpilogue.apply(X, h, z, p, C, rule, value_head, value_scale, k_eps)
     delta, official = rule == "delta", value_head == "official"
     Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps, False)
+    return Y if C is None else (Y, x_next)
+
+
+class _NativeUpdate(torch.autograd.Function):
+    """A whole DDL update in training, `DeltaUpdate.forward` on the C kernels: the linear gate's
+    logit and the value head's pre-activation from (c, u) and the weights, then the rewrite
+    epilogue — one autograd node and one kernel each way, where the projections alone were a
+    Function, four or five products and their temporaries (at `tiny` on this CPU ~0.7 ms of
+    the ~1 ms a ddl sublayer added to a training step). Saved: what `_NativeEpilogue` keeps
+    (v for the official head only) and c, u (official head), w_g, W_v."""
+
+    @staticmethod
+    def forward(ctx: Any, X, h, c, u, w_g, b_g, W_v, b_v, C, delta: bool, official: bool,
+                scale: float, eps: float):  # fmt: skip
+        Y, x_next, rho, beta, e, v = _update_forward(
+            X, h, c, u, w_g, b_g, W_v, b_v, C, delta, official, scale, eps, saved=True
+        )
+        tape = state_tape.active()
+        if tape is not None:  # before saving: Y is then a state the tape knows
+            tape.link(X, Y, h, rho, beta, e)
+        ctx.save_for_backward(
+            X if delta else None, h, c, u if official else None, w_g, W_v, rho, beta, e, v, C,
+            Y if C is not None else None,
+        )  # fmt: skip
+        ctx.options = (delta, official, scale, b_v is not None)
+        return Y if C is None else (Y, x_next)
+
+    @staticmethod
+    @once_differentiable  # backward uses saved tensors only
+    def backward(ctx: Any, GY: torch.Tensor, g_next: torch.Tensor | None = None):
+        X, h, c, u, w_g, W_v, rho, beta, e, v, C, Y = ctx.saved_tensors
+        delta, official, scale, value_bias = ctx.options
+        need = ctx.needs_input_grad  # X, h, c, u, w_g, b_g, W_v, b_v, C
+        GY = GY.contiguous()
+        g_next = None if g_next is None else g_next.contiguous()
+        d = h.shape[-1]
+        rows, dv = h.numel() // d, GY.numel() // h.numel()
+        direct = not delta and C is None  # write-only without a read: ∂X is G itself
+
+        def grad(i: int, like: torch.Tensor | None, shape=None) -> torch.Tensor | None:
+            if not need[i] or like is None:
+                return None
+            return torch.empty(like.shape if shape is None else shape, dtype=like.dtype)
+
+        gX = None if direct else torch.empty_like(GY)
+        gh = torch.empty_like(h)
+        gc, gu = grad(2, c), grad(3, u)
+        gw_g, gb_g, gW_v = grad(4, w_g), grad(5, w_g, (1,)), grad(6, W_v)
+        gb_v = grad(7, W_v, (dv,)) if value_bias else None
+        gC = grad(8, C)
+        _call(
+            "update_backward", GY.dtype, rows, d, dv, _ptr(GY), _ptr(g_next), _ptr(C), _ptr(Y),
+            _ptr(X), _ptr(h), _ptr(c), _ptr(u), _ptr(w_g), _ptr(W_v), _ptr(rho), _ptr(beta),
+            _ptr(e), _ptr(v), int(delta), int(official), float(scale), _ptr(gX), _ptr(gh),
+            _ptr(gc), _ptr(gu), _ptr(gw_g), _ptr(gb_g), _ptr(gW_v), _ptr(gb_v), _ptr(gC),
+        )  # fmt: skip
+        if direct:
+            gX = GY
+        return (
+            gX if need[0] else None, gh, gc, gu, gw_g, gb_g, gW_v, gb_v, gC,
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def _update_forward(X, h, c, u, w_g, b_g, W_v, b_v, C, delta, official, scale, eps, saved: bool):
+    """Run `update_forward_saved` on contiguous inputs; return (Y, x_next or None, rho, beta, e,
+    v), the last four None unless `saved` (v also unless the head is "official": backward reads
+    v for the official head's squash only)."""
+    keep_v = saved and official
+    rows, d, dv, (Y, x_next, rho, beta, e, v) = _forward_buffers(X, h, C, saved, keep_v)
+    _call(
+        "update_forward_saved", X.dtype, rows, d, dv, _ptr(X), _ptr(h), _ptr(c), _ptr(u),
+        _ptr(w_g), _ptr(b_g), _ptr(W_v), _ptr(b_v), _ptr(C), int(delta), int(official),
+        float(scale), float(eps), _ptr(Y), _ptr(x_next), _ptr(rho), _ptr(beta), _ptr(e), _ptr(v),
+    )  # fmt: skip
+    return Y, x_next, rho, beta, e, v
+
+
+def update_native(X, h, c, u, w_g, b_g, W_v, b_v, compress, rule, value_head, value_scale, k_eps):
+    """`DeltaUpdate.forward` with the linear gate on the C kernels: the projections
+    `z = c·w_g + b_g`, `p = x W_vᵀ (+ b_v)` (x = c for the "paper" value head, u for "official")
+    and the rewrite epilogue of `rewrite_epilogue` from them. Operands checked by the caller: CPU,
+    one dtype in `NATIVE_DTYPES`; X `(..., d)` or `(..., d, dv)`, h, c, u `(..., d)`, w_g `(1, d)`,
+    b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None. Y, or
+    `(Y, x_next)` with `compress`."""
+    X, h, c, u = X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous()
+    w_g, b_g, W_v = w_g.contiguous(), b_g.contiguous(), W_v.contiguous()
+    b_v = None if b_v is None else b_v.contiguous()
+    C = None if compress is None else compress.contiguous()
+    delta, official = rule == "delta", value_head == "official"
+    inputs = (X, h, c, u, w_g, b_g, W_v, b_v, C)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _NativeUpdate.apply(*inputs, delta, official, value_scale, k_eps)
+    Y, x_next, *_ = _update_forward(*inputs, delta, official, value_scale, k_eps, saved=False)
     return Y if C is None else (Y, x_next)
 
 

@@ -1,4 +1,5 @@
-/* deltalearn's CPU kernels: the rewrite epilogue and the compressor reads, forward and backward.
+/* deltalearn's CPU kernels: the rewrite epilogue (alone, or with the gate and value projections
+ * before it: a whole update) and the compressor reads, forward and backward.
  *
  * Why C: in PyTorch ops each pass over a matrix state (..., d, dv) is an element-wise op whose
  * innermost axis is dv (4) under a broadcast, several such passes per sublayer. Here one pass per
@@ -145,15 +146,18 @@ int FN(state_rebuild)(int64_t N, int64_t d, int64_t dv, const REAL *Y, const REA
     return 0;
 }
 
-/* A whole DDL update for inference (no backward), from the sublayer's inputs: the linear gate's
- * logit z = w_g . c + b_g and the value head's pre-activation p = W_v x (+ b_v), x = c ("paper")
- * or u ("official"), then the epilogue row above. One call per sublayer instead of a dozen
- * dispatched ops: what decoding one token at a time is bound by. W_v is (dv, d) row-major. */
-int FN(update_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
-                       const REAL *c, const REAL *u, const REAL *w_gate, const REAL *b_gate,
-                       const REAL *W_value, const REAL *b_value, const REAL *C, int delta,
-                       int official, double scale, double eps, REAL *Y, REAL *x_next,
-                       int threads) {
+/* A whole DDL update from the sublayer's inputs: the linear gate's logit z = w_g . c + b_g and
+ * the value head's pre-activation p = W_v x (+ b_v), x = c ("paper") or u ("official"), then the
+ * epilogue row above, which also writes the row scalars backward needs (rho, beta, e, and v for
+ * the official head) where those pointers are not NULL. One call per sublayer instead of a dozen
+ * dispatched ops (what decoding one token at a time is bound by), and in training no pass of its
+ * own over c for the projections. W_v is (dv, d) row-major. */
+int FN(update_forward_saved)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
+                             const REAL *c, const REAL *u, const REAL *w_gate, const REAL *b_gate,
+                             const REAL *W_value, const REAL *b_value, const REAL *C, int delta,
+                             int official, double scale, double eps, REAL *Y, REAL *x_next,
+                             REAL *rho_out, REAL *beta_out, REAL *e_out, REAL *v_out,
+                             int threads) {
     if (dv > MAX_DV) return 1;
     const int nt = FN(thread_count)(N * d * dv, threads);
 #define UPDATE_FORWARD_LOOP(DV)                                                                 \
@@ -169,11 +173,23 @@ int FN(update_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const RE
         }                                                                                       \
         FN(epilogue_forward_row)(d, DV, X + n * d * dv, h + n * d, z, p, C, delta, official,   \
                                  scale, eps, Y + n * d * dv, x_next ? x_next + n * d : NULL,  \
-                                 NULL, NULL, NULL, NULL);                                       \
+                                 rho_out ? rho_out + n : NULL, beta_out ? beta_out + n : NULL, \
+                                 e_out ? e_out + n * dv : NULL, v_out ? v_out + n * dv : NULL); \
     }
     FOR_DV(dv, UPDATE_FORWARD_LOOP)
 #undef UPDATE_FORWARD_LOOP
     return 0;
+}
+
+/* The update above for inference: nothing kept for backward. */
+int FN(update_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
+                       const REAL *c, const REAL *u, const REAL *w_gate, const REAL *b_gate,
+                       const REAL *W_value, const REAL *b_value, const REAL *C, int delta,
+                       int official, double scale, double eps, REAL *Y, REAL *x_next,
+                       int threads) {
+    return FN(update_forward_saved)(N, d, dv, X, h, c, u, w_gate, b_gate, W_value, b_value, C,
+                                    delta, official, scale, eps, Y, x_next, NULL, NULL, NULL,
+                                    NULL, threads);
 }
 
 /* Backward of the rewrite epilogue for one row. GY = dL/dY; with C, gn = dL/dx_next and y (the
@@ -287,6 +303,115 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
     if (partial) {
         FN(sum_partials)(partial, nt, d * dv, gC);
         free(partial);
+    } else if (gC) {
+        memset(gC, 0, (size_t)d * dv * sizeof(REAL));
+    }
+    return 0;
+}
+
+/* The projections' backward for one row, from the row's dz and dp (dv of them):
+ *   dc = dz w_g (+ W_v^T dp where the value head reads c),  du = W_v^T dp (where it reads u),
+ * written where gcn / gun are not NULL, and into this thread's double partial sums `acc`
+ * (layout: dw_g (d), db_g (1), dW_v (dv * d), db_v (dv)): dz c, dz, dp x^T, dp. */
+INLINE void FN(projections_backward_row)(int64_t d, const int64_t dv, REAL gz, const REAL *RESTRICT gp,
+                                         const REAL *RESTRICT cn, const REAL *RESTRICT xin,
+                                         const REAL *RESTRICT w_gate, const REAL *RESTRICT W_value,
+                                         int reads_u, REAL *RESTRICT gcn, REAL *RESTRICT gun,
+                                         double *RESTRICT acc) {
+    if (gcn) {
+        for (int64_t i = 0; i < d; i++) {
+            REAL g = gz * w_gate[i];
+            if (!reads_u)
+                for (int64_t j = 0; j < dv; j++) g += gp[j] * W_value[j * d + i];
+            gcn[i] = g;
+        }
+    }
+    if (reads_u && gun) {
+        for (int64_t i = 0; i < d; i++) {
+            REAL g = 0;
+            for (int64_t j = 0; j < dv; j++) g += gp[j] * W_value[j * d + i];
+            gun[i] = g;
+        }
+    }
+    double *RESTRICT aw = acc, *RESTRICT aW = acc + d + 1, *RESTRICT abv = acc + d + 1 + dv * d;
+    const double gzd = (double)gz;
+    for (int64_t i = 0; i < d; i++) aw[i] += gzd * (double)cn[i];
+    acc[d] += gzd;
+    for (int64_t j = 0; j < dv; j++) {
+        const double gpj = (double)gp[j];
+        for (int64_t i = 0; i < d; i++) aW[j * d + i] += gpj * (double)xin[i];
+        abv[j] += gpj;
+    }
+}
+
+/* Sum the per-thread double partial sums `partial` (nt blocks of `size`) in thread order; write
+ * the block [start, start + count) to `out` (skipped where NULL). */
+static void FN(write_partials)(const double *partial, int nt, int64_t size, int64_t start,
+                               int64_t count, REAL *out) {
+    if (!out) return;
+    for (int64_t q = 0; q < count; q++) {
+        double sum = 0;
+        for (int tid = 0; tid < nt; tid++) sum += partial[(int64_t)tid * size + start + q];
+        out[q] = (REAL)sum;
+    }
+}
+
+/* Backward of update_forward_saved: the epilogue row's backward (dX, dh, dC as epilogue_backward),
+ * then the projections' (projections_backward_row). c is the gate's input, u the official value
+ * head's (NULL for the paper head, which reads c); v is read for the official head only. Every
+ * output but dh may be NULL where it is not needed (dX only where it is G itself: write-only
+ * without a read). */
+int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const REAL *g_next,
+                        const REAL *C, const REAL *Y, const REAL *X, const REAL *h, const REAL *c,
+                        const REAL *u, const REAL *w_gate, const REAL *W_value,
+                        const REAL *rho_in, const REAL *beta_in, const REAL *e_in,
+                        const REAL *v_in, int delta, int official, double scale, REAL *gX,
+                        REAL *gh, REAL *gc, REAL *gu, REAL *gw_gate, REAL *gb_gate,
+                        REAL *gW_value, REAL *gb_value, REAL *gC, int threads) {
+    if (dv > MAX_DV) return 1;
+    if ((delta || g_next) && !gX) return 3;
+    if (official && !u) return 3;
+    const int nt = FN(thread_count)(N * d * dv, threads);
+    const int64_t size = d + 1 + dv * d + dv;
+    double *partial = (double *)calloc((size_t)nt * size, sizeof(double));
+    if (!partial) return 2;
+    REAL *partial_C = NULL;
+    if (gC && g_next) {
+        partial_C = (REAL *)calloc((size_t)nt * d * dv, sizeof(REAL));
+        if (!partial_C) {
+            free(partial);
+            return 2;
+        }
+    }
+#define UPDATE_BACKWARD_LOOP(DV)                                                               \
+    _Pragma("omp parallel num_threads(nt)") {                                                  \
+        const int tid = FN(thread_id)();                                                       \
+        REAL *mine_C = partial_C ? partial_C + (int64_t)tid * d * dv : NULL;                   \
+        double *mine = partial + (int64_t)tid * size;                                          \
+        _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++) {                  \
+            REAL gz, gp[MAX_DV];                                                               \
+            const REAL *cn = c + n * d;                                                        \
+            FN(epilogue_backward_flags)(d, DV, GY + n * d * dv, g_next ? g_next + n * d : NULL, C, \
+                                      Y ? Y + n * d * dv : NULL,                               \
+                                      delta ? X + n * d * dv : NULL, h + n * d, rho_in[n],     \
+                                      beta_in[n], e_in + n * dv, v_in ? v_in + n * dv : NULL,  \
+                                      official, scale, gX ? gX + n * d * dv : NULL, gh + n * d, \
+                                      &gz, gp, mine_C);                                        \
+            FN(projections_backward_row)(d, DV, gz, gp, cn, official ? u + n * d : cn, w_gate, \
+                                         W_value, official, gc ? gc + n * d : NULL,            \
+                                         gu ? gu + n * d : NULL, mine);                        \
+        }                                                                                      \
+    }
+    FOR_DV(dv, UPDATE_BACKWARD_LOOP)
+#undef UPDATE_BACKWARD_LOOP
+    FN(write_partials)(partial, nt, size, 0, d, gw_gate);
+    FN(write_partials)(partial, nt, size, d, 1, gb_gate);
+    FN(write_partials)(partial, nt, size, d + 1, dv * d, gW_value);
+    FN(write_partials)(partial, nt, size, d + 1 + dv * d, dv, gb_value);
+    free(partial);
+    if (partial_C) {
+        FN(sum_partials)(partial_C, nt, d * dv, gC);
+        free(partial_C);
     } else if (gC) {
         memset(gC, 0, (size_t)d * dv * sizeof(REAL));
     }
