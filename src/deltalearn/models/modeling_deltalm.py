@@ -374,7 +374,12 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = next_token_loss(logits[:, :-1], labels[:, 1:].to(logits.device))
+            # The targets shifted left (the last position ignored), not the logits sliced: a
+            # slice of the (B, T, V) logits is a copy forward and a zero-filled (B, T, V) tensor
+            # in backward, ~12% of a `tiny` training step on a CPU; the loss is the same mean.
+            targets = labels.to(logits.device)
+            ignored = targets.new_full((targets.shape[0], 1), -100)
+            loss = next_token_loss(logits, torch.cat([targets[:, 1:], ignored], dim=1))
         out = DeltaLMOutput(loss=loss, logits=logits, gates=gates)
         if use_cache:  # a None entry would still show up as a key of the output
             out[CACHE_FIELD] = cache
