@@ -152,9 +152,9 @@ class _NativeUpdate(torch.autograd.Function):
     """A whole DDL update in training, `DeltaUpdate.forward` on the C kernels: the linear gate's
     logit and the value head's pre-activation from (c, u) and the weights, then the rewrite
     epilogue — one autograd node and one kernel each way, where the projections alone were a
-    Function, four or five products and their temporaries (at `tiny` on this CPU ~0.7 ms of
-    the ~1 ms a ddl sublayer added to a training step). Saved: what `_NativeEpilogue` keeps
-    (v for the official head only) and c, u (official head), w_g, W_v."""
+    Function of four or five products with row-sized temporaries (one update forward + backward
+    1.1–1.6× faster, `benchmarks/update_kernel.py`). Saved: what `_NativeEpilogue` keeps (v for
+    the official head only) and c, u (official head), w_g, W_v."""
 
     @staticmethod
     def forward(ctx: Any, X, h, c, u, w_g, b_g, W_v, b_v, C, delta: bool, official: bool,
@@ -211,8 +211,8 @@ class _NativeUpdate(torch.autograd.Function):
 
 def _update_forward(X, h, c, u, w_g, b_g, W_v, b_v, C, delta, official, scale, eps, saved: bool):
     """Run `update_forward_saved` on contiguous inputs; return (Y, x_next or None, rho, beta, e,
-    v), the last four None unless `saved` (v also unless the head is "official": backward reads
-    v for the official head's squash only)."""
+    v), the last four None unless `saved`, and v None for the paper head too (backward reads v
+    for the official head's squash only)."""
     keep_v = saved and official
     rows, d, dv, (Y, x_next, rho, beta, e, v) = _forward_buffers(X, h, C, saved, keep_v)
     _call(
