@@ -162,6 +162,69 @@ def test_several_rows_per_program(interpreted, rule):
     _check_against_reference(_inputs((19,), 24, 2), rule, "paper")
 
 
+def _update_results(update, leaves, compress, autocast=False):
+    """Outputs of a `DeltaUpdate` on `leaves` `[X, h, c, u, C]` and the gradients of a fixed
+    random loss with respect to each leaf and each parameter (u unread by the paper head: zeros)."""
+    args = leaves if compress else leaves[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = update(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(2)
+    ups = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(
+        outs, [*args, *update.parameters()], ups, allow_unused=True, materialize_grads=True
+    )
+    return outs, grads
+
+
+def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False):
+    """The whole update on the kernels (projections computed by the forward kernel) against the
+    general path (`gate_and_value`, then the reference epilogue): values, every gradient."""
+    from deltalearn.nn import DeltaUpdate
+
+    torch.manual_seed(1)
+    update = DeltaUpdate(d, dv, rule=rule, value_head=value_head)
+    update.record = False
+    with torch.no_grad():  # gates away from 0 and 2, value targets of order one
+        for param in update.parameters():
+            param.copy_(torch.randn(param.shape) / d**0.5)
+    X = torch.randn(3, 5, d, dv) if dv > 1 else torch.randn(3, 5, d)
+    h, c, u = (torch.randn(3, 5, d) for _ in range(3))
+    leaves = [t.requires_grad_() for t in (X, h * 3, c, u, torch.randn(d, dv) / dv)]
+    calls = []
+    real = te.update_triton
+    monkeypatch.setattr(te, "update_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs, grads = _update_results(update, leaves, compress, autocast)
+    assert calls == [1]
+    monkeypatch.setattr(backend, "BACKEND", "reference")
+    ref_outs, ref_grads = _update_results(update, leaves, compress, autocast)
+    for a, b in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        # Under autocast the kernel's p is fp32 where the reference's is autocast's bf16 product.
+        _close(a, b, tol=2e-5, coarse=autocast)
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(
+    ("d", "dv", "compress"), [(96, 1, False), (200, 2, True), (96, 4, True), (200, 8, False)]
+)
+def test_whole_update_matches_the_general_path(
+    interpreted, monkeypatch, d, dv, compress, rule, value_head
+):
+    _check_update(monkeypatch, d, dv, rule, value_head, compress)
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, value_head):
+    """Rows wider than a tile (the projections summed over chunks), and bf16 autocast (c kept in
+    bf16 for ∂w_g, the value product's backward in bf16, as `_LinearProjections` takes them)."""
+    with monkeypatch.context() as m:
+        m.setattr(te, "MAX_TILE", 128)
+        m.setattr(te, "MAX_TILE_BWD", 128)
+        _check_update(m, 200, 4, "delta", value_head, True)
+    _check_update(monkeypatch, 96, 4, "delta", value_head, True, autocast=True)
+
+
 def test_launch_arithmetic_equals_tritons():
     """The host-side `next_pow2` and `cdiv` the launches use instead of triton's (~2 µs a call
     through its constexpr wrapper) give triton's numbers."""
@@ -265,13 +328,13 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
     model = DeltaLM(DeltaLMConfig.preset("ddl-cc", "tiny", **shape))
     ids = torch.randint(0, 50, (2, 6))
     compressed = []
-    real = te.rewrite_epilogue_triton
+    real = te.update_triton  # the whole update: projections and rewrite in the kernel
 
     def spy(*args, **kwargs):
-        compressed.append(kwargs.get("compress") is not None)
+        compressed.append(args[8] is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(te, "rewrite_epilogue_triton", spy)
+    monkeypatch.setattr(te, "update_triton", spy)
     results = []
     for read in ("off", "on"):
         monkeypatch.setattr(ep, "FUSED_READ", read)

@@ -26,8 +26,9 @@ from deltalearn.nn.choices import (
     ValueHeadKind,
     check_choice,
 )
-from deltalearn.ops import backend, normalize_direction
+from deltalearn.ops import normalize_direction
 from deltalearn.ops._shapes import accumulation_dtype, autocast_on
+from deltalearn.ops.projections import cast, kept_inputs, project, projection_grads
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
 _BETA_INIT_CLAMP = 1e-4
@@ -108,19 +109,16 @@ class _LinearProjections(torch.autograd.Function):
         # the FLOPs `deltalearn.models.flops` counts).
         d = c.shape[-1]
         c2 = c.reshape(-1, d)
-        c_kept = _cast(c2, keep_dtype)
-        z = _project(c2, w_g, b_g).view(c.shape[:-1])
         ctx.row_shape = c.shape
         ctx.has_value = W_v is not None
         if not ctx.has_value:
-            ctx.save_for_backward(c_kept, w_g)
+            z = project(c2, w_g, b_g).view(c.shape[:-1])
+            ctx.save_for_backward(cast(c2, keep_dtype), w_g)
             return z
-        x2 = c2 if x is c else x.reshape(-1, d)
-        x_low = _cast(x2, lin_dtype)
-        if x is c and c_kept.dtype == x_low.dtype:
-            x_low = c_kept  # the paper head reads c: keep one copy
-        W, b = _cast(W_v, lin_dtype), _cast(b_v, lin_dtype)
-        p = _project(x_low, W, b).view(*c.shape[:-1], -1)
+        c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
+        z = project(c2, w_g, b_g).view(c.shape[:-1])
+        W, b = cast(W_v, lin_dtype), cast(b_v, lin_dtype)
+        p = project(x_low, W, b).view(*c.shape[:-1], -1)
         ctx.save_for_backward(c_kept, w_g, x_low, W_v)
         ctx.value_dtypes = (x.dtype, None if b_v is None else b_v.dtype, lin_dtype)
         return z, p
@@ -130,69 +128,17 @@ class _LinearProjections(torch.autograd.Function):
     def backward(ctx: Any, gz: torch.Tensor, gp: torch.Tensor | None = None):
         c_kept, w_g, *value = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gz2 = gz.reshape(-1, 1)
-        # ∂c as the (rows × 1) @ (1 × d) product autograd would take: the same op, the same FLOPs
-        # in `deltalearn.models.flops` (which counts a linear gate's backward as two matmuls).
-        gc = _outer(gz2, w_g).view(ctx.row_shape) if need[0] else None
-        gw_g = _cast(_column_sum(gz2, _cast(c_kept, gz.dtype)), w_g.dtype) if need[2] else None
-        gb_g = _cast(gz2.sum(0), w_g.dtype) if need[3] else None
         if not ctx.has_value:
+            gc, _, gw_g, gb_g, _, _ = projection_grads(
+                gz, None, c_kept, w_g, None, None, need[:6], ctx.row_shape, None
+            )
             return gc, None, gw_g, gb_g, None, None, None, None
-        x_low, W_v = value
-        x_dtype, b_dtype, lin_dtype = ctx.value_dtypes
-        rows = gp.reshape(-1, gp.shape[-1])
-        gx = (
-            _cast(_outer(rows, _cast(W_v, lin_dtype)), x_dtype).view(ctx.row_shape)
-            if need[1]
-            else None
-        )
-        gW_v = _cast(_column_sum(rows, x_low), W_v.dtype) if need[4] else None
-        gb_v = _cast(rows.sum(0), b_dtype) if need[5] else None
-        return gc, gx, gw_g, gb_g, gW_v, gb_v, None, None
+        grads = projection_grads(gz, gp, c_kept, w_g, *value, need[:6], ctx.row_shape,
+                                 ctx.value_dtypes)  # fmt: skip
+        return (*grads, None, None)
 
 
-# A matrix product with one column (a gate logit, dv = 1) as MKL takes it costs ~260 µs at 2048 ×
-# 256 between a training step's large products on a CPU, against ~70 µs as an elementwise product
-# and a sum (both read the matrix once): three of them a sublayer were most of ddl's extra training
-# time there (`benchmarks/README.md`). Only in fp32/float64 on a CPU with the fast paths on
-# (`backend.native_allowed`: not under torch.compile or the "torch"/"reference" backends, whose
-# matrix products a FLOP counter sees): a low-precision product would round each term before the
-# sum, and a GPU takes the matrix products at full speed.
-def _elementwise(a: torch.Tensor, columns: int) -> bool:
-    return (
-        columns == 1
-        and a.is_cpu
-        and a.dtype in (torch.float32, torch.float64)
-        and backend.native_allowed()
-    )
-
-
-def _project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """`a @ w.t() (+ b)` for `a` (rows, d), `w` (n, d): (rows, n)."""
-    if _elementwise(a, w.shape[0]):
-        out = (a * w).sum(-1, keepdim=True)
-        return out if b is None else out.add_(b)
-    return a @ w.t() if b is None else torch.addmm(b, a, w.t())
-
-
-def _outer(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`g @ w` for `g` (rows, n), `w` (n, d): with n = 1 each entry is one product."""
-    return g * w if _elementwise(g, g.shape[1]) else g @ w
-
-
-def _column_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """`g.t() @ a` for `g` (rows, n), `a` (rows, d): (n, d)."""
-    if _elementwise(a, g.shape[1]):
-        return (g * a).sum(0, keepdim=True)
-    return g.t() @ a
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    # Checked here: a no-op `.to` still costs ~1 µs of host time, ten a sublayer in training.
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-def _projection_dtypes(c: torch.Tensor, acc: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+def projection_dtypes(c: torch.Tensor, acc: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
     """`(keep_dtype, lin_dtype)` of `_LinearProjections` under the current autocast state."""
     device_type = c.device.type
     if autocast_on(device_type):
@@ -233,7 +179,7 @@ class GateHead(nn.Module):
         acc = accumulation_dtype(c)  # at least fp32, float64 stays float64
         # Under autocast the linear gate keeps c for its weight's gradient in the autocast dtype,
         # as every other projection of the model does (`_LinearProjections`).
-        keep, _ = _projection_dtypes(c, acc)
+        keep, _ = projection_dtypes(c, acc)
         with torch.autocast(device_type=c.device.type, enabled=False):
             z = c.to(acc)
             w, b = self.out.weight.to(acc), self.out.bias.to(acc)
@@ -257,13 +203,13 @@ def gate_and_value(
     if not torch.is_grad_enabled() and not autocast_on(c.device.type):
         # Inference (one decoded token at a time is bound by host work): the same two linears
         # without an autograd node and an autocast switch.
-        z = _cast(c, acc)
+        z = cast(c, acc)
         x = z if value.kind == "paper" else u
-        logit = F.linear(z, _cast(gate.out.weight, acc), _cast(gate.out.bias, acc)).squeeze(-1)
+        logit = F.linear(z, cast(gate.out.weight, acc), cast(gate.out.bias, acc)).squeeze(-1)
         return logit, F.linear(x, value.proj.weight, value.proj.bias)
-    keep, lin = _projection_dtypes(c, acc)
+    keep, lin = projection_dtypes(c, acc)
     with torch.autocast(device_type=c.device.type, enabled=False):
-        z = _cast(c, acc)
+        z = cast(c, acc)
         x = z if value.kind == "paper" else u
-        w, b = _cast(gate.out.weight, acc), _cast(gate.out.bias, acc)
+        w, b = cast(gate.out.weight, acc), cast(gate.out.bias, acc)
         return _LinearProjections.apply(z, x, w, b, value.proj.weight, value.proj.bias, keep, lin)

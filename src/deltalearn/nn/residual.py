@@ -26,7 +26,13 @@ from deltalearn.nn.choices import (
     ValueHeadKind,
     check_choice,
 )
-from deltalearn.nn.generators import GateHead, ValueHead, direction, gate_and_value
+from deltalearn.nn.generators import (
+    GateHead,
+    ValueHead,
+    direction,
+    gate_and_value,
+    projection_dtypes,
+)
 from deltalearn.nn.state import ChannelCompressor
 from deltalearn.ops import (
     backend,
@@ -38,9 +44,12 @@ from deltalearn.ops import (
     state_tape,
     write_only_reference,
 )
-from deltalearn.ops._shapes import autocast_on, no_autocast
+from deltalearn.ops._shapes import accumulation_dtype, autocast_on, no_autocast
 from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
+
+# Tensor types a kernel reads directly (nn.Parameter is a plain tensor; a subclass may not be).
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @dataclass
@@ -154,6 +163,14 @@ class DeltaUpdate(nn.Module):
                     z, p = gate_and_value(self.gate, self.value, c, u)
                 self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
             return out
+        weights = self._triton_update_weights(X, h, c, u, compress, vector)
+        if weights is not None:  # CUDA: projections and rewrite in one Triton kernel each way
+            out = self._triton_update(X, h, c, u, weights, compress)
+            if self.record:
+                with torch.no_grad():
+                    z, p = gate_and_value(self.gate, self.value, c, u)
+                self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
+            return out
         # (...) fp32, (..., dv); no saved-tensor hooks unless u is a state (ops.state_tape)
         z, p = state_tape.outside(gate_and_value, self.gate, self.value, c, u)
         if vector:
@@ -166,6 +183,41 @@ class DeltaUpdate(nn.Module):
         if self.record:
             self._keep_record(X, h, z, p)
         return out
+
+    def _triton_update_weights(self, X, h, c, u, compress, vector: bool) -> tuple | None:
+        """`(w_gate, b_gate, W_value, b_value)` where the whole update runs as one Triton kernel
+        each way (`ops.triton_epilogue.update_triton`: CUDA tensors in the kernels' dtypes, or the
+        "triton" backend; the linear gate; plain tensors: a tensor-parallel DTensor weight has no
+        whole matrix a kernel could read, its projections stay DTensor products), else None."""
+        weights = self._inference_weights()
+        if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
+            return None
+        operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
+        if not all(type(t) in _PLAIN for t in operands):
+            return None
+        return weights if backend.use_triton(operands) else None
+
+    def _triton_update(self, X, h, c, u, weights, compress):
+        from deltalearn.ops.triton_epilogue import update_triton  # triton: an optional extra
+
+        value = self._modules["value"]
+        keep, lin = projection_dtypes(c, accumulation_dtype(c))
+        return update_triton(
+            X, h, c, c if value.kind == "paper" else u, *weights, compress, rule=self.rule,
+            value_head=value.kind, value_scale=value.sigmoid_scale, k_eps=self.k_eps, keep=keep,
+            lin=lin,
+        )  # fmt: skip
+
+    def _fits(self, X, h, c, u, compress, vector: bool, weights) -> bool:
+        """Whether the operands have the shapes of one update of this module's width and value
+        channels (else the general path runs, which names what is wrong)."""
+        dv = self.value_channels
+        state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)
+        if not (state_fits and c.shape == h.shape and u.shape == h.shape):
+            return False
+        if compress is not None and (vector or compress.shape != (h.shape[-1], dv)):
+            return False
+        return weights[0].shape[-1] == h.shape[-1]
 
     def _keep_record(self, X: torch.Tensor, h: torch.Tensor, z: torch.Tensor, p: torch.Tensor):
         """`last_record` from the epilogue's operands: the generators again, outside the fused
@@ -215,18 +267,10 @@ class DeltaUpdate(nn.Module):
         a time is bound by host work (a dozen dispatched ops per update otherwise), and a CPU
         training step spent more on the projections' products than on the rewrite. Shapes that
         do not fit go the general way, which names what is wrong."""
-        if autocast_on(X.device.type):
-            return None
-        dv = self.value_channels
-        state_fits = X.shape == h.shape if vector else X.shape == (*h.shape, dv)
-        if not (
-            state_fits and c.shape == h.shape and u.shape == h.shape and native.fits(X, not vector)
-        ):
-            return None
-        if compress is not None and (vector or compress.shape != (h.shape[-1], dv)):
+        if autocast_on(X.device.type) or not native.fits(X, not vector):
             return None
         weights = self._inference_weights()
-        if weights is None or weights[0].shape[-1] != h.shape[-1]:
+        if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
         operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
         return weights if backend.use_native(operands) else None

@@ -1,7 +1,10 @@
 """The rewrite epilogue of a DDL sublayer: from the sublayer's projections to the new state.
 
-The sublayer's matmuls (branch output h, gate logit z, value pre-activation p) are done by cuBLAS;
-what remains per row (token) is elementwise work plus three row reductions, all of it fused here:
+The sublayer's matmuls (branch output h, gate logit z, value pre-activation p) are done before it
+(a `DeltaUpdate` with the linear gate hands z and p to the kernels instead: `ops/native.
+update_native` on a CPU, `ops/triton_epilogue.update_triton` on CUDA compute them per row inside
+the same kernel); what remains per row (token) is elementwise work plus three row reductions, all
+of it fused here:
 
     k = h / sqrt(‖h‖² + ε²)          β = 2σ(z)          v = p  ("paper")  or  s·σ(p)  ("official")
     Y = X + β k (vᵀ − kᵀX)           rule="delta"

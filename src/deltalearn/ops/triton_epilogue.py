@@ -8,6 +8,12 @@ element against a second state-sized tensor kept alive for every sublayer). Wher
 records the forward (`ops/state_tape.py`), the kernel also writes e, 1/n and β per row (fp32),
 from which backward rebuilds X out of Y instead of keeping it.
 
+A whole `DeltaUpdate` with the linear gate (`update_triton`, `PROJECT`): the forward kernel reads c
+(and u, for the official value head) instead of z and p, and computes `z = c·w_g + b_g` and
+`p = x W_vᵀ (+ b_v)` per row in fp32 before the epilogue — no projection launches and no autograd
+node of their own in forward; it writes z and p (fp32, `N·(1 + dv)` numbers) for the backward
+kernel, after which the projections' gradients are cuBLAS products (`ops/projections.py`).
+
 Forward (a vector state is the case dv = 1):
     n = sqrt(‖h‖² + ε²),  k = h / n,  β = 2σ(z),  v = p  or  s·σ(p)        ("paper" / "official")
     r = kᵀX = (hᵀX)/n,  e = v − r  (delta)  or  e = v  (write-only, no read)
@@ -50,6 +56,7 @@ import triton.language as tl
 
 from deltalearn.ops import state_tape
 from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
+from deltalearn.ops.projections import kept_inputs, projection_grads
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
@@ -98,13 +105,47 @@ def _store_rows(E, RHO, BETA, rows, rmask, vcol, pv_mask, e, inv_n, beta, DV: tl
 
 
 @triton.jit
+def _projections(
+    CIN, XV, WG, BG, WV, BV, rows, rmask, vcol, vmask, dcol, d, sc_m, sc_d, sxv_m, sxv_d,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, READS_U: tl.constexpr, HAS_BV: tl.constexpr,
+):  # fmt: skip
+    """The linear gate's logit `z = c·w_g + b_g` `(BLOCK_M)` and the value head's pre-activation
+    `p = x W_vᵀ (+ b_v)` `(BLOCK_M, BLOCK_V)` of the rows, in fp32: x = c, or u where `READS_U`
+    (the official head). W_v `(dv, d)` contiguous; one pass over the rows' c (and u)."""
+    z = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK_D + dcol
+        dmask = offs < d
+        hm = rmask[:, None] & dmask[None, :]
+        cf = tl.load(CIN + rows[:, None] * sc_m + offs[None, :] * sc_d, mask=hm, other=0.0)
+        cf = cf.to(tl.float32)
+        wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
+        z += tl.sum(cf * wg[None, :], axis=1)
+        if READS_U:
+            xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
+            xf = xf.to(tl.float32)
+        else:
+            xf = cf
+        wmask = dmask[:, None] & vmask[None, :]
+        wv = tl.load(WV + vcol[None, :] * d + offs[:, None], mask=wmask, other=0.0)
+        p += tl.sum(xf[:, :, None] * wv.to(tl.float32)[None, :, :], axis=1)
+    z += tl.load(BG).to(tl.float32)
+    if HAS_BV:
+        p += tl.load(BV + vcol, mask=vmask, other=0.0).to(tl.float32)[None, :]
+    return z, p
+
+
+@triton.jit
 def _fwd_kernel(
-    X, H, Z, P, C, Y, XN, E, RHO, BETA,
+    X, H, Z, P, C, Y, XN, E, RHO, BETA, CIN, XV, WG, BG, WV, BV,
     n_rows, d, eps2, value_scale,
-    sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v,
+    sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sc_m, sc_d, sxv_m, sxv_d,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, SAVE_ROWS: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
+    PROJECT: tl.constexpr, READS_U: tl.constexpr, HAS_BV: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,11 +155,20 @@ def _fwd_kernel(
     vmask = vcol < DV
     dcol = tl.arange(0, BLOCK_D)
 
-    beta = 2.0 * tl.sigmoid(tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32))
     pv_mask = rmask[:, None] & vmask[None, :]
     p_ptr = _channels(P, rows, vcol, sp_m, sp_v, DV, P_CONTIGUOUS)
-    pre = tl.load(p_ptr, mask=pv_mask, other=0.0)
-    pre = pre.to(tl.float32)
+    if PROJECT:  # z and p from c (and u) here, written out for the backward kernel
+        zf, pre = _projections(
+            CIN, XV, WG, BG, WV, BV, rows, rmask, vcol, vmask, dcol, d, sc_m, sc_d, sxv_m, sxv_d,
+            BLOCK_M, BLOCK_V, BLOCK_D, NUM_CHUNKS, READS_U, HAS_BV,
+        )  # fmt: skip
+        tl.store(Z + rows * sz_m, zf, mask=rmask)
+        tl.store(p_ptr, pre, mask=pv_mask)
+    else:
+        zf = tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32)
+        pre = tl.load(p_ptr, mask=pv_mask, other=0.0)
+        pre = pre.to(tl.float32)
+    beta = 2.0 * tl.sigmoid(zf)
     if OFFICIAL:
         v = value_scale * tl.sigmoid(pre)
     else:
@@ -423,6 +473,132 @@ def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return _row_offsets_fit_int32(t.reshape(shape))
 
 
+def _forward(
+    ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale: float, k_eps: float,
+    projections: tuple | None = None,
+):  # fmt: skip
+    """Launch the forward kernel; return `(outputs, saved)`: `Y` or `(Y, XN)`, and the tensors
+    backward reads, `[X, h, z, p, C]`. With `projections` `(c, x, w_g, b_g, W_v, b_v)` z and p
+    are None on entry and made here: the kernel computes them from c and x and writes them (fp32,
+    p shaped `(..., dv)` for any state). Keeps on `ctx` what `_backward` needs besides."""
+    d = h.shape[-1]
+    n_rows = h.numel() // d
+    dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
+    if projections is not None:
+        z = torch.empty(h.shape[:-1], dtype=torch.float32, device=X.device)
+        p = torch.empty((*h.shape[:-1], dv), dtype=torch.float32, device=X.device)
+    ctx.shapes = X.shape, h.shape, z.shape, p.shape
+    Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+    X_in, h_in = X, h
+    (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
+    (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
+    block_m, block_d, num_chunks, block_v = launch_config(d, dv)
+    compress = C is not None
+    Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
+    if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
+        xn_dtype = torch.promote_types(X.dtype, C.dtype)
+        XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
+    else:
+        XN = Y
+    if projections is None:
+        cin = xv = wg = bg = wv = bv = Y  # unread placeholder pointers
+        sc = sxv = (0, 0)
+        reads_u = has_bv = False
+    else:
+        c, x, w_g, b_g, W_v, b_v = projections
+        reads_u, has_bv = x is not c, b_v is not None
+        (cin, sc), (xv, sxv) = _flat(c, n_rows, d), _flat(x, n_rows, d)
+        wg, bg, wv = w_g.contiguous(), b_g.contiguous(), W_v.contiguous()
+        bv = b_v.contiguous() if has_bv else Y
+    # Where a state tape records this forward, the kernel also writes the row scalars the
+    # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
+    tape = state_tape.active()
+    save_rows = tape is not None and n_rows > 0
+    if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
+        vector = X_in.dim() == h_in.dim()  # e `(...)`, as the tape takes it (p: maybe `(..., 1)`)
+        e = torch.empty(ctx.shapes[2 if vector else 3], dtype=torch.float32, device=X.device)
+        rho = torch.empty(ctx.shapes[2], dtype=torch.float32, device=X.device)
+        beta = torch.empty_like(rho)
+    else:
+        e = rho = beta = Y  # unwritten placeholder pointers
+    grid = (cdiv(n_rows, block_m),)
+    if n_rows > 0:
+        _fwd_kernel[grid](
+            X, h, z, p, Cc, Y, XN, e, rho, beta, cin, xv, wg, bg, wv, bv,
+            n_rows, d, float(k_eps) ** 2, float(value_scale),
+            *sx, *sh, *sz, *sp, *sc, *sxv,
+            DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
+            NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
+            SAVE_ROWS=save_rows, X_DENSE=dense_past_first((n_rows, d, dv), sx),
+            P_CONTIGUOUS=p.is_contiguous(), PROJECT=projections is not None, READS_U=reads_u,
+            HAS_BV=has_bv, num_warps=_num_warps(block_m, block_d, block_v),
+        )  # fmt: skip
+    if save_rows:  # before saving: Y is then a state the tape knows
+        tape.link(X_in, Y, h_in, rho, beta, e)
+    ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
+    ctx.delta, ctx.official = delta, official
+    ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
+    ctx.set_materialize_grads(False)
+    return ((Y, XN) if compress else Y), [X, h, z, p, C]
+
+
+def _backward(ctx: Any, saved, grads, need) -> tuple:
+    """`(∂X, ∂h, ∂z, ∂p, ∂C)` of `_forward`'s launch from its saved `[X, h, z, p, C]`, the output
+    gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed."""
+    X, h, z, p, C = saved
+    (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
+    X_shape, h_shape, z_shape, p_shape = ctx.shapes
+    gY = grads[0]
+    compress = C is not None and len(grads) > 1 and grads[1] is not None
+    need_X, need_h, need_z, need_p, need_C = need
+    if gY is None:
+        if not compress:
+            return (None,) * 5
+        gY = X.new_zeros(()).expand(X_shape)  # stride 0: read, never materialised
+    write_gx = need_X and (ctx.delta or compress)
+    gY_in = gY
+    gY, sg = _flat(gY, n_rows, d, dv)
+
+    block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
+    num_blocks = cdiv(n_rows, block_m)
+    nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
+    iters = cdiv(num_blocks, nprog) if num_blocks else 0
+    # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
+    gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
+    gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
+    gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
+    gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
+    if compress:
+        Cc = C.contiguous()
+        gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
+        gN, sn = _flat(grads[1], n_rows, d)
+    else:
+        Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
+    if n_rows > 0:
+        _bwd_kernel[(nprog,)](
+            X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
+            n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
+            *sx, *sh, *sz, *sp, *sg, *sn,
+            DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
+            NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
+            COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
+            P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
+            num_warps=_num_warps(block_m, block_d, block_v, compress),
+        )  # fmt: skip
+    if need_X and not write_gx:
+        gX = gY_in.to(X.dtype)  # write-only, no compressor read: ∂X = G
+    gC = None
+    if need_C:
+        gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
+    return (
+        gX if need_X else None,
+        gh if need_h else None,
+        gz if need_z else None,
+        gp if need_p else None,
+        gC,
+    )
+
+
 class _RewriteEpilogue(torch.autograd.Function):
     """X `(..., d)` or `(..., d, dv)`, h `(..., d)`, z `(...)`, p `(...)` or `(..., dv)`, C `(d, dv)`
     or None; the kernels see the rows flattened, `(N, d, dv)` and so on.
@@ -433,122 +609,56 @@ class _RewriteEpilogue(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        X: torch.Tensor,
-        h: torch.Tensor,
-        z: torch.Tensor,
-        p: torch.Tensor,
-        C: torch.Tensor | None,
-        delta: bool,
-        official: bool,
-        value_scale: float,
-        k_eps: float,
-    ):
-        ctx.shapes = X.shape, h.shape, z.shape, p.shape
-        d = h.shape[-1]
-        n_rows = z.numel()
-        dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
-        Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
-        X_in, h_in = X, h
-        (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
-        (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
-        block_m, block_d, num_chunks, block_v = launch_config(d, dv)
-        compress = C is not None
-        Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
-        if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
-            xn_dtype = torch.promote_types(X.dtype, C.dtype)
-            XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
-        else:
-            XN = Y
-        # Where a state tape records this forward, the kernel also writes the row scalars the
-        # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
-        tape = state_tape.active()
-        save_rows = tape is not None and n_rows > 0
-        if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
-            e = torch.empty(ctx.shapes[3], dtype=torch.float32, device=X.device)
-            rho = torch.empty(ctx.shapes[2], dtype=torch.float32, device=X.device)
-            beta = torch.empty_like(rho)
-        else:
-            e = rho = beta = Y  # unwritten placeholder pointers
-        grid = (cdiv(n_rows, block_m),)
-        if n_rows > 0:
-            _fwd_kernel[grid](
-                X, h, z, p, Cc, Y, XN, e, rho, beta,
-                n_rows, d, float(k_eps) ** 2, float(value_scale),
-                *sx, *sh, *sz, *sp,
-                DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
-                NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
-                SAVE_ROWS=save_rows, X_DENSE=dense_past_first((n_rows, d, dv), sx),
-                P_CONTIGUOUS=p.is_contiguous(), num_warps=_num_warps(block_m, block_d, block_v),
-            )  # fmt: skip
-        if save_rows:  # before saving: Y is then a state the tape knows
-            tape.link(X_in, Y, h_in, rho, beta, e)
-        ctx.save_for_backward(X, h, z, p, C)
-        ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
-        ctx.delta, ctx.official = delta, official
-        ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
-        ctx.set_materialize_grads(False)
-        return (Y, XN) if compress else Y
+    def forward(ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale, k_eps):
+        out, saved = _forward(ctx, X, h, z, p, C, delta, official, value_scale, k_eps)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        X, h, z, p, C = ctx.saved_tensors
-        (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
-        X_shape, h_shape, z_shape, p_shape = ctx.shapes
-        gY = grads[0]
-        compress = C is not None and grads[1] is not None
-        need_X, need_h, need_z, need_p, need_C = ctx.needs_input_grad[:5]
-        if gY is None:
-            if not compress:
-                return (None,) * 9
-            gY = X.new_zeros(()).expand(X_shape)  # stride 0: read, never materialised
-        write_gx = need_X and (ctx.delta or compress)
-        gY_in = gY
-        gY, sg = _flat(gY, n_rows, d, dv)
+        need = ctx.needs_input_grad[:5]
+        return (*_backward(ctx, ctx.saved_tensors, grads, need), None, None, None, None)
 
-        block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
-        num_blocks = cdiv(n_rows, block_m)
-        nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
-        iters = cdiv(num_blocks, nprog) if num_blocks else 0
-        # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
-        gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
-        gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
-        gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
-        gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
-        if compress:
-            Cc = C.contiguous()
-            gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
-            gN, sn = _flat(grads[1], n_rows, d)
-        else:
-            Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
-        if n_rows > 0:
-            _bwd_kernel[(nprog,)](
-                X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
-                n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
-                *sx, *sh, *sz, *sp, *sg, *sn,
-                DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
-                NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
-                COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
-                P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
-                num_warps=_num_warps(block_m, block_d, block_v, compress),
-            )  # fmt: skip
-        if need_X and not write_gx:
-            gX = gY_in.to(X.dtype)  # write-only, no compressor read: ∂X = G
-        gC = None
-        if need_C:
-            gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
-        return (
-            gX if need_X else None,
-            gh if need_h else None,
-            gz if need_z else None,
-            gp if need_p else None,
-            gC,
-            None,
-            None,
-            None,
-            None,
+
+class _TritonUpdate(torch.autograd.Function):
+    """A whole DDL update with the linear gate: the forward kernel computes the gate's logit
+    `z = c·w_g + b_g` and the value head's pre-activation `p = x W_vᵀ (+ b_v)` (x = c, or u for
+    the official head) from the rows itself, in fp32, then rewrites; backward runs the epilogue's
+    kernel, then the projections' products (cuBLAS; `nn.generators.projection_grads`). One
+    autograd node and no projection launches of its own in forward, where `_LinearProjections`
+    before `_RewriteEpilogue` made two nodes, two products and their casts: eager training on a
+    GPU is bound by such host work. `keep_dtype` / `lin_dtype`: as `_LinearProjections`' (under
+    autocast c is kept for ∂w_g, and the value product's backward runs, in the autocast dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, X, h, c, x, w_g, b_g, W_v, b_v, C, delta: bool, official: bool,
+                value_scale: float, k_eps: float, keep_dtype, lin_dtype):  # fmt: skip
+        projections = (c, x, w_g, b_g, W_v, b_v)
+        out, saved = _forward(
+            ctx, X, h, None, None, C, delta, official, value_scale, k_eps, projections
         )
+        d = c.shape[-1]  # the projections' backward takes the rows as one matrix
+        c2 = c.reshape(-1, d)
+        c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
+        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v)
+        ctx.projection = (c.shape, (x.dtype, None if b_v is None else b_v.dtype, lin_dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        X, h, z, p, C, c_kept, w_g, x_low, W_v = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        projecting = any(need[2:8])
+        gX, gh, gz, gp, gC = _backward(
+            ctx, (X, h, z, p, C), grads, (need[0], need[1], projecting, projecting, need[8])
+        )
+        if gz is None:
+            return gX, gh, *(None,) * 6, gC, *(None,) * 6
+        row_shape, value_dtypes = ctx.projection
+        gc, gx, gw_g, gb_g, gW_v, gb_v = projection_grads(
+            gz, gp, c_kept, w_g, x_low, W_v, need[2:8], row_shape, value_dtypes
+        )
+        return gX, gh, gc, gx, gw_g, gb_g, gW_v, gb_v, gC, *(None,) * 6
 
 
 def rebuild_state_triton(
@@ -603,3 +713,17 @@ def rewrite_epilogue_triton(
     return _RewriteEpilogue.apply(
         X, h, z, p, compress, rule == "delta", value_head == "official", value_scale, k_eps
     )
+
+
+def update_triton(
+    X, h, c, x, w_g, b_g, W_v, b_v, compress, *, rule, value_head, value_scale, k_eps, keep, lin
+):  # fmt: skip
+    """A `DeltaUpdate` with the linear gate as one Triton kernel each way (`_TritonUpdate`): X
+    `(..., d)` or `(..., d, dv)`, h, c, x `(..., d)` (x: c for the paper head, u for the official),
+    w_g `(1, d)`, b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None, all on
+    one device (checked by the caller); `keep` / `lin` the dtypes of `nn.generators.
+    projection_dtypes`. Returns Y, or `(Y, x_next)` with compress."""
+    return _TritonUpdate.apply(
+        X, h, c, x, w_g, b_g, W_v, b_v, compress, rule == "delta", value_head == "official",
+        value_scale, k_eps, keep, lin,
+    )  # fmt: skip
