@@ -225,6 +225,35 @@ def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, val
     _check_update(monkeypatch, 96, 4, "delta", value_head, True, autocast=True)
 
 
+@pytest.mark.parametrize("dv", [1, 4])
+def test_whole_update_on_strided_and_empty_inputs(interpreted, monkeypatch, dv):
+    """Transposed (non-contiguous) X, h, c, u: the general path's values and gradients; an empty
+    batch: empty outputs and zero weight gradients."""
+    from deltalearn.nn import DeltaUpdate
+
+    torch.manual_seed(3)
+    update = DeltaUpdate(24, dv, value_head="official")
+    update.record = False
+    state = (24, dv) if dv > 1 else (24,)
+    leaves = [torch.randn(3, 5, *state).transpose(0, 1).requires_grad_()]
+    leaves += [torch.randn(3, 5, 24).transpose(0, 1).requires_grad_() for _ in range(3)]
+    results = []
+    for choice in ("triton", "reference"):
+        monkeypatch.setattr(backend, "BACKEND", choice)
+        out = update(*leaves)
+        grads = torch.autograd.grad(out.square().sum(), [*leaves, *update.parameters()])
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        _close(a, b, tol=2e-5)
+    monkeypatch.setattr(backend, "BACKEND", "triton")
+    empty = [torch.randn(0, 3, *state, requires_grad=True)]
+    empty += [torch.randn(0, 3, 24, requires_grad=True) for _ in range(3)]
+    out = update(*empty)
+    out.sum().backward()
+    assert out.shape == empty[0].shape
+    assert all(p.grad is not None and not p.grad.any() for p in update.parameters())
+
+
 def test_launch_arithmetic_equals_tritons():
     """The host-side `next_pow2` and `cdiv` the launches use instead of triton's (~2 µs a call
     through its constexpr wrapper) give triton's numbers."""
