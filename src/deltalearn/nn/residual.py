@@ -158,18 +158,14 @@ class DeltaUpdate(nn.Module):
                 )  # fmt: skip
                 self._inference_plan = plan
                 out = plan(X.contiguous(), h.contiguous(), c.contiguous(), u.contiguous())
-            if self.record:  # the projections again, outside the graph, only to record
-                with torch.no_grad():
-                    z, p = gate_and_value(self.gate, self.value, c, u)
-                self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
+            if self.record:
+                self._record_from_inputs(X, h, c, u, vector)
             return out
         weights = self._triton_update_weights(X, h, c, u, compress, vector)
         if weights is not None:  # CUDA: projections and rewrite in one Triton kernel each way
             out = self._triton_update(X, h, c, u, weights, compress)
             if self.record:
-                with torch.no_grad():
-                    z, p = gate_and_value(self.gate, self.value, c, u)
-                self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
+                self._record_from_inputs(X, h, c, u, vector)
             return out
         # (...) fp32, (..., dv); no saved-tensor hooks unless u is a state (ops.state_tape)
         z, p = state_tape.outside(gate_and_value, self.gate, self.value, c, u)
@@ -219,6 +215,13 @@ class DeltaUpdate(nn.Module):
             return False
         return weights[0].shape[-1] == h.shape[-1]
 
+    def _record_from_inputs(self, X, h, c, u, vector: bool) -> None:
+        """`last_record` where a kernel formed the projections itself: they again, outside the
+        graph, only to record."""
+        with torch.no_grad():
+            z, p = gate_and_value(self.gate, self.value, c, u)
+        self._keep_record(X, h, z, p.squeeze(-1) if vector else p)
+
     def _keep_record(self, X: torch.Tensor, h: torch.Tensor, z: torch.Tensor, p: torch.Tensor):
         """`last_record` from the epilogue's operands: the generators again, outside the fused
         op and the graph, only to record."""
@@ -265,7 +268,7 @@ class DeltaUpdate(nn.Module):
         autocast, CPU tensors of one fp32 or float64 dtype (with or without a gate record, so
         that activation checkpointing recomputes what the forward ran). Decoding one token at
         a time is bound by host work (a dozen dispatched ops per update otherwise), and a CPU
-        training step spent more on the projections' products than on the rewrite. Shapes that
+        training step spent about as much on the projections' products as on the rewrite. Shapes that
         do not fit go the general way, which names what is wrong."""
         if autocast_on(X.device.type) or not native.fits(X, not vector):
             return None
