@@ -13,12 +13,15 @@
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
 #            the default) and kept (DELTALEARN_REBUILD_STATES=off): its GPU cost and saving
+#   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
+#            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
+#            chosen on host work alone) and apart: its GPU time, to confirm or revert the default
 # Seconds each took on an H200 (2026-11-28, second run), for planning a lease: tests 72 (16 cores,
 # -n 4), reads 18, model 32 per impl, fusedread 31 per setting, profile 46 (four variants), compile
 # 223 for three variants (34, 61 and 101 s of it compiling); decode printed nothing inside 200 s
 # (a CUDA-graph decode step compiled per variant), so it now has 400. The machine's start takes
 # about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
-# `tests reads model rebuild profile` in one call and `compile decode` in the next, while warm.
+# `tests reads model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
@@ -26,7 +29,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests reads model rebuild fusedread profile tiles compile decode}
+stages=${*:-tests reads model updatekernel rebuild fusedread profile tiles compile decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -63,6 +66,14 @@ for s in $stages; do
             DELTALEARN_REBUILD_STATES=$rebuild timeout 130 deltalearn bench model "${small[@]}" \
                 --variants $variants --measure train,memory --repeats 7 \
                 --json "$out/h200_model_rebuild_${rebuild}.json" 2>&1 | tail -10
+        done
+        ;;
+    updatekernel)
+        for kernel in off on; do
+            stage "bench model, whole-update kernel $kernel"
+            DELTALEARN_UPDATE_KERNEL=$kernel timeout 100 deltalearn bench model "${small[@]}" \
+                --variants baseline,ddl,ddl-cc,ddl-tc --measure train,infer --repeats 7 \
+                --json "$out/h200_model_updatekernel_${kernel}.json" 2>&1 | tail -7
         done
         ;;
     fusedread)
@@ -104,7 +115,7 @@ for s in $stages; do
         timeout 300 deltalearn bench model "${small[@]}" --variants baseline,ddl,ddl-cc --compile \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
-    *) echo "unknown stage $s (tests, model, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
+    *) echo "unknown stage $s (tests, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
     esac
 done
 stage "done"

@@ -2,8 +2,8 @@
 kernel each way (`ops.native.update_native`: the gate and value projections inside the rewrite
 epilogue's row loop, the default since 2026-11-29) against the projections in PyTorch ops (one
 autograd Function of products and sums, `nn.generators.gate_and_value`) before the epilogue's C
-kernel, as a DeltaLM training step calls them (freed memory kept, as `deltalearn train` and
-`deltalearn bench model` keep it: no page faults in either).
+kernel (`DELTALEARN_UPDATE_KERNEL=off`), as a DeltaLM training step calls them (freed memory kept,
+as `deltalearn train` and `deltalearn bench model` keep it: no page faults in either).
 
     python benchmarks/update_kernel.py [--rows 2048] [--repeats 41]
 
@@ -21,6 +21,7 @@ import time
 import torch
 
 from deltalearn.nn import residual
+from deltalearn.ops import epilogue
 from deltalearn.train.host_allocator import keep_freed_memory
 
 SHAPES = ((128, 1, False), (128, 4, True), (256, 1, False), (256, 4, True))
@@ -55,15 +56,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=41)
     args = parser.parse_args()
     keep_freed_memory("cpu")
-    whole_update = residual.DeltaUpdate._native_update_weights
-    separate = [False]
-
-    def weights(self, *operands):  # None sends a training forward to the projections in PyTorch
-        if separate[0] and torch.is_grad_enabled():
-            return None
-        return whole_update(self, *operands)
-
-    residual.DeltaUpdate._native_update_weights = weights
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows")
     print("| d | dv | next read | one kernel µs | projections apart µs | apart ÷ one |")
     print("|---|---|---|---|---|---|")
@@ -72,7 +64,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(args.repeats + 5):
             for apart in (False, True):
-                separate[0] = apart
+                epilogue.UPDATE_KERNEL = "off" if apart else "on"
                 start = time.perf_counter()
                 step()
                 if i >= 5:  # warm: kernels built, memory kept
@@ -80,7 +72,7 @@ def main() -> None:
         one, two = statistics.median(times[False]), statistics.median(times[True])
         read = "yes" if compress else "no"
         print(f"| {d} | {dv} | {read} | {one * 1e6:.0f} | {two * 1e6:.0f} | {two / one:.2f} |")
-    residual.DeltaUpdate._native_update_weights = whole_update
+    epilogue.UPDATE_KERNEL = None
 
 
 if __name__ == "__main__":

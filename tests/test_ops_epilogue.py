@@ -254,6 +254,29 @@ def test_whole_update_on_strided_and_empty_inputs(interpreted, monkeypatch, dv):
     assert all(p.grad is not None and not p.grad.any() for p in update.parameters())
 
 
+def test_update_kernel_switch_off_takes_the_projections_apart(interpreted, monkeypatch):
+    from deltalearn.nn import DeltaUpdate
+
+    update = DeltaUpdate(24, 4, value_head="official")  # reads u: every leaf has a gradient
+    update.record = False
+    leaves = [torch.randn(2, 3, 24, 4, requires_grad=True)]
+    leaves += [torch.randn(2, 3, 24, requires_grad=True) for _ in range(3)]
+    calls = []
+    for name in ("update_triton", "rewrite_epilogue_triton"):
+        real = getattr(te, name)
+        monkeypatch.setattr(
+            te, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
+    results = []
+    for switch in ("on", "off"):
+        monkeypatch.setattr(ep, "UPDATE_KERNEL", switch)
+        out = update(*leaves)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    assert calls == ["update_triton", "rewrite_epilogue_triton"]
+    for a, b in zip(*results, strict=True):
+        _close(a, b, tol=2e-5)
+
+
 def test_launch_arithmetic_equals_tritons():
     """The host-side `next_pow2` and `cdiv` the launches use instead of triton's (~2 µs a call
     through its constexpr wrapper) give triton's numbers."""

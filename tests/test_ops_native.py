@@ -345,6 +345,28 @@ def test_training_update_float64_gradcheck(kernel_calls, dv, compress, rule, val
     assert "update_backward" in kernel_calls
 
 
+def test_update_kernel_switch(kernel_calls, monkeypatch):
+    """DELTALEARN_UPDATE_KERNEL=off: the projections in PyTorch, then the epilogue's kernel, with
+    the same numbers; inference stays one call; a bad value names the variable."""
+    update, operands = _update_and_operands(48, 4, "delta", "official")
+    on = _update_outputs_and_grads(update, operands, compress=True)
+    monkeypatch.setenv("DELTALEARN_UPDATE_KERNEL", "off")
+    off = _update_outputs_and_grads(update, operands, compress=True)
+    assert kernel_calls == ["update_forward_saved", "update_backward"] + [
+        "epilogue_forward",
+        "epilogue_backward",
+    ]
+    for a, b in zip(on[0] + on[1], off[0] + off[1], strict=True):
+        _close(a, b, torch.float32)
+    monkeypatch.setattr(extension, "loaded", lambda: None)
+    with torch.no_grad():
+        update(*operands)
+    assert kernel_calls[-1] == "update_forward_packed"
+    monkeypatch.setenv("DELTALEARN_UPDATE_KERNEL", "maybe")
+    with pytest.raises(ValueError, match="DELTALEARN_UPDATE_KERNEL.*'maybe'"):
+        update(*(t.requires_grad_() for t in operands[:4]))
+
+
 def test_the_update_kernels_record_gates_and_leave_mlp_gates_and_autocast(
     kernel_calls, monkeypatch
 ):

@@ -46,7 +46,11 @@ from deltalearn.ops import (
 )
 from deltalearn.ops._shapes import accumulation_dtype, autocast_on, no_autocast
 from deltalearn.ops.backend import native_allowed
-from deltalearn.ops.epilogue import epilogue_generators, rewrite_epilogue
+from deltalearn.ops.epilogue import (
+    epilogue_generators,
+    rewrite_epilogue,
+    update_kernel_enabled,
+)
 
 # Tensor types a kernel reads directly (nn.Parameter is a plain tensor; a subclass may not be).
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -184,12 +188,13 @@ class DeltaUpdate(nn.Module):
         """`(w_gate, b_gate, W_value, b_value)` where the whole update runs as one Triton kernel
         each way (`ops.triton_epilogue.update_triton`: CUDA tensors in the kernels' dtypes, or the
         "triton" backend; the linear gate; plain tensors: a tensor-parallel DTensor weight has no
-        whole matrix a kernel could read, its projections stay DTensor products), else None."""
+        whole matrix a kernel could read, its projections stay DTensor products;
+        DELTALEARN_UPDATE_KERNEL not "off"), else None."""
         weights = self._inference_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
         operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
-        if not all(type(t) in _PLAIN for t in operands):
+        if not all(type(t) in _PLAIN for t in operands) or not update_kernel_enabled():
             return None
         return weights if backend.use_triton(operands) else None
 
@@ -264,7 +269,8 @@ class DeltaUpdate(nn.Module):
     def _native_update_weights(self, X, h, c, u, compress, vector: bool) -> tuple | None:
         """`(w_gate, b_gate, W_value, b_value)` where the whole update, projections included,
         runs on the C kernels (one call without autograd: `ops.prepared.InferenceUpdate`; one
-        autograd Function with it: `ops.native.update_native`), else None: the linear gate, no
+        autograd Function with it: `ops.native.update_native`, unless DELTALEARN_UPDATE_KERNEL
+        is "off"), else None: the linear gate, no
         autocast, CPU tensors of one fp32 or float64 dtype (with or without a gate record, so
         that activation checkpointing recomputes what the forward ran). Decoding one token at
         a time is bound by host work (a dozen dispatched ops per update otherwise), and a CPU
@@ -272,6 +278,8 @@ class DeltaUpdate(nn.Module):
         do not fit go the general way, which names what is wrong."""
         if autocast_on(X.device.type) or not native.fits(X, not vector):
             return None
+        if torch.is_grad_enabled() and not update_kernel_enabled():
+            return None  # the projections apart, then the epilogue kernel
         weights = self._inference_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None

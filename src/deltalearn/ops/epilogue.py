@@ -51,6 +51,28 @@ EPILOGUE_VALUE_HEADS = ("paper", "official")
 FUSED_READ: str | None = None
 
 
+# Module-level override of DELTALEARN_UPDATE_KERNEL (None: read the environment on each call):
+# whether a DeltaUpdate with the linear gate runs whole in one kernel each way, its gate and value
+# projections formed inside the rewrite kernel (`ops.native.update_native` on a CPU in training,
+# `ops.triton_epilogue.update_triton` on CUDA), or the projections first as their own autograd
+# Function (`nn.generators.gate_and_value`), then the epilogue. "on" by default: one update on a
+# CPU 1.1-1.6x faster (benchmarks/update_kernel.py), GPU host work a ddl step 7% less; its GPU
+# time is for the device check's `updatekernel` stage (benchmarks/gpu_check.sh) to measure.
+UPDATE_KERNEL: str | None = None
+
+
+def update_kernel_enabled() -> bool:
+    """Whether a `DeltaUpdate` forms its projections inside the rewrite kernel (`UPDATE_KERNEL`
+    above, else DELTALEARN_UPDATE_KERNEL: "on", the default, or "off"). Inference on a CPU is one
+    kernel call either way (`ops.prepared`, `ops.extension`)."""
+    return switched_on(
+        UPDATE_KERNEL,
+        "DELTALEARN_UPDATE_KERNEL",
+        "deltalearn.ops.epilogue.UPDATE_KERNEL",
+        "whole-update kernel",
+    )
+
+
 def fused_read_enabled() -> bool:
     """Whether DeltaLM fuses each channel-compressor read into the rewrite before it (`FUSED_READ`
     above, else DELTALEARN_FUSED_READ: "on", the default, or "off")."""
