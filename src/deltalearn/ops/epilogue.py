@@ -56,7 +56,7 @@ FUSED_READ: str | None = None
 # projections formed inside the rewrite kernel (`ops.native.update_native` on a CPU in training,
 # `ops.triton_epilogue.update_triton` on CUDA), or the projections first as their own autograd
 # Function (`nn.generators.gate_and_value`), then the epilogue. "on" by default: one update on a
-# CPU 1.1-1.6x faster (benchmarks/update_kernel.py), GPU host work a ddl step 7% less; its GPU
+# CPU 1.1-1.6x faster (benchmarks/update_kernel.py), GPU host work a DDL step 5-10% less; its GPU
 # time is for the device check's `updatekernel` stage (benchmarks/gpu_check.sh) to measure.
 UPDATE_KERNEL: str | None = None
 

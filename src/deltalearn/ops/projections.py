@@ -1,9 +1,8 @@
 """The linear gate's and the value head's projections as a DDL update computes them and their
 backward: `z = c·w_g + b_g` and `p = x W_vᵀ (+ b_v)` (x = c for the paper head, u for the
-official), on the rows as one matrix. Shared by `nn.generators._LinearProjections` (the projections
-as their own autograd Function, before any epilogue) and the Triton update
-(`ops/triton_epilogue._TritonUpdate`, whose forward kernel computes z and p itself and whose backward
-takes the projections' products from here).
+official), on the rows as one matrix — `nn.generators._LinearProjections`, the projections as their
+own autograd Function before any epilogue, and what the Triton update
+(`ops/triton_epilogue._TritonUpdate`, which forms both inside its kernels) keeps for backward.
 """
 
 from __future__ import annotations

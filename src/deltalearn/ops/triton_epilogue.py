@@ -10,9 +10,11 @@ from which backward rebuilds X out of Y instead of keeping it.
 
 A whole `DeltaUpdate` with the linear gate (`update_triton`, `PROJECT`): the forward kernel reads c
 (and u, for the official value head) instead of z and p, and computes `z = c·w_g + b_g` and
-`p = x W_vᵀ (+ b_v)` per row in fp32 before the epilogue — no projection launches and no autograd
-node of their own in forward; it writes z and p (fp32, `N·(1 + dv)` numbers) for the backward
-kernel, after which the projections' gradients are cuBLAS products (`ops/projections.py`).
+`p = x W_vᵀ (+ b_v)` per row in fp32 before the epilogue, writing z and p (fp32, `N·(1 + dv)`
+numbers) for the backward kernel; that one, with ∂z and ∂p in registers, writes ∂c = ∂z w_g
+(+ W_vᵀ∂p where the head reads c) and ∂u = W_vᵀ∂p, and sums ∂w_g = Σ ∂z c, ∂W_v = Σ ∂p xᵀ and the
+biases' gradients per program (fp32 partials, then one sum in program order: deterministic, as
+∂C). No projection launches and no autograd node of their own either way.
 
 Forward (a vector state is the case dv = 1):
     n = sqrt(‖h‖² + ε²),  k = h / n,  β = 2σ(z),  v = p  or  s·σ(p)        ("paper" / "official")
@@ -56,7 +58,7 @@ import triton.language as tl
 
 from deltalearn.ops import state_tape
 from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
-from deltalearn.ops.projections import kept_inputs, projection_grads
+from deltalearn.ops.projections import kept_inputs
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
@@ -265,14 +267,51 @@ def _bwd_tile(
 
 
 @triton.jit
+def _projections_bwd_tile(
+    CIN, XV, WG, WV, GCIN, GXV, GW, pid, rows, offs, hm, vcol, vmask, d, gz, gp,
+    sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
+):  # fmt: skip
+    """The projections' backward on one chunk of the rows: ∂c = ∂z w_g (+ W_vᵀ∂p where the value
+    head reads c), ∂u = W_vᵀ∂p (where it reads u), and program `pid`'s partial sums of ∂w_g =
+    Σ ∂z c and ∂W_v = Σ ∂p xᵀ (GW `(programs, 1 + dv, d)` fp32: row 0 w_g, rows 1.. W_v); c and
+    x as the forward kept them (`ops.projections.kept_inputs`)."""
+    dmask = offs < d
+    wmask = dmask[:, None] & vmask[None, :]
+    wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
+    wv = tl.load(WV + vcol[None, :] * d + offs[:, None], mask=wmask, other=0.0).to(tl.float32)
+    g_value = tl.sum(gp[:, None, :] * wv[None, :, :], axis=2)  # (BLOCK_M, BLOCK_D)
+    g_gate = gz[:, None] * wg[None, :]
+    cf = tl.load(CIN + rows[:, None] * sc_m + offs[None, :] * sc_d, mask=hm, other=0.0)
+    cf = cf.to(tl.float32)
+    gc_ptr = GCIN + rows[:, None] * d + offs[None, :]
+    if READS_U:
+        tl.store(gc_ptr, g_gate.to(GCIN.dtype.element_ty), mask=hm)
+        gu_ptr = GXV + rows[:, None] * d + offs[None, :]
+        tl.store(gu_ptr, g_value.to(GXV.dtype.element_ty), mask=hm)
+        xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
+        xf = xf.to(tl.float32)
+    else:
+        tl.store(gc_ptr, (g_gate + g_value).to(GCIN.dtype.element_ty), mask=hm)
+        xf = cf
+    part = GW + pid * ((1 + DV) * d)
+    gw_ptr = part + offs
+    tl.store(gw_ptr, tl.load(gw_ptr, mask=dmask, other=0.0) + tl.sum(gz[:, None] * cf, axis=0),
+             mask=dmask)  # fmt: skip
+    gW_ptr = part + (1 + vcol[None, :]) * d + offs[:, None]
+    gW = tl.load(gW_ptr, mask=wmask, other=0.0) + tl.sum(gp[:, None, :] * xf[:, :, None], axis=0)
+    tl.store(gW_ptr, gW, mask=wmask)
+
+
+@triton.jit
 def _bwd_kernel(
-    X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC,
+    X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC, CIN, XV, WG, WV, GCIN, GXV, GW, GB,
     n_rows, d, eps2, value_scale, iters,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
+    sc_m, sc_d, sxv_m, sxv_d,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
-    G_DENSE: tl.constexpr,
+    G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -330,9 +369,11 @@ def _bwd_kernel(
             k_dk = beta * tl.sum(s_g * e, axis=1)
         g_beta = tl.sum(s_g * e, axis=1)
         gz = g_beta * beta * (1.0 - 0.5 * beta)
-        tl.store(GZ + rows, gz.to(GZ.dtype.element_ty), mask=rmask)
         gp = beta[:, None] * s_g * dv_dp
-        tl.store(GP + rows[:, None] * DV + vcol[None, :], gp.to(GP.dtype.element_ty), mask=pv_mask)
+        if not PROJECT:  # with PROJECT the projections' gradients are formed below instead
+            tl.store(GZ + rows, gz.to(GZ.dtype.element_ty), mask=rmask)
+            gp_ptr = GP + rows[:, None] * DV + vcol[None, :]
+            tl.store(gp_ptr, gp.to(GP.dtype.element_ty), mask=pv_mask)
         coef = (beta * inv_n)[:, None] * e  # Y = X + h ⊗ coef (for ∂C)
         bks = (beta * inv_n)[:, None] * s_g  # ∂X = G − h ⊗ bks
 
@@ -367,6 +408,17 @@ def _bwd_kernel(
                 gc_ptr = GC + pid * (d * DV) + offs[:, None] * DV + vcol[None, :]
                 acc = tl.load(gc_ptr, mask=cmask, other=0.0)
                 tl.store(gc_ptr, acc + part, mask=cmask)
+            if PROJECT:
+                _projections_bwd_tile(
+                    CIN, XV, WG, WV, GCIN, GXV, GW, pid, rows, offs, hm, vcol, vmask, d, gz, gp,
+                    sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
+                )  # fmt: skip
+        if PROJECT:  # the biases' partial sums: ∂b_g = Σ ∂z, ∂b_v = Σ ∂p
+            gb_ptr = GB + pid * (1 + DV)
+            tl.store(gb_ptr, tl.load(gb_ptr) + tl.sum(gz, axis=0))
+            gbv_ptr = gb_ptr + 1 + vcol
+            gbv = tl.load(gbv_ptr, mask=vmask, other=0.0) + tl.sum(gp, axis=0)
+            tl.store(gbv_ptr, gbv, mask=vmask)
 
 
 @triton.jit
@@ -542,9 +594,13 @@ def _forward(
     return ((Y, XN) if compress else Y), [X, h, z, p, C]
 
 
-def _backward(ctx: Any, saved, grads, need) -> tuple:
+def _backward(ctx: Any, saved, grads, need, projections: tuple | None = None) -> tuple:
     """`(∂X, ∂h, ∂z, ∂p, ∂C)` of `_forward`'s launch from its saved `[X, h, z, p, C]`, the output
-    gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed."""
+    gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed. With
+    `projections` `(c_kept, x_low, w_g, W_v, c_dtype, u_dtype)` the kernel forms the projections'
+    gradients instead of ∂z and ∂p: then `(∂X, ∂h, (∂c, ∂u, ∂w_g, ∂b_g, ∂W_v, ∂b_v), None, ∂C)`
+    (∂u None where the value head reads c, `u_dtype` None; the caller drops what it does not
+    need)."""
     X, h, z, p, C = saved
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     X_shape, h_shape, z_shape, p_shape = ctx.shapes
@@ -552,7 +608,7 @@ def _backward(ctx: Any, saved, grads, need) -> tuple:
     compress = C is not None and len(grads) > 1 and grads[1] is not None
     need_X, need_h, need_z, need_p, need_C = need
     if gY is None:
-        if not compress:
+        if not compress and projections is None:
             return (None,) * 5
         gY = X.new_zeros(()).expand(X_shape)  # stride 0: read, never materialised
     write_gx = need_X and (ctx.delta or compress)
@@ -561,7 +617,8 @@ def _backward(ctx: Any, saved, grads, need) -> tuple:
 
     block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
     num_blocks = cdiv(n_rows, block_m)
-    nprog = _compress_programs(num_blocks, X.device) if compress else num_blocks
+    reduces = compress or projections is not None  # per-program partial sums: a capped grid
+    nprog = _compress_programs(num_blocks, X.device) if reduces else num_blocks
     iters = cdiv(num_blocks, nprog) if num_blocks else 0
     # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
     gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
@@ -574,22 +631,42 @@ def _backward(ctx: Any, saved, grads, need) -> tuple:
         gN, sn = _flat(grads[1], n_rows, d)
     else:
         Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
+    if projections is None:
+        cin = xv = wg = wv = g_c = g_u = gw_part = gb_part = gh  # unread placeholders
+        sc = sxv = (0, 0)
+        reads_u = False
+    else:
+        c_kept, x_low, w_g, W_v, c_dtype, u_dtype = projections
+        reads_u = u_dtype is not None
+        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), _flat(x_low, n_rows, d)
+        wg, wv = w_g.contiguous(), W_v.contiguous()
+        g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
+        g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if reads_u else g_c
+        gw_part = torch.zeros((nprog, 1 + dv, d), dtype=torch.float32, device=X.device)
+        gb_part = torch.zeros((nprog, 1 + dv), dtype=torch.float32, device=X.device)
     if n_rows > 0:
         _bwd_kernel[(nprog,)](
             X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
+            cin, xv, wg, wv, g_c, g_u, gw_part, gb_part,
             n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
-            *sx, *sh, *sz, *sp, *sg, *sn,
+            *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
             COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
-            num_warps=_num_warps(block_m, block_d, block_v, compress),
+            PROJECT=projections is not None, READS_U=reads_u,
+            num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
         gX = gY_in.to(X.dtype)  # write-only, no compressor read: ∂X = G
     gC = None
     if need_C:
         gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
+    if projections is not None:  # the partial sums, in program order: deterministic
+        gw, gb = gw_part.sum(0), gb_part.sum(0)  # rows: w_g, then W_v
+        weights = (gw[:1].to(w_g.dtype), gb[:1], gw[1:].to(W_v.dtype), gb[1:])
+        grads = (g_c, g_u if reads_u else None, *weights)
+        return gX if need_X else None, gh if need_h else None, grads, None, gC
     return (
         gX if need_X else None,
         gh if need_h else None,
@@ -623,12 +700,12 @@ class _RewriteEpilogue(torch.autograd.Function):
 class _TritonUpdate(torch.autograd.Function):
     """A whole DDL update with the linear gate: the forward kernel computes the gate's logit
     `z = c·w_g + b_g` and the value head's pre-activation `p = x W_vᵀ (+ b_v)` (x = c, or u for
-    the official head) from the rows itself, in fp32, then rewrites; backward runs the epilogue's
-    kernel, then the projections' products (cuBLAS; `nn.generators.projection_grads`). One
-    autograd node and no projection launches of its own in forward, where `_LinearProjections`
-    before `_RewriteEpilogue` made two nodes, two products and their casts: eager training on a
-    GPU is bound by such host work. `keep_dtype` / `lin_dtype`: as `_LinearProjections`' (under
-    autocast c is kept for ∂w_g, and the value product's backward runs, in the autocast dtype)."""
+    the official head) from the rows itself, in fp32, then rewrites; the backward kernel forms the
+    projections' gradients too (module docstring). One autograd node and no projection launches,
+    where `_LinearProjections` before `_RewriteEpilogue` made two nodes, six products and their
+    casts and views: eager training on a GPU is bound by such host work. `keep_dtype` /
+    `lin_dtype`: as `_LinearProjections`' — c is kept for ∂w_g, and u for ∂W_v, in the autocast
+    dtype (the memory they take); every product of the kernel is fp32."""
 
     @staticmethod
     def forward(ctx: Any, X, h, c, x, w_g, b_g, W_v, b_v, C, delta: bool, official: bool,
@@ -641,24 +718,31 @@ class _TritonUpdate(torch.autograd.Function):
         c2 = c.reshape(-1, d)
         c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
         ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v)
-        ctx.projection = (c.shape, (x.dtype, None if b_v is None else b_v.dtype, lin_dtype))
+        bias_dtypes = (b_g.dtype, None if b_v is None else b_v.dtype)
+        ctx.projection = (c.dtype, None if x is c else x.dtype, bias_dtypes)
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
         X, h, z, p, C, c_kept, w_g, x_low, W_v = ctx.saved_tensors
         need = ctx.needs_input_grad
-        projecting = any(need[2:8])
-        gX, gh, gz, gp, gC = _backward(
-            ctx, (X, h, z, p, C), grads, (need[0], need[1], projecting, projecting, need[8])
+        c_dtype, u_dtype, bias_dtypes = ctx.projection
+        projections = (c_kept, x_low, w_g, W_v, c_dtype, u_dtype)
+        gX, gh, projected, _, gC = _backward(
+            ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections
         )
-        if gz is None:
-            return gX, gh, *(None,) * 6, gC, *(None,) * 6
-        row_shape, value_dtypes = ctx.projection
-        gc, gx, gw_g, gb_g, gW_v, gb_v = projection_grads(
-            gz, gp, c_kept, w_g, x_low, W_v, need[2:8], row_shape, value_dtypes
-        )
-        return gX, gh, gc, gx, gw_g, gb_g, gW_v, gb_v, gC, *(None,) * 6
+        if projected is None:  # no gradient reached the outputs
+            return (None,) * 15
+        gc, gu, gw_g, gb_g, gW_v, gb_v = projected
+        b_g_dtype, b_v_dtype = bias_dtypes
+        return (
+            gX, gh,
+            gc if need[2] else None, gu if need[3] else None,
+            gw_g if need[4] else None, gb_g.to(b_g_dtype) if need[5] else None,
+            gW_v if need[6] else None,
+            gb_v.to(b_v_dtype) if need[7] and b_v_dtype is not None else None,
+            gC, *(None,) * 6,
+        )  # fmt: skip
 
 
 def rebuild_state_triton(
