@@ -133,7 +133,7 @@ def test_what_a_kernel_cannot_read_is_declined():
     """None (the caller's general path) for each input the kernel must not read as it lies."""
     fast = extension.loaded().update
     update, (X, h, c, u) = _update_and_inputs(4)
-    weights = update._inference_weights()
+    weights = update._linear_gate_weights()
     C = torch.randn(40, 4)
 
     def call(X=X, h=h, c=c, u=u, weights=weights, C=None, grad=False):
@@ -162,7 +162,7 @@ def test_a_vmapped_tensor_is_declined():
     """Inside vmap the state is a functorch wrapper whose data no C kernel can read."""
     fast = extension.loaded().update
     update, (X, h, c, u) = _update_and_inputs(1)
-    weights = update._inference_weights()
+    weights = update._linear_gate_weights()
     seen = []
 
     def probe(x):

@@ -190,7 +190,7 @@ class DeltaUpdate(nn.Module):
         "triton" backend; the linear gate; plain tensors: a tensor-parallel DTensor weight has no
         whole matrix a kernel could read, its projections stay DTensor products;
         DELTALEARN_UPDATE_KERNEL not "off"), else None."""
-        weights = self._inference_weights()
+        weights = self._linear_gate_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
         operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
@@ -257,7 +257,7 @@ class DeltaUpdate(nn.Module):
         return self._extension_update(fast, X, h, c, u, compress)
 
     def _extension_update(self, fast, X, h, c, u, compress) -> torch.Tensor | tuple | None:
-        weights = self._inference_weights()
+        weights = self._linear_gate_weights()
         if weights is None:
             return None
         value = self._modules["value"]
@@ -280,13 +280,13 @@ class DeltaUpdate(nn.Module):
             return None
         if torch.is_grad_enabled() and not update_kernel_enabled():
             return None  # the projections apart, then the epilogue kernel
-        weights = self._inference_weights()
+        weights = self._linear_gate_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
         operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
         return weights if backend.use_native(operands) else None
 
-    def _inference_weights(self) -> tuple[torch.Tensor, ...] | None:
+    def _linear_gate_weights(self) -> tuple[torch.Tensor, ...] | None:
         """`(w_gate, b_gate, W_value, b_value)` of the linear gate (None for the MLP gate), read
         from the module dicts (`self.gate.out.weight` costs ~2 µs through `nn.Module.__getattr__`)."""
         gate = self._modules["gate"]._modules

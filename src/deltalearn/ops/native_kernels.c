@@ -273,6 +273,17 @@ static int FN(thread_id)(void) {
 #endif
 }
 
+/* dC from the per-thread partial sums of a backward with a compressor read (freed here), or zeros
+ * where no gradient reached x_next (`partial` NULL); nothing where dC is not wanted (`gC` NULL). */
+static void FN(finish_compress_grad)(REAL *partial, int nt, int64_t d, int64_t dv, REAL *gC) {
+    if (partial) {
+        FN(sum_partials)(partial, nt, d * dv, gC);
+        free(partial);
+    } else if (gC) {
+        memset(gC, 0, (size_t)d * dv * sizeof(REAL));
+    }
+}
+
 /* N rows. X is read only for delta (NULL for write-only); with C, g_next and Y too. */
 int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const REAL *g_next,
                           const REAL *C, const REAL *Y, const REAL *X, const REAL *h,
@@ -300,12 +311,7 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
     }
     FOR_DV(dv, EPILOGUE_BACKWARD_LOOP)
 #undef EPILOGUE_BACKWARD_LOOP
-    if (partial) {
-        FN(sum_partials)(partial, nt, d * dv, gC);
-        free(partial);
-    } else if (gC) {
-        memset(gC, 0, (size_t)d * dv * sizeof(REAL));
-    }
+    FN(finish_compress_grad)(partial, nt, d, dv, gC);
     return 0;
 }
 
@@ -409,12 +415,7 @@ int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const 
     FN(write_partials)(partial, nt, size, d + 1, dv * d, gW_value);
     FN(write_partials)(partial, nt, size, d + 1 + dv * d, dv, gb_value);
     free(partial);
-    if (partial_C) {
-        FN(sum_partials)(partial_C, nt, d * dv, gC);
-        free(partial_C);
-    } else if (gC) {
-        memset(gC, 0, (size_t)d * dv * sizeof(REAL));
-    }
+    FN(finish_compress_grad)(partial_C, nt, d, dv, gC);
     return 0;
 }
 

@@ -116,7 +116,7 @@ class InferenceUpdate(_Prepared):
             and _plain(h, dtype)
             and _plain(c, dtype)
             and _plain(u, dtype)
-            and _stamps((*update._inference_weights(), compress)) == self.stamps
+            and _stamps((*update._linear_gate_weights(), compress)) == self.stamps
             and inference_kernels_now()
         )
 

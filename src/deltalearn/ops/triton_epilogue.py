@@ -731,8 +731,6 @@ class _TritonUpdate(torch.autograd.Function):
         gX, gh, projected, _, gC = _backward(
             ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections
         )
-        if projected is None:  # no gradient reached the outputs
-            return (None,) * 15
         gc, gu, gw_g, gb_g, gW_v, gb_v = projected
         b_g_dtype, b_v_dtype = bias_dtypes
         return (
