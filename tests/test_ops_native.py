@@ -27,6 +27,7 @@ from deltalearn.ops import (
     native_build,
     rewrite_epilogue,
     rewrite_epilogue_reference,
+    state_tape,
     token_mix,
     token_mix_reference,
 )
@@ -343,6 +344,40 @@ def test_training_update_float64_gradcheck(kernel_calls, dv, compress, rule, val
 
     assert torch.autograd.gradcheck(fn, leaves)
     assert "update_backward" in kernel_calls
+
+
+@pytest.mark.parametrize(("dv", "compress"), [(1, False), (4, True), (3, False)])
+def test_training_update_rebuilds_the_state_it_consumed_in_its_backward(
+    kernel_calls, monkeypatch, dv, compress
+):
+    """Under a state tape, the delta update's backward kernel forms the state X it consumed from
+    its output Y as it reads Y (no rebuild pass: `update_backward` only) and hands it to the tape:
+    the state the rebuild pass would give, and the gradients of the update with X kept."""
+    update, operands = _update_and_operands(40, dv, "delta", "official")
+    leaves = [t.detach().requires_grad_() for t in operands[: 5 if compress else 4]]
+    rebuilt = []
+    real = state_tape.StateTape.rebuilt
+
+    def spy(tape, index, X):
+        rebuilt.append((X, tape._slots[index].link))
+        return real(tape, index, X)
+
+    monkeypatch.setattr(state_tape.StateTape, "rebuilt", spy)
+    with state_tape.recording() as tape:
+        X = leaves[0] * 1.0  # a state with a graph, as between sublayers
+        tape.add(X)
+        out = update(X, *leaves[1:])
+    outs = out if isinstance(out, tuple) else (out,)
+    ups = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, ups)
+    assert kernel_calls == ["update_forward_saved", "update_backward"]
+    ((X_rebuilt, (_, h, rho, beta, e)),) = rebuilt
+    Y = outs[0].detach()
+    torch.testing.assert_close(X_rebuilt, native.rebuild_state(Y, h, rho, beta, e))
+    torch.testing.assert_close(X_rebuilt, X.detach(), rtol=1e-5, atol=1e-5)
+    kept = torch.autograd.grad(update(*leaves), leaves, ups)  # no tape: X kept
+    for a, b in zip(grads, kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_update_kernel_switch(kernel_calls, monkeypatch):

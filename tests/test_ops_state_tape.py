@@ -10,7 +10,7 @@ import pytest
 import torch
 from model_helpers import random_ids, tiny_model
 
-from deltalearn.ops import backend, native, native_build, state_tape
+from deltalearn.ops import backend, epilogue, native, native_build, state_tape
 from deltalearn.ops.epilogue import rewrite_epilogue
 
 REWRITING = ["ddl", "ddl-cc", "ddl-tc", "write-only-cc", "ddl-cc-noec", "write-only"]
@@ -251,22 +251,36 @@ def test_a_stack_of_drop_in_residuals_under_recording(value_channels):
 
 
 @pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
-def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch):
+@pytest.mark.parametrize("in_backward", [True, False], ids=["in-backward", "own-pass"])
+def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch, in_backward):
     """Down a 3-block model, each state after the first two rebuilt ones goes into the buffer of
-    one already read by all its consumers (a fresh buffer costs page faults on a CPU)."""
+    one already read by all its consumers (a fresh buffer costs page faults on a CPU) — whether
+    the update's backward kernel rebuilds it (the default) or a pass of its own does (the
+    projections apart: `DELTALEARN_UPDATE_KERNEL=off`)."""
     monkeypatch.setattr(state_tape, "REBUILD", "on")
-    outs = []
-    real = native.rebuild_state
+    monkeypatch.setattr(epilogue, "UPDATE_KERNEL", "on" if in_backward else "off")
+    own_pass, buffers = [], []
+    real_pass, real_rebuilt = native.rebuild_state, state_tape.StateTape.rebuilt
 
-    def spy(*args, out=None):
-        outs.append(out is not None)
-        return real(*args, out=out)
+    def spy_pass(*args, out=None):
+        own_pass.append(out is not None)
+        return real_pass(*args, out=out)
 
-    monkeypatch.setattr(native, "rebuild_state", spy)
+    def spy_rebuilt(tape, index, X):
+        buffers.append(X.data_ptr())
+        return real_rebuilt(tape, index, X)
+
+    monkeypatch.setattr(native, "rebuild_state", spy_pass)
+    monkeypatch.setattr(state_tape.StateTape, "rebuilt", spy_rebuilt)
     model = tiny_model("ddl-cc", num_layers=3).train()
     ids = random_ids(2, 8)
     model(ids, labels=ids).loss.backward()
-    assert len(outs) == 6 and outs[:2] == [False, False] and all(outs[2:]), outs
+    assert len(buffers) == 6 and all(ptr in buffers[:i] for i, ptr in enumerate(buffers) if i > 1)
+    assert len(set(buffers[:2])) == 2
+    if in_backward:
+        assert own_pass == []  # every state rebuilt by the backward kernel that read it
+    else:
+        assert own_pass == [False, False, True, True, True, True]
 
 
 def test_a_node_holding_two_states_apart_keeps_its_numbers():

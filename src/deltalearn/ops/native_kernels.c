@@ -197,13 +197,17 @@ int FN(update_forward)(int64_t N, int64_t d, int64_t dv, const REAL *X, const RE
  *   s = k^T G,  dX = G - beta k s^T (delta) or G,  dk = beta (G e - [delta] X s),
  *   dh = rho (dk - k (k^T dk)),  dz = (s^T e) beta (1 - beta/2),
  *   dp = beta s  or  beta s v (1 - v/scale),  dC += gn y^T (into this thread's partial sum).
- * gx may be NULL (not needed); x is read only for delta. */
+ * gx may be NULL (not needed); x is read only for delta. With `rebuild` (delta) x is not read but
+ * formed from y as state_rebuild forms it, x = y - (beta rho h) e^T, and written to xout: the
+ * state the forward consumed, rebuilt in the pass that needs it (ops/state_tape.py) instead of in
+ * a pass of its own that this one would then read back. */
 INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *RESTRICT gy, const REAL *RESTRICT gn,
                                       const REAL *RESTRICT C, const REAL *RESTRICT y, const REAL *RESTRICT x,
                                       const REAL *RESTRICT hn, REAL rho, REAL beta, const REAL *RESTRICT e,
                                       const REAL *RESTRICT vn, int official, double scale, REAL *RESTRICT gx,
                                       REAL *RESTRICT ghn, REAL *RESTRICT gzn, REAL *RESTRICT gpn, REAL *RESTRICT gC_partial,
-                                      const int delta, const int has_gn, const int has_gx) {
+                                      REAL *RESTRICT xout, const int delta, const int has_gn, const int has_gx,
+                                      const int rebuild) {
     REAL s[MAX_DV];
     for (int64_t j = 0; j < dv; j++) s[j] = 0;
     for (int64_t i = 0; i < d; i++) {
@@ -217,13 +221,19 @@ INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *R
         for (int64_t i = 0; i < d; i++)
             for (int64_t j = 0; j < dv; j++) gC_partial[i * dv + j] += gn[i] * y[i * dv + j];
     REAL t = 0;
+    const REAL br = beta * rho;
     for (int64_t i = 0; i < d; i++) {
         const REAL k = rho * hn[i];
+        const REAL a = br * hn[i];
         REAL gk = 0;
         for (int64_t j = 0; j < dv; j++) {
             const REAL g = has_gn ? gy[i * dv + j] + C[i * dv + j] * gn[i] : gy[i * dv + j];
             gk += g * e[j];
-            if (delta) gk -= x[i * dv + j] * s[j];
+            if (delta) {
+                const REAL xij = rebuild ? y[i * dv + j] - a * e[j] : x[i * dv + j];
+                if (rebuild) xout[i * dv + j] = xij;
+                gk -= xij * s[j];
+            }
             if (has_gx) gx[i * dv + j] = delta ? g - beta * k * s[j] : g;
         }
         gk *= beta;
@@ -242,19 +252,22 @@ INLINE void FN(epilogue_backward_row)(int64_t d, const int64_t dv, const REAL *R
 }
 
 /* The row above with its flags as constants (each combination its own loops). dX is written
- * unless it is G itself (write-only without a read), where the caller passes NULL. */
+ * unless it is G itself (write-only without a read), where the caller passes NULL. Delta reads x,
+ * or, where x is NULL and xout is not, rebuilds it from y into xout. */
 INLINE void FN(epilogue_backward_flags)(int64_t d, const int64_t dv, const REAL *gy, const REAL *gn,
                                         const REAL *C, const REAL *y, const REAL *x, const REAL *hn,
                                         REAL rho, REAL beta, const REAL *e, const REAL *vn,
                                         int official, double scale, REAL *gx, REAL *ghn, REAL *gzn,
-                                        REAL *gpn, REAL *gC_partial) {
-#define EPILOGUE_BACKWARD_ROW(DELTA, HAS_GN, HAS_GX)                                            \
+                                        REAL *gpn, REAL *gC_partial, REAL *xout) {
+#define EPILOGUE_BACKWARD_ROW(DELTA, HAS_GN, HAS_GX, REBUILD)                                   \
     FN(epilogue_backward_row)(d, dv, gy, gn, C, y, x, hn, rho, beta, e, vn, official, scale, gx, \
-                              ghn, gzn, gpn, gC_partial, DELTA, HAS_GN, HAS_GX)
+                              ghn, gzn, gpn, gC_partial, xout, DELTA, HAS_GN, HAS_GX, REBUILD)
     if (x)
-        gn ? EPILOGUE_BACKWARD_ROW(1, 1, 1) : EPILOGUE_BACKWARD_ROW(1, 0, 1);
+        gn ? EPILOGUE_BACKWARD_ROW(1, 1, 1, 0) : EPILOGUE_BACKWARD_ROW(1, 0, 1, 0);
+    else if (xout)
+        gn ? EPILOGUE_BACKWARD_ROW(1, 1, 1, 1) : EPILOGUE_BACKWARD_ROW(1, 0, 1, 1);
     else
-        gn ? EPILOGUE_BACKWARD_ROW(0, 1, 1) : EPILOGUE_BACKWARD_ROW(0, 0, 0);
+        gn ? EPILOGUE_BACKWARD_ROW(0, 1, 1, 0) : EPILOGUE_BACKWARD_ROW(0, 0, 0, 0);
 #undef EPILOGUE_BACKWARD_ROW
 }
 
@@ -307,7 +320,7 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
                                       delta ? X + n * d * dv : NULL, h + n * d, rho_in[n],     \
                                       beta_in[n], e_in + n * dv, v_in + n * dv, official,      \
                                       scale, gX ? gX + n * d * dv : NULL, gh + n * d, gz + n,  \
-                                      gp + n * dv, mine);                                      \
+                                      gp + n * dv, mine, NULL);                                \
     }
     FOR_DV(dv, EPILOGUE_BACKWARD_LOOP)
 #undef EPILOGUE_BACKWARD_LOOP
@@ -366,17 +379,19 @@ static void FN(write_partials)(const double *partial, int nt, int64_t size, int6
  * then the projections' (projections_backward_row). c is the gate's input, u the official value
  * head's (NULL for the paper head, which reads c); v is read for the official head only. Every
  * output but dh may be NULL where it is not needed (dX only where it is G itself: write-only
- * without a read). */
+ * without a read). For delta, X NULL and X_out given: the state X is rebuilt from Y in the row
+ * pass and written to X_out (epilogue_backward_row). */
 int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const REAL *g_next,
                         const REAL *C, const REAL *Y, const REAL *X, const REAL *h, const REAL *c,
                         const REAL *u, const REAL *w_gate, const REAL *W_value,
                         const REAL *rho_in, const REAL *beta_in, const REAL *e_in,
                         const REAL *v_in, int delta, int official, double scale, REAL *gX,
                         REAL *gh, REAL *gc, REAL *gu, REAL *gw_gate, REAL *gb_gate,
-                        REAL *gW_value, REAL *gb_value, REAL *gC, int threads) {
+                        REAL *gW_value, REAL *gb_value, REAL *gC, REAL *X_out, int threads) {
     if (dv > MAX_DV) return 1;
     if ((delta || g_next) && !gX) return 3;
     if (official && !u) return 3;
+    if (delta && !X && !(X_out && Y)) return 3;
     const int nt = FN(thread_count)(N * d * dv, threads);
     const int64_t size = d + 1 + dv * d + dv;
     double *partial = (double *)calloc((size_t)nt * size, sizeof(double));
@@ -399,10 +414,11 @@ int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const 
             const REAL *cn = c + n * d;                                                        \
             FN(epilogue_backward_flags)(d, DV, GY + n * d * dv, g_next ? g_next + n * d : NULL, C, \
                                       Y ? Y + n * d * dv : NULL,                               \
-                                      delta ? X + n * d * dv : NULL, h + n * d, rho_in[n],     \
+                                      delta && X ? X + n * d * dv : NULL, h + n * d, rho_in[n], \
                                       beta_in[n], e_in + n * dv, v_in ? v_in + n * dv : NULL,  \
                                       official, scale, gX ? gX + n * d * dv : NULL, gh + n * d, \
-                                      &gz, gp, mine_C);                                        \
+                                      &gz, gp, mine_C,                                         \
+                                      delta && !X ? X_out + n * d * dv : NULL);                \
             FN(projections_backward_row)(d, DV, gz, gp, cn, official ? u + n * d : cn, w_gate, \
                                          W_value, official, gc ? gc + n * d : NULL,            \
                                          gu ? gu + n * d : NULL, mine);                        \

@@ -222,6 +222,34 @@ class StateTape:
             above = self._rebuild(i, above)
         return above
 
+    def deferred(self, X: torch.Tensor) -> int | None:
+        """The slot of `X` where the backward of the rewrite that consumed it may rebuild it itself,
+        in the pass that reads the state after it anyway (`claim`, `rebuilt`; the C kernels' delta
+        backward): X was linked and is contiguous. None otherwise (the tape rebuilds it)."""
+        index = self._find(X)
+        if index is None or not X.is_contiguous():
+            return None
+        slot = self._slots[index]
+        return index if slot.link is not None and slot.kept is None else None
+
+    def claim(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For that backward: `(state, None)` where slot `index` holds its state already (rebuilt
+        for another reader), else `(None, out)`: memory of the state's layout to write it into,
+        to be handed back by `rebuilt`."""
+        slot = self._slots[index]
+        if slot.kept is not None:
+            return slot.kept, None
+        size, stride, dtype, device = slot.layout
+        out = self._release_above(slot.link[0], slot.layout)
+        if out is None:
+            out = torch.empty_strided(size, stride, dtype=dtype, device=device)
+        return None, out
+
+    def rebuilt(self, index: int, X: torch.Tensor) -> None:
+        """Slot `index` rebuilt as `X`: kept from now on until the rebuild two rewrites below."""
+        self._slots[index].kept = X
+        self._rebuilt.append(index)
+
     def _rebuild(self, index: int, above: torch.Tensor) -> torch.Tensor:
         slot = self._slots[index]
         above_index, h, rho, beta, e = slot.link
@@ -243,8 +271,7 @@ class StateTape:
             X = rank1_update(above, write, e.to(dtype), value=-1.0)
         if X.stride() != stride:  # a view of it was saved: the original layout
             X = torch.empty_strided(size, stride, dtype=dtype, device=X.device).copy_(X)
-        slot.kept = X
-        self._rebuilt.append(index)
+        self.rebuilt(index, X)
         return X
 
     def _release_above(self, above_index: int, layout: tuple) -> torch.Tensor | None:
