@@ -225,6 +225,52 @@ def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, val
     _check_update(monkeypatch, 96, 4, "delta", value_head, True, autocast=True)
 
 
+@pytest.mark.parametrize(
+    ("d", "dv", "compress", "tile"), [(96, 4, True, None), (200, 3, False, 128)]
+)
+def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
+    interpreted, monkeypatch, d, dv, compress, tile
+):
+    """Under a state tape the delta update's backward kernel forms the state X it consumed from
+    its output Y and the saved row scalars (no rebuild kernel): the state the rebuild kernel
+    gives, and the gradients of the update with X kept (rows in chunks too)."""
+    from deltalearn.nn import DeltaUpdate
+    from deltalearn.ops import state_tape
+
+    if tile is not None:
+        monkeypatch.setattr(te, "MAX_TILE", tile)
+        monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
+    torch.manual_seed(4)
+    update = DeltaUpdate(d, dv, value_head="official")
+    update.record = False
+    X0 = torch.randn(3, 5, d, dv).requires_grad_()
+    rest = [torch.randn(3, 5, d).requires_grad_() for _ in range(3)]
+    rest += [torch.randn(d, dv).requires_grad_()] if compress else []
+    rebuilt, own_pass = [], []
+    handed, kernel = state_tape.StateTape.rebuilt, te.rebuild_state_triton
+    monkeypatch.setattr(
+        state_tape.StateTape, "rebuilt", lambda t, i, X: rebuilt.append((X, t._slots[i].link))
+        or handed(t, i, X),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        te, "rebuild_state_triton", lambda *a, **k: own_pass.append(1) or kernel(*a, **k)
+    )
+    with state_tape.recording() as tape:
+        X = X0 * 1.0  # a state with a graph, as between sublayers
+        tape.add(X)
+        out = update(X, *rest)
+    outs = out if isinstance(out, tuple) else (out,)
+    ups = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, [X0, *rest], ups)
+    assert own_pass == [] and len(rebuilt) == 1
+    ((X_rebuilt, (_, h, rho, beta, e)),) = rebuilt
+    torch.testing.assert_close(X_rebuilt, kernel(outs[0].detach(), h, rho, beta, e))
+    torch.testing.assert_close(X_rebuilt, X.detach(), rtol=1e-5, atol=1e-5)
+    kept = torch.autograd.grad(update(X0, *rest), [X0, *rest], ups)  # no tape: X kept
+    for a, b in zip(grads, kept, strict=True):
+        _close(a, b, tol=2e-5)
+
+
 @pytest.mark.parametrize("dv", [1, 4])
 def test_whole_update_on_strided_and_empty_inputs(interpreted, monkeypatch, dv):
     """Transposed (non-contiguous) X, h, c, u: the general path's values and gradients; an empty
@@ -404,7 +450,10 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
 @pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "write-only-cc"])
 def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, variant):
     """The forward kernel writes e, 1/n and β for `ops.state_tape`: a DeltaLM on the kernels keeps
-    only its last state and gets the gradients of keeping them all (odd width 40, fp32)."""
+    only its last state and gets the gradients of keeping them all (odd width 40, fp32). Each
+    state is rebuilt once: by the backward kernel of the delta update that consumed it (matrix
+    states), else by the rebuild kernel — for write-only, whose backward reads no state, and for
+    a vector state, which the update's saved input is (read before its backward runs)."""
     import weakref
 
     from deltalearn import DeltaLM, DeltaLMConfig
@@ -413,11 +462,13 @@ def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, v
     shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
     torch.manual_seed(0)
     model = DeltaLM(DeltaLMConfig.preset(variant, "tiny", **shape))
-    rebuilt = []
+    rebuilt, own_pass = [], []
     kernel = te.rebuild_state_triton
     monkeypatch.setattr(
-        te, "rebuild_state_triton", lambda *a, **k: rebuilt.append(1) or kernel(*a, **k)
+        te, "rebuild_state_triton", lambda *a, **k: own_pass.append(1) or kernel(*a, **k)
     )
+    handed = state_tape.StateTape.rebuilt
+    monkeypatch.setattr(state_tape.StateTape, "rebuilt", lambda *a: rebuilt.append(1) or handed(*a))
     ids = torch.randint(0, 50, (2, 6))
     results = []
     for rebuild in ("off", "on"):
@@ -434,7 +485,8 @@ def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, v
         results.append([p.grad.clone() for p in model.parameters()])
     kept_off, grads_off, freed_on, grads_on = results
     assert not kept_off and freed_on
-    assert len(rebuilt) == 2 * 2  # the input state of every rewrite, by the rebuild kernel
+    assert len(rebuilt) == 2 * 2  # the input state of every rewrite
+    assert len(own_pass) == (0 if variant == "ddl-cc" else len(rebuilt))
     for a, b in zip(grads_on, grads_off, strict=True):
         _close(a, b, tol=1e-5)
 

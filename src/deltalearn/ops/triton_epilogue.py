@@ -305,14 +305,19 @@ def _projections_bwd_tile(
 @triton.jit
 def _bwd_kernel(
     X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC, CIN, XV, WG, WV, GCIN, GXV, GW, GB,
+    Y, E, RHO, BETA, XO,
     n_rows, d, eps2, value_scale, iters,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
-    sc_m, sc_d, sxv_m, sxv_d,
+    sc_m, sc_d, sxv_m, sxv_d, sy_m, sy_d, sy_v,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
-    G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr,
+    G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr, REBUILD: tl.constexpr,
+    Y_DENSE: tl.constexpr,
 ):  # fmt: skip
+    # REBUILD (delta only): X is not read but formed from the output Y and the row scalars the
+    # forward saved for the state tape, x = y − (βρh) eᵀ as `_rebuild_kernel` forms it, and
+    # written to XO: the state the rewrite consumed, rebuilt in the pass that needs it.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     vcol = tl.arange(0, BLOCK_V)
@@ -353,14 +358,21 @@ def _bwd_kernel(
             )  # fmt: skip
             sq += tl.sum(hf * hf, axis=1)
             hg += tl.sum(hf[:, :, None] * gf, axis=1)
-            if DELTA:
+            if DELTA and not REBUILD:  # with REBUILD kᵀX comes from the saved e = v − kᵀX
                 x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
                 xf = tl.load(x_ptr, mask=xm, other=0.0)
                 hx += tl.sum(hf[:, :, None] * xf.to(tl.float32), axis=1)
 
         inv_n = tl.rsqrt(sq + eps2)
         s_g = hg * inv_n[:, None]  # kᵀG
-        if DELTA:
+        br = tl.zeros([BLOCK_M], dtype=tl.float32)  # βρ as the forward saved them (REBUILD)
+        if REBUILD:
+            e = tl.load(E + rows[:, None] * DV + vcol[None, :], mask=pv_mask, other=0.0)
+            rho_saved = tl.load(RHO + rows, mask=rmask, other=0.0)
+            br = tl.load(BETA + rows, mask=rmask, other=0.0) * rho_saved
+            r = v - e
+            k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
+        elif DELTA:
             r = hx * inv_n[:, None]  # kᵀX
             e = v - r
             k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
@@ -384,7 +396,13 @@ def _bwd_kernel(
                 sg_v, sn_d, DV, BLOCK_D, COMPRESS, G_DENSE,
             )  # fmt: skip
             gk = tl.sum(gf * e[:, None, :], axis=2)
-            if DELTA or COMPRESS:
+            if REBUILD:
+                y_ptr = _state_ptrs(Y, rows, offs, vcol, sy_m, sy_d, sy_v, DV, Y_DENSE)
+                yf = tl.load(y_ptr, mask=xm, other=0.0).to(tl.float32)
+                xf = yf - (br[:, None] * hf)[:, :, None] * e[:, None, :]
+                xo_ptr = XO + rows[:, None, None] * (d * DV) + offs[None, :, None] * DV
+                tl.store(xo_ptr + vcol[None, None, :], xf.to(XO.dtype.element_ty), mask=xm)
+            elif DELTA or COMPRESS:
                 x_ptr = _state_ptrs(X, rows, offs, vcol, sx_m, sx_d, sx_v, DV, X_DENSE)
                 xf = tl.load(x_ptr, mask=xm, other=0.0).to(tl.float32)
             if DELTA:
@@ -402,9 +420,13 @@ def _bwd_kernel(
                 tl.store(gx_ptr + vcol[None, None, :], gx.to(GX.dtype.element_ty), mask=xm)
             if COMPRESS:
                 # The forward read the rounded Y; so does its gradient.
-                y = (xf + hf[:, :, None] * coef[:, None, :]).to(X.dtype.element_ty)
+                if REBUILD:
+                    y = yf  # Y itself
+                else:
+                    y = (xf + hf[:, :, None] * coef[:, None, :]).to(X.dtype.element_ty)
+                    y = y.to(tl.float32)
                 cmask = (offs < d)[:, None] & vmask[None, :]
-                part = tl.sum(gn[:, :, None] * y.to(tl.float32), axis=0)  # (BLOCK_D, BLOCK_V)
+                part = tl.sum(gn[:, :, None] * y, axis=0)  # (BLOCK_D, BLOCK_V)
                 gc_ptr = GC + pid * (d * DV) + offs[:, None] * DV + vcol[None, :]
                 acc = tl.load(gc_ptr, mask=cmask, other=0.0)
                 tl.store(gc_ptr, acc + part, mask=cmask)
@@ -585,8 +607,10 @@ def _forward(
             P_CONTIGUOUS=p.is_contiguous(), PROJECT=projections is not None, READS_U=reads_u,
             HAS_BV=has_bv, num_warps=_num_warps(block_m, block_d, block_v),
         )  # fmt: skip
+    ctx.tape_rows = None
     if save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
+        ctx.tape_rows = tape, rho, beta, e
     ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
     ctx.delta, ctx.official = delta, official
     ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
@@ -594,14 +618,19 @@ def _forward(
     return ((Y, XN) if compress else Y), [X, h, z, p, C]
 
 
-def _backward(ctx: Any, saved, grads, need, projections: tuple | None = None) -> tuple:
+def _backward(
+    ctx: Any, saved, grads, need, projections: tuple | None = None, rebuild: tuple | None = None
+) -> tuple:
     """`(∂X, ∂h, ∂z, ∂p, ∂C)` of `_forward`'s launch from its saved `[X, h, z, p, C]`, the output
     gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed. With
     `projections` `(c_kept, x_low, w_g, W_v, c_dtype, u_dtype)` the kernel forms the projections'
     gradients instead of ∂z and ∂p: then `(∂X, ∂h, (∂c, ∂u, ∂w_g, ∂b_g, ∂W_v, ∂b_v), None, ∂C)`
     (∂u None where the value head reads c, `u_dtype` None; the caller drops what it does not
-    need)."""
+    need). `rebuild` `(Y, rho, beta, e, X_out)`: X is None in `saved`; the kernel forms it from Y
+    and the row scalars the forward saved for the state tape and writes it to X_out (delta)."""
     X, h, z, p, C = saved
+    if rebuild is not None:
+        Y, rho_saved, beta_saved, e_saved, X = rebuild  # X: the output buffer, shape and dtype
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     X_shape, h_shape, z_shape, p_shape = ctx.shapes
     gY = grads[0]
@@ -623,8 +652,11 @@ def _backward(ctx: Any, saved, grads, need, projections: tuple | None = None) ->
     # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
     gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
     gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
-    gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
-    gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
+    if projections is None:
+        gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
+        gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
+    else:  # unwritten: the kernel forms the projections' gradients from them in registers
+        gz = gp = gh
     if compress:
         Cc = C.contiguous()
         gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
@@ -644,17 +676,24 @@ def _backward(ctx: Any, saved, grads, need, projections: tuple | None = None) ->
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if reads_u else g_c
         gw_part = torch.zeros((nprog, 1 + dv, d), dtype=torch.float32, device=X.device)
         gb_part = torch.zeros((nprog, 1 + dv), dtype=torch.float32, device=X.device)
+    if rebuild is None:
+        Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
+    else:
+        (Yr, sy), XO = _flat(Y, n_rows, d, dv), X
+        e_rows, rho_rows, beta_rows = e_saved, rho_saved, beta_saved
     if n_rows > 0:
         _bwd_kernel[(nprog,)](
             X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
             cin, xv, wg, wv, g_c, g_u, gw_part, gb_part,
+            Yr, e_rows, rho_rows, beta_rows, XO,
             n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
-            *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv,
+            *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv, *sy,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
             COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
-            PROJECT=projections is not None, READS_U=reads_u,
+            PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
+            Y_DENSE=dense_past_first((n_rows, d, dv), sy),
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
@@ -688,6 +727,7 @@ class _RewriteEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale, k_eps):
         out, saved = _forward(ctx, X, h, z, p, C, delta, official, value_scale, k_eps)
+        ctx.tape_rows = None  # the tape rebuilds this rewrite's state itself
         ctx.save_for_backward(*saved)
         return out
 
@@ -717,20 +757,38 @@ class _TritonUpdate(torch.autograd.Function):
         d = c.shape[-1]  # the projections' backward takes the rows as one matrix
         c2 = c.reshape(-1, d)
         c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
-        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v)
+        rows: list = []
+        ctx.rebuild = None
+        if delta and ctx.tape_rows is not None:
+            tape, *scalars = ctx.tape_rows
+            slot = tape.deferred(X)
+            if slot is not None:  # backward rebuilds X from Y itself (`_backward`'s `rebuild`)
+                ctx.rebuild = tape, slot
+                saved[0] = None
+                rows = [out[0] if isinstance(out, tuple) else out, *scalars]
+        ctx.tape_rows = None  # the tape is not kept alive by the graph where it is not needed
+        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v, *rows)
         bias_dtypes = (b_g.dtype, None if b_v is None else b_v.dtype)
         ctx.projection = (c.dtype, None if x is c else x.dtype, bias_dtypes)
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        X, h, z, p, C, c_kept, w_g, x_low, W_v = ctx.saved_tensors
+        X, h, z, p, C, c_kept, w_g, x_low, W_v, *rows = ctx.saved_tensors
         need = ctx.needs_input_grad
         c_dtype, u_dtype, bias_dtypes = ctx.projection
         projections = (c_kept, x_low, w_g, W_v, c_dtype, u_dtype)
+        rebuild = None
+        if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
+            tape, slot = ctx.rebuild
+            X, X_out = tape.claim(slot)
+            rebuild = None if X_out is None else (*rows, X_out)
         gX, gh, projected, _, gC = _backward(
-            ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections
-        )
+            ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections,
+            rebuild,
+        )  # fmt: skip
+        if rebuild is not None:
+            tape.rebuilt(slot, rebuild[-1])
         gc, gu, gw_g, gb_g, gW_v, gb_v = projected
         b_g_dtype, b_v_dtype = bias_dtypes
         return (
