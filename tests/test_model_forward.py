@@ -339,9 +339,11 @@ def _loss_logits_and_grads(model, ids):
 
 @pytest.mark.parametrize("variant", ["ddl-cc", "write-only-cc"])
 def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
-    """DELTALEARN_FUSED_READ=on hands each block's MLP read to the attention rewrite: same logits,
-    gradients and gate records (here the C kernel's read; on CUDA the Triton kernel's)."""
-    from deltalearn.nn import DeltaUpdate
+    """DELTALEARN_FUSED_READ=on hands each block's MLP read to the attention rewrite, and the next
+    block's attention read (the final read after the last block) to the MLP rewrite: one read of
+    its own a forward, and the same logits, gradients and gate records (here the C kernel's read;
+    on CUDA the Triton kernel's)."""
+    from deltalearn.nn import ChannelCompressor, DeltaUpdate
 
     model = tiny_model(variant).train()
     ids = random_ids(2, 12)
@@ -357,13 +359,58 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
         calls.append(compress is not None)
         return real(self, X, h, c, u, compress)
 
+    reads = []
+    real_read = ChannelCompressor.read_with_matrix
     monkeypatch.setattr(DeltaUpdate, "forward", spy)
+    monkeypatch.setattr(
+        ChannelCompressor, "read_with_matrix", lambda *a: reads.append(1) or real_read(*a)
+    )
     on = _loss_logits_and_grads(model, ids)
-    assert calls == [True, False] * len(model.layers)  # the attention rewrite reads for the MLP
+    assert calls == [True, True] * len(model.layers)  # every rewrite reads for the next sublayer
+    assert len(reads) == 1  # the first block's attention read only
     torch.testing.assert_close(on[0], off[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(on[1], off[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(on[2], off[2])
+
+
+def test_reads_are_handed_across_blocks_only_where_nothing_can_come_between(monkeypatch):
+    """A hook on a block (which may change the state it returns), activation checkpointing (a
+    block's recompute) and one new token (the extension's read is cheaper) each read the next
+    block's state in that block instead: the same model either way."""
+    from deltalearn.models.modeling_deltalm import DeltaLMBlock
+
+    monkeypatch.delenv("DELTALEARN_FUSED_READ", raising=False)
+    model = tiny_model("ddl-cc").train()
+    ids = random_ids(2, 12)
+    handed = []
+    real = DeltaLMBlock.forward
+
+    def spy(self, X, step):
+        handed.append(step.next_read is not None)
+        return real(self, X, step)
+
+    monkeypatch.setattr(DeltaLMBlock, "forward", spy)
+    plain = _loss_logits_and_grads(model, ids)
+    assert handed == [True] * len(model.layers)
+    handed.clear()
+    hook = model.layers[1].register_forward_hook(lambda m, a, out: out * 1.0)
+    hooked = _loss_logits_and_grads(model, ids)
+    hook.remove()
+    assert handed == [False] * len(model.layers)
+    handed.clear()
+    model.activation_checkpointing_enable()
+    checkpointed = _loss_logits_and_grads(model, ids)
+    model.activation_checkpointing_disable()
+    assert not any(handed)
+    for other in (hooked, checkpointed):
+        torch.testing.assert_close(other[0], plain[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(other[1], plain[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    handed.clear()
+    with torch.no_grad():
+        model.eval()(random_ids(1, 1))
+    assert handed == [False] * len(model.layers)
 
 
 def test_fused_read_applies_only_where_it_can(monkeypatch):

@@ -417,8 +417,9 @@ def test_compressor_read_and_its_gradient(interpreted, monkeypatch, rule):
 
 
 def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
-    """A ddl-cc DeltaLM on the kernels, with each MLP read fused into the attention rewrite
-    (DELTALEARN_FUSED_READ=on) and without: the same loss and parameter gradients."""
+    """A ddl-cc DeltaLM on the kernels, with each read fused into the rewrite before it (the MLP's
+    into the attention rewrite, the next block's and the final one into the MLP rewrite;
+    DELTALEARN_FUSED_READ=on) and without: the same loss and parameter gradients."""
     from deltalearn import DeltaLM, DeltaLMConfig
 
     shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
@@ -440,7 +441,7 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
         loss = model(ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert compressed == [False] * 4 + [True, False] * 2  # two blocks, two rewrites each
+    assert compressed == [False] * 4 + [True] * 4  # two blocks, two rewrites each
     (loss_off, grads_off), (loss_on, grads_on) = results
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_on, grads_off, strict=True):

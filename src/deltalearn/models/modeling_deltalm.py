@@ -96,6 +96,16 @@ class _Step:
     # and whether channel-compressor reads are fused into the rewrite before them.
     fast: ModuleType | None = None
     fuse_reads: bool = False
+    # The channel read a block's MLP rewrite makes for the next reader (`DeltaLM._carried_reads`):
+    # that reader's compressor, set before the block runs; and what the rewrite hands on,
+    # (state, read, mixing matrix), taken only by a reader whose input is that very state.
+    next_read: ChannelCompressor | None = None
+    carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def take_carry(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(read, mixing matrix) the block before read from `X` itself, once; else None."""
+        carried, self.carry = self.carry, None
+        return None if carried is None or carried[0] is not X else carried[1:]
 
 
 def _make_compressor(config: DeltaLMConfig) -> Compressor | None:
@@ -210,10 +220,20 @@ class DeltaLMBlock(GradientCheckpointingLayer):
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
             compress, fast = m["compress"], step.fast
-            read = None if fast is None else compress.decode_read(fast, X)
+            read = step.take_carry(X)  # the block before read it in its MLP rewrite
+            if read is None and fast is not None:
+                read = compress.decode_read(fast, X)
             x_in, C = compress.read_with_matrix(X) if read is None else read  # C: both reads
             X, x_next = residual_step(X, x_in, m["attn_norm"], attn, attn_update, C, fast)
-            return residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, fast=fast)
+            reader = step.next_read
+            C_next = None if reader is None else reader.mixing_matrix()
+            if C_next is None or C_next.device != X.device:
+                return residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, fast=fast)
+            # The next reader's read too, out of the MLP rewrite: no pass of its own over the state
+            # (nor, in backward, its gradient's pass and sum into the state's).
+            X, x_carry = residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, C_next, fast)
+            step.carry = X, x_carry, C_next
+            return X
         i = self.layer_idx
         X = self.sublayer(X, m["attn_norm"], attn, attn_update, step, f"{i}.attn")
         return self.sublayer(X, m["mlp_norm"], m["mlp"], mlp_update, step, f"{i}.mlp")
@@ -359,9 +379,14 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 X = self._embed(input_ids, step)
                 if tape is not None:
                     tape.add(X)
-                for block in self.layers:
+                readers = self._carried_reads(step, checkpointing, input_ids.shape[1])
+                for block, reader in zip(self.layers, readers, strict=True):
+                    step.next_read = reader
                     X = block(X, step)
-                x = self.norm(_read_state(self.final_compress, X, step, "final"))  # (B, T, d)
+                carried = step.take_carry(X)
+                if carried is None:
+                    carried = (_read_state(self.final_compress, X, step, "final"),)
+                x = self.norm(carried[0])  # (B, T, d)
             gates = self._collect_gates(updates) if output_gates and updates else None
         finally:
             for u in updates:
@@ -517,6 +542,30 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         # Enabling also hooked the embedding to make its output require grad (for frozen
         # embeddings, e.g. PEFT); drop that hook too, so that disabling restores the plain model.
         self.disable_input_require_grads()
+
+    def _carried_reads(self, step: _Step, checkpointing: bool, tokens: int) -> list:
+        """For each block, the channel compressor whose read its MLP rewrite makes and hands on
+        (the next block's, the last block's the final one's), or None: with the fused read on,
+        every block fusing its own (`DeltaLMBlock._fuses_read`) and called plainly (no hooks, no
+        replaced forward: nothing between two blocks may change the state handed on), a plain
+        `ChannelCompressor` reading next. Not under activation checkpointing (a block's
+        recompute would hand on a read outside its checkpoint) and not for one new token, where
+        forming the next mixing matrix in PyTorch ops costs more host time than the read's one
+        call of the inference extension."""
+        blocks = list(self._modules["layers"]._modules.values())
+        none = [None] * len(blocks)
+        if not step.fuse_reads or checkpointing or tokens < 2:
+            return none
+        for block in blocks:
+            if not (plain_call(block, DeltaLMBlock) and "forward" not in block.__dict__):
+                return none
+            if not block._fuses_read(True):
+                return none
+        after = [block._modules["compress"] for block in blocks[1:]] + [self.final_compress]
+        return [
+            r if isinstance(r, ChannelCompressor) and plain_call(r, ChannelCompressor) else None
+            for r in after
+        ]
 
     @staticmethod
     def _fast_calls() -> ModuleType | None:
