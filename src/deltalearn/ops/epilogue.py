@@ -46,8 +46,9 @@ EPILOGUE_VALUE_HEADS = ("paper", "official")
 # that the kernel (Triton on CUDA, C on a CPU) reads the row it has just written. "on" by default: on
 # an H200 (small, bf16, 8 x 1024) it lifted ddl-cc from 0.45 to 0.48x the baseline's training
 # throughput and from 0.40 to 0.44x its inference (benchmarks/results/h200_model_fusedread_*.json).
-# (Only within a block: the next block's read would need that block's parameters outside its own
-# forward, where FSDP2 keeps them sharded.)
+# Across blocks too (each MLP rewrite makes the next block's read, `DeltaLM._carried_reads`), but
+# only where no hook can come between them: FSDP2's hooks keep a block's parameters sharded
+# outside its own forward.
 FUSED_READ: str | None = None
 
 

@@ -19,7 +19,11 @@ round-off (a few ulp of X_{i+1}; the errors add, they do not grow, down the chai
 Rewrites that can be inverted this way say so with `StateTape.link` (the C kernels, the Triton
 kernels — whose backward rebuilds with one kernel too — and the PyTorch Function of the fused
 epilogue); a state whose rewrite never links (the reference composition, a half-precision state)
-stays kept as before. Every other saved tensor is kept as it is where it has no graph (a weight, a
+stays kept as before. A delta update on the C or Triton kernels goes further where the state it
+consumed is still to be rebuilt when its backward runs (`deferred`, `claim`, `rebuilt`): its
+backward kernel reads Y anyway, so it forms X there and hands it to the tape — no rebuild pass of
+its own, nor a read of X back (a matrix state; a vector state is the update's saved input too and
+is rebuilt, for that, before the backward runs). Every other saved tensor is kept as it is where it has no graph (a weight, a
 kernel's row scalars) and as a detached alias otherwise (returning an op's own output as-is would
 tie it to its own graph node: a reference cycle autograd cannot free). Code that reads no state —
 a sublayer's branch, the norm and projections of a compressed x_in — runs with the hooks off
