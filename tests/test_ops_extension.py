@@ -179,7 +179,9 @@ def test_a_vmapped_tensor_is_declined():
 # forward on (the prefill keeps its inputs as they are, the first token moves them into a buffer).
 DECODE_CALLS = {
     "ddl": {"update": 20, "channel_read": 0, "token_read": 0, "expand": 0},
-    "ddl-cc": {"update": 20, "channel_read": 15, "token_read": 0, "expand": 3},
+    # Prefill: the first block's read only (the next block's and the final read come out of the
+    # rewrites); then 3 a decoded token (one new token: each block's first read and the final one).
+    "ddl-cc": {"update": 20, "channel_read": 13, "token_read": 0, "expand": 3},
     "ddl-tc": {"update": 20, "channel_read": 0, "token_read": 15, "expand": 3},
     # The expanded additive control: no rewrite to fuse its reads into, the same expansion.
     "additive-cc": {"update": 0, "channel_read": 25, "token_read": 0, "expand": 3},
@@ -236,7 +238,8 @@ def test_a_model_calls_the_extension_directly_unless_a_module_call_does_more(tak
     ]
     with torch.no_grad():
         logits = model(ids).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    # The hooked final read runs on its own, not inside the last rewrite: round-off apart.
+    torch.testing.assert_close(logits, expected)
     assert forwards == [update] and hooked == [update] and len(final_reads) == 1
     for handle in handles:
         handle.remove()
