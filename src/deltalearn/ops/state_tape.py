@@ -23,9 +23,10 @@ stays kept as before. A delta update on the C or Triton kernels goes further whe
 consumed is still to be rebuilt when its backward runs (`deferred`, `claim`, `rebuilt`): its
 backward kernel reads Y anyway, so it forms X there and hands it to the tape — no rebuild pass of
 its own, nor a read of X back (a matrix state; a vector state is the update's saved input too and
-is rebuilt, for that, before the backward runs). Every other saved tensor is kept as it is where it has no graph (a weight, a
-kernel's row scalars) and as a detached alias otherwise (returning an op's own output as-is would
-tie it to its own graph node: a reference cycle autograd cannot free). Code that reads no state —
+is rebuilt, for that, before the backward runs). Every other saved tensor is kept as it is where
+it has no graph (a weight, a kernel's row scalars) and as a detached alias otherwise (returning an
+op's own output as-is would tie it to its own graph node: a reference cycle autograd cannot
+free). Code that reads no state —
 a sublayer's branch, the norm and projections of a compressed x_in — runs with the hooks off
 (`outside`): its saved tensors are autograd's as usual, without a Python call each.
 Second-order gradients (`create_graph=True`) are refused: a detached tensor carries none.
@@ -228,8 +229,9 @@ class StateTape:
 
     def deferred(self, X: torch.Tensor) -> int | None:
         """The slot of `X` where the backward of the rewrite that consumed it may rebuild it itself,
-        in the pass that reads the state after it anyway (`claim`, `rebuilt`; the C kernels' delta
-        backward): X was linked and is contiguous. None otherwise (the tape rebuilds it)."""
+        in the pass that reads the state after it anyway (`claim`, `rebuilt`; the delta backward of
+        the C and the Triton kernels): X was linked and is contiguous. None otherwise (the tape
+        rebuilds it)."""
         index = self._find(X)
         if index is None or not X.is_contiguous():
             return None
