@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import assert_within_rounding
+from model_helpers import assert_within_rounding, random_ids, tiny_model
 
 from deltalearn.nn import DeltaResidual, repeat_expansion
 from deltalearn.ops import (
@@ -110,6 +110,38 @@ def test_whole_update_kernel_on_cuda_equals_float64_on_cpu(d, dv, compress, valu
             continue
         # fp32 sums over d features and over the 256 rows (the weight gradients)
         assert_within_rounding(a.cpu(), b, torch.finfo(torch.float32).eps, max(d, 256), "update")
+
+
+def test_deltalm_rebuilds_states_in_backward_and_hands_reads_on(monkeypatch):
+    """A ddl-cc DeltaLM on the Triton kernels: every state rebuilt by the backward kernel of the
+    update that consumed it (no rebuild kernel launched) and every read after the first made by
+    the rewrite before it — the loss and gradients of keeping each state and reading each apart."""
+    from deltalearn.ops import epilogue, state_tape
+    from deltalearn.ops import triton_epilogue as te
+
+    torch.manual_seed(0)
+    model = tiny_model("ddl-cc").cuda().train()
+    ids = random_ids(2, 12).cuda()
+    launched = []
+    rebuild_kernel = te.rebuild_state_triton
+    monkeypatch.setattr(
+        te, "rebuild_state_triton", lambda *a, **k: launched.append(1) or rebuild_kernel(*a, **k)
+    )
+
+    def loss_and_grads(rebuild: str, fused_read: str):
+        monkeypatch.setattr(state_tape, "REBUILD", rebuild)
+        monkeypatch.setattr(epilogue, "FUSED_READ", fused_read)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    kept = loss_and_grads("off", "off")
+    fast = loss_and_grads("on", "on")
+    assert launched == []
+    torch.testing.assert_close(fast[0], kept[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast[1], kept[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_delta_residual_under_bf16_autocast_matches_fp32_on_cpu():
