@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ import torch
 
 from deltalearn.bench.timing import (
     format_table,
-    interleaved_medians,
+    interleaved_samples,
+    paired_ratio_quartiles,
     run_header,
     size_text,
     sync,
@@ -380,10 +382,13 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
         if bench.compile:  # the first call of each compiled function traces and compiles it
             for v, fn in fns.items():
                 rows[v][f"{measure}_first_call_s"] = fn()
-        seconds = interleaved_medians(fns, bench.repeats, warmup)
+        samples = interleaved_samples(fns, bench.repeats, warmup)
         for v in bench.variants:
-            rows[v][f"{measure}_tokens_per_s"] = tokens / seconds[v]
+            rows[v][f"{measure}_tokens_per_s"] = tokens / statistics.median(samples[v])
         _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
+        reference = samples[bench.variants[0]]
+        for v in bench.variants:
+            rows[v][f"{measure}_ratio_quartiles"] = paired_ratio_quartiles(reference, samples[v])
         if measure in ("train", "infer"):
             _add_flops(rows, runs, bench, measure)
     if "memory" in bench.measures:
@@ -451,7 +456,8 @@ def format_model_report(report: dict[str, Any]) -> str:
         f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
         f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens"
         f"{gen_copies}; "
-        f"median of {s['repeats']}",
+        f"median of {s['repeats']} (IQR: quartiles of a ratio round by round, each round "
+        "running every variant back to back)",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
     if report.get("cpu_allocator") == "keep":
@@ -466,22 +472,38 @@ def format_model_report(report: dict[str, Any]) -> str:
             else f"  peak: {report.get('peak_source', 'none')}"
         )
     x = f"× {ref}"
+    rows = [_quartiles_as_text(row) for row in report["rows"]]
     columns = {
         "variant": "variant",
         "params_M": "params M",
         "train_tokens_per_s": "train tok/s",
         "train_ratio": x,
+        "train_ratio_quartiles": "IQR",
         "train_gflops_per_s": "train GFLOP/s",
         "train_mfu": "train MFU",
         "infer_tokens_per_s": "infer tok/s",
         "infer_ratio": x,
+        "infer_ratio_quartiles": "IQR",
         "infer_mfu": "infer MFU",
         "generate_tokens_per_s": "decode tok/s",
         "generate_ratio": x,
+        "generate_ratio_quartiles": "IQR",
         "step_peak_MB": "step peak MB",
         "memory_ratio": x,
         "resident_MB": "resident MB",
         "train_first_call_s": "train 1st call s",
         "infer_first_call_s": "infer 1st call s",
     }
-    return "\n".join([*lines, format_table(report["rows"], columns)])
+    return "\n".join([*lines, format_table(rows, columns)])
+
+
+def _quartiles_as_text(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with each `*_ratio_quartiles` pair written "q1–q3" (left out where there is none)."""
+    out = dict(row)
+    for key, value in row.items():
+        if key.endswith("_ratio_quartiles"):
+            if value is None:
+                del out[key]
+            else:
+                out[key] = f"{value[0]:.3f}–{value[1]:.3f}"
+    return out

@@ -41,13 +41,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]
     return run
 
 
-def interleaved_medians(
+def interleaved_samples(
     fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 2
-) -> dict[str, float]:
-    """Median of the seconds each callable reports about itself, run interleaved (A B C A B C).
-
-    Each callable times itself, so it can leave set-up work (e.g. a prefill) out of its figure.
-    """
+) -> dict[str, list[float]]:
+    """The seconds each callable reports about itself in each of `repeats` rounds, run interleaved
+    (A B C A B C ...). Each callable times itself, so it can leave set-up work (e.g. a prefill) out
+    of its figure."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -55,7 +54,29 @@ def interleaved_medians(
     for _ in range(repeats):
         for name, fn in fns.items():
             seconds[name].append(fn())
-    return {name: statistics.median(s) for name, s in seconds.items()}
+    return seconds
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median of the seconds each callable reports about itself, run interleaved (A B C A B C)."""
+    samples = interleaved_samples(fns, repeats, warmup)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratio_quartiles(
+    reference: list[float], other: list[float]
+) -> tuple[float, float] | None:
+    """First and third quartiles of `reference[i] / other[i]` over the rounds: the spread of a
+    speed ratio whose two sides ran back to back in each round (a slow spell of the machine moves
+    both), or None for fewer than two rounds."""
+    if len(reference) != len(other):
+        raise ValueError(f"rounds differ: {len(reference)} against {len(other)}")
+    if len(reference) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles([r / o for r, o in zip(reference, other, strict=True)], n=4)
+    return q1, q3
 
 
 def median_seconds(

@@ -439,6 +439,8 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 attention_mask = None  # all real tokens: plain causal attention
             else:
                 token_mask = attention_mask[:, past:]  # (B, T)
+                if token_mask.device.type == "cpu" and bool(token_mask.all()):
+                    token_mask = None  # the new tokens are all real: nothing to zero in them
         if position_ids is None:
             if attention_mask is not None:  # count real tokens only (pads get position 0)
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
