@@ -109,19 +109,22 @@ def test_ratios_come_with_their_quartiles_round_by_round(tmp_path):
     assert code == 0
     base, ddl = json.loads(path.read_text())["rows"]
     for measure in ("infer", "generate"):
-        assert base[f"{measure}_ratio_quartiles"] == [1.0, 1.0]
-        q1, q3 = ddl[f"{measure}_ratio_quartiles"]
-        assert 0 < q1 <= q3
+        assert base[f"{measure}_ratio_quartiles"] == [1.0, 1.0, 1.0]
+        q1, median, q3 = ddl[f"{measure}_ratio_quartiles"]
+        assert 0 < q1 <= median <= q3
+        rounds = [base[f"{measure}_seconds_by_round"], ddl[f"{measure}_seconds_by_round"]]
+        ratios = sorted(b / d for b, d in zip(*rounds, strict=True))
+        assert len(ratios) == 3 and median == pytest.approx(ratios[1])
     header = next(line for line in out.splitlines() if line.startswith("| "))
-    assert header.count("IQR") == 2 and "1.000–1.000" in out
+    assert header.count("by round") == 2 and "1.000 (1.000–1.000)" in out
 
 
 def test_paired_quartiles_cancel_a_slow_round():
     from deltalearn.bench.timing import paired_ratio_quartiles
 
     # The second round ran ten times slower for both sides: its ratio is the same.
-    assert paired_ratio_quartiles([1.0, 10.0, 1.0], [2.0, 20.0, 2.0]) == (0.5, 0.5)
-    assert paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (1.5, 4.5)
+    assert paired_ratio_quartiles([1.0, 10.0, 1.0], [2.0, 20.0, 2.0]) == (0.5, 0.5, 0.5)
+    assert paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (1.5, 3.0, 4.5)
     assert paired_ratio_quartiles([1.0], [2.0]) is None
     with pytest.raises(ValueError, match="rounds differ: 2 against 1"):
         paired_ratio_quartiles([1.0, 2.0], [1.0])

@@ -384,6 +384,7 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
                 rows[v][f"{measure}_first_call_s"] = fn()
         samples = interleaved_samples(fns, bench.repeats, warmup)
         for v in bench.variants:
+            rows[v][f"{measure}_seconds_by_round"] = samples[v]
             rows[v][f"{measure}_tokens_per_s"] = tokens / statistics.median(samples[v])
         _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
         reference = samples[bench.variants[0]]
@@ -456,8 +457,8 @@ def format_model_report(report: dict[str, Any]) -> str:
         f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
         f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens"
         f"{gen_copies}; "
-        f"median of {s['repeats']} (IQR: quartiles of a ratio round by round, each round "
-        "running every variant back to back)",
+        f"median of {s['repeats']} (by round: the ratio's median and quartiles over the "
+        "rounds, each round running every variant back to back)",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
     if report.get("cpu_allocator") == "keep":
@@ -478,16 +479,16 @@ def format_model_report(report: dict[str, Any]) -> str:
         "params_M": "params M",
         "train_tokens_per_s": "train tok/s",
         "train_ratio": x,
-        "train_ratio_quartiles": "IQR",
+        "train_ratio_quartiles": "by round",
         "train_gflops_per_s": "train GFLOP/s",
         "train_mfu": "train MFU",
         "infer_tokens_per_s": "infer tok/s",
         "infer_ratio": x,
-        "infer_ratio_quartiles": "IQR",
+        "infer_ratio_quartiles": "by round",
         "infer_mfu": "infer MFU",
         "generate_tokens_per_s": "decode tok/s",
         "generate_ratio": x,
-        "generate_ratio_quartiles": "IQR",
+        "generate_ratio_quartiles": "by round",
         "step_peak_MB": "step peak MB",
         "memory_ratio": x,
         "resident_MB": "resident MB",
@@ -498,12 +499,14 @@ def format_model_report(report: dict[str, Any]) -> str:
 
 
 def _quartiles_as_text(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with each `*_ratio_quartiles` pair written "q1–q3" (left out where there is none)."""
+    """`row` with each `*_ratio_quartiles` written "median (q1–q3)" (left out where there is
+    none)."""
     out = dict(row)
     for key, value in row.items():
         if key.endswith("_ratio_quartiles"):
             if value is None:
                 del out[key]
             else:
-                out[key] = f"{value[0]:.3f}–{value[1]:.3f}"
+                q1, median, q3 = value
+                out[key] = f"{median:.3f} ({q1:.3f}–{q3:.3f})"
     return out

@@ -67,16 +67,16 @@ def interleaved_medians(
 
 def paired_ratio_quartiles(
     reference: list[float], other: list[float]
-) -> tuple[float, float] | None:
-    """First and third quartiles of `reference[i] / other[i]` over the rounds: the spread of a
-    speed ratio whose two sides ran back to back in each round (a slow spell of the machine moves
-    both), or None for fewer than two rounds."""
+) -> tuple[float, float, float] | None:
+    """Quartiles (first, median, third) of `reference[i] / other[i]` over the rounds: a speed
+    ratio whose two sides ran back to back in each round (a slow spell of the machine moves both)
+    and its spread; None for fewer than two rounds."""
     if len(reference) != len(other):
         raise ValueError(f"rounds differ: {len(reference)} against {len(other)}")
     if len(reference) < 2:
         return None
-    q1, _, q3 = statistics.quantiles([r / o for r, o in zip(reference, other, strict=True)], n=4)
-    return q1, q3
+    q1, q2, q3 = statistics.quantiles([r / o for r, o in zip(reference, other, strict=True)], n=4)
+    return q1, q2, q3
 
 
 def median_seconds(
