@@ -236,14 +236,15 @@ def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path, cache):
 # ---- no host syncs inside a step; non-finite steps never reach the weights --------------------
 
 
-def _fused_adamw(model, cfg):
-    """The AdamW of build_optimizer, fused (it can skip a step on the device via found_inf)."""
+def _unfused_adamw(model, cfg):
+    """The AdamW of build_optimizer, not fused (as for FSDP2's DTensors): it cannot skip a step on
+    the device, so the trainer zeroes a non-finite step's gradients or checks on the host."""
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=True,
+        fused=False,
     )
 
 
@@ -264,8 +265,8 @@ def test_nonfinite_loss_caught_within_log_interval(tmp_path, cache, monkeypatch)
 
 @OPTIMIZERS
 def test_skipped_step_leaves_weights_and_optimizer_bitwise(tmp_path, cache, monkeypatch, fused):
-    if fused:
-        monkeypatch.setattr(trainer_mod, "build_optimizer", _fused_adamw)
+    if not fused:
+        monkeypatch.setattr(trainer_mod, "build_optimizer", _unfused_adamw)
     two = tmp_path / "two"
     train(tiny(two, cache, steps=5, stop_after=2))
     monkeypatch.setattr(trainer_mod, "next_token_loss", _nan_on_call(3))
@@ -313,8 +314,8 @@ def _count_host_syncs(monkeypatch) -> list[str]:
 def test_host_syncs_only_at_log_intervals(tmp_path, cache, monkeypatch, fused, skip):
     """24 steps, a log line every 8, one evaluation at the end: one read-back per sync point
     (the first step, timed apart, and steps 8, 16, 24) plus two for the evaluation (loss, β)."""
-    if fused:
-        monkeypatch.setattr(trainer_mod, "build_optimizer", _fused_adamw)
+    if not fused:
+        monkeypatch.setattr(trainer_mod, "build_optimizer", _unfused_adamw)
     steps, every = 24, 8
     cfg = tiny(
         tmp_path / "run",
@@ -471,10 +472,13 @@ def test_library_train_checks_run_paths_before_data_preparation(tmp_path):
     assert not cache.exists()
 
 
-def test_cpu_optimizer_is_the_default_adamw():
-    """Off CUDA (and for FSDP2's DTensors) the trainer keeps the default AdamW implementation."""
+def test_cpu_optimizer_is_fused_but_not_for_sharded_parameters():
+    """On a CPU the trainer's AdamW is the fused one (one call for all parameters, and it skips a
+    non-finite step itself); FSDP2's DTensors (a `device_mesh`) keep the default implementation."""
     from deltalearn.train.config import OptimConfig
     from deltalearn.train.optim import build_optimizer
 
-    opt = build_optimizer(torch.nn.Linear(4, 4), OptimConfig())
-    assert not opt.defaults.get("fused")
+    assert build_optimizer(torch.nn.Linear(4, 4), OptimConfig()).defaults["fused"] is True
+    sharded = torch.nn.Linear(4, 4)
+    sharded.weight.device_mesh = "mesh"  # what marks a DTensor here
+    assert not build_optimizer(sharded, OptimConfig()).defaults.get("fused")

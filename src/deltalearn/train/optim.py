@@ -37,13 +37,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (SPEC §4: β = 0.9, 0.95, decay 0.1). The lr is set every step by :func:`lr_at`.
 
-    Fused (one kernel for all parameters) when every parameter is a plain CUDA tensor: faster, and
-    it skips a non-finite step on the device, without a host sync (the trainer hands it
-    ``found_inf``). Elsewhere — CPU, FSDP2's sharded DTensors — the default implementation.
+    Fused (one kernel for all parameters) when every parameter is a plain CUDA or CPU tensor:
+    faster (on a 2-core CPU ~1 ms a `tiny` step against 4-6 ms for the default per-parameter loop),
+    and it skips a non-finite step on the device, without a host sync (the trainer hands it
+    ``found_inf``). Elsewhere — FSDP2's sharded DTensors, other devices — the default
+    implementation.
     """
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_cuda and not hasattr(p, "device_mesh") for p in params)
+    fused = bool(params) and all(
+        p.device.type in ("cuda", "cpu") and not hasattr(p, "device_mesh") for p in params
+    )
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
     )
