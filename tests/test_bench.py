@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -361,3 +362,18 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     base_nodes, base_ops = map(int, rows["baseline"].split(" | "))
     ddl_nodes, ddl_ops = map(int, rows["ddl-cc"].split(" | "))
     assert ddl_nodes > base_nodes and ddl_ops > base_ops
+
+
+def test_decode_instructions_script_runs_its_decodes_and_needs_valgrind(tmp_path):
+    """`benchmarks/decode_instructions.py`: the process callgrind watches (run here without
+    valgrind) builds its portable kernels and decodes; the script itself says plainly when
+    valgrind is missing."""
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, "benchmarks/decode_instructions.py"]
+    child = [*script, "--child", "ddl-cc", "--tokens", "2"]
+    child += ["--set", "num_layers=1", "--set", "hidden_size=32", "--set", "num_heads=1"]
+    proc = subprocess.run(child, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_valgrind = {**os.environ, "PATH": str(tmp_path)}  # python by its full path; no valgrind
+    proc = subprocess.run(script, cwd=root, env=no_valgrind, capture_output=True, text=True)
+    assert proc.returncode != 0 and "valgrind not found" in proc.stderr
