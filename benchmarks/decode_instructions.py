@@ -53,7 +53,8 @@ def child(variant: str, size: str, overrides: dict, tokens: int) -> None:
     os.getppid()
 
 
-def summary(path: Path) -> int:
+def dumped_instructions(path: Path) -> int:
+    """The instruction count of one callgrind dump (its summary line)."""
     for line in path.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
@@ -76,18 +77,9 @@ def count(variant: str, args: argparse.Namespace, out: Path, env: dict) -> int:
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{variant}: callgrind run failed:\n{done.stderr[-2000:]}")
-    prefill, decode = summary(Path(f"{prefix}.2")), summary(Path(f"{prefix}.3"))
+    prefill = dumped_instructions(Path(f"{prefix}.2"))
+    decode = dumped_instructions(Path(f"{prefix}.3"))
     return round((decode - prefill) / args.tokens)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
-    return out
 
 
 def main() -> None:
@@ -100,8 +92,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep callgrind's files in this folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from deltalearn.bench.model import parse_overrides
+
+    overrides = parse_overrides(args.set)  # a bad --set named before any run
     if args.child:
-        child(args.child, args.size, parse_overrides(args.set), args.tokens)
+        child(args.child, args.size, overrides, args.tokens)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: install it (Debian: apt install valgrind)")
