@@ -19,7 +19,7 @@ TINY += ["--set", "head_dim=16", "--set", "vocab_size=61"]
 def test_every_variant_and_mode_gets_a_row_and_a_ratio(tmp_path):
     out = tmp_path / "decode.json"
     argv = ["bench", "decode", "--variants", "baseline,ddl-tc", "--modes", "dynamic,static"]
-    argv += [*TINY, "--prompt", "4", "--tokens", "3", "--repeats", "1", "--json", str(out)]
+    argv += [*TINY, "--prompt", "4", "--tokens", "3", "--repeats", "2", "--json", str(out)]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert cli_main(argv) == 0
@@ -27,11 +27,17 @@ def test_every_variant_and_mode_gets_a_row_and_a_ratio(tmp_path):
     assert report["benchmark"] == "decode" and report["machine"] and report["torch"]
     rows = {(r["variant"], r["mode"]): r for r in report["rows"]}
     assert set(rows) == {(v, m) for v in ("baseline", "ddl-tc") for m in ("dynamic", "static")}
-    for (_, mode), row in rows.items():
-        assert row["decode_tokens_per_s"] > 0
+    for (variant, mode), row in rows.items():
+        assert row["decode_tokens_per_s"] > 0 and len(row["decode_seconds_by_round"]) == 2
+        q1, median, q3 = row["x_dynamic_quartiles"]  # the speed-up over dynamic, round by round
+        assert 0 < q1 <= median <= q3
         if mode == "dynamic":
-            assert row["x_dynamic"] == 1.0
-    assert "| ddl-tc | static |" in printed.getvalue()
+            assert row["x_dynamic"] == 1.0 and (q1, median, q3) == (1.0, 1.0, 1.0)
+        else:
+            dynamic = rows[(variant, "dynamic")]["decode_seconds_by_round"]
+            ratios = [d / s for d, s in zip(dynamic, row["decode_seconds_by_round"], strict=True)]
+            assert median == pytest.approx(sum(ratios) / 2)  # two rounds: their mean
+    assert "| ddl-tc | static |" in printed.getvalue() and "by round" in printed.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

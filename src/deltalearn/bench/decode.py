@@ -14,6 +14,7 @@ row. The compiled step is traced and compiled before timing; its compile time is
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ import torch
 from deltalearn.bench.model import ModelBench, build_config
 from deltalearn.bench.timing import (
     format_table,
-    interleaved_medians,
+    interleaved_samples,
+    paired_ratio_quartiles,
+    quartiles_as_text,
     settings_report,
     size_text,
     timed,
@@ -126,23 +129,25 @@ def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
     with torch._dynamo.config.patch(recompile_limit=limit):
         runs = {(v, m): DecodeRun(bench, v, m) for v in bench.variants for m in bench.modes}
         fns: dict[tuple[str, str], Callable[[], float]] = {k: r.decode for k, r in runs.items()}
-        seconds = interleaved_medians(fns, bench.repeats, warmup=1)
+        samples = interleaved_samples(fns, bench.repeats, warmup=1)
+    first = bench.modes[0]
     rows = []
     for (variant, mode), run in runs.items():
-        tokens_per_s = bench.batch * bench.tokens / seconds[(variant, mode)]
+        seconds = samples[(variant, mode)]
         rows.append(
             {
                 "variant": variant,
                 "mode": mode,
-                "decode_tokens_per_s": tokens_per_s,
+                "decode_tokens_per_s": bench.batch * bench.tokens / statistics.median(seconds),
                 "compile_s": run.compile_seconds,
+                "decode_seconds_by_round": seconds,
+                # the speed-up over the first mode round by round: median and quartiles
+                f"x_{first}_quartiles": paired_ratio_quartiles(samples[(variant, first)], seconds),
             }
         )
-    reference = {
-        r["variant"]: r["decode_tokens_per_s"] for r in rows if r["mode"] == bench.modes[0]
-    }
+    reference = {r["variant"]: r["decode_tokens_per_s"] for r in rows if r["mode"] == first}
     for row in rows:
-        row[f"x_{bench.modes[0]}"] = row["decode_tokens_per_s"] / reference[row["variant"]]
+        row[f"x_{first}"] = row["decode_tokens_per_s"] / reference[row["variant"]]
     return rows
 
 
@@ -157,13 +162,16 @@ def format_decode_report(report: dict[str, Any]) -> str:
         f"decode benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
         f"{size_text(s)}, {s['dtype']}, batch {s['batch']}, "
         f"prompt {s['prompt']}, {s['tokens']} decoded tokens, compile mode {s['compile_mode']}; "
-        f"median of {s['repeats']}; ratios against each variant's {reference} row",
+        f"median of {s['repeats']}; ratios against each variant's {reference} row (by round: "
+        "the ratio's median and quartiles over the rounds)",
     ]
     columns = {
         "variant": "variant",
         "mode": "cache / step",
         "decode_tokens_per_s": "decode tok/s",
         f"x_{reference}": f"× {reference}",
+        f"x_{reference}_quartiles": "by round",
         "compile_s": "compile s",
     }
-    return "\n".join([*head, format_table(report["rows"], columns)])
+    rows = [quartiles_as_text(row) for row in report["rows"]]
+    return "\n".join([*head, format_table(rows, columns)])

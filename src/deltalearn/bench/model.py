@@ -39,6 +39,7 @@ from deltalearn.bench.timing import (
     format_table,
     interleaved_samples,
     paired_ratio_quartiles,
+    quartiles_as_text,
     run_header,
     size_text,
     sync,
@@ -473,7 +474,7 @@ def format_model_report(report: dict[str, Any]) -> str:
             else f"  peak: {report.get('peak_source', 'none')}"
         )
     x = f"× {ref}"
-    rows = [_quartiles_as_text(row) for row in report["rows"]]
+    rows = [quartiles_as_text(row) for row in report["rows"]]
     columns = {
         "variant": "variant",
         "params_M": "params M",
@@ -496,17 +497,3 @@ def format_model_report(report: dict[str, Any]) -> str:
         "infer_first_call_s": "infer 1st call s",
     }
     return "\n".join([*lines, format_table(rows, columns)])
-
-
-def _quartiles_as_text(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with each `*_ratio_quartiles` written "median (q1–q3)" (left out where there is
-    none)."""
-    out = dict(row)
-    for key, value in row.items():
-        if key.endswith("_ratio_quartiles"):
-            if value is None:
-                del out[key]
-            else:
-                q1, median, q3 = value
-                out[key] = f"{median:.3f} ({q1:.3f}–{q3:.3f})"
-    return out

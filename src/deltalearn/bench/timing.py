@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +78,20 @@ def paired_ratio_quartiles(
         return None
     q1, q2, q3 = statistics.quantiles([r / o for r, o in zip(reference, other, strict=True)], n=4)
     return q1, q2, q3
+
+
+def quartiles_as_text(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` for a table: each `*_quartiles` (`paired_ratio_quartiles`) written "median (q1–q3)",
+    or left out where there is none."""
+    out = dict(row)
+    for key, value in row.items():
+        if key.endswith("_quartiles"):
+            if value is None:
+                del out[key]
+            else:
+                q1, median, q3 = value
+                out[key] = f"{median:.3f} ({q1:.3f}–{q3:.3f})"
+    return out
 
 
 def median_seconds(
