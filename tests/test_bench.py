@@ -365,8 +365,8 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
 
 
 def test_decode_instructions_script_runs_its_decodes_and_needs_valgrind(tmp_path):
-    """`benchmarks/decode_instructions.py`: the process callgrind watches (run here without
-    valgrind) builds its portable kernels and decodes; the script itself says plainly when
+    """`benchmarks/decode_instructions.py`: the process callgrind watches runs to its end (here
+    without valgrind, on the portable kernels it asks for); the script itself says plainly when
     valgrind is missing."""
     root = Path(__file__).resolve().parents[1]
     script = [sys.executable, "benchmarks/decode_instructions.py"]
