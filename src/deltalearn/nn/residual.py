@@ -276,7 +276,8 @@ class DeltaUpdate(nn.Module):
         dispatched ops per update otherwise), and a CPU training step spent about as much on
         the projections' products as on the rewrite. Shapes that do not fit go the general way,
         which names what is wrong."""
-        if autocast_on(X.device.type) or not native.fits(X, not vector):
+        # First, the device: on CUDA none of the checks below can pass (host time counts there).
+        if not X.is_cpu or autocast_on("cpu") or not native.fits(X, not vector):
             return None
         if torch.is_grad_enabled() and not update_kernel_enabled():
             return None  # the projections apart, then the epilogue kernel

@@ -9,6 +9,7 @@ Index legend used across `deltalearn.ops`:
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -51,7 +52,8 @@ def is_small_state(X: torch.Tensor) -> bool:
     return X.numel() <= SMALL_STATE
 
 
-def dense_past_first(shape, strides) -> bool:
+@functools.lru_cache(maxsize=1024)  # a few calls a kernel launch, the same few layouts: host time
+def dense_past_first(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     """Whether every element past the first axis of a tensor of `shape` and `strides` lies in one
     contiguous block (size-1 axes aside), whatever the stride of the first axis: a row of the
     rewrite's `(N, d, dv)`, a token of the reads' `(S, d, dv)`. The Triton kernels then take the

@@ -15,9 +15,10 @@ compare`).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from deltalearn.ops.switches import environment_value
 
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
 # Module-level override of DELTALEARN_EPILOGUE (None: read the environment on each call).
@@ -40,7 +41,7 @@ def triton_available() -> bool:
 
 def backend() -> str:
     """The chosen backend: `BACKEND`, else DELTALEARN_EPILOGUE, else "auto"."""
-    choice = BACKEND if BACKEND is not None else _environment_choice()
+    choice = BACKEND if BACKEND is not None else environment_value(ENV_VARIABLE, "auto")
     if choice not in BACKENDS:
         raise ValueError(
             f"fast-path backend (deltalearn.ops.backend.BACKEND or DELTALEARN_EPILOGUE) must be "
@@ -49,19 +50,7 @@ def backend() -> str:
     return choice
 
 
-def _environment_choice() -> str:
-    """DELTALEARN_EPILOGUE, read at every call (it may change while the process runs). On POSIX
-    straight from the bytes dict behind `os.environ` (which its setters keep current): 40 ns, not
-    the ~0.9 µs of `os.environ.get`, once per op and decoded token."""
-    data = getattr(os.environ, "_data", None) if os.name == "posix" else None
-    if not isinstance(data, dict):
-        return os.environ.get(ENV_VARIABLE, "auto")
-    raw = data.get(_ENV_KEY)
-    return "auto" if raw is None else os.fsdecode(raw)
-
-
 ENV_VARIABLE = "DELTALEARN_EPILOGUE"
-_ENV_KEY = os.fsencode(ENV_VARIABLE)
 
 
 def use_triton(tensors: list[torch.Tensor], choice: str | None = None) -> bool:

@@ -239,6 +239,18 @@ class StateTape:
         linked = slot.link is not None and slot.link[2] is not None  # ρ: h is not k already
         return index if linked and slot.kept is None else None
 
+    def will_defer(self, X: torch.Tensor) -> bool:
+        """Whether a rewrite about to consume X, whose forward links X with ρ and whose delta
+        backward rebuilds X itself, finds X `deferred` after that link (the same conditions,
+        asked before it): a registered, contiguous state of a dtype in `EXACT`, not linked yet
+        or linked and not kept. The caller may then save the rewrite's tensors without the hooks
+        (`without_hooks`): none of them is a state the tape must keep."""
+        index = self._find(X)
+        if index is None or not X.is_contiguous() or X.dtype not in EXACT:
+            return False
+        slot = self._slots[index]
+        return slot.link is None or (slot.link[2] is not None and slot.kept is None)
+
     def claim(self, index: int) -> tuple[torch.Tensor | None, tuple | None]:
         """For that backward: `(state, None)` where slot `index` holds its state already (rebuilt
         for another reader), else `(None, (Y, rho, beta, e, out))`: the state after it and the row
@@ -330,6 +342,8 @@ def _native_takes(*tensors: torch.Tensor) -> bool:
     tensors of one dtype the kernels take, the kernels allowed and built."""
     from deltalearn.ops import backend
 
+    if not tensors[0].is_cpu:  # first: on a GPU nothing below can pass (host time counts there)
+        return False
     return all(t.is_contiguous() for t in tensors) and backend.use_native(list(tensors))
 
 
@@ -341,11 +355,17 @@ def outside(fn, *args):
     Python call and a dispatched op — host time that bounds eager training on a GPU. Plain
     `fn(*args)` where no tape records or its hooks are not the innermost ones."""
     tape = active()
+    if tape is None or any(isinstance(a, torch.Tensor) and tape.registered(a) for a in args):
+        return fn(*args)
+    return without_hooks(tape, fn, *args)
+
+
+def without_hooks(tape: StateTape, fn, *args):
+    """`fn(*args)` with `tape`'s saved-tensor hooks off, where they are the innermost ones (else
+    plainly): for a caller that knows nothing `fn` saves is a state the tape must keep."""
     autograd = torch._C._autograd
     top_of = getattr(autograd, "_top_saved_tensors_default_hooks", None)
-    if tape is None or top_of is None or not hasattr(autograd, "_pop_saved_tensors_default_hooks"):
-        return fn(*args)
-    if any(isinstance(a, torch.Tensor) and tape.registered(a) for a in args):
+    if top_of is None or not hasattr(autograd, "_pop_saved_tensors_default_hooks"):
         return fn(*args)
     top = top_of(False)
     if top is None or top[0] != tape.pack:

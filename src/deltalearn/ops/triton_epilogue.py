@@ -50,6 +50,7 @@ are decorated for one mode at that import. The tests run it in a subprocess for 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ import triton.language as tl
 
 from deltalearn.ops import state_tape
 from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
-from deltalearn.ops.projections import kept_inputs
+from deltalearn.ops.projections import cast, kept_inputs
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
 # d ≤ 1024 at dv = 4 (the paper's models) in one tile of the forward; wider rows are chunked.
@@ -268,13 +269,14 @@ def _bwd_tile(
 
 @triton.jit
 def _projections_bwd_tile(
-    CIN, XV, WG, WV, GCIN, GXV, GW, pid, rows, offs, hm, vcol, vmask, d, gz, gp,
-    sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
+    CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol, vmask, d, gz,
+    gp, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
 ):  # fmt: skip
     """The projections' backward on one chunk of the rows: ∂c = ∂z w_g (+ W_vᵀ∂p where the value
     head reads c), ∂u = W_vᵀ∂p (where it reads u), and program `pid`'s partial sums of ∂w_g =
-    Σ ∂z c and ∂W_v = Σ ∂p xᵀ (GW `(programs, 1 + dv, d)` fp32: row 0 w_g, rows 1.. W_v); c and
-    x as the forward kept them (`ops.projections.kept_inputs`)."""
+    Σ ∂z c and ∂W_v = Σ ∂p xᵀ (at GW + pid · part_stride: `(1 + dv, d)` fp32, row 0 w_g, rows
+    1.. W_v; set by the program's first row block, added to by the `later` ones); c and x as the
+    forward kept them (`ops.projections.kept_inputs`)."""
     dmask = offs < d
     wmask = dmask[:, None] & vmask[None, :]
     wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
@@ -293,20 +295,21 @@ def _projections_bwd_tile(
     else:
         tl.store(gc_ptr, (g_gate + g_value).to(GCIN.dtype.element_ty), mask=hm)
         xf = cf
-    part = GW + pid * ((1 + DV) * d)
+    part = GW + pid * part_stride
     gw_ptr = part + offs
-    tl.store(gw_ptr, tl.load(gw_ptr, mask=dmask, other=0.0) + tl.sum(gz[:, None] * cf, axis=0),
-             mask=dmask)  # fmt: skip
+    gw = tl.load(gw_ptr, mask=dmask & later, other=0.0) + tl.sum(gz[:, None] * cf, axis=0)
+    tl.store(gw_ptr, gw, mask=dmask)
     gW_ptr = part + (1 + vcol[None, :]) * d + offs[:, None]
-    gW = tl.load(gW_ptr, mask=wmask, other=0.0) + tl.sum(gp[:, None, :] * xf[:, :, None], axis=0)
+    gW = tl.load(gW_ptr, mask=wmask & later, other=0.0)
+    gW += tl.sum(gp[:, None, :] * xf[:, :, None], axis=0)
     tl.store(gW_ptr, gW, mask=wmask)
 
 
 @triton.jit
 def _bwd_kernel(
-    X, H, Z, P, C, G, GN, GX, GH, GZ, GP, GC, CIN, XV, WG, WV, GCIN, GXV, GW, GB,
+    X, H, Z, P, C, G, GN, GX, GH, GZ, GP, PART, CIN, XV, WG, WV, GCIN, GXV, w_offset, b_offset,
     Y, E, RHO, BETA, XO,
-    n_rows, d, eps2, value_scale, iters,
+    n_rows, d, eps2, value_scale, iters, part_stride,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
     sc_m, sc_d, sxv_m, sxv_d, sy_m, sy_d, sy_v,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -323,9 +326,14 @@ def _bwd_kernel(
     vcol = tl.arange(0, BLOCK_V)
     vmask = vcol < DV
     dcol = tl.arange(0, BLOCK_D)
-    # Program pid owns row blocks pid, pid + nprog, ...: a fixed assignment, so the ∂C partial
-    # sums (one per program, in GC[pid]) are accumulated in a fixed order — deterministic.
+    # Program pid owns row blocks pid, pid + nprog, ...: a fixed assignment, so its partial sums
+    # (PART's row pid, part_stride long: ∂C at 0, the projections' weights at w_offset, their
+    # biases at b_offset; not zeroed, the first row block sets them) are accumulated in a fixed
+    # order — deterministic.
+    GW = PART + w_offset
+    GB = PART + b_offset
     for it in range(0, iters):
+        later = it > 0  # the program's first row block sets its partial sums, later ones add
         rows = (pid + it * nprog) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_rows
         rows = rows.to(tl.int64)
@@ -428,19 +436,20 @@ def _bwd_kernel(
                     y = y.to(tl.float32)
                 cmask = (offs < d)[:, None] & vmask[None, :]
                 part = tl.sum(gn[:, :, None] * y, axis=0)  # (BLOCK_D, BLOCK_V)
-                gc_ptr = GC + pid * (d * DV) + offs[:, None] * DV + vcol[None, :]
-                acc = tl.load(gc_ptr, mask=cmask, other=0.0)
+                gc_ptr = PART + pid * part_stride + offs[:, None] * DV + vcol[None, :]
+                acc = tl.load(gc_ptr, mask=cmask & later, other=0.0)
                 tl.store(gc_ptr, acc + part, mask=cmask)
             if PROJECT:
                 _projections_bwd_tile(
-                    CIN, XV, WG, WV, GCIN, GXV, GW, pid, rows, offs, hm, vcol, vmask, d, gz, gp,
-                    sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
+                    CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol,
+                    vmask, d, gz, gp, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
                 )  # fmt: skip
         if PROJECT:  # the biases' partial sums: ∂b_g = Σ ∂z, ∂b_v = Σ ∂p
-            gb_ptr = GB + pid * (1 + DV)
-            tl.store(gb_ptr, tl.load(gb_ptr) + tl.sum(gz, axis=0))
+            gb_ptr = GB + pid * part_stride
+            gb = tl.load(gb_ptr + vcol, mask=(vcol < 1) & later, other=0.0)
+            tl.store(gb_ptr + vcol, gb + tl.sum(gz, axis=0), mask=vcol < 1)
             gbv_ptr = gb_ptr + 1 + vcol
-            gbv = tl.load(gbv_ptr, mask=vmask, other=0.0) + tl.sum(gp, axis=0)
+            gbv = tl.load(gbv_ptr, mask=vmask & later, other=0.0) + tl.sum(gp, axis=0)
             tl.store(gbv_ptr, gbv, mask=vmask)
 
 
@@ -483,11 +492,16 @@ def _floor_pow2(n: int) -> int:
 
 def launch_config(d: int, dv: int, max_tile: int | None = None) -> tuple[int, int, int, int]:
     """`(BLOCK_M, BLOCK_D, NUM_CHUNKS, BLOCK_V)` for rows of width `d` with `dv` value channels."""
-    tile = _floor_pow2(MAX_TILE if max_tile is None else max_tile)
+    return _tiles(d, dv, MAX_TILE if max_tile is None else max_tile, MAX_ROWS)
+
+
+@functools.lru_cache(maxsize=256)  # a few calls a sublayer, the same few shapes: host time
+def _tiles(d: int, dv: int, max_tile: int, max_rows: int) -> tuple[int, int, int, int]:
+    tile = _floor_pow2(max_tile)
     block_v = next_pow2(dv)
     block_d = min(next_pow2(d), max(tile // block_v, 16))
     num_chunks = cdiv(d, block_d)
-    block_m = min(_floor_pow2(tile // (block_d * block_v)), _floor_pow2(MAX_ROWS))
+    block_m = min(_floor_pow2(tile // (block_d * block_v)), _floor_pow2(max_rows))
     return block_m, block_d, num_chunks, block_v
 
 
@@ -533,13 +547,18 @@ def _flat(t: torch.Tensor, *shape: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     with the strides computed where it is contiguous (a reshape is a dispatched op, and eager
     training on a GPU is bound by such host work), else the view `_rows` makes."""
     if t.is_contiguous():
-        strides, step = [], 1
-        for size in reversed(shape):
-            strides.append(step)
-            step *= size
-        return t, tuple(reversed(strides))
+        return t, _contiguous_strides(shape)
     view = _rows(t, *shape)
     return view, view.stride()
+
+
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -658,12 +677,25 @@ def _backward(
         gz = gp = gh
     if compress:
         Cc = C.contiguous()
-        gC_part = torch.zeros((nprog, d, dv), dtype=torch.float32, device=X.device)
         gN, sn = _flat(grads[1], n_rows, d)
     else:
-        Cc, gN, gC_part, sn = gh, gh, gh, (0, 0)  # unread placeholders
+        Cc, gN, sn = gh, gh, (0, 0)  # unread placeholders
+    # Every program's partial sums in one row of one fp32 buffer (one allocation and one sum where
+    # there were up to three): ∂C (d·dv), ∂w_g and ∂W_v ((1 + dv)·d), the biases (1 + dv), and
+    # padding to a multiple of 16 numbers (row starts the compiler knows aligned).
+    sizes = [d * dv if compress else 0, *((d, dv * d, 1, dv) if projections is not None else ())]
+    used = sum(sizes)
+    part_stride = cdiv(used, 16) * 16
+    sizes.append(part_stride - used)
+    if (
+        reduces
+    ):  # unzeroed: the kernel sets every partial sum (a program has one row block at least)
+        alloc = torch.empty if n_rows > 0 else torch.zeros
+        part = alloc((nprog, part_stride), dtype=torch.float32, device=X.device)
+    else:
+        part = gh  # unread placeholder
     if projections is None:
-        cin = xv = wg = wv = g_c = g_u = gw_part = gb_part = gh  # unread placeholders
+        cin = xv = wg = wv = g_c = g_u = gh  # unread placeholders
         sc = sxv = (0, 0)
         reads_u = False
     else:
@@ -673,8 +705,6 @@ def _backward(
         wg, wv = w_g.contiguous(), W_v.contiguous()
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if reads_u else g_c
-        gw_part = torch.zeros((nprog, 1 + dv, d), dtype=torch.float32, device=X.device)
-        gb_part = torch.zeros((nprog, 1 + dv), dtype=torch.float32, device=X.device)
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
     else:
@@ -682,10 +712,10 @@ def _backward(
         e_rows, rho_rows, beta_rows = e_saved, rho_saved, beta_saved
     if n_rows > 0:
         _bwd_kernel[(nprog,)](
-            X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, gC_part,
-            cin, xv, wg, wv, g_c, g_u, gw_part, gb_part,
+            X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, part,
+            cin, xv, wg, wv, g_c, g_u, sizes[0], used - 1 - dv,
             Yr, e_rows, rho_rows, beta_rows, XO,
-            n_rows, d, ctx.k_eps**2, ctx.value_scale, iters,
+            n_rows, d, ctx.k_eps**2, ctx.value_scale, iters, part_stride,
             *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv, *sy,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
@@ -696,13 +726,15 @@ def _backward(
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
-        gX = gY_in.to(X.dtype)  # write-only, no compressor read: ∂X = G
+        gX = cast(gY_in, X.dtype)  # write-only, no compressor read: ∂X = G
+    # The partial sums, in program order: deterministic.
+    sums = part.sum(0).split_with_sizes(sizes) if reduces else ()
     gC = None
     if need_C:
-        gC = gC_part.sum(0).to(C.dtype) if compress else torch.zeros_like(C)
-    if projections is not None:  # the partial sums, in program order: deterministic
-        gw, gb = gw_part.sum(0), gb_part.sum(0)  # rows: w_g, then W_v
-        weights = (gw[:1].to(w_g.dtype), gb[:1], gw[1:].to(W_v.dtype), gb[1:])
+        gC = cast(sums[0].view(d, dv), C.dtype) if compress else torch.zeros_like(C)
+    if projections is not None:
+        gw_g, gW_v, gb_g, gb_v = sums[1:5]
+        weights = (cast(gw_g.view(1, d), w_g.dtype), gb_g, cast(gW_v.view(dv, d), W_v.dtype), gb_v)
         grads = (g_c, g_u if reads_u else None, *weights)
         return gX if need_X else None, gh if need_h else None, grads, None, gC
     return (
@@ -752,9 +784,8 @@ class _TritonUpdate(torch.autograd.Function):
         out, saved = _forward(
             ctx, X, h, None, None, C, delta, official, value_scale, k_eps, projections
         )
-        d = c.shape[-1]  # the projections' backward takes the rows as one matrix
-        c2 = c.reshape(-1, d)
-        c_kept, x_low = kept_inputs(c2, c2 if x is c else x.reshape(-1, d), keep_dtype, lin_dtype)
+        # Kept in their own shapes: the backward's `_flat` reads them as rows (no view a call).
+        c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
         tape = state_tape.active() if delta else None
         slot = None if tape is None else tape.deferred(X)
         ctx.rebuild = None
@@ -787,9 +818,9 @@ class _TritonUpdate(torch.autograd.Function):
         return (
             gX, gh,
             gc if need[2] else None, gu if need[3] else None,
-            gw_g if need[4] else None, gb_g.to(b_g_dtype) if need[5] else None,
+            gw_g if need[4] else None, cast(gb_g, b_g_dtype) if need[5] else None,
             gW_v if need[6] else None,
-            gb_v.to(b_v_dtype) if need[7] and b_v_dtype is not None else None,
+            cast(gb_v, b_v_dtype) if need[7] else None,
             gC, *(None,) * 6,
         )  # fmt: skip
 
@@ -856,7 +887,14 @@ def update_triton(
     w_g `(1, d)`, b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None, all on
     one device (checked by the caller); `keep` / `lin` the dtypes of `nn.generators.
     projection_dtypes`. Returns Y, or `(Y, x_next)` with compress."""
-    return _TritonUpdate.apply(
+    args = (
         X, h, c, x, w_g, b_g, W_v, b_v, compress, rule == "delta", value_head == "official",
         value_scale, k_eps, keep, lin,
     )  # fmt: skip
+    tape = state_tape.active() if rule == "delta" else None
+    if tape is not None and tape.will_defer(X) and not any(map(tape.registered, (h, c, x))):
+        # Its backward rebuilds X itself, and nothing else it saves is a state (x is one for a
+        # vector state's official value head, u = X): the tape's hooks would only pass each
+        # saved tensor through, a Python call each way — host time.
+        return state_tape.without_hooks(tape, _TritonUpdate.apply, *args)
+    return _TritonUpdate.apply(*args)
