@@ -20,23 +20,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-MARK = "getppid"
-PORTABLE_ARCH = "-march=x86-64-v3"  # AVX2 and FMA: what valgrind runs
+from callgrind_marks import count_between_marks, mark, require_valgrind, use_portable_kernels
 
 
 def child(variant: str, size: str, overrides: dict, tokens: int) -> None:
     """The process callgrind watches: marks around a prefill-only and a `tokens` decode."""
-    from deltalearn.ops import native_build
-
-    fastest = native_build.FLAG_SETS[0]  # the default build, for another architecture
-    native_build.FLAG_SETS = (tuple(PORTABLE_ARCH if f == "-march=native" else f for f in fastest),)
+    use_portable_kernels()
     import torch
 
     from deltalearn import DeltaLM, DeltaLMConfig
@@ -46,19 +41,11 @@ def child(variant: str, size: str, overrides: dict, tokens: int) -> None:
     model = DeltaLM(DeltaLMConfig.preset(variant, size, **overrides)).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 64))
     greedy_decode(model, prompt, 4)  # kernels built and loaded, caches allocated
-    os.getppid()
+    mark()
     greedy_decode(model, prompt, 0)
-    os.getppid()
+    mark()
     greedy_decode(model, prompt, tokens)
-    os.getppid()
-
-
-def dumped_instructions(path: Path) -> int:
-    """The instruction count of one callgrind dump (its summary line)."""
-    for line in path.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise ValueError(f"{path} holds no summary line: did callgrind finish?")
+    mark()
 
 
 def child_command(variant: str, args: argparse.Namespace, tokens: int) -> list[str]:
@@ -69,16 +56,8 @@ def child_command(variant: str, args: argparse.Namespace, tokens: int) -> list[s
 
 def count(variant: str, args: argparse.Namespace, out: Path, env: dict) -> int:
     """Instructions a decoded token of `variant` takes (one callgrind run)."""
-    prefix = out / f"cg.{variant}.out"
-    command = [
-        "valgrind", "--tool=callgrind", f"--dump-before={MARK}", f"--callgrind-out-file={prefix}",
-        *child_command(variant, args, args.tokens),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant}: callgrind run failed:\n{done.stderr[-2000:]}")
-    prefill = dumped_instructions(Path(f"{prefix}.2"))
-    decode = dumped_instructions(Path(f"{prefix}.3"))
+    command = child_command(variant, args, args.tokens)
+    prefill, decode = count_between_marks(command, env, out / f"cg.{variant}.out")[:2]
     return round((decode - prefill) / args.tokens)
 
 
@@ -98,8 +77,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.size, overrides, args.tokens)
         return
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind not found: install it (Debian: apt install valgrind)")
+    require_valgrind()
     if args.tokens < 1:
         raise SystemExit(f"--tokens must be >= 1, got {args.tokens}")
     variants = args.variants.split(",")

@@ -4,6 +4,7 @@ with every kernel launch recorded instead of made (`ops.triton_aot.recording`), 
 step's time is what the host spends issuing it (Python, autograd, the dispatcher, the optimizer).
 
     python benchmarks/host_overhead.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--repeats 21]
+    python benchmarks/host_overhead.py --count [--steps 4] [--jobs 2]   # needs valgrind
 
 Why: on the H200, eager training at `small`, 8 × 1024 is bound by the host (the GPU idles 24-47% of
 a step, `benchmarks/README.md`). Printed per variant: the autograd nodes and the dispatched ATen ops
@@ -11,15 +12,27 @@ of one forward + backward (exact, so a change's effect shows without timing nois
 milliseconds of a whole step, variants interleaved step by step, medians of `--repeats` (this
 machine's milliseconds, not the GPU host's: compare ratios; on a shared 2-core VM they drift by
 ±0.1 between runs).
+
+With `--count`, the host work is counted instead of timed: each variant's steps run in a process of
+their own under valgrind's callgrind (one thread, `callgrind_marks.py`), and the instructions of a
+step (forward, backward, AdamW; the untimed gradient reset left out) are printed — the same from
+run to run, so a change of 1% shows, where the timings above move by ±0.03 of the ratio. About
+four minutes a variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+from callgrind_marks import count_between_marks, mark, require_valgrind
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deltalearn import DeltaLM
@@ -61,22 +74,23 @@ def make_step(variant: str, layers: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     ids = torch.randint(0, 100, (1, 8))
 
-    def step() -> float:
+    def step(boundary=time.perf_counter) -> float:
         """One training step; returns its host seconds, less the untimed reset of the gradients to
         one ordinary value: the stubbed kernels leave their outputs uninitialised, and the NaNs,
         negative numbers and zeros that would then reach AdamW's state make its square roots 2-8×
         slower on this CPU (7 ms of a ddl step, measured) — arithmetic the GPU does, not host
-        work."""
-        start = time.perf_counter()
+        work. `boundary` is called around the two timed parts (`mark` when counting)."""
+        start = boundary()
         model(input_ids=ids, labels=ids).loss.backward()
-        host = time.perf_counter() - start
+        end = boundary()
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.fill_(1e-3)
-        start = time.perf_counter()
+        start_optimizer = boundary()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return host + time.perf_counter() - start
+        end_optimizer = boundary()
+        return 0.0 if end is None else end - start + end_optimizer - start_optimizer
 
     def count() -> tuple[int, int]:
         with _CountOps() as counter:
@@ -89,17 +103,66 @@ def make_step(variant: str, layers: int):
     return step, count
 
 
+def counted_child(variant: str, layers: int, steps: int) -> None:
+    """The process callgrind watches: warm steps, then `steps` steps with a mark at each boundary
+    of their two timed parts (intervals per step: forward + backward, the reset, AdamW)."""
+    with triton_aot.recording() as launches:
+        step, _ = make_step(variant, layers)
+        for _ in range(3):
+            step()
+            launches.clear()
+        for _ in range(steps):
+            step(boundary=mark)
+            launches.clear()
+
+
+def count_instructions(args: argparse.Namespace, variants: list[str]) -> dict[str, int]:
+    """Instructions a step takes, per variant (a callgrind run each, `--jobs` at once)."""
+    require_valgrind()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def count(variant: str, out: Path) -> int:
+        command = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers),
+                   "--steps", str(args.steps)]  # fmt: skip
+        intervals = count_between_marks(command, env, out / f"cg.{variant}.out")
+        # Four marks a step: [forward + backward], [reset], [AdamW], [to the next step's start].
+        timed = [n for i, n in enumerate(intervals) if i % 4 in (0, 2)]
+        if len(timed) != 2 * args.steps:
+            raise RuntimeError(f"{variant}: {len(intervals)} intervals counted, expected more")
+        return round(sum(timed) / args.steps)
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        counted = pool.map(lambda v: count(v, Path(tmp)), variants)
+        return dict(zip(variants, counted, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="baseline,ddl,ddl-cc,ddl-tc")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--count", action="store_true", help="count instructions (valgrind)")
+    parser.add_argument("--steps", type=int, default=4, help="steps counted (--count)")
+    parser.add_argument("--jobs", type=int, default=2, help="callgrind runs at once (--count)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     shapes.SMALL_STATE = (
         0  # the reads of a real-sized state take their Function, not the few-op form
     )
     variants = args.variants.split(",")
+    if args.child:
+        counted_child(args.child, args.layers, args.steps)
+        return
+    if args.count:
+        if args.steps < 1:
+            raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+        counts = count_instructions(args, variants)
+        base = counts[variants[0]]
+        print(f"| variant | instructions a step | {variants[0]} ÷ it |\n|---|---|---|")
+        for v, n in counts.items():
+            print(f"| {v} | {n:,} | {base / n:.3f} |")
+        return
     # The Triton path with every launch recorded instead of made (the record is dropped).
     with triton_aot.recording() as launches:
         made = {v: make_step(v, args.layers) for v in variants}

@@ -364,6 +364,21 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     assert ddl_nodes > base_nodes and ddl_ops > base_ops
 
 
+def test_host_overhead_count_runs_its_marked_steps_and_needs_valgrind(tmp_path):
+    """`benchmarks/host_overhead.py --count`: the process callgrind watches runs its marked steps
+    to the end (here without valgrind), and the script says plainly when valgrind is missing."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, "benchmarks/host_overhead.py"]
+    child = [*script, "--child", "ddl-cc", "--layers", "1", "--steps", "2"]
+    proc = subprocess.run(child, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_valgrind = {**os.environ, "PATH": str(tmp_path)}  # python by its full path; no valgrind
+    proc = subprocess.run([*script, "--count"], cwd=root, env=no_valgrind, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0 and "valgrind not found" in proc.stderr
+
+
 def test_decode_instructions_script_runs_its_decodes_and_needs_valgrind(tmp_path):
     """`benchmarks/decode_instructions.py`: the process callgrind watches runs to its end (here
     without valgrind, on the portable kernels it asks for); the script itself says plainly when
