@@ -177,9 +177,10 @@ def _update_results(update, leaves, compress, autocast=False):
     return outs, grads
 
 
-def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False):
+def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False, u_is_x=False):
     """The whole update on the kernels (projections computed by the forward kernel) against the
-    general path (`gate_and_value`, then the reference epilogue): values, every gradient."""
+    general path (`gate_and_value`, then the reference epilogue): values, every gradient. With
+    `u_is_x` the value head reads the state itself, as a DeltaLM's vector state gives it."""
     from deltalearn.nn import DeltaUpdate
 
     torch.manual_seed(1)
@@ -191,6 +192,8 @@ def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False
     X = torch.randn(3, 5, d, dv) if dv > 1 else torch.randn(3, 5, d)
     h, c, u = (torch.randn(3, 5, d) for _ in range(3))
     leaves = [t.requires_grad_() for t in (X, h * 3, c, u, torch.randn(d, dv) / dv)]
+    if u_is_x:
+        leaves[3] = leaves[0]
     calls = []
     real = te.update_triton
     monkeypatch.setattr(te, "update_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -225,15 +228,30 @@ def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, val
     _check_update(monkeypatch, 96, 4, "delta", value_head, True, autocast=True)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("rule", RULES)
+def test_whole_update_whose_value_head_reads_the_state(interpreted, monkeypatch, rule, autocast):
+    """A vector state read by the official value head (u = X, as in a DeltaLM with d_v = 1): the
+    delta backward forms ∂W_v from the X it reads, keeping no copy of u; values and every
+    gradient as the general path's, in chunks too."""
+    with monkeypatch.context() as m:
+        m.setattr(te, "MAX_TILE", 128)
+        m.setattr(te, "MAX_TILE_BWD", 128)
+        _check_update(m, 200, 1, rule, "official", False, autocast=autocast, u_is_x=True)
+    _check_update(monkeypatch, 96, 1, rule, "official", False, autocast=autocast, u_is_x=True)
+
+
 @pytest.mark.parametrize(
-    ("d", "dv", "compress", "tile"), [(96, 4, True, None), (200, 3, False, 128)]
+    ("d", "dv", "compress", "tile"),
+    [(96, 4, True, None), (200, 3, False, 128), (96, 1, False, 128)],
 )
 def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
     interpreted, monkeypatch, d, dv, compress, tile
 ):
     """Under a state tape the delta update's backward kernel forms the state X it consumed from
     its output Y and the saved row scalars (no rebuild kernel): the state the rebuild kernel
-    gives, and the gradients of the update with X kept (rows in chunks too)."""
+    gives, and the gradients of the update with X kept (rows in chunks too). A vector state is
+    the official value head's u as well (as in a DeltaLM), whose ∂W_v the kernel forms from it."""
     from deltalearn.nn import DeltaUpdate
     from deltalearn.ops import state_tape
 
@@ -243,9 +261,13 @@ def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
     torch.manual_seed(4)
     update = DeltaUpdate(d, dv, value_head="official")
     update.record = False
-    X0 = torch.randn(3, 5, d, dv).requires_grad_()
-    rest = [torch.randn(3, 5, d).requires_grad_() for _ in range(3)]
+    X0 = torch.randn(3, 5, d, dv).squeeze(-1).requires_grad_()
+    rest = [torch.randn(3, 5, d).requires_grad_() for _ in range(2 if dv == 1 else 3)]
     rest += [torch.randn(d, dv).requires_grad_()] if compress else []
+
+    def call(X):  # (X, h, c, u[, C]); u = X for a vector state
+        return update(X, *rest, X) if dv == 1 else update(X, *rest)
+
     rebuilt, own_pass = [], []
     handed, kernel = state_tape.StateTape.rebuilt, te.rebuild_state_triton
     monkeypatch.setattr(
@@ -258,7 +280,7 @@ def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
     with state_tape.recording() as tape:
         X = X0 * 1.0  # a state with a graph, as between sublayers
         tape.add(X)
-        out = update(X, *rest)
+        out = call(X)
     outs = out if isinstance(out, tuple) else (out,)
     ups = [torch.randn_like(o) for o in outs]
     grads = torch.autograd.grad(outs, [X0, *rest], ups)
@@ -266,7 +288,7 @@ def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
     ((X_rebuilt, (_, h, rho, beta, e)),) = rebuilt
     torch.testing.assert_close(X_rebuilt, kernel(outs[0].detach(), h, rho, beta, e))
     torch.testing.assert_close(X_rebuilt, X.detach(), rtol=1e-5, atol=1e-5)
-    kept = torch.autograd.grad(update(X0, *rest), [X0, *rest], ups)  # no tape: X kept
+    kept = torch.autograd.grad(call(X0), [X0, *rest], ups)  # no tape: X kept
     for a, b in zip(grads, kept, strict=True):
         _close(a, b, tol=2e-5)
 
@@ -452,9 +474,9 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
 def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, variant):
     """The forward kernel writes e, 1/n and β for `ops.state_tape`: a DeltaLM on the kernels keeps
     only its last state and gets the gradients of keeping them all (odd width 40, fp32). Each
-    state is rebuilt once: by the backward kernel of the delta update that consumed it (matrix
-    states), else by the rebuild kernel — for write-only, whose backward reads no state, and for
-    a vector state, which the update's saved input is (read before its backward runs)."""
+    state is rebuilt once: by the backward kernel of the delta update that consumed it (a vector
+    state too, which the official value head reads as u), else by the rebuild kernel — for
+    write-only, whose backward reads no state."""
     import weakref
 
     from deltalearn import DeltaLM, DeltaLMConfig
@@ -487,7 +509,7 @@ def test_deltalm_states_rebuilt_from_the_kernel_rows(interpreted, monkeypatch, v
     kept_off, grads_off, freed_on, grads_on = results
     assert not kept_off and freed_on
     assert len(rebuilt) == 2 * 2  # the input state of every rewrite
-    assert len(own_pass) == (0 if variant == "ddl-cc" else len(rebuilt))
+    assert len(own_pass) == (len(rebuilt) if variant == "write-only-cc" else 0)
     for a, b in zip(grads_on, grads_off, strict=True):
         _close(a, b, tol=1e-5)
 

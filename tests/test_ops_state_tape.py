@@ -251,12 +251,14 @@ def test_a_stack_of_drop_in_residuals_under_recording(value_channels):
 
 
 @pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
+@pytest.mark.parametrize("variant", ["ddl-cc", "ddl"])
 @pytest.mark.parametrize("in_backward", [True, False], ids=["in-backward", "own-pass"])
-def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch, in_backward):
+def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch, in_backward, variant):
     """Down a 3-block model, each state after the first two rebuilt ones goes into the buffer of
     one already read by all its consumers (a fresh buffer costs page faults on a CPU) — whether
-    the update's backward kernel rebuilds it (the default) or a pass of its own does (the
-    projections apart: `DELTALEARN_UPDATE_KERNEL=off`)."""
+    the update's backward kernel rebuilds it (the default; a vector state too, which the official
+    value head reads as u) or a pass of its own does (the projections apart:
+    `DELTALEARN_UPDATE_KERNEL=off`)."""
     monkeypatch.setattr(state_tape, "REBUILD", "on")
     monkeypatch.setattr(epilogue, "UPDATE_KERNEL", "on" if in_backward else "off")
     own_pass, buffers = [], []
@@ -272,7 +274,7 @@ def test_rebuilt_states_reuse_the_buffers_of_those_done_with(monkeypatch, in_bac
 
     monkeypatch.setattr(native, "rebuild_state", spy_pass)
     monkeypatch.setattr(state_tape.StateTape, "rebuilt", spy_rebuilt)
-    model = tiny_model("ddl-cc", num_layers=3).train()
+    model = tiny_model(variant, num_layers=3).train()
     ids = random_ids(2, 8)
     model(ids, labels=ids).loss.backward()
     assert len(buffers) == 6 and all(ptr in buffers[:i] for i, ptr in enumerate(buffers) if i > 1)

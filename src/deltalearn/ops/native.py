@@ -162,6 +162,7 @@ class _NativeUpdate(torch.autograd.Function):
         Y, x_next, rho, beta, e, v = _update_forward(
             X, h, c, u, w_g, b_g, W_v, b_v, C, delta, official, scale, eps, saved=True
         )
+        X_in = X
         tape = state_tape.active()
         ctx.rebuild = None
         if tape is not None:  # before saving: Y is then a state the tape knows
@@ -169,24 +170,29 @@ class _NativeUpdate(torch.autograd.Function):
             slot = tape.deferred(X) if delta else None
             if slot is not None:  # backward rebuilds X from Y itself (`StateTape.claim`)
                 ctx.rebuild, X = (tape, slot), None
+        # u is the state itself for a vector state's official head: the kernel reads the X it reads
+        # or rebuilds (not a copy of it kept, nor a rebuild pass of its own before the backward).
+        u_is_x = delta and official and u is X_in
         ctx.save_for_backward(
-            X if delta else None, h, c, u if official else None, w_g, W_v, rho, beta, e, v, C,
-            Y if C is not None else None,
+            X if delta else None, h, c, u if official and not u_is_x else None, w_g, W_v, rho,
+            beta, e, v, C, Y if C is not None else None,
         )  # fmt: skip
-        ctx.options = (delta, official, scale, b_v is not None)
+        ctx.options = (delta, official, scale, b_v is not None, u_is_x)
         return Y if C is None else (Y, x_next)
 
     @staticmethod
     @once_differentiable  # backward uses saved tensors only
     def backward(ctx: Any, GY: torch.Tensor, g_next: torch.Tensor | None = None):
         X, h, c, u, w_g, W_v, rho, beta, e, v, C, Y = ctx.saved_tensors
-        delta, official, scale, value_bias = ctx.options
+        delta, official, scale, value_bias, u_is_x = ctx.options
         X_out = None
         if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
             tape, slot = ctx.rebuild
             X, rebuild = tape.claim(slot)
             if rebuild is not None:
                 Y, *_, X_out = rebuild  # the row scalars are those saved here
+        if u_is_x:  # row by row, the kernel reads u after it has read or rebuilt that row of X
+            u = X if X is not None else X_out
         need = ctx.needs_input_grad  # X, h, c, u, w_g, b_g, W_v, b_v, C
         GY = GY.contiguous()
         g_next = None if g_next is None else g_next.contiguous()

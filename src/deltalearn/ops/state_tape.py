@@ -22,8 +22,9 @@ epilogue); a state whose rewrite never links (the reference composition, a half-
 stays kept as before. A delta update on the C or Triton kernels goes further where the state it
 consumed is still to be rebuilt when its backward runs (`deferred`, `claim`, `rebuilt`): its
 backward kernel reads Y anyway, so it forms X there and hands it to the tape — no rebuild pass of
-its own, nor a read of X back (a matrix state; a vector state is the update's saved input too and
-is rebuilt, for that, before the backward runs). Every other saved tensor is kept as it is where
+its own, nor a read of X back (on the C kernels a vector state is the official value head's saved
+input u too, and is rebuilt for that before the backward runs; the Triton backward forms u's
+weight gradient from the X it rebuilds). Every other saved tensor is kept as it is where
 it has no graph (a weight, a kernel's row scalars) and as a detached alias otherwise (returning an
 op's own output as-is would tie it to its own graph node: a reference cycle autograd cannot
 free). Code that reads no state —

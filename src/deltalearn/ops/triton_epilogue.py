@@ -270,13 +270,15 @@ def _bwd_tile(
 @triton.jit
 def _projections_bwd_tile(
     CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol, vmask, d, gz,
-    gp, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
+    gp, x_state, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
+    XV_STATE: tl.constexpr,
 ):  # fmt: skip
     """The projections' backward on one chunk of the rows: ∂c = ∂z w_g (+ W_vᵀ∂p where the value
     head reads c), ∂u = W_vᵀ∂p (where it reads u), and program `pid`'s partial sums of ∂w_g =
     Σ ∂z c and ∂W_v = Σ ∂p xᵀ (at GW + pid · part_stride: `(1 + dv, d)` fp32, row 0 w_g, rows
     1.. W_v; set by the program's first row block, added to by the `later` ones); c and x as the
-    forward kept them (`ops.projections.kept_inputs`)."""
+    forward kept them (`ops.projections.kept_inputs`), or with XV_STATE x the state itself, which
+    the caller holds as `x_state` (fp32): the official head's u of a vector state."""
     dmask = offs < d
     wmask = dmask[:, None] & vmask[None, :]
     wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
@@ -290,8 +292,11 @@ def _projections_bwd_tile(
         tl.store(gc_ptr, g_gate.to(GCIN.dtype.element_ty), mask=hm)
         gu_ptr = GXV + rows[:, None] * d + offs[None, :]
         tl.store(gu_ptr, g_value.to(GXV.dtype.element_ty), mask=hm)
-        xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
-        xf = xf.to(tl.float32)
+        if XV_STATE:
+            xf = x_state
+        else:
+            xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
+            xf = xf.to(tl.float32)
     else:
         tl.store(gc_ptr, (g_gate + g_value).to(GCIN.dtype.element_ty), mask=hm)
         xf = cf
@@ -316,7 +321,7 @@ def _bwd_kernel(
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
     G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr, REBUILD: tl.constexpr,
-    Y_DENSE: tl.constexpr,
+    Y_DENSE: tl.constexpr, XV_STATE: tl.constexpr,
 ):  # fmt: skip
     # REBUILD (delta only): X is not read but formed from the output Y and the row scalars the
     # forward saved for the state tape, x = y − (βρh) eᵀ as `_rebuild_kernel` forms it, and
@@ -440,9 +445,13 @@ def _bwd_kernel(
                 acc = tl.load(gc_ptr, mask=cmask & later, other=0.0)
                 tl.store(gc_ptr, acc + part, mask=cmask)
             if PROJECT:
+                if XV_STATE:  # (DELTA, DV = 1) the value head's u is the state, in hand here
+                    x_state = tl.sum(xf, axis=2)
+                else:
+                    x_state = gh  # unread
                 _projections_bwd_tile(
                     CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol,
-                    vmask, d, gz, gp, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
+                    vmask, d, gz, gp, x_state, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U, XV_STATE,
                 )  # fmt: skip
         if PROJECT:  # the biases' partial sums: ∂b_g = Σ ∂z, ∂b_v = Σ ∂p
             gb_ptr = GB + pid * part_stride
@@ -687,9 +696,7 @@ def _backward(
     used = sum(sizes)
     part_stride = cdiv(used, 16) * 16
     sizes.append(part_stride - used)
-    if (
-        reduces
-    ):  # unzeroed: the kernel sets every partial sum (a program has one row block at least)
+    if reduces:  # unzeroed: the kernel sets every partial sum (a program has a row block at least)
         alloc = torch.empty if n_rows > 0 else torch.zeros
         part = alloc((nprog, part_stride), dtype=torch.float32, device=X.device)
     else:
@@ -701,7 +708,9 @@ def _backward(
     else:
         c_kept, x_low, w_g, W_v, c_dtype, u_dtype = projections
         reads_u = u_dtype is not None
-        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), _flat(x_low, n_rows, d)
+        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), (gh, (0, 0))  # xv unread: x is X
+        if x_low is not None:
+            xv, sxv = _flat(x_low, n_rows, d)
         wg, wv = w_g.contiguous(), W_v.contiguous()
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if reads_u else g_c
@@ -723,6 +732,7 @@ def _backward(
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
             PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
+            XV_STATE=projections is not None and projections[1] is None,
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
@@ -771,7 +781,10 @@ class _TritonUpdate(torch.autograd.Function):
     """A whole DDL update with the linear gate: the forward kernel computes the gate's logit
     `z = c·w_g + b_g` and the value head's pre-activation `p = x W_vᵀ (+ b_v)` (x = c, or u for
     the official head) from the rows itself, in fp32, then rewrites; the backward kernel forms the
-    projections' gradients too (module docstring). One autograd node and no projection launches,
+    projections' gradients too (module docstring). Where u is the state X itself (the official
+    head of a vector state) and the rule is delta, ∂W_v is formed from the X the backward reads
+    or rebuilds anyway: no copy of u kept (under autocast a half-precision one) and nothing saved
+    that the state tape must see. One autograd node and no projection launches,
     where `_LinearProjections` before `_RewriteEpilogue` made two nodes, six products and their
     casts and views: eager training on a GPU is bound by such host work. `keep_dtype` /
     `lin_dtype`: as `_LinearProjections`' — c is kept for ∂w_g, and u for ∂W_v, in the autocast
@@ -786,6 +799,8 @@ class _TritonUpdate(torch.autograd.Function):
         )
         # Kept in their own shapes: the backward's `_flat` reads them as rows (no view a call).
         c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
+        if _reads_own_state(X, x, delta):  # the backward kernel has X in hand: no copy kept
+            x_low = None
         tape = state_tape.active() if delta else None
         slot = None if tape is None else tape.deferred(X)
         ctx.rebuild = None
@@ -879,6 +894,12 @@ def rewrite_epilogue_triton(
     )
 
 
+def _reads_own_state(X: torch.Tensor, x: torch.Tensor, delta: bool) -> bool:
+    """Whether the value head's input is the state itself (u = X: a vector state, official head)
+    where the delta backward reads X anyway."""
+    return delta and x is X
+
+
 def update_triton(
     X, h, c, x, w_g, b_g, W_v, b_v, compress, *, rule, value_head, value_scale, k_eps, keep, lin
 ):  # fmt: skip
@@ -892,9 +913,9 @@ def update_triton(
         value_scale, k_eps, keep, lin,
     )  # fmt: skip
     tape = state_tape.active() if rule == "delta" else None
-    if tape is not None and tape.will_defer(X) and not any(map(tape.registered, (h, c, x))):
-        # Its backward rebuilds X itself, and nothing else it saves is a state (x is one for a
-        # vector state's official value head, u = X): the tape's hooks would only pass each
-        # saved tensor through, a Python call each way — host time.
+    saved = (h, c) if _reads_own_state(X, x, True) else (h, c, x)
+    if tape is not None and tape.will_defer(X) and not any(map(tape.registered, saved)):
+        # Its backward rebuilds X itself, and nothing else it saves is a state: the tape's hooks
+        # would only pass each saved tensor through, a Python call each way — host time.
         return state_tape.without_hooks(tape, _TritonUpdate.apply, *args)
     return _TritonUpdate.apply(*args)
