@@ -380,6 +380,37 @@ def test_training_update_rebuilds_the_state_it_consumed_in_its_backward(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_training_update_whose_value_head_reads_the_state(kernel_calls, monkeypatch):
+    """The official head of a vector state reads u = X (a DeltaLM with d_v = 1): the delta backward
+    reads u from the X it reads or rebuilds and adds u's gradient to X's — float64 gradcheck, the
+    general path's gradients, and under a state tape no rebuild pass (`update_backward` only)."""
+    update, (X, h, c, _, _) = _update_and_operands(7, 1, "delta", "official", torch.float64)
+    gate, value = update.gate.out, update.value.proj
+    leaves = [t.detach().requires_grad_() for t in (X, h, c, gate.weight, gate.bias, value.weight)]
+
+    def fn(X, h, c, w_g, b_g, W_v):
+        return native.update_native(X, h, c, X, w_g, b_g, W_v, value.bias, None, "delta",
+                                    "official", 3.0, 1e-5)  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert "update_backward" in kernel_calls
+    update, (X, h, c, _, _) = _update_and_operands(40, 1, "delta", "official")
+    state, h, c = (t.requires_grad_() for t in (X, h, c))
+    ups = torch.randn(state.shape)
+    kernel_calls.clear()
+    with state_tape.recording() as tape:
+        X = state * 1.0  # a state with a graph, as between sublayers
+        tape.add(X)
+        grads = torch.autograd.grad(update(X, h, c, X), [state, h, c, *update.parameters()], ups)
+    assert kernel_calls == ["update_forward_saved", "update_backward"]
+    monkeypatch.setattr(backend, "BACKEND", "torch")
+    expected = torch.autograd.grad(
+        update(state, h, c, state), [state, h, c, *update.parameters()], ups
+    )
+    for actual, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-5)
+
+
 def test_update_kernel_switch(kernel_calls, monkeypatch):
     """DELTALEARN_UPDATE_KERNEL=off: the projections in PyTorch, then the epilogue's kernel, with
     the same numbers; inference stays one call; a bad value names the variable."""

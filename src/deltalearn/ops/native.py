@@ -171,7 +171,8 @@ class _NativeUpdate(torch.autograd.Function):
             if slot is not None:  # backward rebuilds X from Y itself (`StateTape.claim`)
                 ctx.rebuild, X = (tape, slot), None
         # u is the state itself for a vector state's official head: the kernel reads the X it reads
-        # or rebuilds (not a copy of it kept, nor a rebuild pass of its own before the backward).
+        # or rebuilds (not a copy of it kept, nor a rebuild pass of its own before the backward)
+        # and adds u's gradient to X's (not one of its own for autograd to sum).
         u_is_x = delta and official and u is X_in
         ctx.save_for_backward(
             X if delta else None, h, c, u if official and not u_is_x else None, w_g, W_v, rho,
@@ -191,8 +192,6 @@ class _NativeUpdate(torch.autograd.Function):
             X, rebuild = tape.claim(slot)
             if rebuild is not None:
                 Y, *_, X_out = rebuild  # the row scalars are those saved here
-        if u_is_x:  # row by row, the kernel reads u after it has read or rebuilt that row of X
-            u = X if X is not None else X_out
         need = ctx.needs_input_grad  # X, h, c, u, w_g, b_g, W_v, b_v, C
         GY = GY.contiguous()
         g_next = None if g_next is None else g_next.contiguous()
@@ -216,7 +215,7 @@ class _NativeUpdate(torch.autograd.Function):
             _ptr(X), _ptr(h), _ptr(c), _ptr(u), _ptr(w_g), _ptr(W_v), _ptr(rho), _ptr(beta),
             _ptr(e), _ptr(v), int(delta), int(official), float(scale), _ptr(gX), _ptr(gh),
             _ptr(gc), _ptr(gu), _ptr(gw_g), _ptr(gb_g), _ptr(gW_v), _ptr(gb_v), _ptr(gC),
-            _ptr(X_out),
+            _ptr(X_out), int(u_is_x),
         )  # fmt: skip
         if X_out is not None:
             tape.rebuilt(slot, X_out)

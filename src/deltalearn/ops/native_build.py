@@ -48,7 +48,7 @@ SIGNATURES = {
     "state_rebuild": [_I64] * 3 + [_P] * 6 + [_INT],
     "update_forward": [_I64] * 3 + [_P] * 9 + [_INT, _INT, _DBL, _DBL] + [_P] * 2 + [_INT],
     "update_forward_saved": [_I64] * 3 + [_P] * 9 + [_INT, _INT, _DBL, _DBL] + [_P] * 6 + [_INT],
-    "update_backward": [_I64] * 3 + [_P] * 14 + [_INT, _INT, _DBL] + [_P] * 10 + [_INT],
+    "update_backward": [_I64] * 3 + [_P] * 14 + [_INT, _INT, _DBL] + [_P] * 10 + [_INT, _INT],
     "read_forward": [_I64] * 6 + [_P] * 3 + [_INT],
     "read_backward": [_I64] * 6 + [_P] * 5 + [_INT],
     "expand_forward": [_I64] * 6 + [_P] * 3 + [_INT],

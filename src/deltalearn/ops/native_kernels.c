@@ -330,13 +330,14 @@ int FN(epilogue_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, cons
 
 /* The projections' backward for one row, from the row's dz and dp (dv of them):
  *   dc = dz w_g (+ W_v^T dp where the value head reads c),  du = W_v^T dp (where it reads u),
- * written where gcn / gun are not NULL, and into this thread's double partial sums `acc`
+ * written where gcn / gun are not NULL (du added to gun instead with `add_u`: u is the state,
+ * gun its gradient's row), and into this thread's double partial sums `acc`
  * (layout: dw_g (d), db_g (1), dW_v (dv * d), db_v (dv)): dz c, dz, dp x^T, dp. */
 INLINE void FN(projections_backward_row)(int64_t d, const int64_t dv, REAL gz, const REAL *RESTRICT gp,
                                          const REAL *RESTRICT cn, const REAL *RESTRICT xin,
                                          const REAL *RESTRICT w_gate, const REAL *RESTRICT W_value,
                                          int reads_u, REAL *RESTRICT gcn, REAL *RESTRICT gun,
-                                         double *RESTRICT acc) {
+                                         int add_u, double *RESTRICT acc) {
     if (gcn) {
         for (int64_t i = 0; i < d; i++) {
             REAL g = gz * w_gate[i];
@@ -349,7 +350,7 @@ INLINE void FN(projections_backward_row)(int64_t d, const int64_t dv, REAL gz, c
         for (int64_t i = 0; i < d; i++) {
             REAL g = 0;
             for (int64_t j = 0; j < dv; j++) g += gp[j] * W_value[j * d + i];
-            gun[i] = g;
+            gun[i] = add_u ? gun[i] + g : g;
         }
     }
     double *RESTRICT aw = acc, *RESTRICT aW = acc + d + 1, *RESTRICT abv = acc + d + 1 + dv * d;
@@ -380,17 +381,21 @@ static void FN(write_partials)(const double *partial, int nt, int64_t size, int6
  * head's (NULL for the paper head, which reads c); v is read for the official head only. Every
  * output but dh may be NULL where it is not needed (dX only where it is G itself: write-only
  * without a read). For delta, X NULL and X_out given: the state X is rebuilt from Y in the row
- * pass and written to X_out (epilogue_backward_row). */
+ * pass and written to X_out (epilogue_backward_row). `u_is_x` (delta, official head, dv = 1):
+ * u is the state itself — read from the row of X just read or rebuilt, its gradient added to
+ * dX (gu unused): no copy of u kept, no gradient of its own to sum. */
 int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const REAL *g_next,
                         const REAL *C, const REAL *Y, const REAL *X, const REAL *h, const REAL *c,
                         const REAL *u, const REAL *w_gate, const REAL *W_value,
                         const REAL *rho_in, const REAL *beta_in, const REAL *e_in,
                         const REAL *v_in, int delta, int official, double scale, REAL *gX,
                         REAL *gh, REAL *gc, REAL *gu, REAL *gw_gate, REAL *gb_gate,
-                        REAL *gW_value, REAL *gb_value, REAL *gC, REAL *X_out, int threads) {
+                        REAL *gW_value, REAL *gb_value, REAL *gC, REAL *X_out, int u_is_x,
+                        int threads) {
     if (dv > MAX_DV) return 1;
     if ((delta || g_next) && !gX) return 3;
-    if (official && !u) return 3;
+    if (u_is_x && !(delta && official && dv == 1)) return 3;
+    if (official && !u && !u_is_x) return 3;
     if (delta && !X && !(X_out && Y)) return 3;
     const int nt = FN(thread_count)(N * d * dv, threads);
     const int64_t size = d + 1 + dv * d + dv;
@@ -419,9 +424,10 @@ int FN(update_backward)(int64_t N, int64_t d, int64_t dv, const REAL *GY, const 
                                       official, scale, gX ? gX + n * d * dv : NULL, gh + n * d, \
                                       &gz, gp, mine_C,                                         \
                                       delta && !X ? X_out + n * d * dv : NULL);                \
-            FN(projections_backward_row)(d, DV, gz, gp, cn, official ? u + n * d : cn, w_gate, \
-                                         W_value, official, gc ? gc + n * d : NULL,            \
-                                         gu ? gu + n * d : NULL, mine);                        \
+            const REAL *xin = !official ? cn : !u_is_x ? u + n * d : X ? X + n * d : X_out + n * d; \
+            REAL *gun = u_is_x ? gX + n * d : gu ? gu + n * d : NULL;                          \
+            FN(projections_backward_row)(d, DV, gz, gp, cn, xin, w_gate, W_value, official,    \
+                                         gc ? gc + n * d : NULL, gun, u_is_x, mine);           \
         }                                                                                      \
     }
     FOR_DV(dv, UPDATE_BACKWARD_LOOP)

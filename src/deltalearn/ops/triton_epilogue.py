@@ -278,7 +278,8 @@ def _projections_bwd_tile(
     Σ ∂z c and ∂W_v = Σ ∂p xᵀ (at GW + pid · part_stride: `(1 + dv, d)` fp32, row 0 w_g, rows
     1.. W_v; set by the program's first row block, added to by the `later` ones); c and x as the
     forward kept them (`ops.projections.kept_inputs`), or with XV_STATE x the state itself, which
-    the caller holds as `x_state` (fp32): the official head's u of a vector state."""
+    the caller holds as `x_state` (fp32): the official head's u of a vector state, whose ∂u the
+    caller added to ∂X."""
     dmask = offs < d
     wmask = dmask[:, None] & vmask[None, :]
     wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
@@ -290,8 +291,9 @@ def _projections_bwd_tile(
     gc_ptr = GCIN + rows[:, None] * d + offs[None, :]
     if READS_U:
         tl.store(gc_ptr, g_gate.to(GCIN.dtype.element_ty), mask=hm)
-        gu_ptr = GXV + rows[:, None] * d + offs[None, :]
-        tl.store(gu_ptr, g_value.to(GXV.dtype.element_ty), mask=hm)
+        if not XV_STATE:  # else ∂u went into ∂X (u is X)
+            gu_ptr = GXV + rows[:, None] * d + offs[None, :]
+            tl.store(gu_ptr, g_value.to(GXV.dtype.element_ty), mask=hm)
         if XV_STATE:
             xf = x_state
         else:
@@ -430,6 +432,9 @@ def _bwd_kernel(
                     gx = gf - hf[:, :, None] * bks[:, None, :]
                 else:
                     gx = gf
+                if XV_STATE:  # (DV = 1) u is X: ∂u = W_vᵀ∂p joins ∂X here, not a tensor of its own
+                    wv1 = tl.load(WV + offs, mask=offs < d, other=0.0).to(tl.float32)
+                    gx += (tl.sum(gp, axis=1)[:, None] * wv1[None, :])[:, :, None]
                 gx_ptr = GX + rows[:, None, None] * (d * DV) + offs[None, :, None] * DV
                 tl.store(gx_ptr + vcol[None, None, :], gx.to(GX.dtype.element_ty), mask=xm)
             if COMPRESS:
@@ -713,7 +718,8 @@ def _backward(
             xv, sxv = _flat(x_low, n_rows, d)
         wg, wv = w_g.contiguous(), W_v.contiguous()
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
-        g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if reads_u else g_c
+        u_own = reads_u and x_low is not None  # else u is X: its gradient goes into ∂X
+        g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if u_own else g_c
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
     else:
@@ -745,7 +751,7 @@ def _backward(
     if projections is not None:
         gw_g, gW_v, gb_g, gb_v = sums[1:5]
         weights = (cast(gw_g.view(1, d), w_g.dtype), gb_g, cast(gW_v.view(dv, d), W_v.dtype), gb_v)
-        grads = (g_c, g_u if reads_u else None, *weights)
+        grads = (g_c, g_u if u_own else None, *weights)
         return gX if need_X else None, gh if need_h else None, grads, None, gC
     return (
         gX if need_X else None,
