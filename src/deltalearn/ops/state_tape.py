@@ -22,14 +22,14 @@ epilogue); a state whose rewrite never links (the reference composition, a half-
 stays kept as before. A delta update on the C or Triton kernels goes further where the state it
 consumed is still to be rebuilt when its backward runs (`deferred`, `claim`, `rebuilt`): its
 backward kernel reads Y anyway, so it forms X there and hands it to the tape — no rebuild pass of
-its own, nor a read of X back (on the C kernels a vector state is the official value head's saved
-input u too, and is rebuilt for that before the backward runs; the Triton backward forms u's
-weight gradient from the X it rebuilds). Every other saved tensor is kept as it is where
-it has no graph (a weight, a kernel's row scalars) and as a detached alias otherwise (returning an
-op's own output as-is would tie it to its own graph node: a reference cycle autograd cannot
-free). Code that reads no state —
-a sublayer's branch, the norm and projections of a compressed x_in — runs with the hooks off
-(`outside`): its saved tensors are autograd's as usual, without a Python call each.
+its own, nor a read of X back (a vector state too, which the official value head reads as u: the
+kernel takes u from the X it rebuilds, and adds u's gradient to X's). Every other saved tensor is
+kept as it is where it has no graph (a weight, a kernel's row scalars) and as a detached alias
+otherwise (returning an op's own output as-is would tie it to its own graph node: a reference
+cycle autograd cannot free). Code that reads no state — a sublayer's branch, the norm and
+projections of a compressed x_in — runs with the hooks off (`outside`), and so does a Triton
+update that saves no state (`will_defer`, `without_hooks`): its saved tensors are autograd's as
+usual, without a Python call each.
 Second-order gradients (`create_graph=True`) are refused: a detached tensor carries none.
 
 `DELTALEARN_REBUILD_STATES` ("on", the default, or "off"; or `REBUILD` below) switches it; DeltaLM
