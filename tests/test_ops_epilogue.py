@@ -177,10 +177,13 @@ def _update_results(update, leaves, compress, autocast=False):
     return outs, grads
 
 
-def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False, u_is_x=False):
+def _check_update(
+    monkeypatch, d, dv, rule, value_head, compress, autocast=False, u_is_x=False, c_is_x=False
+):
     """The whole update on the kernels (projections computed by the forward kernel) against the
     general path (`gate_and_value`, then the reference epilogue): values, every gradient. With
-    `u_is_x` the value head reads the state itself, as a DeltaLM's vector state gives it."""
+    `u_is_x` the value head reads the state itself, as a DeltaLM's vector state gives it; with
+    `c_is_x` the gate (and the paper head) do."""
     from deltalearn.nn import DeltaUpdate
 
     torch.manual_seed(1)
@@ -194,6 +197,8 @@ def _check_update(monkeypatch, d, dv, rule, value_head, compress, autocast=False
     leaves = [t.requires_grad_() for t in (X, h * 3, c, u, torch.randn(d, dv) / dv)]
     if u_is_x:
         leaves[3] = leaves[0]
+    if c_is_x:
+        leaves[2] = leaves[0]
     calls = []
     real = te.update_triton
     monkeypatch.setattr(te, "update_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -239,6 +244,12 @@ def test_whole_update_whose_value_head_reads_the_state(interpreted, monkeypatch,
         m.setattr(te, "MAX_TILE_BWD", 128)
         _check_update(m, 200, 1, rule, "official", False, autocast=autocast, u_is_x=True)
     _check_update(monkeypatch, 96, 1, rule, "official", False, autocast=autocast, u_is_x=True)
+
+
+def test_whole_update_whose_paper_head_reads_the_state(interpreted, monkeypatch):
+    """The paper head's input is c; where a caller passes the state as c, ∂c holds the value
+    head's gradient, and nothing adds it to ∂X a second time."""
+    _check_update(monkeypatch, 96, 1, "delta", "paper", False, c_is_x=True)
 
 
 @pytest.mark.parametrize(

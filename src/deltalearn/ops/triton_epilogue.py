@@ -709,16 +709,17 @@ def _backward(
     if projections is None:
         cin = xv = wg = wv = g_c = g_u = gh  # unread placeholders
         sc = sxv = (0, 0)
-        reads_u = False
+        reads_u = x_is_state = False
     else:
         c_kept, x_low, w_g, W_v, c_dtype, u_dtype = projections
         reads_u = u_dtype is not None
-        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), (gh, (0, 0))  # xv unread: x is X
-        if x_low is not None:
+        x_is_state = x_low is None  # u is X: read from X, its gradient goes into ∂X
+        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), (gh, (0, 0))  # xv unread if x is X
+        if not x_is_state:
             xv, sxv = _flat(x_low, n_rows, d)
         wg, wv = w_g.contiguous(), W_v.contiguous()
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
-        u_own = reads_u and x_low is not None  # else u is X: its gradient goes into ∂X
+        u_own = reads_u and not x_is_state
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if u_own else g_c
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
@@ -738,7 +739,7 @@ def _backward(
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
             PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
-            XV_STATE=projections is not None and projections[1] is None,
+            XV_STATE=x_is_state,
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
@@ -805,7 +806,7 @@ class _TritonUpdate(torch.autograd.Function):
         )
         # Kept in their own shapes: the backward's `_flat` reads them as rows (no view a call).
         c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
-        if _reads_own_state(X, x, delta):  # the backward kernel has X in hand: no copy kept
+        if _reads_own_state(X, x, delta, official):  # the backward has X in hand: no copy kept
             x_low = None
         tape = state_tape.active() if delta else None
         slot = None if tape is None else tape.deferred(X)
@@ -900,10 +901,11 @@ def rewrite_epilogue_triton(
     )
 
 
-def _reads_own_state(X: torch.Tensor, x: torch.Tensor, delta: bool) -> bool:
-    """Whether the value head's input is the state itself (u = X: a vector state, official head)
-    where the delta backward reads X anyway."""
-    return delta and x is X
+def _reads_own_state(X: torch.Tensor, x: torch.Tensor, delta: bool, official: bool) -> bool:
+    """Whether the official value head's input is the state itself (u = X: a vector state) where
+    the delta backward reads X anyway. Not the paper head's x = c, even where c is X: its ∂x is
+    part of ∂c, which the kernel writes as it is."""
+    return delta and official and x is X
 
 
 def update_triton(
@@ -914,12 +916,12 @@ def update_triton(
     w_g `(1, d)`, b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None, all on
     one device (checked by the caller); `keep` / `lin` the dtypes of `nn.generators.
     projection_dtypes`. Returns Y, or `(Y, x_next)` with compress."""
+    delta, official = rule == "delta", value_head == "official"
     args = (
-        X, h, c, x, w_g, b_g, W_v, b_v, compress, rule == "delta", value_head == "official",
-        value_scale, k_eps, keep, lin,
+        X, h, c, x, w_g, b_g, W_v, b_v, compress, delta, official, value_scale, k_eps, keep, lin,
     )  # fmt: skip
-    tape = state_tape.active() if rule == "delta" else None
-    saved = (h, c) if _reads_own_state(X, x, True) else (h, c, x)
+    tape = state_tape.active() if delta else None
+    saved = (h, c) if _reads_own_state(X, x, delta, official) else (h, c, x)
     if tape is not None and tape.will_defer(X) and not any(map(tape.registered, saved)):
         # Its backward rebuilds X itself, and nothing else it saves is a state: the tape's hooks
         # would only pass each saved tensor through, a Python call each way — host time.
