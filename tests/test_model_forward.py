@@ -355,9 +355,9 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
     calls = []
     real = DeltaUpdate.forward
 
-    def spy(self, X, h, c, u, compress=None):
+    def spy(self, X, h, c, u, compress=None, **kwargs):
         calls.append(compress is not None)
-        return real(self, X, h, c, u, compress)
+        return real(self, X, h, c, u, compress, **kwargs)
 
     reads = []
     real_read = ChannelCompressor.read_with_matrix

@@ -338,3 +338,47 @@ def test_recorded_readout_is_fp32_under_bf16_autocast(fused):
     want = torch.einsum("btd,btdv->btv", k, X.double())
     # Only the readout's own rounding is left: fp32 gives ~1e-7 relative, bf16 ~4e-3.
     assert (rec.readout.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_rms_norm_parameters_name_only_a_plain_rms_norm():
+    """What lets a rewrite recompute c = norm(u): torch's RMSNorm with a weight and an ε, or a
+    module that says how it normalises (DeltaLM's), each called plainly and as wide as u."""
+    from deltalearn.models.layers import RMSNorm
+    from deltalearn.nn.residual import rms_norm_parameters
+
+    u = torch.randn(2, 12)
+    torch_norm, own = nn.RMSNorm(12, eps=1e-5), RMSNorm(12, 1e-6)
+    assert rms_norm_parameters(torch_norm, u) == (torch_norm.weight, 1e-5)
+    assert rms_norm_parameters(own, u) == (own.weight, 1e-6)
+    assert rms_norm_parameters(own, torch.randn(2, 16)) is None  # not u's width
+    assert rms_norm_parameters(nn.RMSNorm(12), u) is None  # ε from the input's dtype
+    assert rms_norm_parameters(nn.RMSNorm(12, 1e-5, elementwise_affine=False), u) is None
+    assert rms_norm_parameters(nn.LayerNorm(12), u) is None
+    hooked = nn.RMSNorm(12, eps=1e-5)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    assert rms_norm_parameters(hooked, u) is None
+
+
+def test_training_hands_the_update_the_norm_that_made_c(monkeypatch):
+    """In training `DeltaResidual` passes its norm to the update (`c_norm`), not in inference; an
+    update subclass with its own forward gets the call it always had."""
+    from deltalearn.nn import DeltaUpdate
+
+    layer = DeltaResidual(12, _mlp(12), value_head="official")
+    seen = []
+    real = DeltaUpdate.forward
+    monkeypatch.setattr(
+        DeltaUpdate, "forward", lambda self, *a, **k: seen.append(k) or real(self, *a, **k)
+    )
+    x = torch.randn(2, 3, 12)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer(x)
+    assert seen == [{"c_norm": layer.norm}, {}]
+
+    class OwnForward(DeltaUpdate):
+        def forward(self, X, h, c, u):
+            return real(self, X, h, c, u)
+
+    layer.update.__class__ = OwnForward
+    layer(x).sum().backward()

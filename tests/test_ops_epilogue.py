@@ -333,6 +333,72 @@ def test_whole_update_on_strided_and_empty_inputs(interpreted, monkeypatch, dv):
     assert all(p.grad is not None and not p.grad.any() for p in update.parameters())
 
 
+def _normed_update_run(d, dv, autocast, c_norm):
+    """An official-head update whose c is an RMSNorm of u (u = X for a vector state, as in a
+    DeltaLM): outputs, the gradients of a fixed loss with respect to every leaf and parameter (the
+    norm's weight included), and the (shape, dtype) of every tensor saved for backward."""
+    from deltalearn.models.layers import RMSNorm
+
+    torch.manual_seed(1)
+    update = DeltaUpdate(d, dv, value_head="official")
+    update.record = False
+    norm = RMSNorm(d, 1e-6)
+    with torch.no_grad():
+        for param in update.parameters():
+            param.copy_(torch.randn(param.shape) / d**0.5)
+        norm.weight.copy_(1 + 0.3 * torch.randn(d))
+    X = (torch.randn(3, 5, d, dv) if dv > 1 else torch.randn(3, 5, d)).requires_grad_()
+    h = (3 * torch.randn(3, 5, d)).requires_grad_()
+    u = X if dv == 1 else torch.randn(3, 5, d).requires_grad_()
+    rest = [(torch.randn(d, dv) / dv).requires_grad_()] if dv > 1 else []
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = update(X, h, norm(u), u, *rest, c_norm=norm if c_norm else None)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(2)
+    ups = [torch.randn(o.shape, generator=gen) for o in outs]
+    leaves = [X, h, *([u] if dv > 1 else []), *rest, *update.parameters(), norm.weight]
+    return outs, torch.autograd.grad(outs, leaves, ups), saved
+
+
+@pytest.mark.parametrize(("d", "dv", "tile"), [(96, 4, None), (200, 1, 128), (200, 4, 128)])
+def test_whole_update_recomputes_the_norm_of_its_input_under_autocast(
+    interpreted, monkeypatch, d, dv, tile
+):
+    """Given the RMSNorm that made c from u (`c_norm`), the update keeps no low-precision copy of
+    c or u under bf16 autocast: its backward recomputes c from u (in chunks too). The outputs are
+    those of the update that keeps the copies, bit for bit, and every gradient is the fp32 run's
+    (no autocast, nothing rounded) to round-off, where the kept bf16 copies miss it by ~1e-3."""
+    if tile is not None:
+        monkeypatch.setattr(te, "MAX_TILE", tile)
+        monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
+    calls = []
+    real = te.update_triton
+    monkeypatch.setattr(
+        te, "update_triton", lambda *a, **k: calls.append(k["norm"]) or real(*a, **k)
+    )
+    outs, grads, saved = _normed_update_run(d, dv, autocast=True, c_norm=True)
+    kept_outs, kept_grads, kept_saved = _normed_update_run(d, dv, autocast=True, c_norm=False)
+    _, fp32_grads, _ = _normed_update_run(d, dv, autocast=False, c_norm=False)
+    assert calls[0] is not None and calls[1] is None
+    assert [s for s in saved if s[1] == torch.bfloat16] == []
+    assert (3, 5, d) in [s[0] for s in kept_saved if s[1] == torch.bfloat16]
+    for a, b in zip(outs, kept_outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(grads, fp32_grads, strict=True):
+        _close(a, b, tol=1e-5)
+    worst = max(
+        (a - b).abs().max() / b.abs().max() for a, b in zip(kept_grads, fp32_grads, strict=True)
+    )
+    assert worst > 1e-4  # what the copies cost, and what the comparison above can see
+
+
 def test_update_kernel_switch_off_takes_the_projections_apart(interpreted, monkeypatch):
     from deltalearn.nn import DeltaUpdate
 

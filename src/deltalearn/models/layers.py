@@ -28,6 +28,11 @@ class RMSNorm(nn.Module):
         y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return y.to(x.dtype)
 
+    def rms_norm_parameters(self) -> tuple[torch.Tensor, float]:
+        """`(weight, eps)` of `rms_norm` as `forward` applies it (`nn.residual.rms_norm_parameters`:
+        a DDL rewrite's backward may recompute this norm of its input instead of keeping it)."""
+        return self.weight, self.eps
+
 
 class OutProj(nn.Linear):
     """A projection that writes into the residual stream (attention output, MLP down-projection).

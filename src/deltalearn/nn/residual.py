@@ -124,10 +124,14 @@ class DeltaUpdate(nn.Module):
         c: torch.Tensor,
         u: torch.Tensor,
         compress: torch.Tensor | None = None,
+        *,
+        c_norm: nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The rewritten state; with `compress` (a channel compressor's `(d, dv)` mixing matrix)
         also the next sublayer's read of it, `(Y, x_next)`, read inside the Triton kernel when
-        that runs."""
+        that runs. `c_norm`: the module that made c from u (`c = c_norm(u)`), where the caller
+        knows it; an RMSNorm (`rms_norm_parameters`) lets the Triton path recompute c from u in
+        backward instead of keeping a copy of it under autocast (the official value head)."""
         # Without autograd on CPU: the whole update in one call whose checks run in C++
         # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
         # first: it checks torch.compile before anything untraceable.
@@ -167,7 +171,7 @@ class DeltaUpdate(nn.Module):
             return out
         weights = self._triton_update_weights(X, h, c, u, compress, vector)
         if weights is not None:  # CUDA: projections and rewrite in one Triton kernel each way
-            out = self._triton_update(X, h, c, u, weights, compress)
+            out = self._triton_update(X, h, c, u, weights, compress, c_norm)
             if self.record:
                 self._record_from_inputs(X, h, c, u, vector)
             return out
@@ -198,15 +202,18 @@ class DeltaUpdate(nn.Module):
             return None
         return weights if backend.use_triton(operands) else None
 
-    def _triton_update(self, X, h, c, u, weights, compress):
+    def _triton_update(self, X, h, c, u, weights, compress, c_norm=None):
         from deltalearn.ops.triton_epilogue import update_triton  # triton: an optional extra
 
         value = self._modules["value"]
         keep, lin = projection_dtypes(c, accumulation_dtype(c))
+        norm = None
+        if c_norm is not None and value.kind == "official" and torch.is_grad_enabled():
+            norm = rms_norm_parameters(c_norm, u)
         return update_triton(
             X, h, c, c if value.kind == "paper" else u, *weights, compress, rule=self.rule,
             value_head=value.kind, value_scale=value.sigmoid_scale, k_eps=self.k_eps, keep=keep,
-            lin=lin,
+            lin=lin, norm=norm,
         )  # fmt: skip
 
     def _fits(self, X, h, c, u, compress, vector: bool, weights) -> bool:
@@ -314,6 +321,26 @@ class DeltaUpdate(nn.Module):
         if self.record:
             self.last_record = _record(X, k, beta, v)
         return out
+
+
+def rms_norm_parameters(norm: nn.Module, u: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """`(weight, eps)` where `norm(u)` is `rms_norm(u, (d,), weight, eps)` and nothing else — a
+    `torch.nn.RMSNorm` with a weight and an ε, or a module whose class says how it normalises
+    (`rms_norm_parameters()`, as `deltalearn.models.layers.RMSNorm`), called plainly (no hooks)
+    — with the weight a plain `(d,)` tensor on u's device; else None. What lets a rewrite
+    recompute c from u rather than keep it."""
+    if isinstance(norm, nn.RMSNorm) and plain_call(norm, nn.RMSNorm):
+        weight, eps = norm.weight, norm.eps
+    else:
+        describe = getattr(type(norm), "rms_norm_parameters", None)
+        if describe is None or not plain_call(norm, type(norm)):
+            return None
+        weight, eps = describe(norm)
+    if weight is None or eps is None or type(weight) not in _PLAIN:
+        return None
+    if weight.shape != u.shape[-1:] or weight.device != u.device:
+        return None
+    return weight, float(eps)
 
 
 @torch.no_grad()
@@ -467,4 +494,9 @@ def residual_step(
         if out is not None:
             return out
     # No trailing None argument: forward hooks on the update see (X, h, c, u) as before.
-    return update(X, h, c, x_in) if compress is None else update(X, h, c, x_in, compress)
+    args = (X, h, c, x_in) if compress is None else (X, h, c, x_in, compress)
+    # In training the norm that made c goes along (the Triton backward may recompute c from
+    # x_in); a subclass's own forward gets the call it always had.
+    if torch.is_grad_enabled() and type(update).forward is DeltaUpdate.forward:
+        return update(*args, c_norm=norm)
+    return update(*args)

@@ -115,9 +115,12 @@ def _projections(
 ):  # fmt: skip
     """The linear gate's logit `z = c·w_g + b_g` `(BLOCK_M)` and the value head's pre-activation
     `p = x W_vᵀ (+ b_v)` `(BLOCK_M, BLOCK_V)` of the rows, in fp32: x = c, or u where `READS_U`
-    (the official head). W_v `(dv, d)` contiguous; one pass over the rows' c (and u)."""
+    (the official head), and `Σ u²` a row (zeros without u), from which the backward recomputes
+    c = RMSNorm(u) where c is not kept (`NORM_C`). W_v `(dv, d)` contiguous; one pass over the
+    rows' c (and u)."""
     z = tl.zeros([BLOCK_M], dtype=tl.float32)
     p = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    uu = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in range(NUM_CHUNKS):
         offs = c * BLOCK_D + dcol
         dmask = offs < d
@@ -129,6 +132,7 @@ def _projections(
         if READS_U:
             xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
             xf = xf.to(tl.float32)
+            uu += tl.sum(xf * xf, axis=1)
         else:
             xf = cf
         wmask = dmask[:, None] & vmask[None, :]
@@ -137,19 +141,21 @@ def _projections(
     z += tl.load(BG).to(tl.float32)
     if HAS_BV:
         p += tl.load(BV + vcol, mask=vmask, other=0.0).to(tl.float32)[None, :]
-    return z, p
+    return z, p, uu
 
 
 @triton.jit
 def _fwd_kernel(
-    X, H, Z, P, C, Y, XN, E, RHO, BETA, CIN, XV, WG, BG, WV, BV,
-    n_rows, d, eps2, value_scale,
+    X, H, Z, P, C, Y, XN, E, RHO, BETA, CIN, XV, WG, BG, WV, BV, RSTD,
+    n_rows, d, eps2, value_scale, norm_eps,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sc_m, sc_d, sxv_m, sxv_d,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, SAVE_ROWS: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
-    PROJECT: tl.constexpr, READS_U: tl.constexpr, HAS_BV: tl.constexpr,
+    PROJECT: tl.constexpr, READS_U: tl.constexpr, HAS_BV: tl.constexpr, NORM_C: tl.constexpr,
 ):  # fmt: skip
+    # NORM_C (PROJECT, READS_U): c is RMSNorm(u) and not kept; the kernel writes u's 1/rms a row
+    # (fp32, RSTD), from which the backward recomputes c wherever it reads u.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
@@ -161,12 +167,14 @@ def _fwd_kernel(
     pv_mask = rmask[:, None] & vmask[None, :]
     p_ptr = _channels(P, rows, vcol, sp_m, sp_v, DV, P_CONTIGUOUS)
     if PROJECT:  # z and p from c (and u) here, written out for the backward kernel
-        zf, pre = _projections(
+        zf, pre, uu = _projections(
             CIN, XV, WG, BG, WV, BV, rows, rmask, vcol, vmask, dcol, d, sc_m, sc_d, sxv_m, sxv_d,
             BLOCK_M, BLOCK_V, BLOCK_D, NUM_CHUNKS, READS_U, HAS_BV,
         )  # fmt: skip
         tl.store(Z + rows * sz_m, zf, mask=rmask)
         tl.store(p_ptr, pre, mask=pv_mask)
+        if NORM_C:  # as torch.rms_norm: 1 / sqrt(mean(u²) + eps)
+            tl.store(RSTD + rows, tl.rsqrt(uu / d + norm_eps), mask=rmask)
     else:
         zf = tl.load(Z + rows * sz_m, mask=rmask, other=0.0).to(tl.float32)
         pre = tl.load(p_ptr, mask=pv_mask, other=0.0)
@@ -269,9 +277,9 @@ def _bwd_tile(
 
 @triton.jit
 def _projections_bwd_tile(
-    CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol, vmask, d, gz,
-    gp, x_state, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
-    XV_STATE: tl.constexpr,
+    CIN, XV, WG, WV, GCIN, GXV, GW, WN, pid, part_stride, later, rows, offs, hm, vcol, vmask, d,
+    gz, gp, x_state, rstd, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
+    XV_STATE: tl.constexpr, NORM_C: tl.constexpr,
 ):  # fmt: skip
     """The projections' backward on one chunk of the rows: ∂c = ∂z w_g (+ W_vᵀ∂p where the value
     head reads c), ∂u = W_vᵀ∂p (where it reads u), and program `pid`'s partial sums of ∂w_g =
@@ -279,15 +287,14 @@ def _projections_bwd_tile(
     1.. W_v; set by the program's first row block, added to by the `later` ones); c and x as the
     forward kept them (`ops.projections.kept_inputs`), or with XV_STATE x the state itself, which
     the caller holds as `x_state` (fp32): the official head's u of a vector state, whose ∂u the
-    caller added to ∂X."""
+    caller added to ∂X. With NORM_C (READS_U) c is not kept but recomputed from u as the norm
+    formed it, c = (u · rstd) · w_n, rstd `(BLOCK_M)` the forward's 1/rms of u."""
     dmask = offs < d
     wmask = dmask[:, None] & vmask[None, :]
     wg = tl.load(WG + offs, mask=dmask, other=0.0).to(tl.float32)
     wv = tl.load(WV + vcol[None, :] * d + offs[:, None], mask=wmask, other=0.0).to(tl.float32)
     g_value = tl.sum(gp[:, None, :] * wv[None, :, :], axis=2)  # (BLOCK_M, BLOCK_D)
     g_gate = gz[:, None] * wg[None, :]
-    cf = tl.load(CIN + rows[:, None] * sc_m + offs[None, :] * sc_d, mask=hm, other=0.0)
-    cf = cf.to(tl.float32)
     gc_ptr = GCIN + rows[:, None] * d + offs[None, :]
     if READS_U:
         tl.store(gc_ptr, g_gate.to(GCIN.dtype.element_ty), mask=hm)
@@ -299,7 +306,15 @@ def _projections_bwd_tile(
         else:
             xf = tl.load(XV + rows[:, None] * sxv_m + offs[None, :] * sxv_d, mask=hm, other=0.0)
             xf = xf.to(tl.float32)
+        if NORM_C:
+            wn = tl.load(WN + offs, mask=dmask, other=0.0).to(tl.float32)
+            cf = (xf * rstd[:, None]) * wn[None, :]
+        else:
+            cf = tl.load(CIN + rows[:, None] * sc_m + offs[None, :] * sc_d, mask=hm, other=0.0)
+            cf = cf.to(tl.float32)
     else:
+        cf = tl.load(CIN + rows[:, None] * sc_m + offs[None, :] * sc_d, mask=hm, other=0.0)
+        cf = cf.to(tl.float32)
         tl.store(gc_ptr, (g_gate + g_value).to(GCIN.dtype.element_ty), mask=hm)
         xf = cf
     part = GW + pid * part_stride
@@ -315,7 +330,7 @@ def _projections_bwd_tile(
 @triton.jit
 def _bwd_kernel(
     X, H, Z, P, C, G, GN, GX, GH, GZ, GP, PART, CIN, XV, WG, WV, GCIN, GXV, w_offset, b_offset,
-    Y, E, RHO, BETA, XO,
+    Y, E, RHO, BETA, XO, WN, RSTD,
     n_rows, d, eps2, value_scale, iters, part_stride,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
     sc_m, sc_d, sxv_m, sxv_d, sy_m, sy_d, sy_v,
@@ -323,7 +338,7 @@ def _bwd_kernel(
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
     G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr, REBUILD: tl.constexpr,
-    Y_DENSE: tl.constexpr, XV_STATE: tl.constexpr,
+    Y_DENSE: tl.constexpr, XV_STATE: tl.constexpr, NORM_C: tl.constexpr,
 ):  # fmt: skip
     # REBUILD (delta only): X is not read but formed from the output Y and the row scalars the
     # forward saved for the state tape, x = y − (βρh) eᵀ as `_rebuild_kernel` forms it, and
@@ -361,6 +376,9 @@ def _bwd_kernel(
 
         h_row = H + rows[:, None] * sh_m
         gn_row = GN + rows[:, None] * sn_m
+        rstd = zf  # unread unless NORM_C: u's 1/rms a row, as the forward wrote it
+        if NORM_C:
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
 
         # Pass 1: ‖h‖², hᵀX, hᵀG (G including the compressor term).
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -455,8 +473,9 @@ def _bwd_kernel(
                 else:
                     x_state = gh  # unread
                 _projections_bwd_tile(
-                    CIN, XV, WG, WV, GCIN, GXV, GW, pid, part_stride, later, rows, offs, hm, vcol,
-                    vmask, d, gz, gp, x_state, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U, XV_STATE,
+                    CIN, XV, WG, WV, GCIN, GXV, GW, WN, pid, part_stride, later, rows, offs, hm,
+                    vcol, vmask, d, gz, gp, x_state, rstd, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
+                    XV_STATE, NORM_C,
                 )  # fmt: skip
         if PROJECT:  # the biases' partial sums: ∂b_g = Σ ∂z, ∂b_v = Σ ∂p
             gb_ptr = GB + pid * part_stride
@@ -583,12 +602,14 @@ def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
 
 def _forward(
     ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale: float, k_eps: float,
-    projections: tuple | None = None,
+    projections: tuple | None = None, norm_eps: float | None = None,
 ):  # fmt: skip
     """Launch the forward kernel; return `(outputs, saved)`: `Y` or `(Y, XN)`, and the tensors
     backward reads, `[X, h, z, p, C]`. With `projections` `(c, x, w_g, b_g, W_v, b_v)` z and p
     are None on entry and made here: the kernel computes them from c and x and writes them (fp32,
-    p shaped `(..., dv)` for any state). Keeps on `ctx` what `_backward` needs besides."""
+    p shaped `(..., dv)` for any state); with `norm_eps` too (the official head: c = RMSNorm(x)
+    with that ε) it also writes x's 1/rms a row, appended to `saved` (fp32, z's shape). Keeps on
+    `ctx` what `_backward` needs besides."""
     d = h.shape[-1]
     n_rows = h.numel() // d
     dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
@@ -608,6 +629,8 @@ def _forward(
         XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
     else:
         XN = Y
+    norm_c = norm_eps is not None
+    rstd = torch.empty(z.shape, dtype=torch.float32, device=X.device) if norm_c else Y
     if projections is None:
         cin = xv = wg = bg = wv = bv = Y  # unread placeholder pointers
         sc = sxv = (0, 0)
@@ -632,14 +655,14 @@ def _forward(
     grid = (cdiv(n_rows, block_m),)
     if n_rows > 0:
         _fwd_kernel[grid](
-            X, h, z, p, Cc, Y, XN, e, rho, beta, cin, xv, wg, bg, wv, bv,
-            n_rows, d, float(k_eps) ** 2, float(value_scale),
+            X, h, z, p, Cc, Y, XN, e, rho, beta, cin, xv, wg, bg, wv, bv, rstd,
+            n_rows, d, float(k_eps) ** 2, float(value_scale), float(norm_eps or 0.0),
             *sx, *sh, *sz, *sp, *sc, *sxv,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks, DELTA=delta, OFFICIAL=official, COMPRESS=compress,
             SAVE_ROWS=save_rows, X_DENSE=dense_past_first((n_rows, d, dv), sx),
             P_CONTIGUOUS=p.is_contiguous(), PROJECT=projections is not None, READS_U=reads_u,
-            HAS_BV=has_bv, num_warps=_num_warps(block_m, block_d, block_v),
+            HAS_BV=has_bv, NORM_C=norm_c, num_warps=_num_warps(block_m, block_d, block_v),
         )  # fmt: skip
     if save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
@@ -647,18 +670,20 @@ def _forward(
     ctx.delta, ctx.official = delta, official
     ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
     ctx.set_materialize_grads(False)
-    return ((Y, XN) if compress else Y), [X, h, z, p, C]
+    return ((Y, XN) if compress else Y), [X, h, z, p, C, *((rstd,) if norm_c else ())]
 
 
 def _backward(
-    ctx: Any, saved, grads, need, projections: tuple | None = None, rebuild: tuple | None = None
-) -> tuple:
+    ctx: Any, saved, grads, need, projections: tuple | None = None, rebuild: tuple | None = None,
+    norm: tuple | None = None,
+) -> tuple:  # fmt: skip
     """`(∂X, ∂h, ∂z, ∂p, ∂C)` of `_forward`'s launch from its saved `[X, h, z, p, C]`, the output
     gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed. With
     `projections` `(c_kept, x_low, w_g, W_v, c_dtype, u_dtype)` the kernel forms the projections'
     gradients instead of ∂z and ∂p: then `(∂X, ∂h, (∂c, ∂u, ∂w_g, ∂b_g, ∂W_v, ∂b_v), None, ∂C)`
     (∂u None where the value head reads c, `u_dtype` None; the caller drops what it does not
-    need). `rebuild` `(Y, rho, beta, e, X_out)`: X is None in `saved`; the kernel forms it from Y
+    need); c_kept None and `norm` `(w_n, rstd)`: c is recomputed from u as RMSNorm formed it (the
+    official head, `_forward`'s `norm_eps`). `rebuild` `(Y, rho, beta, e, X_out)`: X is None in `saved`; the kernel forms it from Y
     and the row scalars the forward saved for the state tape and writes it to X_out (delta)."""
     X, h, z, p, C = saved
     if rebuild is not None:
@@ -714,13 +739,16 @@ def _backward(
         c_kept, x_low, w_g, W_v, c_dtype, u_dtype = projections
         reads_u = u_dtype is not None
         x_is_state = x_low is None  # u is X: read from X, its gradient goes into ∂X
-        (cin, sc), (xv, sxv) = _flat(c_kept, n_rows, d), (gh, (0, 0))  # xv unread if x is X
+        (cin, sc), (xv, sxv) = (gh, (0, 0)), (gh, (0, 0))  # unread: c with norm, x if x is X
+        if norm is None:
+            cin, sc = _flat(c_kept, n_rows, d)
         if not x_is_state:
             xv, sxv = _flat(x_low, n_rows, d)
         wg, wv = w_g.contiguous(), W_v.contiguous()
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
         u_own = reads_u and not x_is_state
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if u_own else g_c
+    w_n, rstd = (gh, gh) if norm is None else norm  # unread placeholders without norm
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
     else:
@@ -730,7 +758,7 @@ def _backward(
         _bwd_kernel[(nprog,)](
             X, h, z, p, Cc, gY, gN, gX, gh, gz, gp, part,
             cin, xv, wg, wv, g_c, g_u, sizes[0], used - 1 - dv,
-            Yr, e_rows, rho_rows, beta_rows, XO,
+            Yr, e_rows, rho_rows, beta_rows, XO, w_n, rstd,
             n_rows, d, ctx.k_eps**2, ctx.value_scale, iters, part_stride,
             *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv, *sy,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -739,7 +767,7 @@ def _backward(
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
             PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
-            XV_STATE=x_is_state,
+            XV_STATE=x_is_state, NORM_C=norm is not None,
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
@@ -795,17 +823,29 @@ class _TritonUpdate(torch.autograd.Function):
     where `_LinearProjections` before `_RewriteEpilogue` made two nodes, six products and their
     casts and views: eager training on a GPU is bound by such host work. `keep_dtype` /
     `lin_dtype`: as `_LinearProjections`' — c is kept for ∂w_g, and u for ∂W_v, in the autocast
-    dtype (the memory they take); every product of the kernel is fp32."""
+    dtype (the memory they take); every product of the kernel is fp32.
+
+    `norm_weight`, `norm_eps` (the official head; None, None otherwise): c is `rms_norm(u,
+    norm_weight, norm_eps)`, and neither c nor a copy of u is kept: u as it is (its norm keeps
+    it for its own backward anyway), and the backward recomputes c from u in fp32 with the 1/rms
+    the forward kernel wrote a row. Under autocast that saves the low-precision copies of c and
+    u (at `small`, bf16, 8 × 1024: 12.6 MB each a sublayer), and ∂w_g is summed from fp32 c."""
 
     @staticmethod
     def forward(ctx: Any, X, h, c, x, w_g, b_g, W_v, b_v, C, delta: bool, official: bool,
-                value_scale: float, k_eps: float, keep_dtype, lin_dtype):  # fmt: skip
+                value_scale: float, k_eps: float, keep_dtype, lin_dtype, norm_weight,
+                norm_eps):  # fmt: skip
         projections = (c, x, w_g, b_g, W_v, b_v)
         out, saved = _forward(
-            ctx, X, h, None, None, C, delta, official, value_scale, k_eps, projections
+            ctx, X, h, None, None, C, delta, official, value_scale, k_eps, projections, norm_eps
         )
         # Kept in their own shapes: the backward's `_flat` reads them as rows (no view a call).
-        c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
+        if norm_eps is None:
+            c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
+        else:  # c recomputed from u (x), kept as it is; the 1/rms a row ends `saved`
+            c_kept, x_low = None, x
+            rstd = saved.pop()
+            saved += [norm_weight, rstd]  # the backward's `norm`
         if _reads_own_state(X, x, delta, official):  # the backward has X in hand: no copy kept
             x_low = None
         tape = state_tape.active() if delta else None
@@ -821,7 +861,8 @@ class _TritonUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        X, h, z, p, C, c_kept, w_g, x_low, W_v = ctx.saved_tensors
+        X, h, z, p, C, *norm, c_kept, w_g, x_low, W_v = ctx.saved_tensors
+        norm = tuple(norm) or None  # (norm weight, 1/rms of u a row) where c is recomputed
         need = ctx.needs_input_grad
         c_dtype, u_dtype, bias_dtypes = ctx.projection
         projections = (c_kept, x_low, w_g, W_v, c_dtype, u_dtype)
@@ -831,7 +872,7 @@ class _TritonUpdate(torch.autograd.Function):
             X, rebuild = tape.claim(slot)
         gX, gh, projected, _, gC = _backward(
             ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections,
-            rebuild,
+            rebuild, norm,
         )  # fmt: skip
         if rebuild is not None:
             tape.rebuilt(slot, rebuild[-1])
@@ -843,7 +884,7 @@ class _TritonUpdate(torch.autograd.Function):
             gw_g if need[4] else None, cast(gb_g, b_g_dtype) if need[5] else None,
             gW_v if need[6] else None,
             cast(gb_v, b_v_dtype) if need[7] else None,
-            gC, *(None,) * 6,
+            gC, *(None,) * 8,
         )  # fmt: skip
 
 
@@ -909,19 +950,28 @@ def _reads_own_state(X: torch.Tensor, x: torch.Tensor, delta: bool, official: bo
 
 
 def update_triton(
-    X, h, c, x, w_g, b_g, W_v, b_v, compress, *, rule, value_head, value_scale, k_eps, keep, lin
+    X, h, c, x, w_g, b_g, W_v, b_v, compress, *, rule, value_head, value_scale, k_eps, keep, lin,
+    norm=None,
 ):  # fmt: skip
     """A `DeltaUpdate` with the linear gate as one Triton kernel each way (`_TritonUpdate`): X
     `(..., d)` or `(..., d, dv)`, h, c, x `(..., d)` (x: c for the paper head, u for the official),
     w_g `(1, d)`, b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None, all on
     one device (checked by the caller); `keep` / `lin` the dtypes of `nn.generators.
-    projection_dtypes`. Returns Y, or `(Y, x_next)` with compress."""
+    projection_dtypes`; `norm` `(weight (d,), eps)` where c = `rms_norm(u, weight, eps)` (the
+    caller knows, `DeltaUpdate.forward`'s `c_norm`): used where keeping c would keep a copy of it.
+    Returns Y, or `(Y, x_next)` with compress."""
     delta, official = rule == "delta", value_head == "official"
+    norm_weight = norm_eps = None
+    if norm is not None and official and keep not in (None, c.dtype):  # else c kept: no copy
+        norm_weight, norm_eps = norm
     args = (
         X, h, c, x, w_g, b_g, W_v, b_v, compress, delta, official, value_scale, k_eps, keep, lin,
+        norm_weight, norm_eps,
     )  # fmt: skip
     tape = state_tape.active() if delta else None
-    saved = (h, c) if _reads_own_state(X, x, delta, official) else (h, c, x)
+    saved = (h, x) if norm_eps is not None else (h, c, x)
+    if _reads_own_state(X, x, delta, official):
+        saved = saved[:-1]
     if tape is not None and tape.will_defer(X) and not any(map(tape.registered, saved)):
         # Its backward rebuilds X itself, and nothing else it saves is a state: the tape's hooks
         # would only pass each saved tensor through, a Python call each way — host time.
