@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,44 @@ def test_decode_instructions_script_runs_its_decodes_and_needs_valgrind(tmp_path
     no_valgrind = {**os.environ, "PATH": str(tmp_path)}  # python by its full path; no valgrind
     proc = subprocess.run(script, cwd=root, env=no_valgrind, capture_output=True, text=True)
     assert proc.returncode != 0 and "valgrind not found" in proc.stderr
+
+
+def test_gpu_path_memory_script_counts_the_peaks_and_what_recomputing_c_saves():
+    """`benchmarks/gpu_path_memory.py` (a subprocess: it stubs the kernel launches and sets the
+    allocator) prints each variant's step peak on the GPU path and what is alive at it; and the
+    rewrite that recomputes its normed input keeps two bf16 row tensors a sublayer fewer (c and
+    u, d_v = 4) than one that keeps copies of them, for one fp32 number a row — exactly those
+    bytes at the peak."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    shape = ["--size", "tiny", "--batch", "1", "--seq", "64", "--set", "num_layers=2"]
+    cmd = [sys.executable, "benchmarks/gpu_path_memory.py", "--variants", "baseline,ddl-cc"]
+    proc = subprocess.run(
+        [*cmd, *shape, "--top", "3", "--gpu-baseline-gb", "1.0"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(
+        r"^\| ddl-cc \| [\d.]+ \| [+-][\d.]+ \| [\d.]+ \| [\d.]+ \|$", proc.stdout, re.M
+    )
+    assert "ddl-cc: alive at the peak" in proc.stdout
+    probe = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "benchmarks")
+        from gpu_path_memory import measure
+        from deltalearn.bench.model import ModelBench
+        from deltalearn.nn import residual
+        bench = ModelBench(variants=["ddl-cc"], size="tiny", batch=1, seq=64, dtype="bfloat16",
+                           overrides={"num_layers": 2})
+        recomputed = measure(bench)["ddl-cc"][0]
+        residual.rms_norm_parameters = lambda norm, u: None
+        print(measure(bench)["ddl-cc"][0] - recomputed)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sublayers, tokens, width = 4, 64, 128
+    copies, rstd = 2 * tokens * width * 2, tokens * 4  # bf16 c and u; its fp32 1/rms a row
+    assert int(proc.stdout.split()[-1]) == sublayers * (copies - rstd)

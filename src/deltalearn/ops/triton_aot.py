@@ -81,20 +81,24 @@ class CompiledLaunch:
 class _Recorder:
     """Stands in for a jitted kernel: `kernel[grid](...)` records the call, launches nothing."""
 
-    def __init__(self, kernel: JITFunction, sink: list[Launch]) -> None:
-        self.kernel, self.sink = kernel, sink
+    def __init__(self, kernel: JITFunction, sink: list[Launch], keep_arguments: bool) -> None:
+        self.kernel, self.sink, self.keep_arguments = kernel, sink, keep_arguments
 
     def __getitem__(self, grid):
         def record(*args, **kwargs) -> None:
+            if not self.keep_arguments:
+                args, kwargs = (), {}
             self.sink.append(Launch(self.kernel, args, kwargs))
 
         return record
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[Launch]]:
+def recording(keep_arguments: bool = True) -> Iterator[list[Launch]]:
     """Within: the fused ops take their Triton path (`backend.BACKEND = "triton"`) and every kernel
-    call is recorded into the yielded list instead of launched."""
+    call is recorded into the yielded list instead of launched. `keep_arguments=False` records
+    the kernels only, without the arguments (tensors a record would keep alive: what a memory
+    measurement must not see)."""
     if not isinstance(triton_epilogue._fwd_kernel, JITFunction):
         raise RuntimeError(
             "the Triton kernels are not compilable here (TRITON_INTERPRET=1 was set before "
@@ -105,7 +109,7 @@ def recording() -> Iterator[list[Launch]]:
     previous_backend = backend.BACKEND
     try:
         for module, name, kernel in originals:
-            setattr(module, name, _Recorder(kernel, launches))
+            setattr(module, name, _Recorder(kernel, launches, keep_arguments))
         backend.BACKEND = "triton"
         yield launches
     finally:
