@@ -207,8 +207,8 @@ class DeltaUpdate(nn.Module):
 
         value = self._modules["value"]
         keep, lin = projection_dtypes(c, accumulation_dtype(c))
-        norm = None
-        if c_norm is not None and value.kind == "official" and torch.is_grad_enabled():
+        norm = None  # only where keeping c would keep a copy of it (autocast): host time
+        if c_norm is not None and value.kind == "official" and keep not in (None, c.dtype):
             norm = rms_norm_parameters(c_norm, u)
         return update_triton(
             X, h, c, c if value.kind == "paper" else u, *weights, compress, rule=self.rule,

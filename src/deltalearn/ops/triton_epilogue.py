@@ -962,8 +962,8 @@ def update_triton(
     Returns Y, or `(Y, x_next)` with compress."""
     delta, official = rule == "delta", value_head == "official"
     norm_weight = norm_eps = None
-    if norm is not None and official and keep not in (None, c.dtype):  # else c kept: no copy
-        norm_weight, norm_eps = norm
+    if norm is not None and official and keep not in (None, c.dtype) and torch.is_grad_enabled():
+        norm_weight, norm_eps = norm  # else c is kept as it is (no copy), or nothing is
     args = (
         X, h, c, x, w_g, b_g, W_v, b_v, compress, delta, official, value_scale, k_eps, keep, lin,
         norm_weight, norm_eps,
