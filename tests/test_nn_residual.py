@@ -358,6 +358,12 @@ def test_rms_norm_parameters_name_only_a_plain_rms_norm():
     hooked.register_forward_hook(lambda module, args, out: out * 2)
     assert rms_norm_parameters(hooked, u) is None
 
+    class Scaled(RMSNorm):  # says how it normalises, but its own forward runs
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert rms_norm_parameters(Scaled(12, 1e-6), u) is None
+
 
 def test_training_hands_the_update_the_norm_that_made_c(monkeypatch):
     """In training `DeltaResidual` passes its norm to the update (`c_norm`), not in inference; an

@@ -332,10 +332,11 @@ def rms_norm_parameters(norm: nn.Module, u: torch.Tensor) -> tuple[torch.Tensor,
     if isinstance(norm, nn.RMSNorm) and plain_call(norm, nn.RMSNorm):
         weight, eps = norm.weight, norm.eps
     else:
-        describe = getattr(type(norm), "rms_norm_parameters", None)
-        if describe is None or not plain_call(norm, type(norm)):
+        # The class that says how it normalises must be the one whose forward runs.
+        owner = next((k for k in type(norm).__mro__ if "rms_norm_parameters" in vars(k)), None)
+        if owner is None or not plain_call(norm, owner):
             return None
-        weight, eps = describe(norm)
+        weight, eps = owner.rms_norm_parameters(norm)
     if weight is None or eps is None or type(weight) not in _PLAIN:
         return None
     if weight.shape != u.shape[-1:] or weight.device != u.device:
