@@ -682,9 +682,10 @@ def _backward(
     `projections` `(c_kept, x_low, w_g, W_v, c_dtype, u_dtype)` the kernel forms the projections'
     gradients instead of ∂z and ∂p: then `(∂X, ∂h, (∂c, ∂u, ∂w_g, ∂b_g, ∂W_v, ∂b_v), None, ∂C)`
     (∂u None where the value head reads c, `u_dtype` None; the caller drops what it does not
-    need); c_kept None and `norm` `(w_n, rstd)`: c is recomputed from u as RMSNorm formed it (the
-    official head, `_forward`'s `norm_eps`). `rebuild` `(Y, rho, beta, e, X_out)`: X is None in `saved`; the kernel forms it from Y
-    and the row scalars the forward saved for the state tape and writes it to X_out (delta)."""
+    need); c_kept None and `norm` `(w_n, rstd)`: c is recomputed from u as RMSNorm formed it
+    (the official head, `_forward`'s `norm_eps`). `rebuild` `(Y, rho, beta, e, X_out)`: X is None
+    in `saved`; the kernel forms it from Y and the row scalars the forward saved for the state
+    tape and writes it to X_out (delta)."""
     X, h, z, p, C = saved
     if rebuild is not None:
         Y, rho_saved, beta_saved, e_saved, X = rebuild  # X: the output buffer, shape and dtype
