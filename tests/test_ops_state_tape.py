@@ -145,6 +145,37 @@ def test_a_chain_of_rewrites_rebuilds_each_state_and_views_of_it():
     _assert_all_close(on, off)
 
 
+def test_a_state_that_is_a_whole_view_is_rebuilt_where_views_of_its_base_are_saved(monkeypatch):
+    """The first state of an EC model is an `unflatten` of the expansion's output; an op that
+    saves a view made from that output (a reshape of the state) gets a handle to the state too,
+    not its memory: the gradients of keeping it."""
+    torch.manual_seed(0)
+    rows, d, dv = 5, 7, 3
+    flat0 = torch.randn(rows, d * dv, dtype=torch.float64, requires_grad=True)
+    shapes = ((d,), (), (dv,))
+    h, z, p = (torch.randn(rows, *s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    packed, real_pack = [], state_tape.StateTape.pack
+    monkeypatch.setattr(
+        state_tape.StateTape,
+        "pack",
+        lambda tape, t: packed.append((t, real_pack(tape, t))) or packed[-1][1],
+    )
+    results = []
+    for rebuild in (True, False):
+        with state_tape.recording() if rebuild else contextlib.nullcontext() as tape:
+            state = (flat0 * 1.0).unflatten(-1, (d, dv))  # a whole view of its base
+            if tape is not None:
+                tape.add(state)
+            side = state.flatten(-2)[:, 1::3].pow(3).sum()  # saves a view whose base is not state
+            loss = rewrite_epilogue(state, h, z, p).square().sum() + side
+        if rebuild:
+            ptr = state.untyped_storage().data_ptr()
+            shared = [out for t, out in packed if t.untyped_storage().data_ptr() == ptr]
+            assert shared and all(type(out) is state_tape._Handle for out in shared)
+        results.append(torch.autograd.grad(loss, [flat0, h, z, p]))
+    _assert_all_close(*results)
+
+
 @pytest.mark.skipif(native_build.library() is None, reason="no C compiler for the CPU kernels")
 def test_the_c_kernel_rewrite_links_its_state():
     X = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)

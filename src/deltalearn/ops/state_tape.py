@@ -9,7 +9,8 @@ A DDL rewrite changes the state by a rank-1 term, `X' = X + (βk) eᵀ` with `e 
 Without this, autograd keeps every sublayer's input state for backward (the rewrite's ∂k needs it,
 and so do the compressor reads' weight gradients and, for d_v = 1, the norm): d·d_v numbers per
 token and sublayer, where the additive baseline keeps d. Within a `StateTape`, every tensor autograd
-saves that *is* a registered state (by identity, or a view of one) is kept as a handle instead;
+saves that *is* a registered state (by identity, or a view of one — or of the tensor a state is a
+whole view of, as an EC model's first state is of its expansion's output) is kept as a handle instead;
 the tape keeps only the states no rewrite has consumed (the last one, in a DeltaLM), and backward
 rebuilds X_i from X_{i+1} as it walks down the model — autograd runs every consumer of X_{i+1}
 before the rewrite that made it, so each state is rebuilt once, from the one above it. The cost is
@@ -106,6 +107,18 @@ class _Slot:
         self.layout = (tuple(state.shape), state.stride(), state.dtype, state.device)
 
 
+def _whole_view_base(state: torch.Tensor) -> torch.Tensor | None:
+    """The tensor `state` is a view of, where `state` covers all of it in the same layout
+    (contiguous, from its first element: an `unflatten` of a contiguous tensor, say), so that a
+    rebuilt state — a new contiguous tensor — lies as that tensor did; else None."""
+    base = state._base
+    if base is None or state.storage_offset() != 0 or base.storage_offset() != 0:
+        return None
+    if state.numel() != base.numel() or not (state.is_contiguous() and base.is_contiguous()):
+        return None
+    return base
+
+
 class _Handle:
     """What autograd keeps in place of a registered state (or a view of one)."""
 
@@ -124,6 +137,10 @@ class StateTape:
     def __init__(self) -> None:
         self._slots: list[_Slot] = []
         self._by_id: dict[int, int] = {}
+        # A state that is a whole view of another tensor (`_whole_view_base`), by that tensor's
+        # id: the slot and the tensor, weakly. Views of the state made from that tensor (a
+        # reshape of it) have it as their `_base`, not the state.
+        self._by_base: dict[int, tuple[int, weakref.ref]] = {}
         self._rebuilt: list[int] = []  # slots whose `kept` is a rebuilt state, in rebuild order
 
     # -- forward ---------------------------------------------------------------------------
@@ -135,6 +152,9 @@ class StateTape:
         self._slots.append(_Slot(state))
         index = len(self._slots) - 1
         self._by_id[id(state)] = index
+        base = _whole_view_base(state)
+        if base is not None:
+            self._by_base[id(base)] = index, weakref.ref(base)
         return index
 
     def link(
@@ -170,13 +190,24 @@ class StateTape:
     def registered(self, t: torch.Tensor) -> bool:
         """Whether `t` is a registered state or a view of one."""
         return self._find(t) is not None or (
-            t._base is not None and self._find(t._base) is not None
+            t._base is not None and self._find_base(t._base) is not None
         )
 
     def _find(self, t: torch.Tensor) -> int | None:
         index = self._by_id.get(id(t))
         if index is not None and self._slots[index].owner() is t:
             return index
+        return None
+
+    def _find_base(self, base: torch.Tensor) -> int | None:
+        """The slot of the state whose views have `base` as their `_base`: the state itself, or
+        the tensor the state is a whole view of."""
+        index = self._find(base)
+        if index is not None:
+            return index
+        found = self._by_base.get(id(base))
+        if found is not None and found[1]() is base and self._slots[found[0]].owner() is not None:
+            return found[0]
         return None
 
     # -- the saved-tensor hooks ----------------------------------------------------------------
@@ -186,7 +217,7 @@ class StateTape:
             return _Handle(self, index, None)
         base = t._base
         if base is not None:
-            index = self._find(base)
+            index = self._find_base(base)
             if index is not None:
                 return _Handle(self, index, (tuple(t.shape), t.stride(), t.storage_offset()))
         if t.grad_fn is None:  # a weight, or made inside an op's forward: no graph to tie up
