@@ -5,6 +5,7 @@ step's time is what the host spends issuing it (Python, autograd, the dispatcher
 
     python benchmarks/host_overhead.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--repeats 21]
     python benchmarks/host_overhead.py --count [--steps 4] [--jobs 2]   # needs valgrind
+    ... [--autocast]   # the forward under bf16 autocast, as `deltalearn train` runs on a GPU
 
 Why: on the H200, eager training at `small`, 8 × 1024 is bound by the host (the GPU idles 24-47% of
 a step, `benchmarks/README.md`). Printed per variant: the autograd nodes and the dispatched ATen ops
@@ -61,7 +62,7 @@ def autograd_nodes(loss: torch.Tensor) -> int:
     return len(seen)
 
 
-def make_step(variant: str, layers: int):
+def make_step(variant: str, layers: int, autocast: bool = False):
     config = build_config(ModelBench(size="small"), variant)
     # The small preset's depth and structure at width 64: the arithmetic vanishes, the ops stay.
     config.hidden_size, config.num_heads, config.head_dim = 64, 2, 32
@@ -81,7 +82,9 @@ def make_step(variant: str, layers: int):
         slower on this CPU (7 ms of a ddl step, measured) — arithmetic the GPU does, not host
         work. `boundary` is called around the two timed parts (`mark` when counting)."""
         start = boundary()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         end = boundary()
         for p in model.parameters():
             if p.grad is not None:
@@ -94,7 +97,8 @@ def make_step(variant: str, layers: int):
 
     def count() -> tuple[int, int]:
         with _CountOps() as counter:
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
             nodes = autograd_nodes(loss)
             loss.backward()
         model.zero_grad(set_to_none=True)
@@ -103,11 +107,11 @@ def make_step(variant: str, layers: int):
     return step, count
 
 
-def counted_child(variant: str, layers: int, steps: int) -> None:
+def counted_child(variant: str, layers: int, steps: int, autocast: bool = False) -> None:
     """The process callgrind watches: warm steps, then `steps` steps with a mark at each boundary
     of their two timed parts (intervals per step: forward + backward, the reset, AdamW)."""
     with triton_aot.recording() as launches:
-        step, _ = make_step(variant, layers)
+        step, _ = make_step(variant, layers, autocast)
         for _ in range(3):
             step()
             launches.clear()
@@ -123,7 +127,7 @@ def count_instructions(args: argparse.Namespace, variants: list[str]) -> dict[st
 
     def count(variant: str, out: Path) -> int:
         command = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers),
-                   "--steps", str(args.steps)]  # fmt: skip
+                   "--steps", str(args.steps), *(["--autocast"] if args.autocast else [])]  # fmt: skip
         intervals = count_between_marks(command, env, out / f"cg.{variant}.out")
         # Four marks a step: [forward + backward], [reset], [AdamW], [to the next step's start].
         timed = [n for i, n in enumerate(intervals) if i % 4 in (0, 2)]
@@ -140,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="baseline,ddl,ddl-cc,ddl-tc")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--autocast", action="store_true", help="the forward under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--count", action="store_true", help="count instructions (valgrind)")
     parser.add_argument("--steps", type=int, default=4, help="steps counted (--count)")
@@ -152,7 +157,7 @@ def main() -> None:
     )
     variants = args.variants.split(",")
     if args.child:
-        counted_child(args.child, args.layers, args.steps)
+        counted_child(args.child, args.layers, args.steps, args.autocast)
         return
     if args.count:
         if args.steps < 1:
@@ -165,7 +170,7 @@ def main() -> None:
         return
     # The Triton path with every launch recorded instead of made (the record is dropped).
     with triton_aot.recording() as launches:
-        made = {v: make_step(v, args.layers) for v in variants}
+        made = {v: make_step(v, args.layers, args.autocast) for v in variants}
         steps = {v: step for v, (step, _) in made.items()}
         counts = {v: count() for v, (_, count) in made.items()}
         for step in steps.values():  # warm: AdamW state, allocator

@@ -367,11 +367,12 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
 
 def test_host_overhead_count_runs_its_marked_steps_and_needs_valgrind(tmp_path):
     """`benchmarks/host_overhead.py --count`: the process callgrind watches runs its marked steps
-    to the end (here without valgrind), and the script says plainly when valgrind is missing."""
+    to the end (here without valgrind, the forward under bf16 autocast), and the script says
+    plainly when valgrind is missing."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
     script = [sys.executable, "benchmarks/host_overhead.py"]
-    child = [*script, "--child", "ddl-cc", "--layers", "1", "--steps", "2"]
+    child = [*script, "--child", "ddl-cc", "--layers", "1", "--steps", "2", "--autocast"]
     proc = subprocess.run(child, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     no_valgrind = {**os.environ, "PATH": str(tmp_path)}  # python by its full path; no valgrind
