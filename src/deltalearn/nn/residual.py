@@ -207,8 +207,9 @@ class DeltaUpdate(nn.Module):
 
         value = self._modules["value"]
         keep, lin = projection_dtypes(c, accumulation_dtype(c))
-        norm = None  # only where keeping c would keep a copy of it (autocast): host time
-        if c_norm is not None and value.kind == "official" and keep not in (None, c.dtype):
+        norm = None  # only where training would keep a copy of c (autocast): host time
+        official_copy = value.kind == "official" and keep not in (None, c.dtype)
+        if c_norm is not None and official_copy and torch.is_grad_enabled():
             norm = rms_norm_parameters(c_norm, u)
         return update_triton(
             X, h, c, c if value.kind == "paper" else u, *weights, compress, rule=self.rule,

@@ -682,7 +682,7 @@ def _backward(
     `projections` `(c_kept, x_low, w_g, W_v, c_dtype, u_dtype)` the kernel forms the projections'
     gradients instead of ∂z and ∂p: then `(∂X, ∂h, (∂c, ∂u, ∂w_g, ∂b_g, ∂W_v, ∂b_v), None, ∂C)`
     (∂u None where the value head reads c, `u_dtype` None; the caller drops what it does not
-    need); c_kept None and `norm` `(w_n, rstd)`: c is recomputed from u as RMSNorm formed it
+    need); c_kept None and `norm` `(rstd, w_n)`: c is recomputed from u as RMSNorm formed it
     (the official head, `_forward`'s `norm_eps`). `rebuild` `(Y, rho, beta, e, X_out)`: X is None
     in `saved`; the kernel forms it from Y and the row scalars the forward saved for the state
     tape and writes it to X_out (delta)."""
@@ -749,7 +749,7 @@ def _backward(
         g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
         u_own = reads_u and not x_is_state
         g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if u_own else g_c
-    w_n, rstd = (gh, gh) if norm is None else norm  # unread placeholders without norm
+    rstd, w_n = (gh, gh) if norm is None else norm  # unread placeholders without norm
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
     else:
@@ -843,10 +843,9 @@ class _TritonUpdate(torch.autograd.Function):
         # Kept in their own shapes: the backward's `_flat` reads them as rows (no view a call).
         if norm_eps is None:
             c_kept, x_low = kept_inputs(c, x, keep_dtype, lin_dtype)
-        else:  # c recomputed from u (x), kept as it is; the 1/rms a row ends `saved`
+        else:  # c recomputed from u (x), kept as it is; after the 1/rms a row (`saved`'s end)
             c_kept, x_low = None, x
-            rstd = saved.pop()
-            saved += [norm_weight, rstd]  # the backward's `norm`
+            saved.append(norm_weight)  # with it, the backward's `norm`
         if _reads_own_state(X, x, delta, official):  # the backward has X in hand: no copy kept
             x_low = None
         tape = state_tape.active() if delta else None
@@ -863,7 +862,7 @@ class _TritonUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
         X, h, z, p, C, *norm, c_kept, w_g, x_low, W_v = ctx.saved_tensors
-        norm = tuple(norm) or None  # (norm weight, 1/rms of u a row) where c is recomputed
+        norm = tuple(norm) or None  # (1/rms of u a row, norm weight) where c is recomputed
         need = ctx.needs_input_grad
         c_dtype, u_dtype, bias_dtypes = ctx.projection
         projections = (c_kept, x_low, w_g, W_v, c_dtype, u_dtype)
@@ -959,12 +958,13 @@ def update_triton(
     w_g `(1, d)`, b_g `(1,)`, W_v `(dv, d)`, b_v `(dv,)` or None, compress `(d, dv)` or None, all on
     one device (checked by the caller); `keep` / `lin` the dtypes of `nn.generators.
     projection_dtypes`; `norm` `(weight (d,), eps)` where c = `rms_norm(u, weight, eps)` (the
-    caller knows, `DeltaUpdate.forward`'s `c_norm`): used where keeping c would keep a copy of it.
-    Returns Y, or `(Y, x_next)` with compress."""
+    caller knows and, training under autocast, would keep a copy of c otherwise:
+    `DeltaUpdate._triton_update`); the official head only. Returns Y, or `(Y, x_next)` with
+    compress."""
     delta, official = rule == "delta", value_head == "official"
     norm_weight = norm_eps = None
-    if norm is not None and official and keep not in (None, c.dtype) and torch.is_grad_enabled():
-        norm_weight, norm_eps = norm  # else c is kept as it is (no copy), or nothing is
+    if norm is not None and official:  # the kernels recompute c from u, which the paper head lacks
+        norm_weight, norm_eps = norm
     args = (
         X, h, c, x, w_g, b_g, W_v, b_v, compress, delta, official, value_scale, k_eps, keep, lin,
         norm_weight, norm_eps,
