@@ -26,6 +26,9 @@
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
 #   bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]        (default: every stage, in that order)
+# To fit a shorter lease: MODEL_IMPLS (default "default reference"), MODEL_MEASURE (default
+# train,infer,memory), VARIANTS (the model and rebuild stages; default the five below) and
+# UPDATE_KERNEL_SETTINGS (default "off on").
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
@@ -36,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
 small=(--size small --dtype bfloat16 --batch 8 --seq 1024)
-variants=baseline,ddl,ddl-cc,ddl-tc,write-only-cc
+variants=${VARIANTS:-baseline,ddl,ddl-cc,ddl-tc,write-only-cc}
 
 stage() { echo "=== $(date +%T) $*"; }
 
@@ -53,11 +56,11 @@ for s in $stages; do
         grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | grep -v "^\[gw.\] .*PASSED" | tail -30
         ;;
     model)
-        for impl in default reference; do
+        for impl in ${MODEL_IMPLS:-default reference}; do
             stage "bench model, impl $impl"
-            timeout 130 deltalearn bench model "${small[@]}" --variants $variants \
-                --measure train,infer,memory --repeats 7 --impl "$impl" \
-                --json "$out/h200_model_${impl}.json" 2>&1 | tail -14
+            timeout 170 deltalearn bench model "${small[@]}" --variants $variants \
+                --measure "${MODEL_MEASURE:-train,infer,memory}" --repeats 7 --impl "$impl" \
+                --json "$out/h200_model_${impl}.json" 2>&1 | tail -24
         done
         ;;
     rebuild)
@@ -69,7 +72,7 @@ for s in $stages; do
         done
         ;;
     updatekernel)
-        for kernel in off on; do
+        for kernel in ${UPDATE_KERNEL_SETTINGS:-off on}; do
             stage "bench model, whole-update kernel $kernel"
             DELTALEARN_UPDATE_KERNEL=$kernel timeout 100 deltalearn bench model "${small[@]}" \
                 --variants baseline,ddl,ddl-cc,ddl-tc --measure train,infer --repeats 7 \
