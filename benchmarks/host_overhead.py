@@ -6,6 +6,13 @@ step's time is what the host spends issuing it (Python, autograd, the dispatcher
     python benchmarks/host_overhead.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--repeats 21]
     python benchmarks/host_overhead.py --count [--steps 4] [--jobs 2]   # needs valgrind
     ... [--autocast]   # the forward under bf16 autocast, as `deltalearn train` runs on a GPU
+    python benchmarks/host_overhead.py --device cuda [--autocast]   # on a GPU machine
+
+With `--device cuda` the same tiny-width steps run on the GPU, whose arithmetic at this width is
+negligible, so a step's wall time is its host time on that machine; each variant's step is timed
+twice, interleaved: with the Triton launches recorded instead of made (as on a CPU), and made. The
+difference is what Triton's launcher costs the host (its argument binding, specialisation and
+cache lookup in Python, then the driver call), which the CPU measurement cannot see.
 
 Why: on the H200, eager training at `small`, 8 × 1024 is bound by the host (the GPU idles 24-47% of
 a step, `benchmarks/README.md`). Printed per variant: the autograd nodes and the dispatched ATen ops
@@ -62,7 +69,7 @@ def autograd_nodes(loss: torch.Tensor) -> int:
     return len(seen)
 
 
-def make_step(variant: str, layers: int, autocast: bool = False):
+def make_step(variant: str, layers: int, autocast: bool = False, device: str = "cpu"):
     config = build_config(ModelBench(size="small"), variant)
     # The small preset's depth and structure at width 64: the arithmetic vanishes, the ops stay.
     config.hidden_size, config.num_heads, config.head_dim = 64, 2, 32
@@ -71,9 +78,10 @@ def make_step(variant: str, layers: int, autocast: bool = False):
     # (asynchronous GPU work there).
     config.vocab_size = 256
     torch.manual_seed(0)
-    model = DeltaLM(config)
+    model = DeltaLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    ids = torch.randint(0, 100, (1, 8))
+    ids = torch.randint(0, 100, (1, 8)).to(device)
+    device_type = torch.device(device).type
 
     def step(boundary=time.perf_counter) -> float:
         """One training step; returns its host seconds, less the untimed reset of the gradients to
@@ -82,7 +90,7 @@ def make_step(variant: str, layers: int, autocast: bool = False):
         slower on this CPU (7 ms of a ddl step, measured) — arithmetic the GPU does, not host
         work. `boundary` is called around the two timed parts (`mark` when counting)."""
         start = boundary()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         end = boundary()
@@ -97,7 +105,7 @@ def make_step(variant: str, layers: int, autocast: bool = False):
 
     def count() -> tuple[int, int]:
         with _CountOps() as counter:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(input_ids=ids, labels=ids).loss
             nodes = autograd_nodes(loss)
             loss.backward()
@@ -140,6 +148,50 @@ def count_instructions(args: argparse.Namespace, variants: list[str]) -> dict[st
         return dict(zip(variants, counted, strict=True))
 
 
+def time_launches_on_cuda(args: argparse.Namespace, variants: list[str]) -> None:
+    """Each variant's step on the GPU, timed with the Triton launches recorded and made, in turn."""
+
+    def synced() -> float:  # the GPU drained at both ends: wall time is the host's issue time
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    steps = {v: make_step(v, args.layers, args.autocast, "cuda")[0] for v in variants}
+    launches_a_step = {}
+    for v, step in steps.items():  # warm both ways: kernels compiled, AdamW state, allocator
+        for _ in range(3):
+            step(synced)
+        with triton_aot.recording(keep_arguments=False) as launches:
+            for _ in range(3):
+                launches.clear()
+                step(synced)
+            launches_a_step[v] = len(launches)
+    times: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            with triton_aot.recording(keep_arguments=False):
+                times.setdefault((v, False), []).append(step(synced))
+            times.setdefault((v, True), []).append(step(synced))
+    median = {key: statistics.median(t) for key, t in times.items()}
+    base = median[(variants[0], True)]
+    import triton  # the recording needs it anyway
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}; {args.layers} blocks, width 64, 1 × 8 tokens, "
+          f"autocast {args.autocast}; medians of {args.repeats}, interleaved")  # fmt: skip
+    print(
+        "| variant | Triton launches a step | host ms, launches recorded | host ms, launched "
+        f"| launcher µs a launch | {variants[0]} ÷ it, launched |"
+    )
+    print("|---|---|---|---|---|---|")
+    for v in variants:
+        recorded, launched, n = median[(v, False)], median[(v, True)], launches_a_step[v]
+        per_launch = f"{(launched - recorded) / n * 1e6:.1f}" if n else "–"
+        print(
+            f"| {v} | {n} | {recorded * 1e3:.2f} | {launched * 1e3:.2f} | {per_launch} "
+            f"| {base / launched:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="baseline,ddl,ddl-cc,ddl-tc")
@@ -149,6 +201,7 @@ def main() -> None:
     parser.add_argument("--count", action="store_true", help="count instructions (valgrind)")
     parser.add_argument("--steps", type=int, default=4, help="steps counted (--count)")
     parser.add_argument("--jobs", type=int, default=2, help="callgrind runs at once (--count)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (see above)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -156,6 +209,13 @@ def main() -> None:
         0  # the reads of a real-sized state take their Function, not the few-op form
     )
     variants = args.variants.split(",")
+    if args.device != "cpu":
+        if args.device != "cuda" or not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device must be cpu, or cuda on a machine with one; got {args.device}"
+            )
+        time_launches_on_cuda(args, variants)
+        return
     if args.child:
         counted_child(args.child, args.layers, args.steps, args.autocast)
         return
