@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deltalearn import DeltaLM
 from deltalearn.bench.model import ModelBench, build_config
+from deltalearn.models.outputs import CACHE_FIELD
 from deltalearn.ops import _shapes as shapes
 from deltalearn.ops import triton_aot
 
@@ -69,16 +70,20 @@ def autograd_nodes(loss: torch.Tensor) -> int:
     return len(seen)
 
 
-def make_step(variant: str, layers: int, autocast: bool = False, device: str = "cpu"):
+def tiny_model(variant: str, layers: int, device: str = "cpu") -> DeltaLM:
+    """The `small` preset's depth and structure at width 64: the arithmetic vanishes, the ops
+    stay. A small vocabulary too: AdamW's arithmetic on a (50k × 64) embedding is a real CPU cost
+    here (asynchronous GPU work there)."""
     config = build_config(ModelBench(size="small"), variant)
-    # The small preset's depth and structure at width 64: the arithmetic vanishes, the ops stay.
     config.hidden_size, config.num_heads, config.head_dim = 64, 2, 32
     config.num_layers = layers
-    # A small vocabulary too: AdamW's arithmetic on a (50k × 64) embedding is a real CPU cost here
-    # (asynchronous GPU work there).
     config.vocab_size = 256
     torch.manual_seed(0)
-    model = DeltaLM(config).to(device)
+    return DeltaLM(config).to(device)
+
+
+def make_step(variant: str, layers: int, autocast: bool = False, device: str = "cpu"):
+    model = tiny_model(variant, layers, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     ids = torch.randint(0, 100, (1, 8)).to(device)
     device_type = torch.device(device).type
@@ -115,6 +120,70 @@ def make_step(variant: str, layers: int, autocast: bool = False, device: str = "
     return step, count
 
 
+DECODED_TOKENS = 8  # a decode run's timed tokens, after an untimed 8-token prefill
+PHASES = {
+    "train": "training step (forward, backward, AdamW)",
+    "infer": "full-sequence forward (eval, no grad)",
+    "decode": "cached decoding, one token a call",
+}
+UNIT = {"train": "step", "infer": "forward", "decode": "token"}
+
+
+def make_inference(
+    variant: str, layers: int, phase: str, autocast: bool = False, device: str = "cpu"
+):
+    """`phase` "infer": a full-sequence forward (eval, no grad) of the 1 × 8 tokens; "decode":
+    one token at a time with the cache, as `bench model`'s generate measure takes it (the argmax
+    stays on the device: no host sync). The run returns its host seconds (decode: a token's)."""
+    model = tiny_model(variant, layers, device).eval()
+    ids = torch.randint(0, 100, (1, 8)).to(device)
+    device_type = torch.device(device).type
+
+    @torch.no_grad()
+    def forward(**kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            return model(**kwargs)
+
+    def infer(boundary=time.perf_counter) -> float:
+        start = boundary()
+        forward(input_ids=ids)
+        return boundary() - start
+
+    def prefill():
+        return forward(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    def decode_tokens(out) -> None:
+        for _ in range(DECODED_TOKENS):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            cache = out[CACHE_FIELD]
+            out = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def decode(boundary=time.perf_counter) -> float:
+        out = prefill()
+        start = boundary()
+        decode_tokens(out)
+        return (boundary() - start) / DECODED_TOKENS
+
+    def count() -> tuple[int, int]:  # ops of a call, a decoded token's; no autograd graph
+        if phase == "infer":
+            with _CountOps() as counter:
+                infer()
+            return 0, counter.ops
+        out = prefill()
+        with _CountOps() as counter:
+            decode_tokens(out)
+        return 0, counter.ops // DECODED_TOKENS
+
+    return (infer if phase == "infer" else decode), count
+
+
+def make_run(variant: str, layers: int, phase: str, autocast: bool = False, device: str = "cpu"):
+    """(timed run, op count) of one `phase`: train, infer or decode."""
+    if phase == "train":
+        return make_step(variant, layers, autocast, device)
+    return make_inference(variant, layers, phase, autocast, device)
+
+
 def counted_child(variant: str, layers: int, steps: int, autocast: bool = False) -> None:
     """The process callgrind watches: warm steps, then `steps` steps with a mark at each boundary
     of their two timed parts (intervals per step: forward + backward, the reset, AdamW)."""
@@ -148,14 +217,15 @@ def count_instructions(args: argparse.Namespace, variants: list[str]) -> dict[st
         return dict(zip(variants, counted, strict=True))
 
 
-def time_launches_on_cuda(args: argparse.Namespace, variants: list[str]) -> None:
-    """Each variant's step on the GPU, timed with the Triton launches recorded and made, in turn."""
+def time_launches_on_cuda(args: argparse.Namespace, variants: list[str], phase: str) -> None:
+    """Each variant's run of `phase` on the GPU, timed with the Triton launches recorded and made,
+    in turn."""
 
     def synced() -> float:  # the GPU drained at both ends: wall time is the host's issue time
         torch.cuda.synchronize()
         return time.perf_counter()
 
-    steps = {v: make_step(v, args.layers, args.autocast, "cuda")[0] for v in variants}
+    steps = {v: make_run(v, args.layers, phase, args.autocast, "cuda")[0] for v in variants}
     launches_a_step = {}
     for v, step in steps.items():  # warm both ways: kernels compiled, AdamW state, allocator
         for _ in range(3):
@@ -164,7 +234,7 @@ def time_launches_on_cuda(args: argparse.Namespace, variants: list[str]) -> None
             for _ in range(3):
                 launches.clear()
                 step(synced)
-            launches_a_step[v] = len(launches)
+            launches_a_step[v] = len(launches) / (DECODED_TOKENS if phase == "decode" else 1)
     times: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.repeats):
         for v, step in steps.items():
@@ -175,19 +245,19 @@ def time_launches_on_cuda(args: argparse.Namespace, variants: list[str]) -> None
     base = median[(variants[0], True)]
     import triton  # the recording needs it anyway
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+    print(f"{PHASES[phase]}: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; {args.layers} blocks, width 64, 1 × 8 tokens, "
           f"autocast {args.autocast}; medians of {args.repeats}, interleaved")  # fmt: skip
     print(
-        "| variant | Triton launches a step | host ms, launches recorded | host ms, launched "
-        f"| launcher µs a launch | {variants[0]} ÷ it, launched |"
+        f"| variant | Triton launches a {UNIT[phase]} | host ms, launches recorded "
+        f"| host ms, launched | launcher µs a launch | {variants[0]} ÷ it, launched |"
     )
     print("|---|---|---|---|---|---|")
     for v in variants:
         recorded, launched, n = median[(v, False)], median[(v, True)], launches_a_step[v]
         per_launch = f"{(launched - recorded) / n * 1e6:.1f}" if n else "–"
         print(
-            f"| {v} | {n} | {recorded * 1e3:.2f} | {launched * 1e3:.2f} | {per_launch} "
+            f"| {v} | {n:g} | {recorded * 1e3:.2f} | {launched * 1e3:.2f} | {per_launch} "
             f"| {base / launched:.2f} |"
         )
 
@@ -202,6 +272,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps counted (--count)")
     parser.add_argument("--jobs", type=int, default=2, help="callgrind runs at once (--count)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (see above)")
+    parser.add_argument(
+        "--phase", default="train", help="comma-separated: train, infer, decode (timed only)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -209,12 +282,17 @@ def main() -> None:
         0  # the reads of a real-sized state take their Function, not the few-op form
     )
     variants = args.variants.split(",")
+    phases = args.phase.split(",")
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise SystemExit(f"--phase takes {', '.join(PHASES)}; got {', '.join(unknown)}")
     if args.device != "cpu":
         if args.device != "cuda" or not torch.cuda.is_available():
             raise SystemExit(
                 f"--device must be cpu, or cuda on a machine with one; got {args.device}"
             )
-        time_launches_on_cuda(args, variants)
+        for phase in phases:
+            time_launches_on_cuda(args, variants, phase)
         return
     if args.child:
         counted_child(args.child, args.layers, args.steps, args.autocast)
@@ -222,34 +300,42 @@ def main() -> None:
     if args.count:
         if args.steps < 1:
             raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+        if phases != ["train"]:
+            raise SystemExit(f"--count counts training steps only; got --phase {args.phase}")
         counts = count_instructions(args, variants)
         base = counts[variants[0]]
         print(f"| variant | instructions a step | {variants[0]} ÷ it |\n|---|---|---|")
         for v, n in counts.items():
             print(f"| {v} | {n:,} | {base / n:.3f} |")
         return
-    # The Triton path with every launch recorded instead of made (the record is dropped).
+    for phase in phases:
+        time_on_cpu(args, variants, phase)
+
+
+def time_on_cpu(args: argparse.Namespace, variants: list[str], phase: str) -> None:
+    """Each variant's run of `phase` on the Triton path with every launch recorded instead of
+    made (the record is dropped), interleaved."""
     with triton_aot.recording() as launches:
-        made = {v: make_step(v, args.layers, args.autocast) for v in variants}
-        steps = {v: step for v, (step, _) in made.items()}
+        made = {v: make_run(v, args.layers, phase, args.autocast) for v in variants}
+        runs = {v: run for v, (run, _) in made.items()}
         counts = {v: count() for v, (_, count) in made.items()}
-        for step in steps.values():  # warm: AdamW state, allocator
+        for run in runs.values():  # warm: AdamW state, allocator
             for _ in range(3):
-                step()
+                run()
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):
             for v in variants:
                 launches.clear()
-                times[v].append(steps[v]())
+                times[v].append(runs[v]())
     base = statistics.median(times[variants[0]])
-    print(
-        f"| variant | autograd nodes | ATen ops fwd + bwd | host ms a step | {variants[0]} ÷ it |"
-    )
+    ops = "ATen ops fwd + bwd" if phase == "train" else f"ATen ops a {UNIT[phase]}"
+    print(f"{PHASES[phase]}:")
+    print(f"| variant | autograd nodes | {ops} | host ms a {UNIT[phase]} | {variants[0]} ÷ it |")
     print("|---|---|---|---|---|")
     for v in variants:
         median = statistics.median(times[v])
-        nodes, ops = counts[v]
-        print(f"| {v} | {nodes} | {ops} | {median * 1e3:.1f} | {base / median:.2f} |")
+        nodes, n_ops = counts[v]
+        print(f"| {v} | {nodes} | {n_ops} | {median * 1e3:.2f} | {base / median:.2f} |")
 
 
 if __name__ == "__main__":

@@ -349,20 +349,26 @@ def test_compiled_run_reports_each_variants_first_call(tmp_path):
 
 def test_host_overhead_script_counts_the_gpu_paths_work():
     """`benchmarks/host_overhead.py` (run in a subprocess: it stubs the kernel launches of the
-    process) prints a row per variant, and DDL's GPU path has more autograd nodes and ATen ops a
-    step than the baseline's."""
+    process) prints a table per phase with a row per variant: DDL's GPU path has more autograd
+    nodes and ATen ops a training step than the baseline's, and more ATen ops a full-sequence
+    forward and a decoded token (none of them autograd nodes)."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "benchmarks/host_overhead.py", "--variants", "baseline,ddl-cc"]
     proc = subprocess.run(
-        [*cmd, "--layers", "1", "--repeats", "1"],
+        [*cmd, "--layers", "1", "--repeats", "1", "--phase", "train,infer,decode"],
         cwd=root, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = dict(re.findall(r"^\| (baseline|ddl-cc) \| (\d+ \| \d+) \|", proc.stdout, re.M))
-    base_nodes, base_ops = map(int, rows["baseline"].split(" | "))
-    ddl_nodes, ddl_ops = map(int, rows["ddl-cc"].split(" | "))
-    assert ddl_nodes > base_nodes and ddl_ops > base_ops
+    rows = re.findall(r"^\| (baseline|ddl-cc) \| (\d+) \| (\d+) \|", proc.stdout, re.M)
+    assert [variant for variant, _, _ in rows] == ["baseline", "ddl-cc"] * 3
+    (_, base_nodes, base_ops), (_, ddl_nodes, ddl_ops) = rows[:2]
+    assert int(ddl_nodes) > int(base_nodes) and int(ddl_ops) > int(base_ops)
+    for (_, base_nodes, base_ops), (_, ddl_nodes, ddl_ops) in (rows[2:4], rows[4:6]):
+        assert base_nodes == ddl_nodes == "0" and int(ddl_ops) > int(base_ops)
+    assert "host ms a forward" in proc.stdout and "host ms a token" in proc.stdout
+    proc = subprocess.run([*cmd, "--phase", "backward"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode != 0 and "backward" in proc.stderr
 
 
 def test_host_overhead_count_runs_its_marked_steps_and_needs_valgrind(tmp_path):

@@ -399,6 +399,44 @@ def test_whole_update_recomputes_the_norm_of_its_input_under_autocast(
     assert worst > 1e-4  # what the copies cost, and what the comparison above can see
 
 
+@pytest.mark.parametrize(("dv", "switch"), [(1, "on"), (4, "on"), (4, "off")])
+def test_inference_launches_the_forward_kernel_without_an_autograd_function(
+    interpreted, monkeypatch, dv, switch
+):
+    """Under no_grad (inference, decoding: host-bound on a GPU) the whole update, and with the
+    update kernel off the rewrite with its compressor read, launch their forward kernel without an
+    autograd Function's `apply` and keep no copies for a backward (none under bf16 autocast);
+    the outputs are grad mode's, bit for bit."""
+    monkeypatch.setattr(ep, "UPDATE_KERNEL", switch)
+    torch.manual_seed(4)
+    update = DeltaUpdate(24, dv, value_head="official")
+    update.record = False
+    leaves = [torch.randn(2, 3, 24, *((dv,) if dv > 1 else ())).requires_grad_()]
+    leaves += [torch.randn(2, 3, 24).requires_grad_() for _ in range(3)]
+    leaves += [torch.randn(24, dv)] if dv > 1 else []  # the next sublayer's compressor read
+    applied, kept = [], []
+    for fn in (te._TritonUpdate, te._RewriteEpilogue):
+        real = fn.apply
+        monkeypatch.setattr(
+            fn, "apply", staticmethod(lambda *a, real=real, fn=fn: applied.append(fn) or real(*a))
+        )
+    real_kept = te.kept_inputs
+    monkeypatch.setattr(te, "kept_inputs", lambda *a: kept.append(1) or real_kept(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recorded = update(*leaves)
+        assert applied and kept == ([1] if switch == "on" else [])
+        applied.clear(), kept.clear()
+        with torch.no_grad():
+            inferred = update(*leaves)
+    assert applied == [] and kept == []
+    recorded = recorded if isinstance(recorded, tuple) else (recorded,)
+    inferred = inferred if isinstance(inferred, tuple) else (inferred,)
+    assert len(inferred) == len(recorded) == (2 if dv > 1 else 1)
+    for a, b in zip(inferred, recorded, strict=True):
+        assert a.grad_fn is None
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 def test_update_kernel_switch_off_takes_the_projections_apart(interpreted, monkeypatch):
     from deltalearn.nn import DeltaUpdate
 

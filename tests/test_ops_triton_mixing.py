@@ -180,6 +180,28 @@ def test_no_new_tokens(interpreted):
     assert not gxs.any() and not gW.any()
 
 
+@pytest.mark.parametrize("past", [0, 3])
+def test_inference_reads_without_an_autograd_function(interpreted, monkeypatch, past):
+    """Under no_grad the reads launch their kernel without `_ValueRead.apply` (host time bounds
+    decoding on a GPU): grad mode's values, bit for bit."""
+    xs = torch.randn(2, past + 5, 40, 4, requires_grad=True)
+    W = torch.randn(40, 4, 4, requires_grad=True)
+    C = torch.randn(40, 4, requires_grad=True)
+    applied = []
+    real = tm._ValueRead.apply
+    monkeypatch.setattr(
+        tm._ValueRead, "apply", staticmethod(lambda *a: applied.append(1) or real(*a))
+    )
+    recorded = [token_mix(xs, W, past), channel_mix(xs, C)]
+    assert len(applied) == 2
+    with torch.no_grad():
+        inferred = [token_mix(xs, W, past), channel_mix(xs, C)]
+    assert len(applied) == 2
+    for a, b in zip(inferred, recorded, strict=True):
+        assert a.grad_fn is None
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 def test_launch_config_keeps_the_tile_bound():
     for d, dv in [(96, 1), (200, 3), (768, 4), (8192, 8), (1, 1)]:
         block_t, block_d, block_v = tm.read_launch_config(d, dv)

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops import state_tape
+from deltalearn.ops import no_graph, state_tape
 from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
 from deltalearn.ops.projections import cast, kept_inputs
 
@@ -937,9 +937,10 @@ def rewrite_epilogue_triton(
     `(d, dv)` or None. Returns Y (shape and dtype of X), and x_next `(..., d)` with `compress`
     (X's dtype promoted with compress's).
     """
-    return _RewriteEpilogue.apply(
-        X, h, z, p, compress, rule == "delta", value_head == "official", value_scale, k_eps
-    )
+    return no_graph.apply(
+        _RewriteEpilogue, X, h, z, p, compress, rule == "delta", value_head == "official",
+        value_scale, k_eps,
+    )  # fmt: skip
 
 
 def _reads_own_state(X: torch.Tensor, x: torch.Tensor, delta: bool, official: bool) -> bool:
@@ -963,6 +964,11 @@ def update_triton(
     compress."""
     delta, official = rule == "delta", value_head == "official"
     norm_weight = norm_eps = None
+    if not no_graph.records_graph():  # the kernel alone: no Function, no copies kept for backward
+        projections = (c, x, w_g, b_g, W_v, b_v)
+        ctx = no_graph.NoGraph()
+        return _forward(ctx, X, h, None, None, compress, delta, official, value_scale, k_eps,
+                        projections)[0]  # fmt: skip
     if norm is not None and official:  # the kernels recompute c from u, which the paper head lacks
         norm_weight, norm_eps = norm
     args = (

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deltalearn.ops import no_graph
 from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2, promote_float
 
 # Elements of the state one program holds (fp32 after the load).
@@ -243,4 +244,4 @@ def value_read_triton(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
     """The read in the module docstring (inputs already validated), in the promoted dtype of xs
     and W: the token read, xs `(B, p + T, d, dv)` and W `(d, dv, K)` -> `(B, T, d)`, or the channel
     read, xs `(..., d, dv)` and W `(d, dv)` -> `(...)`."""
-    return _ValueRead.apply(xs, W, past)
+    return no_graph.apply(_ValueRead, xs, W, past)

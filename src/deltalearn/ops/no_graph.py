@@ -1,0 +1,42 @@
+"""Running a custom autograd Function's forward where no graph is recorded.
+
+`Function.apply` costs host time even under `torch.no_grad` (its context, the checks of every
+input, the output wrapping): ~30 µs a call on a CPU, more on a GPU machine's host, where eager
+inference and decoding are bound by host work (`benchmarks/README.md`). Where neither a
+backward nor a forward-mode derivative can be asked for, the Functions of the GPU path call
+their forward directly with a `NoGraph` for the context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd import forward_ad
+
+
+class NoGraph:
+    """An autograd context that records nothing: what a forward keeps on it for a backward is
+    never read."""
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+    def save_for_backward(self, *tensors: torch.Tensor | None) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+def records_graph() -> bool:
+    """Whether an op run now could be differentiated: grad mode on, or a forward-mode AD level
+    open (a Function without a `jvp` must then refuse, as `apply` makes it)."""
+    return torch.is_grad_enabled() or forward_ad._current_level >= 0
+
+
+def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """`function.apply(*args)`, with the forward called directly where no graph is recorded."""
+    if records_graph():
+        return function.apply(*args)
+    return function.forward(NoGraph(), *args)
