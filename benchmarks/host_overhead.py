@@ -231,10 +231,18 @@ def time_launches_on_cuda(args: argparse.Namespace, variants: list[str], phase: 
         for _ in range(3):
             step(synced)
         with triton_aot.recording(keep_arguments=False) as launches:
+            marks: list[int] = []  # launches so far at each boundary: timed parts between pairs
+
+            def counting(marks: list[int] = marks, launches: list = launches) -> float:
+                marks.append(len(launches))
+                return synced()
+
             for _ in range(3):
                 launches.clear()
-                step(synced)
-            launches_a_step[v] = len(launches) / (DECODED_TOKENS if phase == "decode" else 1)
+                marks.clear()
+                step(counting)
+            timed = sum(marks[i + 1] - marks[i] for i in range(0, len(marks), 2))
+            launches_a_step[v] = timed / (DECODED_TOKENS if phase == "decode" else 1)
     times: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.repeats):
         for v, step in steps.items():
