@@ -371,6 +371,23 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     assert proc.returncode != 0 and "backward" in proc.stderr
 
 
+def test_triton_launch_host_script_times_each_kernel_a_step_launches():
+    """`benchmarks/triton_launch_host.py` replays a ddl-cc step's launches through Triton's launch
+    path without a GPU: a row a distinct launch (the rewrite's forward and backward, the reads'),
+    each with a positive time, the backward taking more arguments than the forward."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/triton_launch_host.py", "--calls", "5"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (_\w+) \| (\d+) \| \d+ \| ([\d.]+) \|$", proc.stdout, re.M)
+    names = {name for name, _, _ in rows}
+    assert {"_fwd_kernel", "_bwd_kernel", "_read_fwd_kernel", "_read_bwd_kernel"} <= names
+    assert all(float(us) > 0 for _, _, us in rows)
+    args = {name: int(n) for name, n, _ in rows}
+    assert args["_bwd_kernel"] > args["_fwd_kernel"]
+
+
 def test_host_overhead_count_runs_its_marked_steps_and_needs_valgrind(tmp_path):
     """`benchmarks/host_overhead.py --count`: the process callgrind watches runs its marked steps
     to the end (here without valgrind, the forward under bf16 autocast), and the script says
