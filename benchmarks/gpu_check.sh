@@ -2,7 +2,7 @@
 # The prepared device check (a GPU session's budget is minutes), in stages that each keep to their
 # own time limit and write what they found to OUT_DIR even when a later one fails:
 #   tests    the CUDA tests: operator, compiled Triton kernels, model, NCCL torchrun (DDP, FSDP2)
-#   model    `bench model` at small, bf16, 8 x 1024: train, infer, memory; fused and reference path
+#   model    `bench model` at small, bf16, 8 x 1024: train, infer, generate, memory; fused and reference path
 #   profile  torch.profiler kernel tables of one training step (baseline, ddl, ddl-cc)
 #   tiles    forward/backward time of the Triton rewrite per tile size (benchmarks/epilogue_tiles.py)
 #   reads    the CC/TC compressor reads: Triton kernel vs the PyTorch Functions vs the reference
@@ -32,7 +32,7 @@
 # Usage (repo root, torch with CUDA, triton, `deltalearn` on PATH):
 #   bash benchmarks/gpu_check.sh OUT_DIR [STAGE ...]        (default: every stage, in that order)
 # To fit a shorter lease: MODEL_IMPLS (default "default reference"), MODEL_MEASURE (default
-# train,infer,memory), VARIANTS (the model and rebuild stages; default the five below) and
+# train,infer,generate,memory), VARIANTS (the model and rebuild stages; default the five below) and
 # UPDATE_KERNEL_SETTINGS (default "off on"), COMPILE_VARIANTS (default baseline and the three DDL
 # presets; ddl-tc has never been compiled on a GPU: about 100 s more).
 set -uo pipefail
@@ -65,7 +65,7 @@ for s in $stages; do
         for impl in ${MODEL_IMPLS:-default reference}; do
             stage "bench model, impl $impl"
             timeout 170 deltalearn bench model "${small[@]}" --variants $variants \
-                --measure "${MODEL_MEASURE:-train,infer,memory}" --repeats 7 --impl "$impl" \
+                --measure "${MODEL_MEASURE:-train,infer,generate,memory}" --repeats 7 --impl "$impl" \
                 --json "$out/h200_model_${impl}.json" 2>&1 | tail -24
         done
         ;;
