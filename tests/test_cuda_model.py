@@ -56,10 +56,16 @@ def test_forward_on_cuda_equals_cpu(variant):
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 @torch.no_grad()
-def test_cached_decoding_on_cuda_equals_cpu_full_forward(variant):
+def test_cached_decoding_on_cuda_equals_cpu_full_forward(variant, monkeypatch):
+    """... and never asks for the CPU inference extension (its calls would only decline CUDA
+    tensors: host time)."""
+    from deltalearn.ops import extension
+
     cpu, gpu = _on_both(variant)
     ids, mask = _left_padded()
     want = cpu(ids, attention_mask=mask).logits
+    asked = []
+    monkeypatch.setattr(extension, "loaded", lambda: asked.append(1))
     ids, mask = ids.cuda(), mask.cuda()
     out = gpu(ids[:, :2], attention_mask=mask[:, :2], use_cache=True)
     steps = [out.logits]
@@ -69,6 +75,7 @@ def test_cached_decoding_on_cuda_equals_cpu_full_forward(variant):
     real = mask.bool().cpu()
     got = torch.cat(steps, 1).cpu()
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=FP32_ATOL)
+    assert asked == []
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

@@ -388,3 +388,27 @@ def test_training_hands_the_update_the_norm_that_made_c(monkeypatch):
 
     layer.update.__class__ = OwnForward
     layer(x).sum().backward()
+
+
+def test_inference_on_another_device_does_not_ask_for_the_cpu_extension(monkeypatch):
+    """Without autograd, an update and a channel read of tensors on another device (meta here, as
+    CUDA in use) go straight to their own path: the CPU inference extension, whose calls would only
+    decline them, is not asked for (host time, which bounds decoding on a GPU). On the CPU it is."""
+    from deltalearn.nn import DeltaUpdate
+    from deltalearn.ops import extension
+
+    calls = []
+    real = extension.loaded
+    monkeypatch.setattr(extension, "loaded", lambda: calls.append(1) or real())
+    for device, asked in (("meta", False), ("cpu", True)):
+        calls.clear()
+        update = DeltaUpdate(16, 4, value_head="official").to(device)
+        update.record = False
+        compressor = ChannelCompressor(16, 4).to(device)
+        X = torch.randn(2, 3, 16, 4, device=device)
+        h = torch.randn(2, 3, 16, device=device)
+        with torch.no_grad():
+            Y, _ = update(X, h, h, h, torch.randn(16, 4, device=device))
+            x_in, _ = compressor.read_with_matrix(X)
+        assert Y.device.type == x_in.device.type == device
+        assert (len(calls) == 2) if asked else calls == [], (device, calls)

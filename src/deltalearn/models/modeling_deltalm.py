@@ -364,7 +364,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
         updates = self._updates()
         if updates or self.final_compress is not None:  # the baseline calls none of it
-            step.fast = self._fast_calls()
+            step.fast = self._fast_calls(step.rope[0].device)
             step.fuse_reads = self.config.expanded and fused_read_enabled()
 
         # Attributes set only where they change: nn.Module.__setattr__ costs ~2 µs, three per
@@ -571,12 +571,14 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         ]
 
     @staticmethod
-    def _fast_calls() -> ModuleType | None:
+    def _fast_calls(device: torch.device) -> ModuleType | None:
         """The inference extension (`ops/extension.py`) where this forward's rewrites and reads
         may call it directly: no autograd, outside torch.compile and functorch transforms, the
-        fast paths allowed (`ops.backend`) and the extension built. Each call still declines
-        inputs it does not take (the general path then names what is wrong)."""
-        if torch.is_grad_enabled() or not native_allowed():
+        fast paths allowed (`ops.backend`), the extension built and the forward on the CPU (its
+        calls take CPU tensors only: elsewhere each would decline, host time that bounds decoding
+        on a GPU). Each call still declines inputs it does not take (the general path then names
+        what is wrong)."""
+        if torch.is_grad_enabled() or device.type != "cpu" or not native_allowed():
             return None
         return extension.loaded()
 

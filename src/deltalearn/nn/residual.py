@@ -134,8 +134,15 @@ class DeltaUpdate(nn.Module):
         backward instead of keeping a copy of it under autocast (the official value head)."""
         # Without autograd on CPU: the whole update in one call whose checks run in C++
         # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
-        # first: it checks torch.compile before anything untraceable.
-        if not torch.is_grad_enabled() and not self.record and self.fused and native_allowed():
+        # first: it checks torch.compile before anything untraceable. Not on another device,
+        # where the calls would only decline (host time, which bounds GPU decoding).
+        if (
+            not torch.is_grad_enabled()
+            and not self.record
+            and self.fused
+            and native_allowed()
+            and X.is_cpu
+        ):
             fast = extension.loaded()
             out = None if fast is None else self._extension_update(fast, X, h, c, u, compress)
             if out is not None:

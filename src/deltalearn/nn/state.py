@@ -261,7 +261,7 @@ class ChannelCompressor(nn.Module):
         # Without autograd on CPU: the fold and the read in one call whose checks run in C++
         # (ops/extension.py), else the prepared ctypes call. native_allowed first: it checks
         # torch.compile before anything untraceable.
-        if not torch.is_grad_enabled() and backend.native_allowed():
+        if not torch.is_grad_enabled() and backend.native_allowed() and X.is_cpu:
             fast = extension.loaded()
             out = None if fast is None else self.decode_read(fast, X)
             if out is not None:
