@@ -32,7 +32,8 @@ class NoGraph:
 def records_graph() -> bool:
     """Whether an op run now could be differentiated: grad mode on, or a forward-mode AD level
     open (a Function without a `jvp` must then refuse, as `apply` makes it)."""
-    return torch.is_grad_enabled() or forward_ad._current_level >= 0
+    # (a private counter of torch.autograd.forward_ad, read defensively: -1 where none is open)
+    return torch.is_grad_enabled() or getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
