@@ -961,14 +961,14 @@ def update_triton(
     projection_dtypes`; `norm` `(weight (d,), eps)` where c = `rms_norm(u, weight, eps)` (the
     caller knows and, training under autocast, would keep a copy of c otherwise:
     `DeltaUpdate._triton_update`); the official head only. Returns Y, or `(Y, x_next)` with
-    compress."""
+    compress. Where no graph is recorded (`ops.no_graph`) the forward kernel runs alone: no
+    Function, nothing kept for a backward (`keep`, `lin` and `norm` unused)."""
     delta, official = rule == "delta", value_head == "official"
-    norm_weight = norm_eps = None
-    if not no_graph.records_graph():  # the kernel alone: no Function, no copies kept for backward
+    if not no_graph.records_graph():
         projections = (c, x, w_g, b_g, W_v, b_v)
-        ctx = no_graph.NoGraph()
-        return _forward(ctx, X, h, None, None, compress, delta, official, value_scale, k_eps,
-                        projections)[0]  # fmt: skip
+        return _forward(no_graph.NoGraph(), X, h, None, None, compress, delta, official,
+                        value_scale, k_eps, projections)[0]  # fmt: skip
+    norm_weight = norm_eps = None
     if norm is not None and official:  # the kernels recompute c from u, which the paper head lacks
         norm_weight, norm_eps = norm
     args = (
