@@ -10,6 +10,7 @@ from model_helpers import ALL_VARIANTS, random_ids, tiny_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 
+from deltalearn.bench.model import step_peak_bytes
 from deltalearn.models import DeltaLMCache, DeltaLMStaticCache
 
 ATOL = 2e-5  # fp32 round-off between a chunked and a one-pass forward
@@ -108,6 +109,26 @@ def test_compiled_decode_step_is_traced_once(variant):
     assert torch.equal(compiled, eager)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["stats"]["calls_captured"] > 0
+
+
+@torch.no_grad()
+def test_compiled_decode_step_writes_the_conv_buffers_in_place():
+    """A compiled static-cache decode step appends each convolution's input in place: nothing it
+    allocates is as large as a convolution buffer (`max_cache_len` tokens), so a token costs the
+    same however long the cache. Where the window was read before the append, the old buffer was
+    still in use after the write, and Inductor copied each buffer (out and back) every token."""
+    model = tiny_model("ddl-tc")  # the EC buffer and a TC buffer per sublayer
+    ids = random_ids(1, 4)
+    cache = DeltaLMStaticCache(config=model.config, max_cache_len=512)
+    torch._dynamo.reset()
+    step = torch.compile(lambda t, c: model(t, cache=c).logits[:, -1], fullgraph=True)
+    next_token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):  # compiled, then run once compiled
+        next_token = step(next_token, cache).argmax(-1, keepdim=True)
+    smallest = min(b.untyped_storage().nbytes() for b in cache._conv_buffers.values())
+    assert len(cache._conv_buffers) == 2 + 2 * model.config.num_layers  # EC, each TC read, final
+    peak = step_peak_bytes(lambda: step(next_token, cache), torch.device("cpu"))
+    assert 0 < peak < smallest // 4, (peak, smallest)
 
 
 @torch.no_grad()

@@ -173,10 +173,13 @@ def _read_state(
 
 
 def _reads_in_place(cache: ConvInputCache) -> bool:
-    """Whether a convolution reads its window straight out of `cache` after appending to it: a
-    `DeltaLMCache` (which appends into a buffer) without autograd. One-token decoding then spends
-    no concatenation of history and input, per convolution and token, on the host."""
-    return isinstance(cache, DeltaLMCache) and not torch.is_grad_enabled()
+    """Whether a convolution reads its window straight out of `cache` after appending to it:
+    either cache without autograd. One-token decoding then spends no concatenation of history and
+    input, per convolution and token, on the host; and in a compiled static-cache step the read
+    follows the write, so Inductor writes the buffer in place — read before it, the old buffer was
+    still in use after the write, and the step copied the whole buffer twice (`max_cache_len`
+    tokens, per convolution and token)."""
+    return isinstance(cache, (DeltaLMCache, DeltaLMStaticCache)) and not torch.is_grad_enabled()
 
 
 class DeltaLMBlock(GradientCheckpointingLayer):

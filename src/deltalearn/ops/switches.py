@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 SWITCH_CHOICES = ("on", "off")
 _ENCODED: dict[str, bytes] = {}
 
@@ -12,13 +14,18 @@ def environment_value(variable: str, default: str) -> str:
     """The environment variable `variable`, else `default`, read at every call (it may change while
     the process runs). On POSIX straight from the bytes dict behind `os.environ` (which its setters
     keep current): ~40 ns, not the ~0.9 µs of `os.environ.get` — several switches are read a
-    sublayer, and eager training on a GPU and one-token decoding are bound by host time."""
+    sublayer, and eager training on a GPU and one-token decoding are bound by host time. Traced by
+    `torch.compile`, the name is encoded afresh: a read of the encoding cache, which the first
+    eager call of a switch fills, would recompile the graph once it had."""
     data = getattr(os.environ, "_data", None) if os.name == "posix" else None
     if not isinstance(data, dict):
         return os.environ.get(variable, default)
-    key = _ENCODED.get(variable)
-    if key is None:
-        key = _ENCODED[variable] = os.fsencode(variable)
+    if torch.compiler.is_compiling():
+        key = os.fsencode(variable)
+    else:
+        key = _ENCODED.get(variable)
+        if key is None:
+            key = _ENCODED[variable] = os.fsencode(variable)
     raw = data.get(key)
     return default if raw is None else os.fsdecode(raw)
 
