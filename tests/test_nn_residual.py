@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -247,6 +248,50 @@ def test_one_column_projections_skip_the_matrix_product_on_a_cpu(monkeypatch):
     assert matmul_flops() == 0
     monkeypatch.setattr(backend, "BACKEND", "torch")
     assert matmul_flops() == 2 * 3 * 15 * 24 * 2  # three products, one column each, two heads
+
+
+def _traced_calls(fn, *args):
+    """`fn(*args)` traced by `torch.compile` for inference: its output and the callables of the
+    graph dynamo captured (the `eager` backend: no code generation)."""
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    return out, {node.target for gm in graphs for node in gm.graph.nodes}
+
+
+MATRIX_PRODUCTS = {nn.functional.linear, torch.matmul, torch.mm, torch.addmm, operator.matmul}
+
+
+@pytest.mark.parametrize("dv", [1, 4])
+def test_compiled_inference_takes_no_matrix_product_for_the_heads_and_the_fold(dv):
+    """Traced for inference in fp32, the gate and value projections and the channel compressor's
+    fold are elementwise products and sums, which Inductor fuses into the kernels around them (a
+    matrix product is a library call of its own a sublayer and token in a compiled decode step);
+    the values are eager's."""
+    torch.manual_seed(0)
+    gate, value = GateHead(24), ValueHead(24, dv, "official")
+    c, u = torch.randn(3, 5, 24), torch.randn(3, 5, 24)
+    (z, p), calls = _traced_calls(lambda a, b: gate_and_value(gate, value, a, b), c, u)
+    assert not calls & MATRIX_PRODUCTS, calls & MATRIX_PRODUCTS
+    with torch.no_grad():
+        z_ref, p_ref = _plain_heads(gate, value, c, u)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(p, p_ref)
+    if dv > 1:
+        cc = ChannelCompressor(24, dv)
+        with torch.no_grad():
+            cc.weight.normal_()
+            cc.read.normal_()
+        folded, calls = _traced_calls(cc.mixing_matrix)
+        assert not calls & MATRIX_PRODUCTS, calls & MATRIX_PRODUCTS
+        with torch.no_grad():
+            torch.testing.assert_close(folded, cc.mixing_matrix())
 
 
 def test_direction_forms_agree():

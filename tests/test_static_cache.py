@@ -89,7 +89,7 @@ def test_beam_search_with_static_cache_equals_dynamic():
     assert torch.equal(static, dynamic)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "ddl-tc"])
+@pytest.mark.parametrize("variant", ["baseline", "ddl-cc", "ddl-tc"])
 def test_compiled_decode_step_is_traced_once(variant):
     """`generate` compiles the decode step of a static cache; one graph serves every token
     (fullgraph: no graph break), and the tokens equal eager decoding. The `eager` backend checks

@@ -28,7 +28,7 @@ from deltalearn.nn.choices import (
 )
 from deltalearn.ops import normalize_direction
 from deltalearn.ops._shapes import accumulation_dtype, autocast_on
-from deltalearn.ops.projections import cast, kept_inputs, project, projection_grads
+from deltalearn.ops.projections import cast, kept_inputs, linear, project, projection_grads
 
 # β₀/2 is clamped away from 0 and 1 so that its logit is finite.
 _BETA_INIT_CLAMP = 1e-4
@@ -205,8 +205,8 @@ def gate_and_value(
         # without an autograd node and an autocast switch.
         z = cast(c, acc)
         x = z if value.kind == "paper" else u
-        logit = F.linear(z, cast(gate.out.weight, acc), cast(gate.out.bias, acc)).squeeze(-1)
-        return logit, F.linear(x, value.proj.weight, value.proj.bias)
+        logit = linear(z, cast(gate.out.weight, acc), cast(gate.out.bias, acc)).squeeze(-1)
+        return logit, linear(x, value.proj.weight, value.proj.bias)
     keep, lin = projection_dtypes(c, acc)
     with torch.autocast(device_type=c.device.type, enabled=False):
         z = cast(c, acc)

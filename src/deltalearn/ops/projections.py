@@ -28,12 +28,35 @@ def _elementwise(a: torch.Tensor, columns: int) -> bool:
     )
 
 
+def compiled_inference(a: torch.Tensor) -> bool:
+    """Whether a projection of `a` is traced by `torch.compile` for inference in fp32/float64: then
+    a product with a few columns is best an elementwise product and a sum, which Inductor fuses
+    with the ops around it, where a matrix product is a library call of its own — one a sublayer
+    and token in a compiled decode step, whose host and launch time bound it."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+        and a.dtype in (torch.float32, torch.float64)
+    )
+
+
 def project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """`a @ w.t() (+ b)` for `a` (rows, d), `w` (n, d): (rows, n)."""
     if _elementwise(a, w.shape[0]):
         out = (a * w).sum(-1, keepdim=True)
         return out if b is None else out.add_(b)
+    if compiled_inference(a):
+        return linear(a, w, b)
     return a @ w.t() if b is None else torch.addmm(b, a, w.t())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, w, b)` for `x` (..., d), `w` (n, d); traced for inference in fp32/float64
+    (`compiled_inference`), as an elementwise product and a sum."""
+    if not compiled_inference(x):
+        return torch.nn.functional.linear(x, w, b)
+    out = (x.unsqueeze(-2) * w).sum(-1)
+    return out if b is None else out + b
 
 
 def _outer(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
