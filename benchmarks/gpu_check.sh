@@ -34,7 +34,10 @@
 # To fit a shorter lease: MODEL_IMPLS (default "default reference"), MODEL_MEASURE (default
 # train,infer,generate,memory), VARIANTS (the model and rebuild stages; default the five below) and
 # UPDATE_KERNEL_SETTINGS (default "off on"), COMPILE_VARIANTS (default baseline and the three DDL
-# presets; ddl-tc has never been compiled on a GPU: about 100 s more).
+# presets; ddl-tc has never been compiled on a GPU: about 100 s more), DECODE_VARIANTS (default
+# baseline, ddl-cc and ddl-tc: the two whose compiled decode step copied every conv buffer twice a
+# token until 2026-11-30, never measured on a GPU; the stage times the dynamic and the compiled
+# static-cache decode).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
@@ -121,8 +124,9 @@ for s in $stages; do
     decode)
         stage "bench decode"
         timeout 400 deltalearn bench decode --size small --dtype bfloat16 \
-            --variants baseline,ddl,ddl-cc --tokens 128 --repeats 5 \
-            --compile-mode reduce-overhead --json "$out/h200_decode.json" 2>&1 | tail -12
+            --variants "${DECODE_VARIANTS:-baseline,ddl-cc,ddl-tc}" --modes dynamic,static-compiled \
+            --tokens 128 --repeats 5 --compile-mode reduce-overhead \
+            --json "$out/h200_decode.json" 2>&1 | tail -12
         ;;
     compile)
         stage "bench model --compile"
