@@ -37,7 +37,23 @@ def test_every_variant_and_mode_gets_a_row_and_a_ratio(tmp_path):
             dynamic = rows[(variant, "dynamic")]["decode_seconds_by_round"]
             ratios = [d / s for d, s in zip(dynamic, row["decode_seconds_by_round"], strict=True)]
             assert median == pytest.approx(sum(ratios) / 2)  # two rounds: their mean
-    assert "| ddl-tc | static |" in printed.getvalue() and "by round" in printed.getvalue()
+        # and against the baseline (the first variant) in the same mode
+        baseline = rows[("baseline", mode)]
+        assert row["x_baseline"] == pytest.approx(
+            row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
+        )
+        q1, median, q3 = row["x_baseline_quartiles"]
+        if variant == "baseline":
+            assert row["x_baseline"] == 1.0 and (q1, median, q3) == (1.0, 1.0, 1.0)
+        else:
+            ratios = [
+                b / s
+                for b, s in zip(
+                    baseline["decode_seconds_by_round"], row["decode_seconds_by_round"], strict=True
+                )
+            ]
+            assert median == pytest.approx(sum(ratios) / 2)
+    assert "| ddl-tc | static |" in printed.getvalue() and "× baseline" in printed.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

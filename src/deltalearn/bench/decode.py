@@ -122,7 +122,8 @@ class DecodeRun:
 
 
 def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
-    """One row per (variant, mode): decode tokens/s and its ratio to the variant's dynamic row."""
+    """One row per (variant, mode): decode tokens/s, its ratio to the variant's row in the first
+    mode, and to the first variant's row (the baseline) in the same mode."""
     bench.check()
     torch._dynamo.reset()
     limit = 8 * len(bench.variants)  # one compiled step per variant, plus dynamo's own margin
@@ -130,7 +131,7 @@ def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
         runs = {(v, m): DecodeRun(bench, v, m) for v in bench.variants for m in bench.modes}
         fns: dict[tuple[str, str], Callable[[], float]] = {k: r.decode for k, r in runs.items()}
         samples = interleaved_samples(fns, bench.repeats, warmup=1)
-    first = bench.modes[0]
+    first, base = bench.modes[0], bench.variants[0]
     rows = []
     for (variant, mode), run in runs.items():
         seconds = samples[(variant, mode)]
@@ -141,13 +142,16 @@ def decode_benchmark(bench: DecodeBench) -> list[dict[str, object]]:
                 "decode_tokens_per_s": bench.batch * bench.tokens / statistics.median(seconds),
                 "compile_s": run.compile_seconds,
                 "decode_seconds_by_round": seconds,
-                # the speed-up over the first mode round by round: median and quartiles
+                # the speed-up over the first mode, and over the baseline in this mode, round by
+                # round: median and quartiles
                 f"x_{first}_quartiles": paired_ratio_quartiles(samples[(variant, first)], seconds),
+                "x_baseline_quartiles": paired_ratio_quartiles(samples[(base, mode)], seconds),
             }
         )
-    reference = {r["variant"]: r["decode_tokens_per_s"] for r in rows if r["mode"] == first}
+    speed = {(r["variant"], r["mode"]): r["decode_tokens_per_s"] for r in rows}
     for row in rows:
-        row[f"x_{first}"] = row["decode_tokens_per_s"] / reference[row["variant"]]
+        row[f"x_{first}"] = row["decode_tokens_per_s"] / speed[(row["variant"], first)]
+        row["x_baseline"] = row["decode_tokens_per_s"] / speed[(base, row["mode"])]
     return rows
 
 
@@ -162,8 +166,9 @@ def format_decode_report(report: dict[str, Any]) -> str:
         f"decode benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
         f"{size_text(s)}, {s['dtype']}, batch {s['batch']}, "
         f"prompt {s['prompt']}, {s['tokens']} decoded tokens, compile mode {s['compile_mode']}; "
-        f"median of {s['repeats']}; ratios against each variant's {reference} row (by round: "
-        "the ratio's median and quartiles over the rounds)",
+        f"median of {s['repeats']}; ratios against each variant's {reference} row, and against "
+        f"{s['variants'][0]} in the same mode (by round: the ratio's median and quartiles over "
+        "the rounds)",
     ]
     columns = {
         "variant": "variant",
@@ -171,6 +176,8 @@ def format_decode_report(report: dict[str, Any]) -> str:
         "decode_tokens_per_s": "decode tok/s",
         f"x_{reference}": f"× {reference}",
         f"x_{reference}_quartiles": "by round",
+        "x_baseline": f"× {s['variants'][0]}",
+        "x_baseline_quartiles": "by round",
         "compile_s": "compile s",
     }
     rows = [quartiles_as_text(row) for row in report["rows"]]
