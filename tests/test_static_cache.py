@@ -111,14 +111,24 @@ def test_compiled_decode_step_is_traced_once(variant):
     assert counters["stats"]["calls_captured"] > 0
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
 @torch.no_grad()
-def test_compiled_decode_step_writes_the_conv_buffers_in_place():
+def test_compiled_decode_step_writes_the_conv_buffers_in_place(device):
     """A compiled static-cache decode step appends each convolution's input in place: nothing it
     allocates is as large as a convolution buffer (`max_cache_len` tokens), so a token costs the
     same however long the cache. Where the window was read before the append, the old buffer was
     still in use after the write, and Inductor copied each buffer (out and back) every token."""
-    model = tiny_model("ddl-tc")  # the EC buffer and a TC buffer per sublayer
-    ids = random_ids(1, 4)
+    model = tiny_model("ddl-tc").to(device)  # the EC buffer and a TC buffer per sublayer
+    ids = random_ids(1, 4).to(device)
     cache = DeltaLMStaticCache(config=model.config, max_cache_len=512)
     torch._dynamo.reset()
     step = torch.compile(lambda t, c: model(t, cache=c).logits[:, -1], fullgraph=True)
@@ -127,7 +137,7 @@ def test_compiled_decode_step_writes_the_conv_buffers_in_place():
         next_token = step(next_token, cache).argmax(-1, keepdim=True)
     smallest = min(b.untyped_storage().nbytes() for b in cache._conv_buffers.values())
     assert len(cache._conv_buffers) == 2 + 2 * model.config.num_layers  # EC, each TC read, final
-    peak = step_peak_bytes(lambda: step(next_token, cache), torch.device("cpu"))
+    peak = step_peak_bytes(lambda: step(next_token, cache), torch.device(device))
     assert 0 < peak < smallest // 4, (peak, smallest)
 
 
