@@ -124,8 +124,8 @@ def test_compiled_decode_step_is_traced_once(variant):
 @torch.no_grad()
 def test_compiled_decode_step_writes_the_conv_buffers_in_place(device):
     """A compiled static-cache decode step appends each convolution's input in place: nothing it
-    allocates is as large as a convolution buffer (`max_cache_len` tokens), so a token costs the
-    same however long the cache. Where the window was read before the append, the old buffer was
+    allocates is as large as a convolution buffer (`max_cache_len` tokens), so a token's
+    convolution work does not grow with the cache. Where the window was read before the append, the old buffer was
     still in use after the write, and Inductor copied each buffer (out and back) every token."""
     model = tiny_model("ddl-tc").to(device)  # the EC buffer and a TC buffer per sublayer
     ids = random_ids(1, 4).to(device)
