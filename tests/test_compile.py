@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from deltalearn import DeltaLM, DeltaLMConfig
 from deltalearn.models import VARIANTS
+from deltalearn.ops import switches
 
 PRESETS = list(VARIANTS)
 
@@ -69,3 +71,18 @@ def test_autocast_switch_asks_nothing_dynamo_cannot_trace(monkeypatch):
     monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
     with torch.autocast("cpu", dtype=torch.bfloat16), no_autocast(torch.ones(1)):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])
+def test_an_eager_call_in_between_does_not_recompile_the_training_graph(variant, monkeypatch):
+    """`deltalearn train --compile` runs eager code between compiled steps (its evaluation, say),
+    which reads the fast paths' switches; the compiled graph must not have guarded on what such a
+    read changes (the switches' encoding cache: it once compiled the graph a second time)."""
+    monkeypatch.setattr(switches, "_ENCODED", {})  # as in a fresh process
+    model, ids = _model_and_ids(variant)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    counters.clear()
+    compiled(ids, labels=ids)
+    model(ids, labels=ids)  # eager: each switch read here for the first time
+    compiled(ids, labels=ids)
+    assert counters["stats"]["unique_graphs"] == 1
