@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from deltalearn import DeltaLM, DeltaLMConfig
 from deltalearn.models import VARIANTS
 from deltalearn.ops import switches
+from deltalearn.train.validation import mean_beta_per_layer
 
 PRESETS = list(VARIANTS)
 
@@ -86,3 +87,17 @@ def test_an_eager_call_in_between_does_not_recompile_the_training_graph(variant,
     model(ids, labels=ids)  # eager: each switch read here for the first time
     compiled(ids, labels=ids)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_trainers_beta_probe_runs_eagerly_on_a_compiled_model():
+    """`deltalearn train --compile` logs the mean β of each layer at every evaluation from one
+    small forward of its own (gate records on, four rows); on the compiled model that forward runs
+    eagerly — no graph of its own to compile — and gives the eager values."""
+    model, ids = _model_and_ids("ddl-cc")
+    expected = mean_beta_per_layer(model, ids[:1])
+    model.compile(backend="eager", fullgraph=True)  # in place, as the trainer compiles
+    counters.clear()
+    model(ids, labels=ids)  # the training graph
+    assert mean_beta_per_layer(model, ids[:1]) == pytest.approx(expected)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert model.training

@@ -122,11 +122,15 @@ def mean_from_sums(total: float, count: float, seq_len: int) -> float:
 
 @torch.no_grad()
 def mean_beta_per_layer(model: nn.Module, x: torch.Tensor) -> list[float] | None:
-    """Mean gate β of each layer (both sublayers) on one batch; None for the additive baseline."""
+    """Mean gate β of each layer (both sublayers) on one batch; None for the additive baseline.
+    Eager even where the model is compiled (`--compile`): this one small forward, with its gate
+    records and a batch of its own, would compile a graph of its own otherwise (a minute at
+    `small` on a GPU, for one forward an evaluation)."""
     was_training = model.training
     model.eval()
     try:
-        gates = model(x, output_gates=True).gates
+        with torch.compiler.set_stance("force_eager"):
+            gates = model(x, output_gates=True).gates
     finally:
         model.train(was_training)
     if gates is None:
