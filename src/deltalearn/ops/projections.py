@@ -46,15 +46,19 @@ def project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
         out = (a * w).sum(-1, keepdim=True)
         return out if b is None else out.add_(b)
     if compiled_inference(a):
-        return linear(a, w, b)
+        return _product_and_sum(a, w, b)
     return a @ w.t() if b is None else torch.addmm(b, a, w.t())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, w, b)` for `x` (..., d), `w` (n, d); traced for inference in fp32/float64
     (`compiled_inference`), as an elementwise product and a sum."""
-    if not compiled_inference(x):
-        return torch.nn.functional.linear(x, w, b)
+    if compiled_inference(x):
+        return _product_and_sum(x, w, b)
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _product_and_sum(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     out = (x.unsqueeze(-2) * w).sum(-1)
     return out if b is None else out + b
 
