@@ -27,10 +27,11 @@ import collections
 import re
 
 import torch
+from step_arguments import add_step_arguments, step_bench
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from deltalearn.bench.model import ModelBench, build_variant, parse_overrides, step_peak_bytes
+from deltalearn.bench.model import ModelBench, build_variant, step_peak_bytes
 from deltalearn.ops import triton_aot
 from deltalearn.train.host_allocator import keep_freed_memory
 
@@ -100,24 +101,12 @@ def measure(bench: ModelBench, top: int = 0) -> dict[str, tuple[int, list]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="baseline,ddl,ddl-cc,ddl-tc")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_step_arguments(parser)
     parser.add_argument("--top", type=int, default=0, help="groups alive at each peak to print")
     parser.add_argument("--gpu-baseline-gb", type=float, help="the baseline's peak on a GPU")
     parser.add_argument("--gpu-tokens", type=int, default=8 * 1024, help="its tokens a step")
     args = parser.parse_args()
-    bench = ModelBench(
-        variants=args.variants.split(","),
-        size=args.size,
-        overrides=parse_overrides(args.set),
-        batch=args.batch,
-        seq=args.seq,
-        dtype="bfloat16",
-    )
-    bench.check()
+    bench = step_bench(args, "bfloat16")
     results = measure(bench, args.top)
     base = results[bench.variants[0]][0]
     scale = args.gpu_tokens / (args.batch * args.seq)

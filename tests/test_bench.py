@@ -458,3 +458,22 @@ def test_gpu_path_memory_script_counts_the_peaks_and_what_recomputing_c_saves():
     sublayers, tokens, width = 4, 64, 128
     copies, rstd = 2 * tokens * width * 2, tokens * 4  # bf16 c and u; its fp32 1/rms a row
     assert int(proc.stdout.split()[-1]) == sublayers * (copies - rstd)
+
+
+@pytest.mark.slow  # two variants' forward and backward graphs through Inductor: ~40 s
+def test_compiled_graph_script_counts_kernels_and_ddl_adds_no_library_call():
+    """`benchmarks/compiled_graph.py` counts each variant's compiled training graphs (kernels,
+    library calls among them, bytes); ddl's gate and value projections, their backward and the
+    readout are reductions Inductor fuses, so its graphs call the libraries (matrix products,
+    attention) exactly as often as the baseline's."""
+    root = Path(__file__).resolve().parents[1]
+    shape = ["--size", "tiny", "--batch", "1", "--seq", "32", "--set", "num_layers=1"]
+    cmd = [sys.executable, "benchmarks/compiled_graph.py", "--variants", "baseline,ddl", *shape]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = r"^\| {} \| (\d+) \((\d+)\) \| (\d+) \((\d+)\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
+    base = re.search(row.format("baseline"), proc.stdout, re.M)
+    ddl = re.search(row.format("ddl"), proc.stdout, re.M)
+    assert base and ddl, proc.stdout
+    assert float(base.group(5)) == 1.0 and float(ddl.group(7)) > 0
+    assert (ddl.group(2), ddl.group(4)) == (base.group(2), base.group(4))

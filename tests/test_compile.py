@@ -1,5 +1,6 @@
-"""`torch.compile` on every preset: the training forward is one graph (no graph breaks), and the
-compiled forward gives the eager logits and loss. One layer, vocab 256, 2 x 16 tokens."""
+"""`torch.compile` on every preset: the training forward is one graph (no graph breaks), the
+compiled forward gives the eager logits and loss, and the compiled backward the eager gradients.
+One layer, vocab 256, 2 x 16 tokens."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def test_compiled_forward_equals_eager(variant):
     compiled = torch.compile(model, fullgraph=True)(ids, labels=ids)
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # a forward and a backward graph each: ~10 s a preset on 2 cold cores
+@pytest.mark.parametrize("variant", PRESETS)
+def test_compiled_training_step_gives_the_eager_gradients(variant):
+    """`deltalearn train --compile` trains on the gradients of Inductor's backward graph, which
+    runs the rewrite's hand-written backward as traced code (the C and Triton kernels step aside
+    under compile): they must be the eager path's, for every parameter."""
+    model, ids = _model_and_ids(variant)
+    model(ids, labels=ids).loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_autocast_switch_asks_nothing_dynamo_cannot_trace(monkeypatch):

@@ -294,6 +294,58 @@ def test_compiled_inference_takes_no_matrix_product_for_the_heads_and_the_fold(d
             torch.testing.assert_close(folded, cc.mixing_matrix())
 
 
+ATEN_MATRIX_PRODUCTS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("dv", [1, 4])
+def test_compiled_training_takes_no_matrix_product_for_the_heads(dv, autocast):
+    """`deltalearn train --compile`: traced for training, the gate and value projections and each
+    product of their backward are elementwise products and sums, which Inductor fuses with the
+    rewrite's reductions over d (a matrix product is a library call that reads its operands
+    again); the values and every gradient are eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    gate, value = GateHead(24), ValueHead(24, dv, "official")
+    c, u = torch.randn(3, 5, 24), torch.randn(3, 5, 24)
+
+    def step(fn):
+        ci, ui = c.clone().requires_grad_(), u.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z, p = fn(ci, ui)
+        (z.float().square().sum() + p.float().sum()).backward()
+        params = [*gate.parameters(), *value.parameters()]
+        grads = [ci.grad, ui.grad, *(t.grad for t in params)]
+        for t in params:
+            t.grad = None
+        return [z, p, *grads]
+
+    torch._dynamo.reset()
+    heads = lambda a, b: gate_and_value(gate, value, a, b)  # noqa: E731
+    backend_ = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    compiled = step(torch.compile(heads, backend=backend_, fullgraph=True))
+    eager = step(heads)
+    assert len(graphs) == 2  # the forward and the backward
+    calls = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert not calls & ATEN_MATRIX_PRODUCTS, calls & ATEN_MATRIX_PRODUCTS
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+    for got, want in zip(compiled, eager, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_direction_forms_agree():
     k_raw = torch.randn(7, 33, dtype=torch.float64) * 3
     for eps in (0.0, 1e-5, 0.5):
