@@ -9,7 +9,7 @@ import torch
 from deltalearn.nn import TokenCompressor
 from deltalearn.ops import _shapes, backend
 from deltalearn.ops import token_mixing as token_mix_module
-from deltalearn.ops.token_mixing import token_mix, token_mix_reference
+from deltalearn.ops.token_mixing import token_mix, token_mix_reference, token_mix_traced
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,34 @@ def test_values_and_gradients_equal_the_reference(past, new, K, dv):
         torch.autograd.grad(got, (xs, W), G), torch.autograd.grad(want, (xs, W), G), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("past", "new", "K"), CASES)
+@pytest.mark.parametrize("dv", [1, 4])
+def test_the_traced_form_equals_the_reference(past, new, K, dv):
+    """`token_mix_traced`, the form `torch.compile` traces: values, and gradients by autograd
+    (float64 gradcheck)."""
+    torch.manual_seed(past + new + K)
+    xs = torch.randn(2, past + new, 6, dv, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, dv, K, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(token_mix_traced(xs, W, past), token_mix_reference(xs, W, past))
+    assert torch.autograd.gradcheck(lambda a, b: token_mix_traced(a, b, past), (xs, W))
+
+
+@pytest.mark.parametrize(("past", "new"), [(0, 9), (6, 3)])
+def test_compiled_read_equals_the_reference(past, new):
+    """`token_mix` compiled by Inductor (the traced form), forward and backward."""
+    torch.manual_seed(past + new)
+    xs = torch.randn(2, past + new, 6, 4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    got = torch.compile(token_mix, fullgraph=True)(xs, W, past)
+    want = token_mix_reference(xs, W, past)
+    G = torch.randn_like(want)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, (xs, W), G), torch.autograd.grad(want, (xs, W), G)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(("past", "new", "K"), [(0, 5, 4), (3, 2, 4)])

@@ -52,6 +52,23 @@ def token_mix_reference(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> tor
     return (windows * W.to(dtype)).sum((-1, -2))
 
 
+def token_mix_traced(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """The form `torch.compile` traces, `(B, T, d)` as the reference: per tap, the slice of xs it
+    meets times the tap's weights, summed over the value axis and zero-padded in front to T
+    tokens — views, products, sums and pads of `(B, T, d)` tensors, which Inductor fuses into few
+    kernels each way (the state is never copied), where `_TokenMix`'s in-place accumulation into
+    slices is functionalised into copies. (The reference's unfold, compiled together with its
+    backward by Inductor's CPU backend, corrupts the heap on torch 2.13.0.)"""
+    K, T = W.shape[-1], xs.shape[1] - past
+    dtype = promote_float(xs.dtype, W.dtype)
+    Wd = W.to(dtype)
+    out = (xs[:, past:].to(dtype) * Wd[..., K - 1]).sum(-1)
+    for tap, src, dst, n in _taps(K, past, T):
+        term = (xs[:, src : src + n].to(dtype) * Wd[..., tap]).sum(-1)
+        out = out + F.pad(term, (0, 0, dst, T - dst - n))
+    return out
+
+
 def _taps(K: int, past: int, T: int):
     """(tap, first input index, first output index, count) of each tap but the current one's."""
     for tap in range(K - 1):
@@ -125,6 +142,8 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
         return value_read_triton(xs, W, past)
     if native.fits(xs) and backend.use_native([xs, W], choice):  # CPU: a row's taps in one loop
         return native.value_read_native(xs, W, past)
+    if torch.compiler.is_compiling():
+        return token_mix_traced(xs, W, past)
     if is_small_state(xs):  # e.g. one decoded token: the few ops of the plain form
         return token_mix_reference(xs, W, past)
     return _TokenMix.apply(xs, W, past)
