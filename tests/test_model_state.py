@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from model_helpers import ALL_VARIANTS, random_ids, tiny_model
 
 from deltalearn.nn import ChannelCompressor, EmbeddingConv, TokenCompressor, repeat_expansion
-from deltalearn.nn.state import causal_conv
+from deltalearn.nn.state import _fold_traced, causal_conv
 from deltalearn.ops import _shapes, backend
 
 
@@ -34,6 +34,28 @@ def test_channel_compressor_is_a_same_padded_conv_along_dv_then_read(kernel):
         strict=True,
     ):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4])
+def test_the_traced_fold_equals_the_eager_one(kernel):
+    """The fold `torch.compile` traces (written out column by column) gives the eager fold's
+    matrix and gradients; compiled, the compressor reads as the eager one does."""
+    cc = ChannelCompressor(5, 4, kernel)
+    with torch.no_grad():
+        cc.weight.normal_()
+        cc.read.normal_()
+    eager = cc.mixing_matrix()
+    traced = _fold_traced(cc.weight, cc.read, (kernel - 1) // 2)
+    torch.testing.assert_close(traced, eager)
+    G = torch.randn_like(eager)
+    params = [cc.weight, cc.read]
+    grads = torch.autograd.grad(traced, params, G), torch.autograd.grad(eager, params, G)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    if kernel == 3:
+        torch._dynamo.reset()
+        X = torch.randn(2, 3, 5, 4)
+        torch.testing.assert_close(torch.compile(cc, fullgraph=True)(X), cc(X))
 
 
 def test_channel_compressor_starts_as_the_average():

@@ -158,6 +158,23 @@ class EmbeddingConv(_TokenConv):
         return self.forward_cached(e)[0]
 
 
+def _fold_traced(w: torch.Tensor, read: torch.Tensor, p: int) -> torch.Tensor:
+    """`ChannelCompressor.mixing_matrix`'s fold as `torch.compile` traces it: column j is
+    `Σ_t w[:, t] · read[j − t + p]` over the taps that exist, written out — elementwise products
+    of a weight column and a scalar, which Inductor fuses into one kernel each way (and into the
+    reads it feeds), where the pad, unfold and flip of the eager fold and their backward made
+    seven small kernels a sublayer in a compiled training step."""
+    K, dv = w.shape[1], read.shape[0]
+    columns = []
+    for j in range(dv):
+        taps = [t for t in range(K) if 0 <= j - t + p < dv]
+        column = w[:, taps[0]] * read[j - taps[0] + p]
+        for t in taps[1:]:
+            column = column + w[:, t] * read[j - t + p]
+        columns.append(column)
+    return torch.stack(columns, -1)
+
+
 def _fold_once_in_inference(
     module: nn.Module, params: tuple[torch.Tensor, ...], fold: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
@@ -238,11 +255,12 @@ class ChannelCompressor(nn.Module):
         w = self.weight
 
         def fold() -> torch.Tensor:
-            padded = F.pad(self.read.to(w.dtype), (K - 1 - p, p))  # (dv + K − 1,)
+            read = self.read.to(w.dtype)
+            if torch.compiler.is_compiling():  # compiled: products of columns and scalars only
+                return _fold_traced(w, read, p)
+            padded = F.pad(read, (K - 1 - p, p))  # (dv + K − 1,)
             R = padded.unfold(0, dv, 1).flip(0)  # (K, dv): row t is read shifted by t − p
             with no_autocast(w):  # autocast would fold the weights in bf16
-                if torch.compiler.is_compiling():  # fused into a kernel, not a library call
-                    return (w.unsqueeze(-1) * R).sum(1)
                 return w @ R
 
         return _fold_once_in_inference(self, (w, self.read), fold)
