@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 
 import torch
 from step_arguments import add_step_arguments, step_bench
@@ -54,7 +55,8 @@ class _GraphMetrics(logging.Filter):
 
 
 def count(bench: ModelBench) -> dict[str, list[dict]]:
-    """Per variant: `[forward, backward]` graphs' bytes, kernels and library calls."""
+    """Per variant: `[forward, backward]` graphs' bytes, kernels and library calls, and the seconds
+    of the first training step (both compiles and a step)."""
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._logging.set_logs(inductor_metrics=True)
@@ -67,13 +69,15 @@ def count(bench: ModelBench) -> dict[str, list[dict]]:
             torch._dynamo.reset()
             handler.graphs.clear()
             run = build_variant(bench, variant)
+            start = time.perf_counter()
             run.train_step()  # compiles the forward graph, then the backward
+            seconds = time.perf_counter() - start
             if len(handler.graphs) != 2:
                 raise RuntimeError(
                     f"{variant}: expected a forward and a backward graph, Inductor compiled "
                     f"{len(handler.graphs)} (a graph break?)"
                 )
-            results[variant] = list(handler.graphs)
+            results[variant] = [{**graph, "first_step_s": seconds} for graph in handler.graphs]
             del run
     finally:
         logger.removeFilter(handler)
@@ -87,8 +91,8 @@ def table(results: dict[str, list[dict]]) -> str:
     base_kernels = sum(g["kernels"] for g in base)
     lines = [
         "| variant | forward kernels (library) | backward kernels (library) | kernels × first "
-        "| forward MB | backward MB | bytes × first |",
-        "|---|---|---|---|---|---|---|",
+        "| forward MB | backward MB | bytes × first | first step s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, (fwd, bwd) in results.items():
         total_bytes = fwd["bytes"] + bwd["bytes"]
@@ -96,7 +100,8 @@ def table(results: dict[str, list[dict]]) -> str:
         lines.append(
             f"| {variant} | {fwd['kernels']} ({fwd['library_calls']}) | {bwd['kernels']} "
             f"({bwd['library_calls']}) | {kernels / base_kernels:.3f} | {fwd['bytes'] / 1e6:.1f} "
-            f"| {bwd['bytes'] / 1e6:.1f} | {total_bytes / base_bytes:.3f} |"
+            f"| {bwd['bytes'] / 1e6:.1f} | {total_bytes / base_bytes:.3f} | "
+            f"{fwd['first_step_s']:.0f} |"
         )
     return "\n".join(lines)
 
