@@ -35,8 +35,8 @@ def traced() -> bool:
     ops around them, where a matrix product is a library call of its own that reads its operands
     again. A compiled `tiny` ddl training graph of two layers this way has 60 forward and 93
     backward kernels against 76 and 125 (the baseline's: 63 and 88; `benchmarks/README.md`).
-    Low-precision operands lose nothing by it:
-    Inductor computes their products and sums in fp32 and rounds once, as a matrix product does."""
+    Low-precision operands lose nothing by it: Inductor computes their products and sums in fp32
+    and rounds once, as a matrix product does."""
     return torch.compiler.is_compiling()
 
 
