@@ -54,9 +54,9 @@ class _GraphMetrics(logging.Filter):
         return False
 
 
-def count(bench: ModelBench) -> dict[str, list[dict]]:
-    """Per variant: `[forward, backward]` graphs' bytes, kernels and library calls, and the seconds
-    of the first training step (both compiles and a step)."""
+def count(bench: ModelBench) -> dict[str, dict]:
+    """Per variant: the `forward` and `backward` graphs' bytes, kernels and library calls, and
+    `first_step_s`, the seconds of the first training step (both compiles and a step)."""
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._logging.set_logs(inductor_metrics=True)
@@ -77,7 +77,8 @@ def count(bench: ModelBench) -> dict[str, list[dict]]:
                     f"{variant}: expected a forward and a backward graph, Inductor compiled "
                     f"{len(handler.graphs)} (a graph break?)"
                 )
-            results[variant] = [{**graph, "first_step_s": seconds} for graph in handler.graphs]
+            forward, backward = handler.graphs
+            results[variant] = {"forward": forward, "backward": backward, "first_step_s": seconds}
             del run
     finally:
         logger.removeFilter(handler)
@@ -85,23 +86,24 @@ def count(bench: ModelBench) -> dict[str, list[dict]]:
     return results
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, dict]) -> str:
     base = results[next(iter(results))]
-    base_bytes = sum(g["bytes"] for g in base)
-    base_kernels = sum(g["kernels"] for g in base)
+    base_bytes = base["forward"]["bytes"] + base["backward"]["bytes"]
+    base_kernels = base["forward"]["kernels"] + base["backward"]["kernels"]
     lines = [
         "| variant | forward kernels (library) | backward kernels (library) | kernels × first "
         "| forward MB | backward MB | bytes × first | first step s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for variant, (fwd, bwd) in results.items():
+    for variant, counts in results.items():
+        fwd, bwd = counts["forward"], counts["backward"]
         total_bytes = fwd["bytes"] + bwd["bytes"]
         kernels = fwd["kernels"] + bwd["kernels"]
         lines.append(
             f"| {variant} | {fwd['kernels']} ({fwd['library_calls']}) | {bwd['kernels']} "
             f"({bwd['library_calls']}) | {kernels / base_kernels:.3f} | {fwd['bytes'] / 1e6:.1f} "
             f"| {bwd['bytes'] / 1e6:.1f} | {total_bytes / base_bytes:.3f} | "
-            f"{fwd['first_step_s']:.0f} |"
+            f"{counts['first_step_s']:.0f} |"
         )
     return "\n".join(lines)
 
