@@ -52,19 +52,28 @@ def test_the_traced_form_equals_the_reference(past, new, K, dv):
     assert torch.autograd.gradcheck(lambda a, b: token_mix_traced(a, b, past), (xs, W))
 
 
+@pytest.mark.parametrize("choice", ["torch", "reference"])
 @pytest.mark.parametrize(("past", "new"), [(0, 9), (6, 3)])
-def test_compiled_read_equals_the_reference(past, new):
-    """`token_mix` compiled by Inductor (the traced form), forward and backward."""
+def test_compiled_read_equals_the_reference(past, new, choice, monkeypatch):
+    """`token_mix` compiled by Inductor (the traced form), forward and backward — with every fast
+    path off too (`DELTALEARN_EPILOGUE=reference`): the reference's own unfold, compiled with its
+    backward by Inductor's CPU backend, corrupted the heap (torch 2.13.0)."""
+    monkeypatch.setattr(backend, "BACKEND", choice)
     torch.manual_seed(past + new)
-    xs = torch.randn(2, past + new, 6, 4, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(2, past + new, 128, 4, requires_grad=True)
+    W = torch.randn(128, 4, 4, requires_grad=True)
     torch._dynamo.reset()
-    got = torch.compile(token_mix, fullgraph=True)(xs, W, past)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the heap corruption was in the code for more than one thread
+    try:
+        got = torch.compile(token_mix, fullgraph=True)(xs, W, past)
+        G = torch.randn_like(got)
+        got_grads = torch.autograd.grad(got, (xs, W), G)
+    finally:
+        torch.set_num_threads(threads)
     want = token_mix_reference(xs, W, past)
-    G = torch.randn_like(want)
     torch.testing.assert_close(got, want)
-    grads = torch.autograd.grad(got, (xs, W), G), torch.autograd.grad(want, (xs, W), G)
-    for a, b in zip(*grads, strict=True):
+    for a, b in zip(got_grads, torch.autograd.grad(want, (xs, W), G), strict=True):
         torch.testing.assert_close(a, b)
 
 

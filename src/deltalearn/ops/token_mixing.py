@@ -58,7 +58,8 @@ def token_mix_traced(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.
     tokens — views, products, sums and pads of `(B, T, d)` tensors, which Inductor fuses into few
     kernels each way (the state is never copied), where `_TokenMix`'s in-place accumulation into
     slices is functionalised into copies. (The reference's unfold, compiled together with its
-    backward by Inductor's CPU backend, corrupts the heap on torch 2.13.0.)"""
+    backward by Inductor's CPU backend for more than one thread, corrupts the heap on torch
+    2.13.0.)"""
     K, T = W.shape[-1], xs.shape[1] - past
     dtype = promote_float(xs.dtype, W.dtype)
     Wd = W.to(dtype)
@@ -134,7 +135,10 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
     """
     _check(xs, W, past)
     choice = backend.backend()
-    if choice == "reference":
+    # Traced, even with every fast path off, the read takes `token_mix_traced` (below): the
+    # reference's unfold, compiled with its backward, corrupts the heap (Inductor's CPU code for
+    # more than one thread, torch 2.13.0).
+    if choice == "reference" and not torch.compiler.is_compiling():
         return token_mix_reference(xs, W, past)
     if backend.use_triton([xs, W], choice):  # a GPU: one kernel for every tap and value channel
         from deltalearn.ops.triton_mixing import value_read_triton
