@@ -18,7 +18,9 @@ for a vector state or `(..., dv)`; C `(d, dv)` (matrix state only).
 `rewrite_epilogue` runs one Triton kernel (forward and backward, `ops/triton_epilogue.py`) for CUDA
 tensors when triton is installed, one C kernel each way for fp32/float64 CPU tensors
 (`ops/native.py`), else the same math in PyTorch ops as one autograd Function with a hand-written
-backward (`ops/fused_epilogue.py`). `rewrite_epilogue_reference` is the
+backward (`ops/fused_epilogue.py`) — except under `torch.compile`, where a matrix state takes
+plain ops written one value channel at a time, which Inductor fuses into one pass over the state
+(`ops/traced_epilogue.py`). `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Which path runs: `ops/backend.py` (the
 `DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "native", "torch" or "reference",
 the last switching every fast path off).
@@ -38,6 +40,7 @@ from deltalearn.ops.reference import (
     write_only_reference,
 )
 from deltalearn.ops.switches import switched_on
+from deltalearn.ops.traced_epilogue import rewrite_epilogue_traced
 
 EPILOGUE_RULES = ("delta", "write_only")
 EPILOGUE_VALUE_HEADS = ("paper", "official")
@@ -182,6 +185,8 @@ def _compose(
         return native.rewrite_epilogue_native(
             X, h, z, p, compress, rule, value_head, value_scale, k_eps
         )
+    if not reference and matrix and torch.compiler.is_compiling():
+        return rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress)
     if not reference:
         Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)
         # The next read as ChannelCompressor takes it: its dtype and hand-written backward.

@@ -1,0 +1,69 @@
+"""The rewrite epilogue as `torch.compile` traces it for a matrix state: plain differentiable ops,
+written one value channel at a time, whose backward AOT autograd derives.
+
+Why: every pass over the `(..., d, dv)` state is `dv` times a pass over a `(..., d)` activation,
+and in fp32. Written as tensor ops (the eager Function of `ops/fused_epilogue.py`), the readout
+`kᵀX` reduces over d with dv innermost while the write runs over all of `(..., d, dv)`: Inductor
+gives them different iteration spaces, so a sublayer's forward read the state for the readout,
+again for the write, and its successor read the new state once more (the channel-compressor read).
+Column by column, every step of a rewrite iterates over `(rows, d)`:
+
+    e_j   = v_j − Σ_i k_i X[i, j]                    a reduction over d, per column j
+    Y[:, j] = X[:, j] + β k e_j                      elementwise over (rows, d)
+    x_next = Σ_j C[:, j] X[:, j] + β k Σ_j C[:, j] e_j    the next channel read, from X and e
+
+and Inductor makes them one kernel — with the next sublayer's RMSNorm of x_next — that reads X once
+and writes Y once. x_next is formed from X and e rather than from the columns of Y so that each
+column has a single user, the stack, which Inductor then writes in place (a column with a second
+user became a buffer of its own, copied into Y). In exact arithmetic the two are equal; in fp32
+they differ by the rounding of one product.
+
+`python benchmarks/compiled_graph.py` counts what this saves; the traced gradients are tested
+against the eager ones (`tests/test_nn_residual.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltalearn.ops._shapes import accumulation_dtype, no_autocast, promote_float
+
+
+def rewrite_epilogue_traced(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    rule: str,
+    value_head: str,
+    value_scale: float,
+    k_eps: float,
+    compress: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`rewrite_epilogue` of a matrix state X `(..., d, dv)` (inputs checked by the caller):
+    Y in X's dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the dtype of X
+    promoted with C's."""
+    with no_autocast(X):
+        acc = accumulation_dtype(X, h, z, p)
+        hf = h.to(acc)
+        k = hf * torch.rsqrt((hf * hf).sum(-1, keepdim=True) + k_eps * k_eps)
+        beta_k = (2.0 * torch.sigmoid(z.to(acc)))[..., None] * k
+        v = p.to(acc)
+        if value_head == "official":
+            v = value_scale * torch.sigmoid(v)
+        dv = X.shape[-1]
+        columns = [X[..., j].to(acc) for j in range(dv)]
+        errors = [v[..., j : j + 1] for j in range(dv)]  # (..., 1) each
+        if rule == "delta":
+            errors = [errors[j] - (k * columns[j]).sum(-1, keepdim=True) for j in range(dv)]
+        Y = torch.stack([columns[j] + beta_k * errors[j] for j in range(dv)], -1).to(X.dtype)
+        if compress is None:
+            return Y
+        C = compress.to(acc)
+        read = C[:, 0] * columns[0]
+        written = C[:, 0] * errors[0]
+        for j in range(1, dv):
+            read = read + C[:, j] * columns[j]
+            written = written + C[:, j] * errors[j]
+        x_next = read + beta_k * written
+        return Y, x_next.to(promote_float(X.dtype, compress.dtype))
