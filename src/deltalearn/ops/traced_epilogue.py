@@ -29,20 +29,10 @@ import torch
 from deltalearn.ops._shapes import accumulation_dtype, no_autocast, promote_float
 
 
-def rewrite_epilogue_traced(
-    X: torch.Tensor,
-    h: torch.Tensor,
-    z: torch.Tensor,
-    p: torch.Tensor,
-    rule: str,
-    value_head: str,
-    value_scale: float,
-    k_eps: float,
-    compress: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`rewrite_epilogue` of a matrix state X `(..., d, dv)` (inputs checked by the caller):
-    Y in X's dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the dtype of X
-    promoted with C's."""
+def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress=None):
+    """`rewrite_epilogue` of a matrix state X `(..., d, dv)`, options positional (inputs checked
+    by the caller): Y in X's dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the
+    dtype of X promoted with C's."""
     with no_autocast(X):
         acc = accumulation_dtype(X, h, z, p)
         hf = h.to(acc)
