@@ -24,7 +24,9 @@
 # (a CUDA-graph decode step compiled per variant), so it now has 400. Third run (2026-11-30,
 # -n 4): tests 133, model 81 for four variants with generate, updatekernel 31 (one setting),
 # profile 38, compile 223 (three variants; 36, 53 and 75 s of it compiling), rebuild 61 for four
-# variants. The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
+# variants. Since 2026-11-30 the tests include two compiled training steps (ddl-cc, ddl-tc: the
+# traced rewrite's Triton code against the eager kernels' gradients), a minute or two more, hence
+# 300 s. The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
 # `tests host model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24, and the trainer's
@@ -58,7 +60,7 @@ for s in $stages; do
         stage "CUDA tests"
         workers=()
         python -c "import xdist" 2>/dev/null && workers=(-n 4)  # pytest-xdist, where installed
-        timeout 200 python -m pytest -v -p no:cacheprovider "${workers[@]}" -rfE --durations=12 \
+        timeout 300 python -m pytest -v -p no:cacheprovider "${workers[@]}" -rfE --durations=12 \
             tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_distributed.py \
             tests/test_ops_epilogue.py -k "not under_the_interpreter" >"$out/cuda_tests.txt" 2>&1
         echo "pytest exit $?"
