@@ -12,14 +12,17 @@ Column by column, every step of a rewrite iterates over `(rows, d)`:
     Y[:, j] = X[:, j] + β k e_j                      elementwise over (rows, d)
     x_next = Σ_j C[:, j] X[:, j] + β k Σ_j C[:, j] e_j    the next channel read, from X and e
 
-and Inductor makes them one kernel — with the next sublayer's RMSNorm of x_next — that reads X once
-and writes Y once. x_next is formed from X and e rather than from the columns of Y so that each
-column has a single user, the stack, which Inductor then writes in place (a column with a second
-user became a buffer of its own, copied into Y). In exact arithmetic the two are equal; in fp32
-they differ by the rounding of one product.
+and Inductor can make them one kernel — with the next sublayer's RMSNorm of x_next — that reads X
+once and writes Y once (on its CPU backend it does for an MLP sublayer's rewrite; an attention
+sublayer's next read shares its products with that block's first read and is a loop of its own).
+x_next is formed from X and e rather than from the columns of Y so that each column has a single
+user, the stack, which Inductor then writes in place (a column with a second user became a buffer
+of its own, copied into Y). In exact arithmetic the two are equal; for an fp32 state they differ
+by the rounding of one product; a half-precision state (a model cast to bf16) is read before Y is
+rounded to it, where the eager paths read the rounded Y.
 
-`python benchmarks/compiled_graph.py` counts what this saves; the traced gradients are tested
-against the eager ones (`tests/test_nn_residual.py`).
+`python benchmarks/compiled_graph.py` counts what this saves. Tests: `tests/test_ops_traced_
+epilogue.py` (against the reference), `tests/test_compile.py` (compiled training against eager).
 """
 
 from __future__ import annotations
