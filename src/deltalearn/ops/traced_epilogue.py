@@ -12,14 +12,16 @@ Column by column, every step of a rewrite iterates over `(rows, d)`:
     Y[:, j] = X[:, j] + β k e_j                      elementwise over (rows, d)
     x_next = Σ_j C[:, j] X[:, j] + β k Σ_j C[:, j] e_j    the next channel read, from X and e
 
-and Inductor can make them one kernel — with the next sublayer's RMSNorm of x_next — that reads X
-once and writes Y once (on its CPU backend it does for an MLP sublayer's rewrite; an attention
-sublayer's next read shares its products with that block's first read and is a loop of its own).
-x_next is formed from X and e rather than from the columns of Y so that each column has a single
-user, the stack, which Inductor then writes in place (a column with a second user became a buffer
-of its own, copied into Y). In exact arithmetic the two are equal; for an fp32 state they differ
-by the rounding of one product; a half-precision state (a model cast to bf16) is read before Y is
-rounded to it, where the eager paths read the rounded Y.
+and Inductor makes them one kernel — with the next sublayer's RMSNorm of x_next — that reads X once
+and writes Y once. x_next is formed from X and e rather than from the columns of Y so that each
+column has a single user, the stack, which Inductor then writes in place (a column with a second
+user became a buffer of its own, copied into Y). Its first term is `contract_values(X, C)`, the
+very ops of `ChannelCompressor`'s read: in a block's attention sublayer C is the block's own
+matrix and X the state that read was of, so the graph's common-subexpression pass makes the two
+one and x_next costs no pass over X at all (written out otherwise, Inductor recomputed that read
+in a loop of its own, a second read of X a block). In exact arithmetic x_next equals the read of
+Y; for an fp32 state they differ by roundings; a half-precision state (a model cast to bf16) is
+read before Y is rounded to it, where the eager paths read the rounded Y.
 
 `python benchmarks/compiled_graph.py` counts what this saves. Tests: `tests/test_ops_traced_
 epilogue.py` (against the reference), `tests/test_compile.py` (compiled training against eager).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from deltalearn.ops._shapes import accumulation_dtype, no_autocast, promote_float
+from deltalearn.ops.mixing import contract_values
 
 
 def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress=None):
@@ -53,10 +56,9 @@ def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, co
         if compress is None:
             return Y
         C = compress.to(acc)
-        read = C[:, 0] * columns[0]
+        read = contract_values(X.to(acc), C)
         written = C[:, 0] * errors[0]
         for j in range(1, dv):
-            read = read + C[:, j] * columns[j]
             written = written + C[:, j] * errors[j]
         x_next = read + beta_k * written
         return Y, x_next.to(promote_float(X.dtype, compress.dtype))
