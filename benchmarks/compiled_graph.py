@@ -3,7 +3,8 @@ Inductor's forward and backward graphs for each variant, as `deltalearn train --
 them (the model compiled in place, bf16 autocast by default).
 
     python benchmarks/compiled_graph.py [--variants baseline,ddl,ddl-cc,ddl-tc] [--size small] \
-        [--batch 1 --seq 1024] [--set KEY=VALUE ...] [--dtype bfloat16|float32] [--json FILE]
+        [--batch 1 --seq 1024] [--set KEY=VALUE ...] [--dtype bfloat16|float32] [--json FILE] \
+        [--device cuda]
 
 Why: on a GPU the compiled step is the fast path (an H200 ran the compiled baseline 1.98× faster
 than the eager one), and what a DDL variant adds to it is kernels — each a launch and a pass of its
@@ -12,7 +13,10 @@ each reads and writes, is decided by the traced program, not by the device, so b
 counted here: Inductor's own per-graph metrics (`count_bytes`: each scheduled kernel's reads and
 writes, library calls included) with the code generated for a CPU. Inductor's CPU backend fuses
 somewhat differently from its Triton one, so the counts are the CPU's; the differences between
-variants come from the traced program, which is the same on both. Every graph is compiled afresh
+variants come from the traced program, which is the same on both. With `--device cuda` (on a GPU
+machine) the counts are those of the Triton code Inductor generates there: the check that its
+Triton scheduler fuses what the CPU's does (`gpu_check.sh` stage `graphs`, two layers: seconds
+of compiling, not minutes). Every graph is compiled afresh
 (the FX graph and AOT autograd caches off: a cached graph reports no metrics), about 1–4 minutes a
 variant at `small` on 2 cores.
 """
@@ -113,12 +117,16 @@ def main() -> None:
     add_step_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", help="also write the counts here")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: Inductor's Triton code on a GPU"
+    )
     args = parser.parse_args()
-    bench = step_bench(args, args.dtype, compile=True)
+    bench = step_bench(args, args.dtype, compile=True, device=args.device)
     results = count(bench)
     print(
         f"compiled training graphs: {args.size} {' '.join(args.set)}, {args.batch} x {args.seq} "
-        f"tokens, {args.dtype}, torch {torch.__version__}, Inductor's CPU code"
+        f"tokens, {args.dtype}, torch {torch.__version__}, Inductor's "
+        f"{'Triton' if args.device.startswith('cuda') else 'CPU'} code"
     )
     print(table(results))
     if args.json:

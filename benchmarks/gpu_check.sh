@@ -9,6 +9,10 @@
 #            (benchmarks/compressor_reads.py)
 #   decode   cached generation: dynamic vs static cache, eager vs compiled step (CUDA graphs)
 #   compile  `bench model --compile` (train): compile seconds and throughput
+#   graphs   the compiled training graphs' kernels and bytes as Inductor generates them for the GPU
+#            (benchmarks/compiled_graph.py --device cuda, two layers of `small`, vocabulary 512):
+#            does its Triton scheduler fuse the traced rewrite as its CPU one does? (The CPU's counts
+#            at those settings: results/cpu_compiled_graph_2layers_v512.json.)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -43,7 +47,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compile decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compile graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -136,7 +140,13 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile)" >&2 ;;
+    graphs)
+        stage "compiled graphs counted: Inductor's Triton code, two layers"
+        timeout 300 python benchmarks/compiled_graph.py --device cuda --set num_layers=2 --set vocab_size=512 \
+            --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
+            --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
+        ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile, graphs)" >&2 ;;
     esac
 done
 stage "done"

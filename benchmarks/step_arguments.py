@@ -18,8 +18,10 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
-def step_bench(args: argparse.Namespace, dtype: str, compile: bool = False) -> ModelBench:
-    """The checked `ModelBench` of those options: training steps only."""
+def step_bench(
+    args: argparse.Namespace, dtype: str, compile: bool = False, device: str = "cpu"
+) -> ModelBench:
+    """The checked `ModelBench` of those options: training steps only, on `device`."""
     bench = ModelBench(
         variants=args.variants.split(","),
         size=args.size,
@@ -29,6 +31,7 @@ def step_bench(args: argparse.Namespace, dtype: str, compile: bool = False) -> M
         dtype=dtype,
         compile=compile,
         measures=["train"],
+        device=device,
     )
     bench.check()
     return bench
