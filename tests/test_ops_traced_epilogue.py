@@ -73,7 +73,7 @@ def test_beta_one_writes_the_target_under_bf16_autocast():
 
 def test_compiled_epilogue_takes_the_traced_form_and_equals_the_reference(monkeypatch):
     """Under `torch.compile`, `rewrite_epilogue` of a matrix state runs the traced form: the same
-    state, read and gradients as the reference, compiled by Inductor."""
+    state, read and gradients as the reference, compiled by Inductor; a one-token step does not."""
     traced = []
 
     def spy(*args):
@@ -90,4 +90,13 @@ def test_compiled_epilogue_takes_the_traced_form_and_equals_the_reference(monkey
     outs_ref, grads_ref = _run(rewrite_epilogue_reference, leaves, **options)
     for got, want in zip((*outs, *grads), (*outs_ref, *grads_ref), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    # One token a sequence (a decoding step, `(B, 1, d, dv)`): the Function's form, fewer kernels.
+    traced.clear()
+    X, h, z, p = (t.detach()[:, :1] for t in leaves[:4])
+    C = leaves[4].detach()
+    Y, x_next = compiled(X, h, z, p, **options, compress=C)
+    Y_ref, x_next_ref = rewrite_epilogue_reference(X, h, z, p, **options, compress=C)
+    assert not traced
+    torch.testing.assert_close(Y, Y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_next, x_next_ref, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

@@ -175,6 +175,14 @@ def epilogue_generators(
     return k, beta, v
 
 
+def _one_token(X: torch.Tensor) -> bool:
+    """Whether X `(B, T, d, dv)` holds one token a sequence (a decoding step). There the traced
+    form's column-by-column reductions are more kernels for a few hundred elements (a compiled
+    `tiny` decode step: ddl-cc 136 against 131, ddl-tc 148 against 132 on Inductor's CPU code), and
+    a step of a handful of elements costs its kernels, not its bytes."""
+    return X.dim() >= 4 and X.shape[-3] == 1
+
+
 def _compose(
     X, h, z, p, *, rule, value_head, value_scale, k_eps, compress, reference: bool, choice=None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +193,7 @@ def _compose(
         return native.rewrite_epilogue_native(
             X, h, z, p, compress, rule, value_head, value_scale, k_eps
         )
-    if not reference and matrix and torch.compiler.is_compiling():
+    if not reference and matrix and torch.compiler.is_compiling() and not _one_token(X):
         return rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress)
     if not reference:
         Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)

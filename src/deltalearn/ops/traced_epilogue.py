@@ -1,5 +1,6 @@
 """The rewrite epilogue as `torch.compile` traces it for a matrix state: plain differentiable ops,
-written one value channel at a time, whose backward AOT autograd derives.
+written one value channel at a time, whose backward AOT autograd derives. Not for a step of one
+token a sequence (decoding), whose cost is its kernels, not its bytes (`ops.epilogue._one_token`).
 
 Why: every pass over the `(..., d, dv)` state is `dv` times a pass over a `(..., d)` activation,
 and in fp32. Written as tensor ops (the eager Function of `ops/fused_epilogue.py`), the readout
