@@ -176,10 +176,11 @@ def epilogue_generators(
 
 
 def _one_token(X: torch.Tensor) -> bool:
-    """Whether X `(B, T, d, dv)` holds one token a sequence (a decoding step). There the traced
-    form's column-by-column reductions are more kernels for a few hundred elements (a compiled
-    `tiny` decode step: ddl-cc 136 against 131, ddl-tc 148 against 132 on Inductor's CPU code), and
-    a step of a handful of elements costs its kernels, not its bytes."""
+    """Whether X `(B, T, d, dv)` holds one token a sequence (a decoding step), which keeps the
+    Function's form under compile: a step of a few hundred elements costs its kernels, not its
+    bytes, and the traced form's column-by-column reductions without a read were more of them (a
+    compiled `tiny` decode step on Inductor's CPU code: ddl-tc 148 kernels against 132; ddl-cc,
+    whose rewrites make a read, 128 against 131)."""
     return X.dim() >= 4 and X.shape[-3] == 1
 
 

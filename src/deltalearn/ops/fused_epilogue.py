@@ -1,6 +1,8 @@
 """The rewrite epilogue in PyTorch ops as one autograd Function: the path where neither kernel
-runs — a vector state under `torch.compile` (a matrix state takes `ops/traced_epilogue.py`
-there), half precision on CPU (autocast), a CPU without a C compiler — the counterpart of the Triton kernel of `ops/triton_epilogue.py` and the C kernel of `ops/native.py`.
+runs — a vector state or a decoding step under `torch.compile` (a matrix state takes
+`ops/traced_epilogue.py` there otherwise), half precision on CPU (autocast), a CPU without a C
+compiler — the counterpart of the Triton kernel of `ops/triton_epilogue.py` and the C kernel of
+`ops/native.py`.
 
 Why one Function and not autograd through the generators: autograd through `k = h/‖h‖` keeps h as
 well as k alive for backward (two `d`-vectors per token and sublayer, where one is enough), and
