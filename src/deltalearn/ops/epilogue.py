@@ -178,9 +178,8 @@ def epilogue_generators(
 def _one_token(X: torch.Tensor) -> bool:
     """Whether X `(B, T, d, dv)` holds one token a sequence (a decoding step), which keeps the
     Function's form under compile: a step of a few hundred elements costs its kernels, not its
-    bytes, and the traced form's column-by-column reductions without a read were more of them (a
-    compiled `tiny` decode step on Inductor's CPU code: ddl-tc 148 kernels against 132; ddl-cc,
-    whose rewrites make a read, 128 against 131)."""
+    bytes, and the traced form's column-by-column reductions were more of them (a compiled `tiny`
+    decode step on Inductor's CPU code: ddl-cc 136 kernels against 131, ddl-tc 148 against 132)."""
     return X.dim() >= 4 and X.shape[-3] == 1
 
 

@@ -43,8 +43,7 @@ def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, co
     with no_autocast(X):
         acc = accumulation_dtype(X, h, z, p)
         hf = h.to(acc)
-        rho = torch.rsqrt((hf * hf).sum(-1, keepdim=True) + k_eps * k_eps)
-        k = hf * rho
+        k = hf * torch.rsqrt((hf * hf).sum(-1, keepdim=True) + k_eps * k_eps)
         beta_k = (2.0 * torch.sigmoid(z.to(acc)))[..., None] * k
         v = p.to(acc)
         if value_head == "official":
@@ -53,15 +52,10 @@ def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, co
         columns = [X[..., j].to(acc) for j in range(dv)]
         errors = [v[..., j : j + 1] for j in range(dv)]  # (..., 1) each
         if rule == "delta":
-            # With a read to make, the readout as ρ·hᵀX[:, j] (not kᵀX[:, j]): the backward AOT
-            # autograd derives then fuses into fewer passes (counted at `small`: ddl-cc's bytes
-            # 1.253 → 1.229× the baseline's); without, as kᵀX (ddl-tc: 23 kernels fewer, bytes
-            # the same).
-            if compress is not None:
-                readouts = [rho * (hf * x).sum(-1, keepdim=True) for x in columns]
-            else:
-                readouts = [(k * x).sum(-1, keepdim=True) for x in columns]
-            errors = [errors[j] - readouts[j] for j in range(dv)]
+            # kᵀX[:, j], not ρ·hᵀX[:, j]: the latter, with a read to make, is 2% fewer bytes at
+            # `small`, but Inductor's CPU backend (torch 2.13.0) compiles a DeltaLM's training step
+            # with it into wrong gradients (AOT autograd's own graph, run eagerly, is right).
+            errors = [errors[j] - (k * columns[j]).sum(-1, keepdim=True) for j in range(dv)]
         Y = torch.stack([columns[j] + beta_k * errors[j] for j in range(dv)], -1).to(X.dtype)
         if compress is None:
             return Y
