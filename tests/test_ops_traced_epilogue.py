@@ -36,7 +36,10 @@ def _run(fn, leaves, **options):
 
 
 def _traced(X, h, z, p, *, rule, value_head, value_scale, compress):
-    return rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, 1e-5, compress)
+    k, beta, v = epilogue.epilogue_generators(
+        h, z, p, value_head=value_head, value_scale=value_scale
+    )
+    return rewrite_epilogue_traced(X, k, beta, v, rule, compress)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "with-read"])
@@ -61,9 +64,10 @@ def test_beta_one_writes_the_target_under_bf16_autocast():
     X = 30 * X.detach()
     z = torch.zeros(3, 5)  # β = 2σ(0) = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        Y, x_next = rewrite_epilogue_traced(
-            X, h.detach().bfloat16(), z, p.detach(), "delta", "paper", 4.0, 1e-5, C.detach()
-        )
+        Y, x_next = _traced(
+            X, h.detach().bfloat16(), z, p.detach(), rule="delta", value_head="paper",
+            value_scale=4.0, compress=C.detach(),
+        )  # fmt: skip
     k = h.detach().bfloat16().float()
     k = k / k.norm(dim=-1, keepdim=True)
     readout = (k[..., None] * Y).sum(-2)

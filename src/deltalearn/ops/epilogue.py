@@ -194,7 +194,10 @@ def _compose(
             X, h, z, p, compress, rule, value_head, value_scale, k_eps
         )
     if not reference and matrix and torch.compiler.is_compiling() and not _one_token(X):
-        return rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress)
+        k, beta, v = epilogue_generators(
+            h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
+        )
+        return rewrite_epilogue_traced(X, k, beta, v, rule, compress)
     if not reference:
         Y = rewrite_epilogue_torch(X, h, z, p, rule, value_head, value_scale, k_eps)
         # The next read as ChannelCompressor takes it: its dtype and hand-written backward.

@@ -36,18 +36,16 @@ from deltalearn.ops._shapes import accumulation_dtype, no_autocast, promote_floa
 from deltalearn.ops.mixing import contract_values
 
 
-def rewrite_epilogue_traced(X, h, z, p, rule, value_head, value_scale, k_eps, compress=None):
-    """`rewrite_epilogue` of a matrix state X `(..., d, dv)`, options positional (inputs checked
-    by the caller): Y in X's dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the
-    dtype of X promoted with C's."""
+def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None):
+    """`rewrite_epilogue` of a matrix state X `(..., d, dv)` from its generators `(k, β, v)`
+    (`ops.epilogue.epilogue_generators`, fp32 or wider; inputs checked by the caller): Y in X's
+    dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the dtype of X promoted with
+    C's."""
     with no_autocast(X):
-        acc = accumulation_dtype(X, h, z, p)
-        hf = h.to(acc)
-        k = hf * torch.rsqrt((hf * hf).sum(-1, keepdim=True) + k_eps * k_eps)
-        beta_k = (2.0 * torch.sigmoid(z.to(acc)))[..., None] * k
-        v = p.to(acc)
-        if value_head == "official":
-            v = value_scale * torch.sigmoid(v)
+        acc = accumulation_dtype(X, k)
+        k = k.to(acc)
+        beta_k = beta.to(acc)[..., None] * k
+        v = v.to(acc)
         dv = X.shape[-1]
         columns = [X[..., j].to(acc) for j in range(dv)]
         errors = [v[..., j : j + 1] for j in range(dv)]  # (..., 1) each
