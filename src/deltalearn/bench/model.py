@@ -383,6 +383,12 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
         if bench.compile:  # the first call of each compiled function traces and compiles it
             for v, fn in fns.items():
                 rows[v][f"{measure}_first_call_s"] = fn()
+                # Compiling takes minutes a variant at `small`: say so as each one finishes.
+                print(
+                    f"{measure}: {v} compiled, first call {rows[v][f'{measure}_first_call_s']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         samples = interleaved_samples(fns, bench.repeats, warmup)
         for v in bench.variants:
             rows[v][f"{measure}_seconds_by_round"] = samples[v]
