@@ -13,6 +13,10 @@
 #            (benchmarks/compiled_graph.py --device cuda, two layers of `small`, vocabulary 512):
 #            does its Triton scheduler fuse the traced rewrite as its CPU one does? (The CPU's counts
 #            at those settings: results/cpu_compiled_graph_2layers_v512.json.)
+#   compilegrads  one compiled training step's gradients against the eager step's, two layers of
+#            `small`, 8 x 1024, bf16 (benchmarks/compiled_gradients.py): with Inductor's defaults and
+#            as DeltaLM.compile compiles (mix-order reduction off; with it on, torch 2.11 failed
+#            compiled ddl-cc training on an H200, 2026-11-30)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -30,7 +34,10 @@
 # profile 38, compile 223 (three variants; 36, 53 and 75 s of it compiling), rebuild 61 for four
 # variants. Since 2026-11-30 the tests include two compiled training steps (ddl-cc, ddl-tc: the
 # traced rewrite's Triton code against the eager kernels' gradients), a minute or two more, hence
-# 300 s. The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
+# 300 s. Fourth (2026-11-30, torch 2.11.0): the machine's start took 34 s; compile's first calls
+# 45 s (baseline) and 58 s (ddl) before ddl-cc's backward failed (models/compiling.py; the lease
+# ended before the fix could run). compilegrads is about 3 compiles of two layers a variant.
+# The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
 # `tests host model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script
 # (`exec python3 -m deltalearn.cli "$@"`) on PATH; transformers must be >= 5.24, and the trainer's
@@ -47,7 +54,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compile graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -140,13 +147,19 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
+    compilegrads)
+        stage "compiled training gradients against eager: Inductor's defaults and DeltaLM.compile"
+        timeout 240 python benchmarks/compiled_gradients.py --device cuda --set num_layers=2 \
+            --variants "${GRAD_VARIANTS:-ddl-cc,ddl-tc}" --batch 8 --seq 1024 \
+            --json "$out/h200_compiled_gradients.json" 2>&1 | grep -v "^W1" | tail -8
+        ;;
     graphs)
         stage "compiled graphs counted: Inductor's Triton code, two layers"
         timeout 300 python benchmarks/compiled_graph.py --device cuda --set num_layers=2 --set vocab_size=512 \
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compile, graphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, graphs)" >&2 ;;
     esac
 done
 stage "done"

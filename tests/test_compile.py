@@ -122,3 +122,33 @@ def test_the_trainers_beta_probe_runs_eagerly_on_a_compiled_model():
     assert mean_beta_per_layer(model, ids[:1]) == pytest.approx(expected)
     assert counters["stats"]["unique_graphs"] == 1
     assert model.training
+
+
+def _captured_compile_kwargs(monkeypatch, **kwargs) -> dict:
+    """The keyword arguments `DeltaLM.compile(**kwargs)` hands `torch.compile`."""
+    seen = {}
+
+    def fake_compile(fn, *args, **kw):
+        seen.update(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, _ = _model_and_ids("ddl-cc")
+    model.compile(**kwargs)
+    return seen
+
+
+def test_deltalm_compile_turns_off_inductors_mix_order_reduction(monkeypatch):
+    """The fusion that broke compiled ddl-cc training on a GPU (`models/compiling.py`) is off
+    for the trainer's `model.compile()`, also with a mode (torch.compile takes a mode or options:
+    the mode becomes its options), unless the caller's options turn it on."""
+    assert _captured_compile_kwargs(monkeypatch) == {
+        "options": {"triton.mix_order_reduction": False}
+    }
+    tuned = _captured_compile_kwargs(monkeypatch, mode="max-autotune", fullgraph=True)
+    assert "mode" not in tuned and tuned["fullgraph"]
+    assert tuned["options"]["max_autotune"] and tuned["options"]["triton.cudagraphs"]
+    assert tuned["options"]["triton.mix_order_reduction"] is False
+    mine = _captured_compile_kwargs(monkeypatch, options={"triton.mix_order_reduction": True})
+    assert mine["options"]["triton.mix_order_reduction"] is True
+    assert _captured_compile_kwargs(monkeypatch, backend="eager") == {"backend": "eager"}

@@ -45,6 +45,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltalearn.models.cache import ConvInputCache, DeltaLMCache, DeltaLMStaticCache
+from deltalearn.models.compiling import compile_kwargs
 from deltalearn.models.configuration_deltalm import DeltaLMConfig
 from deltalearn.models.layers import (
     MLP,
@@ -375,7 +377,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         for u in updates:
             if u.record != output_gates:
                 u.record = output_gates
-        rebuild = bool(updates) and not checkpointing and self._rebuilds_states()
+        rebuild = len(updates) > 0 and not checkpointing and self._rebuilds_states()
         try:
             # A plain nullcontext otherwise: torch.compile traces through that.
             with state_tape.recording() if rebuild else nullcontext() as tape:
@@ -601,6 +603,12 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
     @property
     def _has_conv_history(self) -> bool:
         return self.expand is not None or isinstance(self.final_compress, TokenCompressor)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`nn.Module.compile` (in place: state-dict keys stay unprefixed) with Inductor's
+        mix-order reduction off unless `options` turns it on: it broke compiled DDL training on
+        a GPU (`models/compiling.py`)."""
+        super().compile(*args, **compile_kwargs(kwargs))
 
     def _updates(self) -> list[DeltaUpdate]:
         """The rewrite modules in order: layer 0 attention, layer 0 MLP, layer 1 attention, ..."""
