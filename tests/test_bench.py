@@ -477,3 +477,37 @@ def test_compiled_graph_script_counts_kernels_and_ddl_adds_no_library_call():
     assert base and ddl, proc.stdout
     assert float(base.group(5)) == 1.0 and float(ddl.group(7)) > 0
     assert (ddl.group(2), ddl.group(4)) == (base.group(2), base.group(4))
+
+
+def test_a_variant_that_fails_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):
+    """A long run (minutes of compiling a variant on a GPU lease) keeps what it measured when one
+    variant raises: that row names the error, the others have their figures, the command exits 1."""
+    from deltalearn.bench import model as bench_model
+
+    built = bench_model.build_variant
+
+    def build(bench, variant):
+        run = built(bench, variant)
+        if variant == "ddl":
+
+            def broken_step():
+                raise RuntimeError("invalid gradient at index 24")
+
+            run.train_step = broken_step
+        return run
+
+    monkeypatch.setattr(bench_model, "build_variant", build)
+    path = tmp_path / "m.json"
+    argv = ["model", *MINUTE, "--variants", "baseline,ddl,ddl-tc", "--measure", "train,memory"]
+    code, out = run_bench([*argv, "--json", str(path)])
+    assert code == 1
+    rows = {row["variant"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["ddl"]["error"] == "train: RuntimeError: invalid gradient at index 24"
+    assert "train_tokens_per_s" not in rows["ddl"] and "step_peak_MB" not in rows["ddl"]
+    for variant in ("baseline", "ddl-tc"):
+        assert rows[variant]["train_tokens_per_s"] > 0 and rows[variant]["step_peak_MB"] > 0
+        assert "error" not in rows[variant]
+    assert rows["ddl-tc"]["train_ratio"] == pytest.approx(
+        rows["ddl-tc"]["train_tokens_per_s"] / rows["baseline"]["train_tokens_per_s"]
+    )
+    assert "invalid gradient at index 24" in out.splitlines()[-2]  # ddl's row, "failed" column

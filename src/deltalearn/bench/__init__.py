@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_model_report(report))
     if args.json:
         write_json(args.json, report)
-    return 0
+    return 1 if any("error" in row for row in report.get("rows", [])) else 0
 
 
 if __name__ == "__main__":

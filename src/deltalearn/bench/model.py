@@ -379,33 +379,56 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
     for measure, (make, tokens, warmup) in timings.items():
         if measure not in bench.measures:
             continue
-        fns = {v: make(r) for v, r in runs.items()}
+        fns = {v: make(r) for v, r in runs.items() if "error" not in rows[v]}
+        first_calls = _first_calls(fns, rows, measure, bench.variants[0])
         if bench.compile:  # the first call of each compiled function traces and compiles it
-            for v, fn in fns.items():
-                rows[v][f"{measure}_first_call_s"] = fn()
-                # Compiling takes minutes a variant at `small`: say so as each one finishes.
-                print(
-                    f"{measure}: {v} compiled, first call {rows[v][f'{measure}_first_call_s']:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        samples = interleaved_samples(fns, bench.repeats, warmup)
-        for v in bench.variants:
+            for v, seconds in first_calls.items():
+                rows[v][f"{measure}_first_call_s"] = seconds
+        fns = {v: fn for v, fn in fns.items() if v in first_calls}
+        samples = interleaved_samples(fns, bench.repeats, max(warmup - 1, 0))  # after the first
+        for v in fns:
             rows[v][f"{measure}_seconds_by_round"] = samples[v]
             rows[v][f"{measure}_tokens_per_s"] = tokens / statistics.median(samples[v])
         _add_ratios(rows, f"{measure}_tokens_per_s", f"{measure}_ratio")
         reference = samples[bench.variants[0]]
-        for v in bench.variants:
+        for v in fns:
             rows[v][f"{measure}_ratio_quartiles"] = paired_ratio_quartiles(reference, samples[v])
         if measure in ("train", "infer"):
-            _add_flops(rows, runs, bench, measure)
+            _add_flops(rows, {v: runs[v] for v in fns}, bench, measure)
     if "memory" in bench.measures:
         for v, run in runs.items():
+            if "error" in rows[v]:
+                continue
             run.train_step()  # lazily created state (AdamW moments, compiled code) is resident
             rows[v]["step_peak_MB"] = step_peak_bytes(run.train_step, device) / 2**20
             rows[v]["resident_MB"] = resident_bytes(run) / 2**20
         _add_ratios(rows, "step_peak_MB", "memory_ratio")
     return list(rows.values())
+
+
+def _first_calls(
+    fns: dict[str, Callable[[], float]],
+    rows: dict[str, dict[str, object]],
+    measure: str,
+    reference: str,
+) -> dict[str, float]:
+    """Each variant's first call of `measure` (compiled: its trace and compile), in seconds, as
+    each one ends — printed on stderr, since compiling takes minutes a variant at `small`. A
+    variant whose call raises gets `error` in its row and is measured no further (the run's other
+    figures still come out; the command exits 1); the reference (first) variant's error is raised:
+    nothing could be compared with it."""
+    seconds = {}
+    for v, fn in fns.items():
+        try:
+            seconds[v] = fn()
+        except Exception as error:
+            if v == reference:
+                raise
+            rows[v]["error"] = f"{measure}: {type(error).__name__}: {error}"
+            print(f"{measure}: {v} FAILED: {rows[v]['error']}", file=sys.stderr, flush=True)
+            continue
+        print(f"{measure}: {v} first call {seconds[v]:.1f} s", file=sys.stderr, flush=True)
+    return seconds
 
 
 def _add_flops(
@@ -428,7 +451,8 @@ def _add_flops(
 def _add_ratios(rows: dict[str, dict[str, object]], key: str, ratio: str) -> None:
     reference = next(iter(rows.values()))[key]
     for row in rows.values():
-        row[ratio] = row[key] / reference
+        if key in row:  # not where the variant failed
+            row[ratio] = row[key] / reference
 
 
 def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, object]:
@@ -501,5 +525,6 @@ def format_model_report(report: dict[str, Any]) -> str:
         "resident_MB": "resident MB",
         "train_first_call_s": "train 1st call s",
         "infer_first_call_s": "infer 1st call s",
+        "error": "failed",
     }
     return "\n".join([*lines, format_table(rows, columns)])
