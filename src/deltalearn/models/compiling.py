@@ -6,11 +6,13 @@ Inductor's mix-order reduction (`triton.mix_order_reduction`, on by default for 
 DDL update's backward is made of such pairs — the direction's norm and the readout reduce over d,
 the gate's and the value head's weight gradients over the rows — and with it on, compiled ddl-cc
 training on an H200 (torch 2.11.0, `small`, 8 × 1024) stopped in its first backward: "returned an
-invalid gradient ... got [768] but expected shape compatible with [1, 768]" (the gate weight;
-pytorch/pytorch#178080, a fused reduction that loses a kept dimension). Later fixes of the same
-fusion (pytorch/pytorch#193061: wrong gradients, silently, through torch 2.13) say it is not yet
-safe to leave on for a training step, so a DeltaLM compiles with it off. Inductor's CPU backend
-has no such fusion; the option changes nothing there.
+invalid gradient ... got [768] but expected shape compatible with [1, 768]" (the gate weight).
+That this fusion is the cause is inferred, not yet seen with it off on a GPU: Inductor's CPU code,
+which has no such fusion, compiles the same step correctly on torch 2.11 and 2.13, and the error
+is pytorch/pytorch#178080's (a fused reduction that loses a kept dimension). Later fixes of the
+same fusion (pytorch/pytorch#193061: wrong gradients, silently, through torch 2.13) say it is not
+yet safe to leave on for a training step, so a DeltaLM compiles with it off. On a CPU the option
+changes nothing. `benchmarks/compiled_gradients.py --device cuda` compares both ways with eager.
 """
 
 from __future__ import annotations
