@@ -26,6 +26,7 @@ from deltalearn.ops._shapes import (
     accumulation_dtype,
     cast_grads,
     check_rewrite_inputs,
+    in_dtype,
     is_small_state,
     no_autocast,
 )
@@ -125,7 +126,7 @@ class _DeltaRewrite(torch.autograd.Function):
         Y = rank1_update(X.to(acc), bk, e)
         ctx.save_for_backward(X, k, beta, e)
         ctx.v_dtype = v.dtype
-        return Y.to(X.dtype)
+        return in_dtype(Y, X.dtype)
 
     @staticmethod
     @once_differentiable  # the saved discrepancy e carries no graph back to v, X, k
@@ -154,7 +155,7 @@ class _WriteOnly(torch.autograd.Function):
         Y = rank1_update(X.to(acc), bk, v.to(acc))
         ctx.save_for_backward(k, beta, v)
         ctx.X_dtype = X.dtype
-        return Y.to(X.dtype)
+        return in_dtype(Y, X.dtype)
 
     @staticmethod
     @once_differentiable  # backward uses only saved tensors; second derivatives are not supported
