@@ -22,9 +22,9 @@ block's attention sublayer (C the block's own matrix, X the state that read was 
 common-subexpression pass made the two one and saved a read of X a block (a one-layer `small`
 ddl-cc step 4 kernels and 24 MB fewer), but Inductor's CPU code on torch 2.11 then corrupted the
 heap (glibc's "malloc assertion failure" in the compiled-gradient test; torch 2.13 ran clean).
-In exact arithmetic x_next equals the read of
-Y; for an fp32 state they differ by roundings; a half-precision state (a model cast to bf16) is
-read before Y is rounded to it, where the eager paths read the rounded Y.
+In exact arithmetic x_next equals the read of Y; for an fp32 state they differ by roundings; a
+half-precision state (a model cast to bf16) is read before Y is rounded to it, where the eager
+paths read the rounded Y.
 
 `python benchmarks/compiled_graph.py` counts what this saves. Tests: `tests/test_ops_traced_
 epilogue.py` (against the reference), `tests/test_compile.py` (compiled training against eager).
