@@ -221,7 +221,7 @@ def test_compiled_training_on_cuda_gives_the_triton_gradients(variant):
     mix-order reduction off), on 8192 rows (32 × 256): at `small` with it on, torch 2.11's backward
     returned a gate-weight gradient of the wrong shape (`models/compiling.py`). ddl: its vector
     state takes the rewrite's Function under compile, which torch 2.11's dynamo once traced with
-    zero gradients (`ops/_shapes.in_dtype`)."""
+    zero gradients (`ops/projections.cast`)."""
     torch.manual_seed(0)
     model = tiny_model(variant, num_layers=2).cuda().train()
     ids = random_ids(32, 256).cuda()

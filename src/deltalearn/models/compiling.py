@@ -19,20 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# What a DeltaLM's compile turns off, where this torch has it.
+# What a DeltaLM's compile turns off, where this torch has it (2.10 and later).
 SAFE_OPTIONS = {"triton.mix_order_reduction": False}
 
 
-def _known_options() -> dict[str, bool]:
+def _has_mix_order_reduction() -> bool:
     import torch._inductor.config as inductor_config  # here: importing Inductor takes a second
 
-    known = {}
-    for key, value in SAFE_OPTIONS.items():
-        group, _, name = key.rpartition(".")
-        holder = getattr(inductor_config, group) if group else inductor_config
-        if hasattr(holder, name):
-            known[key] = value
-    return known
+    return hasattr(inductor_config.triton, "mix_order_reduction")
 
 
 def compile_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -43,15 +37,14 @@ def compile_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     backend = kwargs.get("backend", "inductor")
     if backend not in (None, "inductor"):
         return dict(kwargs)
-    safe = _known_options()
-    if not safe:
+    if not _has_mix_order_reduction():
         return dict(kwargs)
     from torch._inductor import list_mode_options
 
     out = dict(kwargs)
     mode = out.pop("mode", None)
     options = dict(list_mode_options(mode, out.get("dynamic"))) if mode else {}
-    options.update(safe)
+    options.update(SAFE_OPTIONS)
     options.update(out.get("options") or {})
     out["options"] = options
     return out

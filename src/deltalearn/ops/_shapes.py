@@ -37,14 +37,6 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t.to(dtype)`, written so that t itself is returned without calling `.to` where it is in
-    that dtype already: a custom Function whose forward returned `Y.to(X.dtype)` of the same dtype
-    was traced by torch 2.11's dynamo with a zero gradient for all its inputs (compiled ddl
-    training, `tests/test_compile.py`; torch 2.13 traces it right)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def cast_grads(grads, dtypes) -> tuple[torch.Tensor | None, ...]:
     """Each gradient in its input's dtype (None stays None): the end of a hand-written backward."""
     return tuple(g if g is None else g.to(t) for g, t in zip(grads, dtypes, strict=True))

@@ -26,11 +26,11 @@ from deltalearn.ops._shapes import (
     accumulation_dtype,
     cast_grads,
     check_rewrite_inputs,
-    in_dtype,
     is_small_state,
     no_autocast,
 )
 from deltalearn.ops.mixing import contract_values
+from deltalearn.ops.projections import cast
 
 
 def _readout(k: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ class _DeltaRewrite(torch.autograd.Function):
         Y = rank1_update(X.to(acc), bk, e)
         ctx.save_for_backward(X, k, beta, e)
         ctx.v_dtype = v.dtype
-        return in_dtype(Y, X.dtype)
+        return cast(Y, X.dtype)
 
     @staticmethod
     @once_differentiable  # the saved discrepancy e carries no graph back to v, X, k
@@ -155,7 +155,7 @@ class _WriteOnly(torch.autograd.Function):
         Y = rank1_update(X.to(acc), bk, v.to(acc))
         ctx.save_for_backward(k, beta, v)
         ctx.X_dtype = X.dtype
-        return in_dtype(Y, X.dtype)
+        return cast(Y, X.dtype)
 
     @staticmethod
     @once_differentiable  # backward uses only saved tensors; second derivatives are not supported

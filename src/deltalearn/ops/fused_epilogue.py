@@ -25,8 +25,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from deltalearn.ops import state_tape
-from deltalearn.ops._shapes import accumulation_dtype, cast_grads, in_dtype, no_autocast
+from deltalearn.ops._shapes import accumulation_dtype, cast_grads, no_autocast
 from deltalearn.ops.fused import _readout, delta_rewrite_grads, rank1_update, write_only_grads
+from deltalearn.ops.projections import cast
 
 
 class _RewriteEpilogue(torch.autograd.Function):
@@ -61,7 +62,7 @@ class _RewriteEpilogue(torch.autograd.Function):
         )
         ctx.options = (rule, value_head, value_scale)
         ctx.dtypes = (X.dtype, h.dtype, z.dtype, p.dtype)
-        return in_dtype(Y, X.dtype)
+        return cast(Y, X.dtype)
 
     @staticmethod
     @once_differentiable  # backward uses saved tensors only; no second derivatives
