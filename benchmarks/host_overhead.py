@@ -23,7 +23,7 @@ machine's milliseconds, not the GPU host's: compare ratios; on a shared 2-core V
 
 With `--count`, the host work is counted instead of timed: each variant's steps run in a process of
 their own under valgrind's callgrind (one thread, `callgrind_marks.py`), and the instructions of a
-step (forward, backward, AdamW; the untimed gradient reset left out) are printed — the same from
+step (forward, backward, the clip and AdamW; the untimed gradient reset left out) are printed — the same from
 run to run, so a change of 1% shows, where the timings above move by ±0.03 of the ratio. About
 four minutes a variant.
 """
@@ -44,10 +44,12 @@ from callgrind_marks import count_between_marks, mark, require_valgrind
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deltalearn import DeltaLM
-from deltalearn.bench.model import ModelBench, build_config
+from deltalearn.bench.model import GRAD_CLIP, ModelBench, build_config
 from deltalearn.models.outputs import CACHE_FIELD
 from deltalearn.ops import _shapes as shapes
 from deltalearn.ops import triton_aot
+from deltalearn.train.config import OptimConfig
+from deltalearn.train.optim import build_optimizer
 
 
 class _CountOps(TorchDispatchMode):
@@ -83,8 +85,11 @@ def tiny_model(variant: str, layers: int, device: str = "cpu") -> DeltaLM:
 
 
 def make_step(variant: str, layers: int, autocast: bool = False, device: str = "cpu"):
+    """A training step as `deltalearn train` and `bench model` take it: forward with the loss,
+    backward, the gradient-norm clip and the trainer's AdamW (fused, one kernel for every
+    parameter). Its per-parameter host work counts: DDL adds four small parameters a sublayer."""
     model = tiny_model(variant, layers, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = build_optimizer(model, OptimConfig())
     ids = torch.randint(0, 100, (1, 8)).to(device)
     device_type = torch.device(device).type
 
@@ -103,6 +108,7 @@ def make_step(variant: str, layers: int, autocast: bool = False, device: str = "
             if p.grad is not None:
                 p.grad.fill_(1e-3)
         start_optimizer = boundary()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         end_optimizer = boundary()
@@ -122,7 +128,7 @@ def make_step(variant: str, layers: int, autocast: bool = False, device: str = "
 
 DECODED_TOKENS = 8  # a decode run's timed tokens, after an untimed 8-token prefill
 PHASES = {
-    "train": "training step (forward, backward, AdamW)",
+    "train": "training step (forward, backward, clip, the trainer's AdamW)",
     "infer": "full-sequence forward (eval, no grad)",
     "decode": "cached decoding, one token a call",
 }
@@ -186,7 +192,7 @@ def make_run(variant: str, layers: int, phase: str, autocast: bool = False, devi
 
 def counted_child(variant: str, layers: int, steps: int, autocast: bool = False) -> None:
     """The process callgrind watches: warm steps, then `steps` steps with a mark at each boundary
-    of their two timed parts (intervals per step: forward + backward, the reset, AdamW)."""
+    of their two timed parts (intervals per step: forward + backward, the reset, clip + AdamW)."""
     with triton_aot.recording() as launches:
         step, _ = make_step(variant, layers, autocast)
         for _ in range(3):
@@ -206,7 +212,7 @@ def count_instructions(args: argparse.Namespace, variants: list[str]) -> dict[st
         command = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers),
                    "--steps", str(args.steps), *(["--autocast"] if args.autocast else [])]  # fmt: skip
         intervals = count_between_marks(command, env, out / f"cg.{variant}.out")
-        # Four marks a step: [forward + backward], [reset], [AdamW], [to the next step's start].
+        # Four marks a step: [forward + backward], [reset], [clip + AdamW], [to the next step's start].
         timed = [n for i, n in enumerate(intervals) if i % 4 in (0, 2)]
         if len(timed) != 2 * args.steps:
             raise RuntimeError(f"{variant}: {len(intervals)} intervals counted, expected more")

@@ -371,6 +371,34 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     assert proc.returncode != 0 and "backward" in proc.stderr
 
 
+def test_update_share_script_times_ddl_with_and_without_its_updates():
+    """`benchmarks/update_share.py` times the baseline, ddl, and ddl with every update made
+    additive: three rows of positive phase times; the additive stand-in returns X + h exactly."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import update_share
+    finally:
+        sys.path.pop(0)
+    from deltalearn import DeltaLM, DeltaLMConfig
+    from deltalearn.nn import DeltaUpdate
+
+    model = DeltaLM(DeltaLMConfig.preset("ddl", "tiny", num_layers=1))
+    update_share.additive_updates(model)
+    update = next(m for m in model.modules() if isinstance(m, DeltaUpdate))
+    X, h = torch.randn(2, 3, 128), torch.randn(2, 3, 128)
+    assert torch.equal(update(X, h, h, X), X + h)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/update_share.py", "--rounds", "1"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (baseline|ddl|ddl, updates as X \+ h) \|(.*)\|$", proc.stdout, re.M)
+    assert [name for name, _ in rows] == ["baseline", "ddl", "ddl, updates as X + h"]
+    for _, cells in rows:
+        assert all(float(c) > 0 for c in cells.split("|"))
+
+
 def test_triton_launch_host_script_times_each_kernel_a_step_launches():
     """`benchmarks/triton_launch_host.py` replays a ddl-cc step's launches through Triton's launch
     path without a GPU: a row a distinct launch (the rewrite's forward and backward, the reads'),
