@@ -126,7 +126,10 @@ def test_paired_quartiles_cancel_a_slow_round():
 
     # The second round ran ten times slower for both sides: its ratio is the same.
     assert paired_ratio_quartiles([1.0, 10.0, 1.0], [2.0, 20.0, 2.0]) == (0.5, 0.5, 0.5)
-    assert paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (1.5, 3.0, 4.5)
+    assert paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (2.0, 3.0, 4.0)
+    # Two rounds far apart (a loaded machine): the quartiles stay between them, never below 0.
+    q1, median, q3 = paired_ratio_quartiles([1.0, 10.0], [10.0, 1.0])
+    assert 0.1 <= q1 <= median <= q3 <= 10.0 and median == pytest.approx(5.05)
     assert paired_ratio_quartiles([1.0], [2.0]) is None
     with pytest.raises(ValueError, match="rounds differ: 2 against 1"):
         paired_ratio_quartiles([1.0, 2.0], [1.0])

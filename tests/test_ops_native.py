@@ -363,10 +363,18 @@ def test_training_update_rebuilds_the_state_it_consumed_in_its_backward(
         return real(tape, index, X)
 
     monkeypatch.setattr(state_tape.StateTape, "rebuilt", spy)
+    packed, real_pack = [], state_tape.StateTape.pack
+    monkeypatch.setattr(
+        state_tape.StateTape, "pack", lambda tape, t: packed.append(t) or real_pack(tape, t)
+    )
     with state_tape.recording() as tape:
         X = leaves[0] * 1.0  # a state with a graph, as between sublayers
         tape.add(X)
+        packed.clear()
         out = update(X, *leaves[1:])
+    # Nothing the update saves is a state without the compressor read: no tensor goes through the
+    # tape's hooks; with it, Y (a state) is saved for ∂C and must.
+    assert bool(packed) == compress
     outs = out if isinstance(out, tuple) else (out,)
     ups = [torch.randn_like(o) for o in outs]
     grads = torch.autograd.grad(outs, leaves, ups)

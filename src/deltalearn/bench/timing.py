@@ -71,12 +71,15 @@ def paired_ratio_quartiles(
 ) -> tuple[float, float, float] | None:
     """Quartiles (first, median, third) of `reference[i] / other[i]` over the rounds: a speed
     ratio whose two sides ran back to back in each round (a slow spell of the machine moves both)
-    and its spread; None for fewer than two rounds."""
+    and its spread; None for fewer than two rounds. Interpolated between the rounds' ratios
+    (`method="inclusive"`, numpy's default), never beyond them: the "exclusive" method extrapolates
+    past the extremes of a few rounds, to a negative speed ratio where two rounds differ by 5×."""
     if len(reference) != len(other):
         raise ValueError(f"rounds differ: {len(reference)} against {len(other)}")
     if len(reference) < 2:
         return None
-    q1, q2, q3 = statistics.quantiles([r / o for r, o in zip(reference, other, strict=True)], n=4)
+    ratios = [r / o for r, o in zip(reference, other, strict=True)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q2, q3
 
 

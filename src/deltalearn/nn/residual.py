@@ -10,6 +10,7 @@ X'   = X + h                                                 rule="additive"
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ from deltalearn.ops.epilogue import (
 
 # Tensor types a kernel reads directly (nn.Parameter is a plain tensor; a subclass may not be).
 _PLAIN = (torch.Tensor, nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
 
 
 @dataclass
@@ -204,8 +206,8 @@ class DeltaUpdate(nn.Module):
         weights = self._linear_gate_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
-        operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
-        if not all(type(t) in _PLAIN for t in operands) or not update_kernel_enabled():
+        operands = _operands(X, h, c, u, weights, compress)
+        if not set(map(type, operands)) <= _PLAIN_SET or not update_kernel_enabled():
             return None
         return weights if backend.use_triton(operands) else None
 
@@ -299,8 +301,7 @@ class DeltaUpdate(nn.Module):
         weights = self._linear_gate_weights()
         if weights is None or not self._fits(X, h, c, u, compress, vector, weights):
             return None
-        operands = [X, h, c, u, *(t for t in (*weights, compress) if t is not None)]
-        return weights if backend.use_native(operands) else None
+        return weights if backend.use_native(_operands(X, h, c, u, weights, compress)) else None
 
     def _linear_gate_weights(self) -> tuple[torch.Tensor, ...] | None:
         """`(w_gate, b_gate, W_value, b_value)` of the linear gate (None for the MLP gate), read
@@ -341,7 +342,7 @@ def rms_norm_parameters(norm: nn.Module, u: torch.Tensor) -> tuple[torch.Tensor,
         weight, eps = norm.weight, norm.eps
     else:
         # The class that says how it normalises must be the one whose forward runs.
-        owner = next((k for k in type(norm).__mro__ if "rms_norm_parameters" in vars(k)), None)
+        owner = _rms_norm_owner(type(norm))
         if owner is None or not plain_call(norm, owner):
             return None
         weight, eps = owner.rms_norm_parameters(norm)
@@ -350,6 +351,22 @@ def rms_norm_parameters(norm: nn.Module, u: torch.Tensor) -> tuple[torch.Tensor,
     if weight.shape != u.shape[-1:] or weight.device != u.device:
         return None
     return weight, float(eps)
+
+
+@functools.cache
+def _rms_norm_owner(cls: type) -> type | None:
+    """The class in `cls`'s MRO that defines `rms_norm_parameters` (looked up once a class)."""
+    return next((k for k in cls.__mro__ if "rms_norm_parameters" in vars(k)), None)
+
+
+def _operands(X, h, c, u, weights: tuple, compress) -> list[torch.Tensor]:
+    """An update's tensors for the backend checks: the state, h, c, u, the weights (b_value may be
+    None) and the mixing matrix where given — a list made without generators (a dozen Python
+    calls fewer an update: host time, which bounds eager training on a GPU)."""
+    operands = [X, h, c, u, *weights] if weights[3] is not None else [X, h, c, u, *weights[:3]]
+    if compress is not None:
+        operands.append(compress)
+    return operands
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops import state_tape
+from deltalearn.ops import no_graph, state_tape
 from deltalearn.ops.native_build import SUFFIXES, library
 
 # The longest value axis the kernels take (MAX_DV in native_kernels.c); longer ones stay on the
@@ -142,7 +142,9 @@ def rewrite_epilogue_native(X, h, z, p, compress, rule, value_head, value_scale,
     C = None if compress is None else compress.contiguous()
     inputs = (X, h, z, p) if C is None else (X, h, z, p, C)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _NativeEpilogue.apply(X, h, z, p, C, rule, value_head, value_scale, k_eps)
+        return no_graph.apply_direct(
+            _NativeEpilogue, X, h, z, p, C, rule, value_head, value_scale, k_eps
+        )
     delta, official = rule == "delta", value_head == "official"
     Y, x_next, *_ = _epilogue_forward(X, h, z, p, C, delta, official, value_scale, k_eps, False)
     return Y if C is None else (Y, x_next)
@@ -255,9 +257,25 @@ def update_native(X, h, c, u, w_g, b_g, W_v, b_v, compress, rule, value_head, va
     delta, official = rule == "delta", value_head == "official"
     inputs = (X, h, c, u, w_g, b_g, W_v, b_v, C)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _NativeUpdate.apply(*inputs, delta, official, value_scale, k_eps)
+        args = (_NativeUpdate, *inputs, delta, official, value_scale, k_eps)
+        tape = state_tape.active() if delta else None
+        if tape is not None and _saves_no_state(tape, X, h, c, u, C, official):
+            # The tape's hooks would only pass each saved tensor through, a Python call each
+            # way (as the Triton path's update_triton skips them).
+            return state_tape.without_hooks(tape, no_graph.apply_direct, *args)
+        return no_graph.apply_direct(*args)
     Y, x_next, *_ = _update_forward(*inputs, delta, official, value_scale, k_eps, saved=False)
     return Y if C is None else (Y, x_next)
+
+
+def _saves_no_state(tape: state_tape.StateTape, X, h, c, u, C, official: bool) -> bool:
+    """Whether a delta `_NativeUpdate` saves no tensor the tape must see: its backward rebuilds X
+    itself (`will_defer`), no compressor read (which saves Y, a state) and none of h, c and the
+    official head's u (unless u is X, read from the rebuilt state) a state or a view of one."""
+    if C is not None or not tape.will_defer(X):
+        return False
+    saved = (h, c, u) if official and u is not X else (h, c)
+    return not any(map(tape.registered, saved))
 
 
 def rebuild_state(Y: torch.Tensor, h, rho, beta, e, out: torch.Tensor | None = None):
@@ -325,7 +343,7 @@ def value_read_native(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch
     -> `(..., d)`) or the token read (`W` `(d, dv, K)`, `xs` `(B, past + T, d, dv)` ->
     `(B, T, d)`), inputs checked, on CPU, of one dtype in `NATIVE_DTYPES`."""
     if torch.is_grad_enabled() and (xs.requires_grad or W.requires_grad):
-        return _NativeRead.apply(xs, W, past)
+        return no_graph.apply_direct(_NativeRead, xs, W, past)
     states, taps, B, S = _as_read(xs, W)
     return _read_forward(states, taps, B, S, past, _read_shape(xs, W, past))
 
@@ -377,5 +395,5 @@ def expand_native(xs: torch.Tensor, weight: torch.Tensor, past: int) -> torch.Te
     -> `(B, T, d, dv)`, token-major; `out[b, t, i, j] = Σ_τ w[i·dv + j, τ] xs[b, past + t − (K − 1
     − τ), i]`. Operands on CPU, of one dtype in `NATIVE_DTYPES`."""
     if torch.is_grad_enabled() and (xs.requires_grad or weight.requires_grad):
-        return _NativeExpand.apply(xs, weight, past)
+        return no_graph.apply_direct(_NativeExpand, xs, weight, past)
     return _expand_forward(xs, weight, past)[0]

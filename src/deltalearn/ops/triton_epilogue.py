@@ -982,5 +982,5 @@ def update_triton(
     if tape is not None and tape.will_defer(X) and not any(map(tape.registered, saved)):
         # Its backward rebuilds X itself, and nothing else it saves is a state: the tape's hooks
         # would only pass each saved tensor through, a Python call each way — host time.
-        return state_tape.without_hooks(tape, _TritonUpdate.apply, *args)
-    return _TritonUpdate.apply(*args)
+        return state_tape.without_hooks(tape, no_graph.apply_direct, _TritonUpdate, *args)
+    return no_graph.apply_direct(_TritonUpdate, *args)
