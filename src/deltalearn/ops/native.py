@@ -259,23 +259,14 @@ def update_native(X, h, c, u, w_g, b_g, W_v, b_v, compress, rule, value_head, va
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         args = (_NativeUpdate, *inputs, delta, official, value_scale, k_eps)
         tape = state_tape.active() if delta else None
-        if tape is not None and _saves_no_state(tape, X, h, c, u, C, official):
-            # The tape's hooks would only pass each saved tensor through, a Python call each
-            # way (as the Triton path's update_triton skips them).
+        # With a compressor read the update saves Y, a state; u only for the official head, and
+        # not where it is X (read from the rebuilt state).
+        saved = (h, c, u) if official and u is not X else (h, c)
+        if tape is not None and C is None and tape.saves_no_state(X, saved):
             return state_tape.without_hooks(tape, no_graph.apply_direct, *args)
         return no_graph.apply_direct(*args)
     Y, x_next, *_ = _update_forward(*inputs, delta, official, value_scale, k_eps, saved=False)
     return Y if C is None else (Y, x_next)
-
-
-def _saves_no_state(tape: state_tape.StateTape, X, h, c, u, C, official: bool) -> bool:
-    """Whether a delta `_NativeUpdate` saves no tensor the tape must see: its backward rebuilds X
-    itself (`will_defer`), no compressor read (which saves Y, a state) and none of h, c and the
-    official head's u (unless u is X, read from the rebuilt state) a state or a view of one."""
-    if C is not None or not tape.will_defer(X):
-        return False
-    saved = (h, c, u) if official and u is not X else (h, c)
-    return not any(map(tape.registered, saved))
 
 
 def rebuild_state(Y: torch.Tensor, h, rho, beta, e, out: torch.Tensor | None = None):

@@ -283,6 +283,13 @@ class StateTape:
         slot = self._slots[index]
         return slot.link is None or (slot.link[2] is not None and slot.kept is None)
 
+    def saves_no_state(self, X: torch.Tensor, saved: tuple[torch.Tensor, ...]) -> bool:
+        """Whether a delta rewrite consuming X that saves X (deferred) and the tensors `saved` may
+        run without the tape's hooks (`without_hooks`): its backward rebuilds X itself
+        (`will_defer`) and none of `saved` is a state or a view of one, so the hooks would only
+        pass each saved tensor through, a Python call each way — host time."""
+        return self.will_defer(X) and not any(map(self.registered, saved))
+
     def claim(self, index: int) -> tuple[torch.Tensor | None, tuple | None]:
         """For that backward: `(state, None)` where slot `index` holds its state already (rebuilt
         for another reader), else `(None, (Y, rho, beta, e, out))`: the state after it and the row

@@ -979,8 +979,6 @@ def update_triton(
     saved = (h, x) if norm_eps is not None else (h, c, x)
     if _reads_own_state(X, x, delta, official):
         saved = saved[:-1]
-    if tape is not None and tape.will_defer(X) and not any(map(tape.registered, saved)):
-        # Its backward rebuilds X itself, and nothing else it saves is a state: the tape's hooks
-        # would only pass each saved tensor through, a Python call each way — host time.
+    if tape is not None and tape.saves_no_state(X, saved):
         return state_tape.without_hooks(tape, no_graph.apply_direct, _TritonUpdate, *args)
     return no_graph.apply_direct(_TritonUpdate, *args)
