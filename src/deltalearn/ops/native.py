@@ -25,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from deltalearn.ops import no_graph, state_tape
+from deltalearn.ops._shapes import new_empty
 from deltalearn.ops.native_build import SUFFIXES, library
 
 # The longest value axis the kernels take (MAX_DV in native_kernels.c); longer ones stay on the
@@ -73,8 +74,8 @@ def _forward_buffers(X, h, C, saved: bool, keep_v: bool):
     rho = beta = e = v = None
     if saved:
         lead = h.shape[:-1]
-        rho, beta = h.new_empty(lead), h.new_empty(lead)
-        e = h.new_empty(lead if X.dim() == h.dim() else (*lead, dv))
+        rho, beta = new_empty(lead, h.dtype, h.device), new_empty(lead, h.dtype, h.device)
+        e = new_empty(lead if X.dim() == h.dim() else (*lead, dv), h.dtype, h.device)
         v = torch.empty_like(e) if keep_v else None
     return rows, d, dv, (Y, x_next, rho, beta, e, v)
 
@@ -204,7 +205,7 @@ class _NativeUpdate(torch.autograd.Function):
         def grad(i: int, like: torch.Tensor | None, shape=None) -> torch.Tensor | None:
             if not need[i] or like is None:
                 return None
-            return torch.empty(like.shape if shape is None else shape, dtype=like.dtype)
+            return new_empty(like.shape if shape is None else shape, like.dtype, like.device)
 
         gX = None if direct else torch.empty_like(GY)
         gh = torch.empty_like(h)
@@ -293,7 +294,7 @@ def _as_read(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _read_forward(xs, taps, B: int, S: int, past: int, out_shape) -> torch.Tensor:
     K, d, dv = (1, *taps.shape) if taps.dim() == 2 else taps.shape
-    out = torch.empty(out_shape, dtype=xs.dtype)
+    out = new_empty(out_shape, xs.dtype, xs.device)
     _call("read_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
     return out
 
@@ -351,7 +352,7 @@ def _expand_forward(xs: torch.Tensor, weight: torch.Tensor, past: int):
     xs = xs.contiguous()
     taps = expansion_taps(weight, d)
     K, _, dv = taps.shape
-    out = torch.empty((B, S - past, d, dv), dtype=xs.dtype)
+    out = torch.empty(B, S - past, d, dv, dtype=xs.dtype)
     _call("expand_forward", xs.dtype, B, S, past, d, dv, K, _ptr(xs), _ptr(taps), _ptr(out))
     return out, xs, taps
 

@@ -157,7 +157,7 @@ class PreparedConv(_Prepared):
 
     def __call__(self, xs: torch.Tensor) -> torch.Tensor:
         """The output for `xs` (contiguous, as `holds` checks it)."""
-        out = torch.empty(self.out_shape, dtype=self.dtype)
+        out = torch.empty(*self.out_shape, dtype=self.dtype)
         self._run(self.ints, xs.data_ptr(), out.data_ptr())
         return out
 

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from deltalearn.ops import no_graph, state_tape
-from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2
+from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2
 from deltalearn.ops.projections import cast, kept_inputs
 
 # Elements of X one program holds per chunk (fp32 after the load). 4096 keeps a row of width
@@ -614,10 +614,10 @@ def _forward(
     n_rows = h.numel() // d
     dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
     if projections is not None:
-        z = torch.empty(h.shape[:-1], dtype=torch.float32, device=X.device)
-        p = torch.empty((*h.shape[:-1], dv), dtype=torch.float32, device=X.device)
+        z = new_empty(h.shape[:-1], torch.float32, X.device)
+        p = new_empty((*h.shape[:-1], dv), torch.float32, X.device)
     ctx.shapes = X.shape, h.shape, z.shape, p.shape
-    Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+    Y = new_empty(X.shape, X.dtype, X.device)
     X_in, h_in = X, h
     (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
     (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
@@ -626,11 +626,11 @@ def _forward(
     Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
     if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
         xn_dtype = torch.promote_types(X.dtype, C.dtype)
-        XN = torch.empty(ctx.shapes[1], dtype=xn_dtype, device=X.device)
+        XN = new_empty(ctx.shapes[1], xn_dtype, X.device)
     else:
         XN = Y
     norm_c = norm_eps is not None
-    rstd = torch.empty(z.shape, dtype=torch.float32, device=X.device) if norm_c else Y
+    rstd = new_empty(z.shape, torch.float32, X.device) if norm_c else Y
     if projections is None:
         cin = xv = wg = bg = wv = bv = Y  # unread placeholder pointers
         sc = sxv = (0, 0)
@@ -647,8 +647,8 @@ def _forward(
     save_rows = tape is not None and n_rows > 0
     if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
         vector = X_in.dim() == h_in.dim()  # e `(...)`, as the tape takes it (p: maybe `(..., 1)`)
-        e = torch.empty(ctx.shapes[2 if vector else 3], dtype=torch.float32, device=X.device)
-        rho = torch.empty(ctx.shapes[2], dtype=torch.float32, device=X.device)
+        e = new_empty(ctx.shapes[2 if vector else 3], torch.float32, X.device)
+        rho = new_empty(ctx.shapes[2], torch.float32, X.device)
         beta = torch.empty_like(rho)
     else:
         e = rho = beta = Y  # unwritten placeholder pointers
@@ -708,11 +708,11 @@ def _backward(
     nprog = _compress_programs(num_blocks, X.device) if reduces else num_blocks
     iters = cdiv(num_blocks, nprog) if num_blocks else 0
     # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
-    gX = torch.empty(X_shape, dtype=X.dtype, device=X.device) if write_gx else gY
-    gh = torch.empty(h_shape, dtype=h.dtype, device=h.device)
+    gX = new_empty(X_shape, X.dtype, X.device) if write_gx else gY
+    gh = new_empty(h_shape, h.dtype, h.device)
     if projections is None:
-        gz = torch.empty(z_shape, dtype=z.dtype, device=z.device)
-        gp = torch.empty(p_shape, dtype=p.dtype, device=p.device)
+        gz = new_empty(z_shape, z.dtype, z.device)
+        gp = new_empty(p_shape, p.dtype, p.device)
     else:  # unwritten: the kernel forms the projections' gradients from them in registers
         gz = gp = gh
     if compress:
@@ -729,7 +729,7 @@ def _backward(
     sizes.append(part_stride - used)
     if reduces:  # unzeroed: the kernel sets every partial sum (a program has a row block at least)
         alloc = torch.empty if n_rows > 0 else torch.zeros
-        part = alloc((nprog, part_stride), dtype=torch.float32, device=X.device)
+        part = alloc(nprog, part_stride, dtype=torch.float32, device=X.device)
     else:
         part = gh  # unread placeholder
     if projections is None:
@@ -746,9 +746,9 @@ def _backward(
         if not x_is_state:
             xv, sxv = _flat(x_low, n_rows, d)
         wg, wv = w_g.contiguous(), W_v.contiguous()
-        g_c = torch.empty(h_shape, dtype=c_dtype, device=X.device)
+        g_c = new_empty(h_shape, c_dtype, X.device)
         u_own = reads_u and not x_is_state
-        g_u = torch.empty(h_shape, dtype=u_dtype, device=X.device) if u_own else g_c
+        g_u = new_empty(h_shape, u_dtype, X.device) if u_own else g_c
     rstd, w_n = (gh, gh) if norm is None else norm  # unread placeholders without norm
     if rebuild is None:
         Yr, sy, e_rows, rho_rows, beta_rows, XO = gh, sx, gh, gh, gh, gh  # unread placeholders
@@ -903,7 +903,7 @@ def rebuild_state_triton(
     n_rows = h.numel() // d
     dv = Y.numel() // h.numel() if h.numel() else 1
     if out is None or not out.is_contiguous():
-        out = torch.empty(Y.shape, dtype=Y.dtype, device=Y.device)
+        out = new_empty(Y.shape, Y.dtype, Y.device)
     X = out
     if n_rows == 0:
         return X

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from deltalearn.ops import no_graph
-from deltalearn.ops._shapes import cdiv, dense_past_first, next_pow2, promote_float
+from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2, promote_float
 
 # Elements of the state one program holds (fp32 after the load).
 MAX_TILE = 2048
@@ -185,7 +185,7 @@ class _ValueRead(torch.autograd.Function):
         ctx.shapes = xs.shape, W.shape
         channel = W.dim() == 2
         out_shape = xs.shape[:-1] if channel else (xs.shape[0], xs.shape[1] - past, xs.shape[2])
-        out = torch.empty(out_shape, dtype=promote_float(xs.dtype, W.dtype), device=xs.device)
+        out = new_empty(out_shape, promote_float(xs.dtype, W.dtype), xs.device)
         if channel:
             xs, W = xs.reshape(1, -1, *W.shape), W.unsqueeze(-1)
         B, S, d, dv = xs.shape
@@ -216,12 +216,8 @@ class _ValueRead(torch.autograd.Function):
         n_blocks, n_dblocks = B * n_sblocks, cdiv(d, block_d)
         nprog = _weight_grad_programs(n_blocks, n_dblocks, xs.device) if need_W else n_blocks
         xs_shape, W_shape = ctx.shapes
-        gxs = torch.empty(xs_shape, dtype=xs.dtype, device=xs.device) if need_xs else None
-        gW_part = (
-            torch.empty((nprog, d, dv, K), dtype=torch.float32, device=xs.device)
-            if need_W
-            else None
-        )
+        gxs = new_empty(xs_shape, xs.dtype, xs.device) if need_xs else None
+        gW_part = new_empty((nprog, d, dv, K), torch.float32, xs.device) if need_W else None
         if n_blocks > 0 and (need_xs or need_W):
             _read_bwd_kernel[(nprog, n_dblocks)](
                 xs, W, G, gxs if need_xs else G, gW_part if need_W else G,
