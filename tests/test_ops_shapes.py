@@ -1,8 +1,12 @@
-"""The allocation helper the kernel Functions share (`ops._shapes.new_empty`)."""
+"""Host-side helpers the kernel Functions share: their allocations (`ops._shapes.new_empty`) and
+the multiprocessor count their reducing launches are sized by (`ops.backend.multiprocessors`)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from deltalearn.ops import backend
 from deltalearn.ops._shapes import new_empty
 
 
@@ -17,3 +21,23 @@ def test_new_empty_allocates_what_torch_empty_would(shape, dtype):
         expected.device,
         expected.stride(),
     )
+
+
+def test_multiprocessors_asks_the_driver_once_a_device(monkeypatch):
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return SimpleNamespace(multi_processor_count=100 + index)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    backend._multiprocessors.cache_clear()
+    try:
+        counts = [
+            backend.multiprocessors(torch.device(name)) for name in ("cuda:0", "cuda:0", "cuda")
+        ]
+        assert counts == [100, 100, 101]  # "cuda" is the current device
+        assert asked == [0, 1]
+    finally:
+        backend._multiprocessors.cache_clear()  # no stand-in's count left for a real device

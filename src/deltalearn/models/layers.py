@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
     def rms_norm_parameters(self) -> tuple[torch.Tensor, float]:
         """`(weight, eps)` of `rms_norm` as `forward` applies it (`nn.residual.rms_norm_parameters`:
         a DDL rewrite's backward may recompute this norm of its input instead of keeping it)."""
-        return self.weight, self.eps
+        return self._parameters["weight"], self.eps  # not via nn.Module.__getattr__: host time
 
 
 class OutProj(nn.Linear):

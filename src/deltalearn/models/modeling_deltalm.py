@@ -368,7 +368,8 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             )
         step = self._prepare_step(input_ids, attention_mask, position_ids, cache)
         updates = self._updates()
-        if updates or self.final_compress is not None:  # the baseline calls none of it
+        final_compress = self.final_compress
+        if updates or final_compress is not None:  # the baseline calls none of it
             step.fast = self._fast_calls(step.rope[0].device)
             step.fuse_reads = self.config.expanded and fused_read_enabled()
 
@@ -390,7 +391,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                     X = block(X, step)
                 carried = step.take_carry(X)  # the last MLP rewrite made the final read
                 if carried is None:
-                    x = self.norm(_read_state(self.final_compress, X, step, "final"))
+                    x = self.norm(_read_state(final_compress, X, step, "final"))
                 else:
                     x = self.norm(carried[0])  # (B, T, d)
             gates = self._collect_gates(updates) if output_gates and updates else None
@@ -496,21 +497,24 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         e = self.embed(input_ids)  # (B, T, d)
         if not self.config.expanded:
             return e
-        if self.expand is None:
+        expand = (
+            self.expand
+        )  # once: nn.Module.__getattr__ finds a submodule after an AttributeError
+        if expand is None:  # Python formats (~1.5 µs; one decoded token at a time notices)
             return repeat_expansion(e, self.config.value_channels)
         e = _mask_padding(e, step.token_mask)
         if step.cache is None:
-            return self.expand(e)
-        K1 = self.expand.history_len
+            return expand(e)
+        K1 = expand.history_len
         if step.fast is not None and isinstance(step.cache, DeltaLMCache):
-            weight = self.expand._parameters["weight"]  # appended, then expanded where they lie
+            weight = expand._parameters["weight"]  # appended, then expanded where they lie
             X = step.cache.convolve_appending("embed", e, K1, step.fast.expand, weight)
             if X is not None:
                 return X
         if _reads_in_place(step.cache):
             step.cache.append_conv("embed", e, K1)
-            return self.expand.expand_inputs(step.cache.conv_history("embed", K1 + e.shape[1]))
-        X, _ = self.expand.forward_cached(e, step.cache.conv_history("embed", K1))
+            return expand.expand_inputs(step.cache.conv_history("embed", K1 + e.shape[1]))
+        X, _ = expand.forward_cached(e, step.cache.conv_history("embed", K1))
         step.cache.append_conv("embed", e, K1)  # all inputs: exact `crop`
         return X
 

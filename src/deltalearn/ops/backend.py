@@ -53,6 +53,19 @@ def backend() -> str:
 ENV_VARIABLE = "DELTALEARN_EPILOGUE"
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of CUDA `device` (how many programs a reducing kernel
+    launches), asked of the driver once a device: `torch.cuda.get_device_properties` costs a few
+    µs of host time, and the backward kernels ask at every call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def use_triton(tensors: list[torch.Tensor], choice: str | None = None) -> bool:
     """Whether an op on `tensors` runs its Triton kernel: forced, or CUDA tensors in a kernel dtype
     on one device, outside `torch.compile` (Inductor fuses the PyTorch composition itself).

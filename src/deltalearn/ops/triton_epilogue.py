@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops import no_graph, state_tape
+from deltalearn.ops import backend, no_graph, state_tape
 from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2
 from deltalearn.ops.projections import cast, kept_inputs
 
@@ -553,7 +553,7 @@ def _compress_programs(num_blocks: int, device: torch.device) -> int:
     if COMPRESS_PROGRAMS is not None:
         cap = COMPRESS_PROGRAMS
     elif device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = 4 * backend.multiprocessors(device)
     else:
         cap = 2
     return max(1, min(num_blocks, cap))

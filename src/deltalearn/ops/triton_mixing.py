@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops import no_graph
+from deltalearn.ops import backend, no_graph
 from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2, promote_float
 
 # Elements of the state one program holds (fp32 after the load).
@@ -167,7 +167,7 @@ def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -
     if WEIGHT_GRAD_PROGRAMS is not None:
         cap = WEIGHT_GRAD_PROGRAMS
     elif device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = backend.multiprocessors(device)
         cap = max(1, 4 * sms // n_dblocks)
     else:
         cap = 2
