@@ -1,5 +1,8 @@
 """Where a training step's time goes: `torch.profiler` over a few steps of each variant, as
-`deltalearn bench model` takes them (same model, optimizer, inputs and autocast).
+`deltalearn bench model` takes them (same model, optimizer, inputs and autocast; on a CPU, freed
+memory kept for reuse, `train.host_allocator`). Variants run one after the other: big memory-bound
+ops the variants share may run slower in whichever runs second (where its memory lands), so read
+each table's totals with that in mind.
 
     python benchmarks/profile_step.py --size small --dtype bfloat16 --batch 8 --seq 1024 \
         --variants baseline,ddl-cc --device cuda [--impl reference] [--out DIR]
@@ -19,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from deltalearn.bench.model import ModelBench, build_variant
 from deltalearn.bench.timing import sync
+from deltalearn.train.host_allocator import keep_freed_memory
 
 
 def profile_variant(bench: ModelBench, variant: str, steps: int) -> tuple[str, profile]:
@@ -65,6 +69,7 @@ def main() -> None:
         compile=args.compile,
     )
     bench.check()
+    keep_freed_memory(args.device)  # as `deltalearn train` and `bench model` run on a CPU
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     for variant in variants:
