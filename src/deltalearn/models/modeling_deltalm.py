@@ -497,10 +497,10 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         e = self.embed(input_ids)  # (B, T, d)
         if not self.config.expanded:
             return e
-        expand = (
-            self.expand
-        )  # once: nn.Module.__getattr__ finds a submodule after an AttributeError
-        if expand is None:  # Python formats (~1.5 µs; one decoded token at a time notices)
+        # Looked up once: nn.Module.__getattr__ finds a submodule only after an AttributeError
+        # Python formats (~1.5 µs a lookup, which one decoded token at a time notices).
+        expand = self.expand
+        if expand is None:
             return repeat_expansion(e, self.config.value_channels)
         e = _mask_padding(e, step.token_mask)
         if step.cache is None:

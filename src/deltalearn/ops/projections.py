@@ -81,10 +81,11 @@ def _column_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     """`t` in `dtype` (None: as it is). Checked here: a no-op `.to` still costs ~1 µs of host
-    time, ten a sublayer in training (and `dtype` goes by keyword: given by position, torch's parser
-    first tries it as a device and formats an error it drops, ~0.5 µs); and a custom Function whose forward returned `Y.to(X.dtype)`
+    time, ten a sublayer in training; and a custom Function whose forward returned `Y.to(X.dtype)`
     of Y's own dtype was traced by torch 2.11's dynamo with a zero gradient for all its inputs
-    (compiled ddl training; torch 2.13 traces it right), so the rewrite Functions end with this."""
+    (compiled ddl training; torch 2.13 traces it right), so the rewrite Functions end with this.
+    The dtype goes by keyword: given by position, torch's parser first tries it as a device and
+    formats an error it drops (~0.5 µs)."""
     return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
