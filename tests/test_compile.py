@@ -1,6 +1,6 @@
 """`torch.compile` on every preset: the training forward is one graph (no graph breaks), the
 compiled forward gives the eager logits and loss, and the compiled backward the eager gradients.
-One layer, vocab 256, 2 x 16 tokens."""
+One layer (two where a read is carried from block to block), vocab 256, 2 x 16 tokens."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _model_and_ids(variant: str) -> tuple[DeltaLM, torch.Tensor]:
+def _model_and_ids(variant: str, layers: int = 1) -> tuple[DeltaLM, torch.Tensor]:
     torch.manual_seed(0)
-    model = DeltaLM(DeltaLMConfig.preset(variant, "tiny", num_layers=1, vocab_size=256)).train()
-    return model, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    config = DeltaLMConfig.preset(variant, "tiny", num_layers=layers, vocab_size=256)
+    return DeltaLM(config).train(), torch.randint(
+        0, 256, (2, 16), generator=torch.Generator().manual_seed(1)
+    )
 
 
 def test_all_nine_presets_are_covered():  # the paper's eight and the expanded additive control
@@ -72,7 +74,20 @@ def test_compiled_training_step_gives_the_eager_gradients(variant):
     """`deltalearn train --compile` trains on the gradients of Inductor's backward graph, which
     runs the rewrite's hand-written backward as traced code (the C and Triton kernels step aside
     under compile): they must be the eager path's, for every parameter."""
-    model, ids = _model_and_ids(variant)
+    _assert_compiled_gradients_are_eager(*_model_and_ids(variant))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["ddl-cc", "write-only-cc"])
+def test_compiled_gradients_through_a_read_carried_to_the_next_block(variant):
+    """Two blocks: the first block's MLP rewrite makes the second block's channel read (one pass
+    over the state, `ops.traced_epilogue`), which one block never does. Inductor's CPU code on
+    torch 2.11 compiled an earlier form of that read into wrong gradients for every parameter
+    below it while one-block models trained right."""
+    _assert_compiled_gradients_are_eager(*_model_and_ids(variant, layers=2))
+
+
+def _assert_compiled_gradients_are_eager(model: DeltaLM, ids: torch.Tensor) -> None:
     model(ids, labels=ids).loss.backward()
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)

@@ -16,12 +16,15 @@ Column by column, every step of a rewrite iterates over `(rows, d)`:
 and Inductor makes them one kernel — with the next sublayer's RMSNorm of x_next — that reads X once
 and writes Y once. x_next is formed from X and e rather than from the columns of Y so that each
 column has a single user, the stack, which Inductor then writes in place (a column with a second
-user became a buffer of its own, copied into Y). Its first term is a product and a sum over the
-value axis, not `contract_values(X, C)`, the ops of `ChannelCompressor`'s read: with those, in a
-block's attention sublayer (C the block's own matrix, X the state that read was of) the graph's
-common-subexpression pass made the two one and saved a read of X a block (a one-layer `small`
-ddl-cc step 4 kernels and 24 MB fewer), but Inductor's CPU code on torch 2.11 then corrupted the
-heap (glibc's "malloc assertion failure" in the compiled-gradient test; torch 2.13 ran clean).
+user became a buffer of its own, copied into Y). Its first term is summed from the same columns
+of X, not read from X again as a whole: with `(X * C).sum(-1)` (a second reader of X, the value
+axis innermost) Inductor's CPU code on torch 2.11 compiled a ddl-cc training step into wrong
+gradients for every layer below the first carried read (`benchmarks/compiled_gradients.py`: 74 of
+89 parameters off by 1.3–7.8× their norm at `tiny`; AOT autograd's graph run eagerly was right,
+and so was torch 2.13), and with `contract_values(X, C)`, the ops of `ChannelCompressor`'s read,
+the graph's common-subexpression pass merged it with a block's own read of X, after which
+Inductor's CPU code on torch 2.11 corrupted the heap (glibc's "malloc assertion failure"; torch
+2.13 ran clean).
 In exact arithmetic x_next equals the read of Y; for an fp32 state they differ by roundings; a
 half-precision state (a model cast to bf16) is read before Y is rounded to it, where the eager
 paths read the rounded Y.
@@ -59,9 +62,10 @@ def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None):
         if compress is None:
             return Y
         C = compress.to(acc)
-        read = (X.to(acc) * C).sum(-1)  # not contract_values: the module docstring
-        written = C[:, 0] * errors[0]
+        # Column by column, from the columns above (the module docstring says why).
+        read, written = C[:, 0] * columns[0], C[:, 0] * errors[0]
         for j in range(1, dv):
+            read = read + C[:, j] * columns[j]
             written = written + C[:, j] * errors[j]
         x_next = read + beta_k * written
         return Y, x_next.to(promote_float(X.dtype, compress.dtype))
