@@ -85,8 +85,16 @@ def causal_conv_window(xs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if B * T * w.shape[0] <= _shapes.SMALL_STATE:
             # E.g. one decoded token: oneDNN's grouped conv costs ~170 µs on a (1, 512, 4) input
             # here; the same sums as a product over the K-token window cost a few µs.
+            taps = w.view(C, -1, K)  # (C, m, K)
+            if torch.compiler.is_compiling():
+                # Traced: one shifted slice a tap. The unfold below, compiled with its backward by
+                # Inductor's CPU code on torch 2.11.0, corrupted the heap (an additive-cc step).
+                y = xs[:, :T, :, None] * taps[..., 0]
+                for k in range(1, K):
+                    y = y + xs[:, k : k + T, :, None] * taps[..., k]
+                return y.flatten(-2)
             windows = xs.unfold(1, K, 1)  # (B, T, C, K)
-            return (windows.unsqueeze(-2) * w.view(C, -1, K)).sum(-1).flatten(-2)  # (B, T, C*m)
+            return (windows.unsqueeze(-2) * taps).sum(-1).flatten(-2)  # (B, T, C*m)
         y = F.conv1d(xs.transpose(1, 2), w, groups=C)  # (B, C*m, T)
     # A token-minor view: callers that keep y as state must make it token-major (EC does).
     return y.transpose(1, 2)
