@@ -14,6 +14,7 @@ from torch import nn
 from transformers import Cache
 
 from deltalearn.models.configuration_deltalm import DeltaLMConfig
+from deltalearn.ops.projections import cast
 
 
 class RMSNorm(nn.Module):
@@ -26,7 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return y if y.dtype == x.dtype else y.to(dtype=x.dtype)  # `.to` by keyword: ~0.5 µs less
+        return cast(y, x.dtype)  # no `.to` call where y is in x's dtype already
 
     def rms_norm_parameters(self) -> tuple[torch.Tensor, float]:
         """`(weight, eps)` of `rms_norm` as `forward` applies it (`nn.residual.rms_norm_parameters`:
@@ -57,8 +58,7 @@ def rope_angles(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `(B, T, H, D)` by the angles: the pair is (x[..., i], x[..., i + D/2])."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
-    y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return y if y.dtype == x.dtype else y.to(dtype=x.dtype)
+    return cast(torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1), x.dtype)
 
 
 class Attention(nn.Module):
