@@ -211,6 +211,29 @@ def test_decoding_takes_it_and_gives_the_pytorch_paths_numbers(taken, monkeypatc
     torch.testing.assert_close(scores, scores_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["ddl-tc", "ddl-cc"])
+def test_decoding_under_inference_mode_gives_the_no_grad_numbers(taken, variant):
+    """Inference tensors carry no version counter: the buffers' fronts the appending reads hand
+    back are made without one there."""
+    model, ids = tiny_model(variant), random_ids(2, 6)
+
+    def generate():
+        out = model.generate(
+            ids, max_new_tokens=4, do_sample=False, output_scores=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    with torch.no_grad():
+        expected = generate()
+    calls = dict(taken)
+    with torch.inference_mode():
+        tokens, scores = generate()
+    assert taken == {name: 2 * n for name, n in calls.items()} and calls["expand"] > 0
+    assert torch.equal(tokens, expected[0])
+    torch.testing.assert_close(scores, expected[1], rtol=0, atol=0)
+
+
 def test_a_model_calls_the_extension_directly_unless_a_module_call_does_more(taken, monkeypatch):
     """Without autograd DeltaLM checks once a forward that the extension may run and then calls it
     for each rewrite and the final read itself, skipping their module calls — except where such a
@@ -309,7 +332,19 @@ def test_token_read_appends_then_reads_as_the_compressor_does(B, n, T, K, dv, dt
     assert buffer._version == version + 1  # the write is recorded as copy_ records it
     assert torch.equal(buffer[:, :n], seen) and torch.equal(buffer[:, n : n + T], X)
     assert buffer[:, n + T :].isnan().all()
-    assert front.data_ptr() == buffer.data_ptr() and front.shape == (B, n + T, 12, dv)
+    _assert_front_of(front, buffer, n + T)
+
+
+def _assert_front_of(front, buffer, length):
+    """`front` is `buffer.narrow(1, 0, length)`: its storage, strides and values, and a write
+    into the buffer counts as a write to it, as for a view (made without the dispatcher)."""
+    assert front.data_ptr() == buffer.data_ptr() and front.stride() == buffer.stride()
+    assert front.shape == (buffer.shape[0], length, *buffer.shape[2:])
+    assert torch.equal(front, buffer.narrow(1, 0, length))
+    if not buffer.is_inference():
+        version = front._version
+        buffer.narrow(1, 0, 1).mul_(1)
+        assert front._version == version + 1
 
 
 def _history(seen, length):
@@ -336,7 +371,8 @@ def test_expand_appends_then_expands_as_the_embedding_conv_does(B, n, T, dv, dty
         X, front = extension.loaded().expand(buffer, buffer[:, :n], e, expand.weight)
         expected = expand.forward_cached(e, _history(seen, 3))[0]
     assert_outputs_close(X, expected)
-    assert torch.equal(front, torch.cat([seen, e], 1)) and front.data_ptr() == buffer.data_ptr()
+    assert torch.equal(front, torch.cat([seen, e], 1))
+    _assert_front_of(front, buffer, n + T)
 
 
 def test_the_appending_reads_decline_before_writing_anything():
