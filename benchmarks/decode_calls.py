@@ -86,7 +86,9 @@ def main() -> None:
     real = extension.loaded()
     if real is None:
         raise SystemExit("the inference extension is not built here (see the warning)")
-    print(f"calls inside a decode loop: {' '.join([args.size, *args.set])}, {args.threads} threads,")
+    print(
+        f"calls inside a decode loop: {' '.join([args.size, *args.set])}, {args.threads} threads,"
+    )
     print(f"{args.repeats} decodes of {args.tokens} tokens after a 64-token prompt, per variant")
     print(
         "| variant | function | calls a token | median µs a call | µs a token |\n|---|---|---|---|---|"
