@@ -402,6 +402,28 @@ def test_update_share_script_times_ddl_with_and_without_its_updates():
         assert all(float(c) > 0 for c in cells.split("|"))
 
 
+def test_decode_calls_script_times_each_extension_call_a_decoded_token_makes():
+    """`benchmarks/decode_calls.py` times the inference extension's calls inside decoding, the
+    prefill left out: a `tiny` ddl-cc token makes one update a sublayer, one channel read a block
+    plus the final one, one expansion; ddl-tc a token read a sublayer plus the final one."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/decode_calls.py", "--variants", "ddl-cc,ddl-tc"]
+    proc = subprocess.run(
+        [*cmd, "--tokens", "3", "--repeats", "1", "--set", "num_layers=2"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(
+        r"^\| (ddl-\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M
+    )
+    calls = {(variant, name): float(n) for variant, name, n, _, _ in rows}
+    assert calls == {
+        ("ddl-cc", "update"): 4.0, ("ddl-cc", "channel_read"): 3.0, ("ddl-cc", "expand"): 1.0,
+        ("ddl-tc", "update"): 4.0, ("ddl-tc", "token_read"): 5.0, ("ddl-tc", "expand"): 1.0,
+    }  # fmt: skip
+    assert all(float(us) > 0 for *_, us, _ in rows)
+
+
 def test_triton_launch_host_script_times_each_kernel_a_step_launches():
     """`benchmarks/triton_launch_host.py` replays a ddl-cc step's launches through Triton's launch
     path without a GPU: a row a distinct launch (the rewrite's forward and backward, the reads'),
