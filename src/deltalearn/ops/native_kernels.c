@@ -146,13 +146,7 @@ int FN(state_rebuild)(int64_t N, int64_t d, int64_t dv, const REAL *Y, const REA
     return 0;
 }
 
-/* A whole DDL update from the sublayer's inputs: the linear gate's logit z = w_g . c + b_g and
- * the value head's pre-activation p = W_v x (+ b_v), x = c ("paper") or u ("official"), then the
- * epilogue row above, which also writes the row scalars backward needs (rho, beta, e, and v for
- * the official head) where those pointers are not NULL. One call per sublayer instead of a dozen
- * dispatched ops (what decoding one token at a time is bound by), and in training no pass of its
- * own over c for the projections. W_v is (dv, d) row-major. */
-/* One row of the update above (inlined with dv a constant where the caller's is). */
+/* One row of `update_forward_saved` below (inlined with dv a constant where the caller's is). */
 INLINE void FN(update_forward_row)(int64_t n, int64_t d, const int64_t dv, const REAL *X,
                                    const REAL *h, const REAL *c, const REAL *u,
                                    const REAL *w_gate, const REAL *b_gate, const REAL *W_value,
@@ -173,6 +167,12 @@ INLINE void FN(update_forward_row)(int64_t n, int64_t d, const int64_t dv, const
                              e_out ? e_out + n * dv : NULL, v_out ? v_out + n * dv : NULL);
 }
 
+/* A whole DDL update from the sublayer's inputs: the linear gate's logit z = w_g . c + b_g and
+ * the value head's pre-activation p = W_v x (+ b_v), x = c ("paper") or u ("official"), then the
+ * epilogue row above, which also writes the row scalars backward needs (rho, beta, e, and v for
+ * the official head) where those pointers are not NULL. One call per sublayer instead of a dozen
+ * dispatched ops (what decoding one token at a time is bound by), and in training no pass of its
+ * own over c for the projections. W_v is (dv, d) row-major. */
 int FN(update_forward_saved)(int64_t N, int64_t d, int64_t dv, const REAL *X, const REAL *h,
                              const REAL *c, const REAL *u, const REAL *w_gate, const REAL *b_gate,
                              const REAL *W_value, const REAL *b_value, const REAL *C, int delta,
@@ -184,9 +184,9 @@ int FN(update_forward_saved)(int64_t N, int64_t d, int64_t dv, const REAL *X, co
 #define UPDATE_FORWARD_ROW(DV)                                                                 \
     FN(update_forward_row)(n, d, DV, X, h, c, u, w_gate, b_gate, W_value, b_value, C, delta,   \
                            official, scale, eps, Y, x_next, rho_out, beta_out, e_out, v_out)
-    /* One thread (a decoded token's one row): a plain loop, outside any OpenMP region. Entering
-     * libgomp's team set-up costs such a call about as much as the row, and its code is cold by
-     * the next token (~2 µs of a ~4.5 µs call, timed inside a decode loop). */
+    /* One thread (a decoded token's one row): a plain loop, outside any OpenMP region. libgomp's
+     * team set-up is code a decoded token does not keep warm: a call timed inside a decode loop
+     * took 4.4 µs with it, 2.6–3.2 µs without (benchmarks/decode_calls.py). */
 #define UPDATE_FORWARD_LOOP(DV)                                                                \
     if (nt > 1) {                                                                              \
         _Pragma("omp parallel for schedule(static) num_threads(nt)") for (int64_t n = 0; n < N; \
