@@ -29,6 +29,15 @@ VARIANTS = ["baseline", "ddl", "ddl-tc"]
 RATIOS = ["train_ratio", "infer_ratio", "generate_ratio", "memory_ratio"]
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/<script> <args>` from the repository root; asserts it succeeded."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, f"benchmarks/{script}", *args]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def run_bench(argv: list[str]) -> tuple[int, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -356,13 +365,9 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     nodes and ATen ops a training step than the baseline's, and more ATen ops a full-sequence
     forward and a decoded token (none of them autograd nodes)."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "benchmarks/host_overhead.py", "--variants", "baseline,ddl-cc"]
-    proc = subprocess.run(
-        [*cmd, "--layers", "1", "--repeats", "1", "--phase", "train,infer,decode"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = ["--variants", "baseline,ddl-cc"]
+    phases = ["--layers", "1", "--repeats", "1", "--phase", "train,infer,decode"]
+    proc = run_script("host_overhead.py", *variants, *phases)
     rows = re.findall(r"^\| (baseline|ddl-cc) \| (\d+) \| (\d+) \|", proc.stdout, re.M)
     assert [variant for variant, _, _ in rows] == ["baseline", "ddl-cc"] * 3
     (_, base_nodes, base_ops), (_, ddl_nodes, ddl_ops) = rows[:2]
@@ -370,7 +375,9 @@ def test_host_overhead_script_counts_the_gpu_paths_work():
     for (_, base_nodes, base_ops), (_, ddl_nodes, ddl_ops) in (rows[2:4], rows[4:6]):
         assert base_nodes == ddl_nodes == "0" and int(ddl_ops) > int(base_ops)
     assert "host ms a forward" in proc.stdout and "host ms a token" in proc.stdout
-    proc = subprocess.run([*cmd, "--phase", "backward"], cwd=root, capture_output=True, text=True)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/host_overhead.py", *variants, "--phase", "backward"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     assert proc.returncode != 0 and "backward" in proc.stderr
 
 
@@ -390,12 +397,7 @@ def test_update_share_script_times_ddl_with_and_without_its_updates():
     update = next(m for m in model.modules() if isinstance(m, DeltaUpdate))
     X, h = torch.randn(2, 3, 128), torch.randn(2, 3, 128)
     assert torch.equal(update(X, h, h, X), X + h)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/update_share.py", "--rounds", "1"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("update_share.py", "--rounds", "1")
     rows = re.findall(r"^\| (baseline|ddl|ddl, updates as X \+ h) \|(.*)\|$", proc.stdout, re.M)
     assert [name for name, _ in rows] == ["baseline", "ddl", "ddl, updates as X + h"]
     for _, cells in rows:
@@ -406,13 +408,8 @@ def test_decode_calls_script_times_each_extension_call_a_decoded_token_makes():
     """`benchmarks/decode_calls.py` times the inference extension's calls inside decoding, the
     prefill left out: a `tiny` ddl-cc token makes one update a sublayer, one channel read a block
     plus the final one, one expansion; ddl-tc a token read a sublayer plus the final one."""
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "benchmarks/decode_calls.py", "--variants", "ddl-cc,ddl-tc"]
-    proc = subprocess.run(
-        [*cmd, "--tokens", "3", "--repeats", "1", "--set", "num_layers=2"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--variants", "ddl-cc,ddl-tc", "--tokens", "3", "--repeats", "1"]
+    proc = run_script("decode_calls.py", *args, "--set", "num_layers=2")
     rows = re.findall(
         r"^\| (ddl-\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M
     )
@@ -429,10 +426,7 @@ def test_triton_launch_host_script_times_each_kernel_a_step_launches():
     path without a GPU: a row a distinct launch (the rewrite's forward and backward, the reads'),
     each with a positive time, the backward taking more arguments than the forward."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "benchmarks/triton_launch_host.py", "--calls", "5"]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("triton_launch_host.py", "--calls", "5")
     rows = re.findall(r"^\| (_\w+) \| (\d+) \| \d+ \| ([\d.]+) \|$", proc.stdout, re.M)
     names = {name for name, _, _ in rows}
     assert {"_fwd_kernel", "_bwd_kernel", "_read_fwd_kernel", "_read_bwd_kernel"} <= names
