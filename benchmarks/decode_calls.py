@@ -51,16 +51,16 @@ class _TimedCalls:
 
 @torch.no_grad()
 def _decode(model, prompt: torch.Tensor, tokens: int, timed: _TimedCalls) -> None:
-    """Greedy decoding as `bench model` times it: the prompt's prefill not timed, then one call
-    per token with the cache and the last token, timed."""
+    """Greedy decoding as `bench model` times it (its loop): the prompt's prefill not timed, then
+    one call per token with the cache and the last token, timed."""
+    from deltalearn.bench.model import _decode_loop
     from deltalearn.models.outputs import CACHE_FIELD
 
     out = model(prompt, use_cache=True, logits_to_keep=1)
     timed.on = True
     try:
-        for _ in range(tokens):
-            last = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(last, past_key_values=out[CACHE_FIELD], use_cache=True, logits_to_keep=1)
+        last = out.logits[:, -1].argmax(-1, keepdim=True)
+        _decode_loop(model, [prompt, last], out[CACHE_FIELD], tokens)
     finally:
         timed.on = False
 

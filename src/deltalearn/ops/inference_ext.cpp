@@ -355,7 +355,7 @@ at::ScalarType appending_window(PyObject *const *args, int64_t feature_dims, Has
 // The dispatched narrow (slice, then as_strided) took ~2.5 µs a call inside a decode loop, where
 // its code is cold at every token — about what the read itself takes.
 at::Tensor front_of(const at::Tensor &buffer, int64_t n) {
-    std::vector<int64_t> sizes(buffer.sizes().begin(), buffer.sizes().end());
+    at::DimVector sizes(buffer.sizes());  // on the stack: no allocation a call
     sizes[1] = n;
     auto view = at::detail::make_tensor<c10::TensorImpl>(
         c10::TensorImpl::VIEW, c10::Storage(buffer.storage()), buffer.key_set(), buffer.dtype());
