@@ -3,14 +3,16 @@ compiled with Inductor's defaults (`torch.compile` of the model) and as `DeltaLM
 it (Inductor's mix-order reduction off, `deltalearn/models/compiling.py`).
 
     python benchmarks/compiled_gradients.py --device cuda [--variants ddl-cc,ddl-tc] \
-        [--size small --set num_layers=2 --batch 8 --seq 1024] [--dtype bfloat16|float32]
+        [--size small --set num_layers=2 --batch 8 --seq 1024] [--dtype bfloat16|float32] \
+        [--ways inductor-defaults,deltalm-compile]
 
 Why: on an H200 (torch 2.11.0) compiled ddl-cc training at `small`, 8 × 1024, failed in its first
 backward with Inductor's defaults ("invalid gradient ... got [768] but expected ... [1, 768]"),
 a failure Inductor's CPU code does not have. This prints, for each variant and way of compiling,
 the step's loss and the worst relative gradient difference (‖g − g_eager‖ / ‖g_eager‖ over the
 parameters), or the error; under bf16 autocast a few 1e-2 is the rounding of the two paths.
-`gpu_check.sh` stage `compilegrads` runs it at two layers of `small`.
+`gpu_check.sh` stage `compilegrads` runs it at two layers of `small`, and stage `compiledkernels`
+with the Triton kernels in the compiled graph (`DELTALEARN_COMPILED_KERNELS=on`).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ def step_gradients(bench: ModelBench, variant: str, way: str) -> tuple[float, di
     return loss.item(), grads
 
 
-def compare(bench: ModelBench, variant: str) -> list[dict]:
+def compare(bench: ModelBench, variant: str, ways: tuple[str, ...] = WAYS) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
     eager_loss, eager = step_gradients(bench, variant, "eager")
     rows.append({"variant": variant, "way": "eager", "loss": eager_loss,
                  "seconds": time.perf_counter() - t0})  # fmt: skip
-    for way in WAYS:
+    for way in ways:
         t0 = time.perf_counter()
         row: dict = {"variant": variant, "way": way}
         try:
@@ -75,10 +77,14 @@ def main() -> None:
     parser.set_defaults(variants="ddl-cc,ddl-tc", batch=8)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    ways = tuple(args.ways.split(","))
+    if not set(ways) <= set(WAYS):
+        parser.error(f"--ways: expected some of {', '.join(WAYS)}, got {args.ways!r}")
     bench = step_bench(args, args.dtype, device=args.device)
-    rows = [row for variant in bench.variants for row in compare(bench, variant)]
+    rows = [row for variant in bench.variants for row in compare(bench, variant, ways)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "torch": torch.__version__, "rows": rows}, f,

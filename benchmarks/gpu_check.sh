@@ -17,6 +17,10 @@
 #            `small`, 8 x 1024, bf16 (benchmarks/compiled_gradients.py): with Inductor's defaults and
 #            as DeltaLM.compile compiles (mix-order reduction off; with it on, torch 2.11 failed
 #            compiled ddl-cc training on an H200, 2026-11-30)
+#   compiledkernels  compiled training with the Triton rewrite kernels as custom ops in the graph
+#            (DELTALEARN_COMPILED_KERNELS=on, ops/compiled_kernels.py; off by default): two layers'
+#            gradients against eager, then `bench model --compile` train/memory, to set against
+#            the traced rewrite's (the `compile` stage; on 2026-11-30 0.80 / 0.55 / 0.43x)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -54,7 +58,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -147,6 +151,17 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --measure train --repeats 5 --json "$out/h200_model_compiled.json" 2>&1 | tail -10
         ;;
+    compiledkernels)
+        stage "compiled training, the Triton kernels as custom ops: gradients against eager"
+        DELTALEARN_COMPILED_KERNELS=on timeout 200 python benchmarks/compiled_gradients.py \
+            --device cuda --set num_layers=2 --variants ddl,ddl-cc,ddl-tc --batch 8 --seq 1024 \
+            --ways deltalm-compile --json "$out/h200_compiled_kernels_gradients.json" 2>&1 \
+            | grep -v "^W1" | tail -4
+        stage "bench model --compile, the Triton kernels as custom ops"
+        DELTALEARN_COMPILED_KERNELS=on timeout 360 deltalearn bench model "${small[@]}" --compile \
+            --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" --measure train,memory \
+            --repeats 3 --json "$out/h200_model_compiled_kernels.json" 2>&1 | tail -10
+        ;;
     compilegrads)
         stage "compiled training gradients against eager: Inductor's defaults and DeltaLM.compile"
         timeout 240 python benchmarks/compiled_gradients.py --device cuda --set num_layers=2 \
@@ -159,7 +174,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, graphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, graphs)" >&2 ;;
     esac
 done
 stage "done"

@@ -104,6 +104,26 @@ def test_table_has_machine_line_and_a_row_per_variant(model_run):
         assert line.startswith(f"| {variant} |")
 
 
+def test_report_names_the_fast_path_switches_it_ran_with(tmp_path, monkeypatch):
+    """Two runs that differ in one switch (the device check's A/B stages) say which is which."""
+    for unset in ("DELTALEARN_EPILOGUE", "DELTALEARN_UPDATE_KERNEL", "DELTALEARN_REBUILD_STATES"):
+        monkeypatch.delenv(unset, raising=False)
+    monkeypatch.setenv("DELTALEARN_COMPILED_KERNELS", "on")
+    monkeypatch.setenv("DELTALEARN_FUSED_READ", "off")
+    path = tmp_path / "m.json"
+    argv = ["model", *MINUTE, "--variants", "baseline", "--measure", "infer", "--json", str(path)]
+    code, out = run_bench(argv)
+    assert code == 0
+    assert json.loads(path.read_text())["fast_paths"] == {
+        "backend": "auto",
+        "update_kernel": "on",
+        "fused_read": "off",
+        "rebuild_states": "on",
+        "compiled_kernels": "on",
+    }
+    assert "fast paths: backend auto, update_kernel on, fused_read off," in out
+
+
 def test_measure_selects_columns(tmp_path):
     path = tmp_path / "m.json"
     argv = ["model", *MINUTE, "--variants", "baseline,ddl", "--measure", "infer", "--json"]
@@ -558,3 +578,21 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_measured(tmp_path
         rows["ddl-tc"]["train_tokens_per_s"] / rows["baseline"]["train_tokens_per_s"]
     )
     assert "invalid gradient at index 24" in out.splitlines()[-2]  # ddl's row, "failed" column
+
+
+def test_compiled_gradients_script_compares_the_compiled_step_with_the_eager_one(tmp_path):
+    """`benchmarks/compiled_gradients.py` (the device check's `compilegrads` and
+    `compiledkernels` stages): an eager row, then a row a way asked for, whose gradients match the
+    eager ones in fp32; a way it does not know is named."""
+    out = tmp_path / "grads.json"
+    args = ["--size", "tiny", "--set", "num_layers=1", "--variants", "ddl", "--batch", "1"]
+    args += ["--seq", "16", "--dtype", "float32", "--ways", "deltalm-compile"]
+    run_script("compiled_gradients.py", *args, "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["way"] for row in rows] == ["eager", "deltalm-compile"]
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    assert rows[1]["worst_relative_gradient_difference"] < 1e-4
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/compiled_gradients.py", "--ways", "traced"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--ways" in proc.stderr and "'traced'" in proc.stderr

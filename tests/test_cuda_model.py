@@ -12,6 +12,8 @@ import pytest
 import torch
 from model_helpers import ALL_VARIANTS, VOCAB, random_ids, tiny_model
 
+from deltalearn.ops import compiled_kernels
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # fp32 on two devices: different kernels sum in different orders. Logits are ~0.4 in size, so this
@@ -212,8 +214,9 @@ def test_rebuilt_states_on_cuda_same_gradients_less_memory(variant, monkeypatch)
     assert peaks["on"] < peaks["off"], peaks
 
 
+@pytest.mark.parametrize("kernels", ["off", "on"], ids=["traced", "compiled-kernels"])
 @pytest.mark.parametrize("variant", ["ddl", "ddl-cc", "ddl-tc"])
-def test_compiled_training_on_cuda_gives_the_triton_gradients(variant):
+def test_compiled_training_on_cuda_gives_the_triton_gradients(variant, kernels, monkeypatch):
     """`deltalearn train --compile` on a GPU: Inductor's Triton code for the traced rewrite (a
     matrix state one value channel at a time, `ops/traced_epilogue.py`, its backward derived by
     AOT autograd) against the eager step on the hand-written Triton kernels — the loss and every
@@ -221,7 +224,9 @@ def test_compiled_training_on_cuda_gives_the_triton_gradients(variant):
     mix-order reduction off), on 8192 rows (32 × 256): at `small` with it on, torch 2.11's backward
     returned a gate-weight gradient of the wrong shape (`models/compiling.py`). ddl: its vector
     state takes the rewrite's Function under compile, which torch 2.11's dynamo once traced with
-    zero gradients (`ops/projections.cast`)."""
+    zero gradients (`ops/projections.cast`). "compiled-kernels": the Triton kernels themselves
+    as custom ops in the compiled graph (`ops/compiled_kernels.py`)."""
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", kernels)
     torch.manual_seed(0)
     model = tiny_model(variant, num_layers=2).cuda().train()
     ids = random_ids(32, 256).cuda()

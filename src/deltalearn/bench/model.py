@@ -46,6 +46,7 @@ from deltalearn.bench.timing import (
     timed,
 )
 from deltalearn.errors import ConfigError
+from deltalearn.ops import backend, compiled_kernels, epilogue, state_tape
 from deltalearn.train import host_allocator
 
 MEASURES = ("train", "infer", "generate", "memory")
@@ -455,6 +456,18 @@ def _add_ratios(rows: dict[str, dict[str, object]], key: str, ratio: str) -> Non
             row[ratio] = row[key] / reference
 
 
+def fast_path_switches() -> dict[str, str]:
+    """The fast-path switches a run went by (`DELTALEARN_EPILOGUE` and the on/off ones): runs that
+    differ only in one of them, an A/B of it, say so in their reports."""
+    flags = {
+        "update_kernel": epilogue.update_kernel_enabled(),
+        "fused_read": epilogue.fused_read_enabled(),
+        "rebuild_states": state_tape.rebuild_enabled(),
+        "compiled_kernels": compiled_kernels.enabled(),
+    }
+    return {"backend": backend.backend(), **{k: "on" if v else "off" for k, v in flags.items()}}
+
+
 def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, object]:
     """The JSON report: machine, torch, date, settings, definitions and rows."""
     notes = {m: NOTES[m] for m in MEASURES if m in bench.measures}
@@ -472,6 +485,7 @@ def model_report(bench: ModelBench, rows: list[dict[str, object]]) -> dict[str, 
         "cpu_allocator": "keep" if host_allocator.applied() else "default",
         "reference": bench.variants[0],
         "settings": dataclasses.asdict(bench),
+        "fast_paths": fast_path_switches(),
         "notes": notes,
         "rows": rows,
     }
@@ -492,6 +506,9 @@ def format_model_report(report: dict[str, Any]) -> str:
         "rounds, each round running every variant back to back)",
         *(f"  {m}: {note}" for m, note in report["notes"].items()),
     ]
+    switches = report.get("fast_paths")
+    if switches:
+        lines.append("  fast paths: " + ", ".join(f"{k} {v}" for k, v in switches.items()))
     if report.get("cpu_allocator") == "keep":
         lines.append(
             "  cpu allocator: freed memory kept for reuse (deltalearn.train.host_allocator)"

@@ -23,14 +23,15 @@ plain ops written one value channel at a time, which Inductor fuses into one pas
 (`ops/traced_epilogue.py`). `rewrite_epilogue_reference` is the
 plain composition every path is tested against. Which path runs: `ops/backend.py` (the
 `DELTALEARN_EPILOGUE` environment variable: "auto", "triton", "native", "torch" or "reference",
-the last switching every fast path off).
+the last switching every fast path off). With `DELTALEARN_COMPILED_KERNELS=on` a compiled graph
+calls the Triton kernels as custom ops instead of tracing the rewrite (`ops/compiled_kernels.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from deltalearn.ops import backend, native
+from deltalearn.ops import backend, compiled_kernels, native
 from deltalearn.ops._shapes import _fmt, accumulation_dtype
 from deltalearn.ops.fused_epilogue import rewrite_epilogue_torch
 from deltalearn.ops.mixing import channel_mix
@@ -281,6 +282,13 @@ def rewrite_epilogue(
     """
     tensors = [X, h, z, p] + ([compress] if compress is not None else [])
     choice = backend.backend()
+    if compiled_kernels.applies(tensors, choice):  # compiled, switched on: the Triton kernels
+        _check_options(rule, value_head, k_eps)
+        check_epilogue_inputs(X, h, z, p, compress)
+        return compiled_kernels.rewrite(
+            X, h, z, p, compress, rule=rule, value_head=value_head, value_scale=value_scale,
+            k_eps=k_eps,
+        )  # fmt: skip
     if not backend.use_triton(tensors, choice):
         return _compose(  # reference=True: the fast paths switched off by the backend choice
             X,

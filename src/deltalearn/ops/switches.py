@@ -30,10 +30,12 @@ def environment_value(variable: str, default: str) -> str:
     return default if raw is None else os.fsdecode(raw)
 
 
-def switched_on(override: str | None, variable: str, setting: str, what: str) -> bool:
-    """`override` if set, else the environment variable `variable` ("on" by default); a value other
-    than "on"/"off" is a ValueError naming `what`, the module `setting` and the variable."""
-    choice = override if override is not None else environment_value(variable, "on")
+def switched_on(
+    override: str | None, variable: str, setting: str, what: str, default: str = "on"
+) -> bool:
+    """`override` if set, else the environment variable `variable` (`default` where unset); a value
+    other than "on"/"off" is a ValueError naming `what`, the module `setting` and the variable."""
+    choice = override if override is not None else environment_value(variable, default)
     if choice not in SWITCH_CHOICES:
         raise ValueError(
             f"{what} ({setting} or {variable}) must be one of {list(SWITCH_CHOICES)}, "

@@ -1,0 +1,149 @@
+"""The Triton rewrite kernels as custom ops inside a compiled graph (`ops/compiled_kernels.py`,
+`DELTALEARN_COMPILED_KERNELS=on`): the ops' registration (`torch.library.opcheck`: schema, fake
+tensors, autograd), their values and gradients against the reference, and compiled models that
+call them and train on the eager gradients. The kernels run under Triton's interpreter on CPU
+tensors, in a subprocess (`tests/triton_interpreter.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_interpreter import (  # noqa: E402
+    require_interpreter,
+    run_kernel_tests_in_child,
+    skip_in_child_unless_interpreted,
+)
+
+from deltalearn import DeltaLM, DeltaLMConfig  # noqa: E402
+from deltalearn.ops import compiled_kernels  # noqa: E402
+from deltalearn.ops import epilogue as ep  # noqa: E402
+
+OP = "deltalearn.rewrite_forward.default"
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The custom ops on: their kernels run by the interpreter on CPU tensors."""
+    require_interpreter()
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "on")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _child_runs_kernel_tests_only(request):
+    skip_in_child_unless_interpreted(request)
+
+
+def test_kernels_under_the_interpreter():
+    run_kernel_tests_in_child(__file__, min_passed=14)
+
+
+CASES = [  # (d, dv, compress, rule, value_head): odd widths, every state kind, both rules and heads
+    (24, 1, False, "delta", "paper"),
+    (24, 1, False, "write_only", "official"),
+    (96, 4, True, "delta", "official"),
+    (200, 4, False, "write_only", "paper"),
+    (40, 2, True, "write_only", "official"),
+    (40, 8, True, "delta", "paper"),
+]
+
+
+def _operands(d, dv, compress):
+    torch.manual_seed(d + dv)
+    lead = (2, 3)
+    X = torch.randn(*lead, d, dv) if dv > 1 else torch.randn(*lead, d)
+    p = torch.randn(*lead, dv) if dv > 1 else torch.randn(*lead)
+    C = torch.randn(d, dv) / dv if compress else None
+    return X, torch.randn(*lead, d) * 3, torch.randn(*lead) * 2, p, C
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_op_passes_torch_library_checks(interpreted, case):
+    d, dv, compress, rule, value_head = case
+    X, h, z, p, C = (t if t is None else t.requires_grad_() for t in _operands(d, dv, compress))
+    options = (rule == "delta", value_head == "official", 4.0, 1e-5)
+    torch.library.opcheck(compiled_kernels.rewrite_forward, (X, h, z, p, C, *options))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ops_give_the_reference_values_and_gradients(interpreted, case):
+    d, dv, compress, rule, value_head = case
+    operands = _operands(d, dv, compress)
+    leaves = [t.requires_grad_() for t in operands if t is not None]
+    X, h, z, p, C = operands
+    options = {"rule": rule, "value_head": value_head, "value_scale": 4.0, "k_eps": 1e-5}
+    out = compiled_kernels.rewrite(X, h, z, p, C, **options)
+    ref = ep.rewrite_epilogue_reference(X, h, z, p, compress=C, **options)
+    outs, refs = (out, ref) if compress else ((out,), (ref,))
+    ups = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, ups)
+    ref_grads = torch.autograd.grad(refs, leaves, ups)
+    for actual, expected in zip((*outs, *grads), (*refs, *ref_grads), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def _model_and_ids(variant: str, layers: int) -> tuple[DeltaLM, torch.Tensor]:
+    torch.manual_seed(0)
+    config = DeltaLMConfig.preset(variant, "tiny", num_layers=layers, vocab_size=256)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    return DeltaLM(config).train(), ids
+
+
+def _ops_in_graph(model: DeltaLM, ids: torch.Tensor) -> list[str]:
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend=capture)(ids, labels=ids)
+    return [str(n.target) for gm in graphs for n in gm.graph.nodes if "deltalearn" in str(n.target)]
+
+
+@pytest.mark.parametrize(
+    ("variant", "layers"), [("ddl", 1), ("ddl-cc", 2), ("ddl-tc", 1), ("write-only-cc", 1)]
+)
+def test_compiled_model_calls_the_ops_and_trains_on_the_eager_gradients(
+    interpreted, variant, layers
+):
+    """Every sublayer's rewrite is one op call (ddl-cc's two blocks: the carried read included),
+    and Inductor's graph around them gives the eager path's gradients."""
+    model, ids = _model_and_ids(variant, layers)
+    assert _ops_in_graph(model, ids) == [OP] * (2 * layers)
+    model(ids, labels=ids).loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_switched_off_the_compiled_graph_traces_the_rewrite(interpreted, monkeypatch):
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "off")
+    assert _ops_in_graph(*_model_and_ids("ddl-cc", 1)) == []
+
+
+def test_switch_is_off_by_default_and_names_a_bad_value(monkeypatch):
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", None)
+    monkeypatch.delenv("DELTALEARN_COMPILED_KERNELS", raising=False)
+    assert not compiled_kernels.enabled()
+    monkeypatch.setenv("DELTALEARN_COMPILED_KERNELS", "on")
+    assert compiled_kernels.enabled()
+    monkeypatch.setenv("DELTALEARN_COMPILED_KERNELS", "yes")
+    with pytest.raises(ValueError, match="DELTALEARN_COMPILED_KERNELS.*'yes'"):
+        compiled_kernels.enabled()
+
+
+def test_eager_calls_never_take_the_ops(monkeypatch):
+    """Outside torch.compile the eager paths run (Triton Functions with the state tape on CUDA,
+    the C kernels on a CPU), switch or not."""
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "on")
+    X, h, z, p, _ = _operands(24, 1, False)
+    assert not compiled_kernels.applies([X, h, z, p], "auto")
