@@ -1,5 +1,5 @@
-"""The Triton rewrite kernels as custom ops inside a compiled graph (`ops/compiled_kernels.py`,
-`DELTALEARN_COMPILED_KERNELS=on`): the ops' registration (`torch.library.opcheck`: schema, fake
+"""The Triton rewrite and read kernels as custom ops inside a compiled graph
+(`ops/compiled_kernels.py`, `DELTALEARN_COMPILED_KERNELS=on`): the ops' registration (`torch.library.opcheck`: schema, fake
 tensors, autograd), their values and gradients against the reference, and compiled models that
 call them and train on the eager gradients. The kernels run under Triton's interpreter on CPU
 tensors, in a subprocess (`tests/triton_interpreter.py`)."""
@@ -20,8 +20,10 @@ from triton_interpreter import (  # noqa: E402
 from deltalearn import DeltaLM, DeltaLMConfig  # noqa: E402
 from deltalearn.ops import compiled_kernels  # noqa: E402
 from deltalearn.ops import epilogue as ep  # noqa: E402
+from deltalearn.ops.mixing import channel_mix_reference  # noqa: E402
+from deltalearn.ops.token_mixing import token_mix_reference  # noqa: E402
 
-OP = "deltalearn.rewrite_forward.default"
+REWRITE, READ = "deltalearn.rewrite_forward.default", "deltalearn.read_forward.default"
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def _child_runs_kernel_tests_only(request):
 
 
 def test_kernels_under_the_interpreter():
-    run_kernel_tests_in_child(__file__, min_passed=14)
+    run_kernel_tests_in_child(__file__, min_passed=22)
 
 
 CASES = [  # (d, dv, compress, rule, value_head): odd widths, every state kind, both rules and heads
@@ -87,6 +89,43 @@ def test_ops_give_the_reference_values_and_gradients(interpreted, case):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
+READS = [  # (kind, d, dv, K, past): the TC token read with history, the CC channel read
+    ("token", 40, 4, 3, 2),
+    ("token", 24, 2, 4, 0),
+    ("channel", 40, 4, 1, 0),
+    ("channel", 96, 8, 1, 0),
+]
+
+
+def _read_operands(kind, d, dv, K, past):
+    torch.manual_seed(d + dv + K)
+    xs = torch.randn(2, past + 5, d, dv)
+    W = torch.randn(d, dv, K) if kind == "token" else torch.randn(d, dv)
+    return xs.requires_grad_(), W.requires_grad_()
+
+
+@pytest.mark.parametrize("case", READS, ids=lambda c: "-".join(map(str, c)))
+def test_read_op_passes_torch_library_checks(interpreted, case):
+    xs, W = _read_operands(*case)
+    torch.library.opcheck(compiled_kernels.read_forward, (xs, W, case[-1]))
+
+
+@pytest.mark.parametrize("case", READS, ids=lambda c: "-".join(map(str, c)))
+def test_read_op_gives_the_reference_values_and_gradients(interpreted, case):
+    kind, past = case[0], case[-1]
+    xs, W = _read_operands(*case)
+    out = compiled_kernels.value_read(xs, W, past)
+    if kind == "token":
+        ref = token_mix_reference(xs, W, past)
+    else:
+        ref = channel_mix_reference(xs, W)
+    G = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (xs, W), G)
+    ref_grads = torch.autograd.grad(ref, (xs, W), G)
+    for actual, expected in zip((out, *grads), (ref, *ref_grads), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
 def _model_and_ids(variant: str, layers: int) -> tuple[DeltaLM, torch.Tensor]:
     torch.manual_seed(0)
     config = DeltaLMConfig.preset(variant, "tiny", num_layers=layers, vocab_size=256)
@@ -107,15 +146,22 @@ def _ops_in_graph(model: DeltaLM, ids: torch.Tensor) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("variant", "layers"), [("ddl", 1), ("ddl-cc", 2), ("ddl-tc", 1), ("write-only-cc", 1)]
+    ("variant", "layers", "reads"),
+    [("ddl", 1, 0), ("ddl-cc", 2, 1), ("ddl-tc", 1, 3), ("write-only-cc", 1, 1)],
 )
 def test_compiled_model_calls_the_ops_and_trains_on_the_eager_gradients(
-    interpreted, variant, layers
+    interpreted, variant, layers, reads
 ):
-    """Every sublayer's rewrite is one op call (ddl-cc's two blocks: the carried read included),
-    and Inductor's graph around them gives the eager path's gradients."""
+    """Every sublayer's rewrite is one op call, every read not fused into a rewrite another (CC:
+    the first only, the rewrites make the others, across blocks too; TC: a read a sublayer and
+    the final one), and Inductor's graph around them gives the eager path's gradients."""
     model, ids = _model_and_ids(variant, layers)
-    assert _ops_in_graph(model, ids) == [OP] * (2 * layers)
+    ops = _ops_in_graph(model, ids)
+    assert (ops.count(REWRITE), ops.count(READ), len(ops)) == (
+        2 * layers,
+        reads,
+        2 * layers + reads,
+    )
     model(ids, labels=ids).loss.backward()
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -127,7 +173,7 @@ def test_compiled_model_calls_the_ops_and_trains_on_the_eager_gradients(
 
 def test_switched_off_the_compiled_graph_traces_the_rewrite(interpreted, monkeypatch):
     monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "off")
-    assert _ops_in_graph(*_model_and_ids("ddl-cc", 1)) == []
+    assert _ops_in_graph(*_model_and_ids("ddl-tc", 1)) == []
 
 
 def test_switch_is_off_by_default_and_names_a_bad_value(monkeypatch):

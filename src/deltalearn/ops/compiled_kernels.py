@@ -1,19 +1,23 @@
-"""The Triton rewrite kernels inside a compiled graph, as two custom ops Inductor calls as they are.
+"""The Triton kernels of DDL's rewrite and compressor reads inside a compiled graph, as custom ops
+Inductor calls as they are.
 
-Under `torch.compile` the rewrite is otherwise traced into plain ops (`ops/traced_epilogue.py`, and
-the PyTorch Function of a vector state) that Inductor writes its own Triton code for. Measured on
-an H200 (`small`, bf16, 8 × 1024, torch 2.11, 2026-11-30): compiled, ddl trains at 0.80×, ddl-cc
-at 0.55× and ddl-tc at 0.43× the compiled baseline; eager, the GPU time of a step (the hand-written
-kernels) gave 0.93 / 0.76 / 0.66× the eager baseline's. `DELTALEARN_COMPILED_KERNELS=on` (or
-`COMPILED_KERNELS` below) puts the hand-written kernels in the compiled graph instead:
-`deltalearn::rewrite_forward` and `deltalearn::rewrite_backward`, opaque to Inductor (which fuses
-around them), their backward registered as the op's autograd formula. Off by default until a GPU
-run has compared the two (`benchmarks/gpu_check.sh`, stage `compiledkernels`).
+Under `torch.compile` the rewrite and the reads are otherwise traced into plain ops
+(`ops/traced_epilogue.py`, `token_mixing.token_mix_traced`, the PyTorch Functions) that Inductor
+writes its own Triton code for. Measured on an H200 (`small`, bf16, 8 × 1024, torch 2.11,
+2026-11-30): compiled, ddl trains at 0.80×, ddl-cc at 0.54× and ddl-tc at 0.43× the compiled
+baseline; eager, the GPU time of a step (the hand-written kernels) gave 0.93 / 0.76 / 0.66× the
+eager baseline's. `DELTALEARN_COMPILED_KERNELS=on` (or `COMPILED_KERNELS` below) puts the
+hand-written kernels in the compiled graph instead: `deltalearn::rewrite_forward` /
+`rewrite_backward` (`ops.triton_epilogue`'s `_RewriteEpilogue`) and `deltalearn::read_forward` /
+`read_backward` (`ops.triton_mixing`'s `_ValueRead`: the TC token reads and the CC channel reads
+not fused into a rewrite), opaque to Inductor, which fuses around them; each backward is its
+forward's registered autograd formula. Off by default until a GPU run has compared the two
+(`benchmarks/gpu_check.sh`, stage `compiledkernels`).
 
-What the ops do is `ops.triton_epilogue`'s `_RewriteEpilogue`: the same launches, the same saved
-tensors (X, h, z, p, C), no state tape (a compiled DeltaLM records none). On CUDA tensors in the
-kernels' dtypes; on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1), which is
-how the tests run them.
+The ops launch what the eager Functions launch and save what they save (the rewrite: X, h, z, p,
+C; a read: its input and weights), with no state tape (a compiled DeltaLM records none). On CUDA
+tensors in the kernels' dtypes; on CPU tensors only under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests run them.
 """
 
 from __future__ import annotations
@@ -152,6 +156,60 @@ def _backward(ctx, grad_Y, grad_next):
 
 
 rewrite_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _mixing():
+    from deltalearn.ops import triton_mixing  # imports triton: only where a kernel runs
+
+    return triton_mixing
+
+
+@torch.library.custom_op("deltalearn::read_forward", mutates_args=())
+def read_forward(xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
+    """The compressor read's forward kernel (`ops.triton_mixing.read_forward`)."""
+    return _mixing().read_forward(xs, W, past)[0]
+
+
+@read_forward.register_fake
+def _(xs, W, past):
+    channel = W.dim() == 2
+    shape = xs.shape[:-1] if channel else (xs.shape[0], xs.shape[1] - past, xs.shape[2])
+    return xs.new_empty(shape, dtype=torch.promote_types(xs.dtype, W.dtype))
+
+
+@torch.library.custom_op("deltalearn::read_backward", mutates_args=())
+def read_backward(
+    xs: torch.Tensor, W: torch.Tensor, grad: torch.Tensor, past: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(∂xs, ∂W)` of the read's backward kernel."""
+    mixing = _mixing()
+    saved = mixing._as_sequence(xs, W)
+    return mixing.read_backward(saved, grad, past, (xs.shape, W.shape), True, True)
+
+
+@read_backward.register_fake
+def _(xs, W, grad, past):
+    return xs.new_empty(xs.shape), W.new_empty(W.shape)
+
+
+def _setup_read_context(ctx, inputs, output) -> None:
+    xs, W, past = inputs
+    ctx.save_for_backward(xs, W)
+    ctx.past = past
+
+
+def _read_backward(ctx, grad):
+    xs, W = ctx.saved_tensors
+    return *read_backward(xs, W, grad, ctx.past), None
+
+
+read_forward.register_autograd(_read_backward, setup_context=_setup_read_context)
+
+
+def value_read(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """`ops.triton_mixing.value_read_triton`'s result (inputs already validated) through the
+    custom ops: a token read (W `(d, dv, K)`) or a channel read (W `(d, dv)`)."""
+    return read_forward(xs, W, past)
 
 
 def rewrite(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops import backend, native
+from deltalearn.ops import backend, compiled_kernels, native
 from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 
 
@@ -94,6 +94,8 @@ def channel_mix(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     _check(X, C)
     if native.fits(X) and backend.use_native([X, C], choice):  # CPU: a row's channels in one loop
         return native.value_read_native(X, C)
+    if compiled_kernels.applies([X, C], choice):  # compiled, switched on: the Triton kernels
+        return compiled_kernels.value_read(X, C)
     if is_small_state(X):  # e.g. one decoded token: two ops
         return channel_mix_reference(X, C)
     if backend.use_triton([X, C], choice):  # a GPU: one kernel, not a strided op per value channel

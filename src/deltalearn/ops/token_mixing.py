@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from deltalearn.ops import backend, native
+from deltalearn.ops import backend, compiled_kernels, native
 from deltalearn.ops._shapes import _fmt, is_small_state, promote_float
 from deltalearn.ops.mixing import mixing_weight_grad
 
@@ -140,6 +140,8 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
     # more than one thread, torch 2.13.0).
     if choice == "reference" and not torch.compiler.is_compiling():
         return token_mix_reference(xs, W, past)
+    if compiled_kernels.applies([xs, W], choice):  # compiled, switched on: the Triton kernels
+        return compiled_kernels.value_read(xs, W, past)
     if backend.use_triton([xs, W], choice):  # a GPU: one kernel for every tap and value channel
         from deltalearn.ops.triton_mixing import value_read_triton
 

@@ -174,6 +174,69 @@ def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -
     return max(1, min(n_blocks, cap))
 
 
+def _as_sequence(xs: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xs `(B, S, d, dv)` and W `(d, dv, K)` as the kernels read them: a channel read (W `(d, dv)`)
+    as one sequence of K = 1 (views, not copies, where xs is contiguous), W contiguous."""
+    if W.dim() == 2:
+        xs, W = xs.reshape(1, -1, *W.shape), W.unsqueeze(-1)
+    return xs, W.contiguous()
+
+
+def read_forward(xs: torch.Tensor, W: torch.Tensor, past: int) -> tuple[torch.Tensor, tuple]:
+    """The read's forward kernel: `(out, saved)`, saved `(xs, W)` as the kernels read them
+    (`_as_sequence`), what `read_backward` takes."""
+    channel = W.dim() == 2
+    out_shape = xs.shape[:-1] if channel else (xs.shape[0], xs.shape[1] - past, xs.shape[2])
+    out = new_empty(out_shape, promote_float(xs.dtype, W.dtype), xs.device)
+    xs, Wc = _as_sequence(xs, W)
+    B, S, d, dv = xs.shape
+    K, T = Wc.shape[-1], S - past
+    block_t, block_d, block_v = read_launch_config(d, dv)
+    n_tblocks = cdiv(T, block_t)
+    if out.numel() > 0:
+        grid = (B * n_tblocks, cdiv(d, block_d))
+        _read_fwd_kernel[grid](
+            xs, Wc, out, T, n_tblocks, d, past, *xs.stride(),
+            DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
+            XS_DENSE=_dense_tokens(xs),
+        )  # fmt: skip
+    return out, (xs, Wc)
+
+
+def read_backward(
+    saved: tuple, G: torch.Tensor, past: int, shapes: tuple, need_xs: bool, need_W: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(∂xs, ∂W)` (None where not `need`ed) from `read_forward`'s `saved`, the output gradient G
+    and the inputs' `shapes` `(xs.shape, W.shape)`."""
+    xs, W = saved
+    B, S, d, dv = xs.shape
+    K, T = W.shape[-1], S - past
+    G = G.reshape(B, T, d)
+    block_t, block_d, block_v = read_launch_config(d, dv)
+    n_sblocks = cdiv(S, block_t)
+    n_blocks, n_dblocks = B * n_sblocks, cdiv(d, block_d)
+    nprog = _weight_grad_programs(n_blocks, n_dblocks, xs.device) if need_W else n_blocks
+    xs_shape, W_shape = shapes
+    gxs = new_empty(xs_shape, xs.dtype, xs.device) if need_xs else None
+    gW_part = new_empty((nprog, d, dv, K), torch.float32, xs.device) if need_W else None
+    if n_blocks > 0 and (need_xs or need_W):
+        _read_bwd_kernel[(nprog, n_dblocks)](
+            xs, W, G, gxs if need_xs else G, gW_part if need_W else G,
+            T, S, n_sblocks, n_blocks, d, past, cdiv(n_blocks, nprog),
+            *xs.stride(), *G.stride(),
+            DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
+            BLOCK_K=next_pow2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
+            XS_DENSE=_dense_tokens(xs),
+        )  # fmt: skip
+    else:  # no rows: nothing to read
+        if need_xs:
+            gxs.zero_()
+        if need_W:
+            gW_part.zero_()
+    gW = gW_part.sum(0).to(W.dtype).reshape(W_shape) if need_W else None
+    return gxs, gW
+
+
 class _ValueRead(torch.autograd.Function):
     """The token read: xs `(B, p + T, d, dv)`, W `(d, dv, K)` -> `(B, T, d)`; or the channel read:
     xs `(..., d, dv)`, W `(d, dv)` -> `(...)`, seen by the kernels as one sequence of K = 1 (the
@@ -183,57 +246,16 @@ class _ValueRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xs: torch.Tensor, W: torch.Tensor, past: int) -> torch.Tensor:
         ctx.shapes = xs.shape, W.shape
-        channel = W.dim() == 2
-        out_shape = xs.shape[:-1] if channel else (xs.shape[0], xs.shape[1] - past, xs.shape[2])
-        out = new_empty(out_shape, promote_float(xs.dtype, W.dtype), xs.device)
-        if channel:
-            xs, W = xs.reshape(1, -1, *W.shape), W.unsqueeze(-1)
-        B, S, d, dv = xs.shape
-        K, T = W.shape[-1], S - past
-        Wc = W.contiguous()
-        block_t, block_d, block_v = read_launch_config(d, dv)
-        n_tblocks = cdiv(T, block_t)
-        if out.numel() > 0:
-            grid = (B * n_tblocks, cdiv(d, block_d))
-            _read_fwd_kernel[grid](
-                xs, Wc, out, T, n_tblocks, d, past, *xs.stride(),
-                DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
-                XS_DENSE=_dense_tokens(xs),
-            )  # fmt: skip
-        ctx.save_for_backward(xs, Wc)
+        out, saved = read_forward(xs, W, past)
+        ctx.save_for_backward(*saved)
         ctx.past = past
         return out
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor):
-        xs, W = ctx.saved_tensors
         need_xs, need_W = ctx.needs_input_grad[:2]
-        B, S, d, dv = xs.shape
-        K, T = W.shape[-1], S - ctx.past
-        G = G.reshape(B, T, d)
-        block_t, block_d, block_v = read_launch_config(d, dv)
-        n_sblocks = cdiv(S, block_t)
-        n_blocks, n_dblocks = B * n_sblocks, cdiv(d, block_d)
-        nprog = _weight_grad_programs(n_blocks, n_dblocks, xs.device) if need_W else n_blocks
-        xs_shape, W_shape = ctx.shapes
-        gxs = new_empty(xs_shape, xs.dtype, xs.device) if need_xs else None
-        gW_part = new_empty((nprog, d, dv, K), torch.float32, xs.device) if need_W else None
-        if n_blocks > 0 and (need_xs or need_W):
-            _read_bwd_kernel[(nprog, n_dblocks)](
-                xs, W, G, gxs if need_xs else G, gW_part if need_W else G,
-                T, S, n_sblocks, n_blocks, d, ctx.past, cdiv(n_blocks, nprog),
-                *xs.stride(), *G.stride(),
-                DV=dv, K=K, BLOCK_V=block_v, BLOCK_T=block_t, BLOCK_D=block_d,
-                BLOCK_K=next_pow2(K), WRITE_GX=need_xs, REDUCE_W=need_W,
-                XS_DENSE=_dense_tokens(xs),
-            )  # fmt: skip
-        else:  # no rows: nothing to read
-            if need_xs:
-                gxs.zero_()
-            if need_W:
-                gW_part.zero_()
-        gW = gW_part.sum(0).to(W.dtype).reshape(W_shape) if need_W else None
-        return gxs, gW, None
+        grads = read_backward(ctx.saved_tensors, G, ctx.past, ctx.shapes, need_xs, need_W)
+        return *grads, None
 
 
 def value_read_triton(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
