@@ -21,9 +21,10 @@ pytest.importorskip("triton")
 from triton import knobs  # noqa: E402
 from triton_interpreter import IN_INTERPRETER  # noqa: E402
 
+from deltalearn import DeltaLM, DeltaLMConfig  # noqa: E402
 from deltalearn.bench.kernels import KernelBench, kernels_benchmark, model_launches  # noqa: E402
 from deltalearn.cli import main as cli_main  # noqa: E402
-from deltalearn.ops import backend, triton_aot, triton_epilogue  # noqa: E402
+from deltalearn.ops import _shapes, backend, triton_aot, triton_epilogue  # noqa: E402
 from deltalearn.ops.epilogue import rewrite_epilogue  # noqa: E402
 
 pytestmark = [
@@ -92,6 +93,23 @@ def test_recording_launches_nothing_and_puts_everything_back():
     assert chosen == backend.BACKEND
     assert [launch.name for launch in launches] == ["_fwd_kernel", "_bwd_kernel"]
     assert launches[0].kwargs["COMPRESS"] and launches[0].kwargs["DV"] == 4
+
+
+def test_a_decoded_token_launches_one_kernel_a_sublayer_its_reads_plain_ops():
+    """On the GPU path a token of one sequence takes each sublayer's update as one kernel and its
+    token reads (a few hundred elements) as a few plain ops, as the channel read does: a launch
+    costs a GPU machine's host more than 100 µs, four small ops about 30."""
+    config = DeltaLMConfig.preset("ddl-tc", "tiny", num_layers=2, vocab_size=256)
+    model = DeltaLM(config).eval()
+    row = config.hidden_size * config.value_channels
+    ids = torch.randint(0, 256, (1, _shapes.SMALL_STATE // row + 1))  # a prefill past "small"
+    with torch.no_grad(), triton_aot.recording() as launches:
+        out = model(ids, use_cache=True)
+        prefill = [launch.name for launch in launches]
+        launches.clear()
+        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert "_read_fwd_kernel" in prefill
+    assert [launch.name for launch in launches] == ["_fwd_kernel"] * 4
 
 
 def test_a_kernel_that_does_not_compile_is_named():

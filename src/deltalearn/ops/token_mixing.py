@@ -142,14 +142,17 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
         return token_mix_reference(xs, W, past)
     if compiled_kernels.applies([xs, W], choice):  # compiled, switched on: the Triton kernels
         return compiled_kernels.value_read(xs, W, past)
-    if backend.use_triton([xs, W], choice):  # a GPU: one kernel for every tap and value channel
-        from deltalearn.ops.triton_mixing import value_read_triton
-
-        return value_read_triton(xs, W, past)
     if native.fits(xs) and backend.use_native([xs, W], choice):  # CPU: a row's taps in one loop
         return native.value_read_native(xs, W, past)
     if torch.compiler.is_compiling():
         return token_mix_traced(xs, W, past)
-    if is_small_state(xs):  # e.g. one decoded token: the few ops of the plain form
+    # E.g. one decoded token: the few ops of the plain form, on a GPU too, as the channel read
+    # takes it. There a Triton launch costs the host 107-134 µs (an H200's, 2026-11-30), and
+    # one-token decoding is bound by host work; this form is four ops (~8 µs each on that host).
+    if is_small_state(xs):
         return token_mix_reference(xs, W, past)
+    if backend.use_triton([xs, W], choice):  # a GPU: one kernel for every tap and value channel
+        from deltalearn.ops.triton_mixing import value_read_triton
+
+        return value_read_triton(xs, W, past)
     return _TokenMix.apply(xs, W, past)
