@@ -41,6 +41,10 @@
 # 300 s. Fourth (2026-11-30, torch 2.11.0): the machine's start took 34 s; compile's first calls
 # 45 s (baseline) and 58 s (ddl) before ddl-cc's backward failed (models/compiling.py; the lease
 # ended before the fix could run). compilegrads is about 3 compiles of two layers a variant.
+# Fifth (2026-11-30 20:28, torch 2.11.0, -n 4): model 81 (four variants, default impl), compilegrads
+# 153 (ddl-cc, ddl-tc), tests 217; then `bench model --compile --repeats 3` of four variants 337,
+# 308 of it compiling (33, 47, 122, 106 s). For compiledkernels plan ~100 s of gradients and up
+# to 360 s of bench (its compile times are not known yet).
 # The machine's start takes about a minute more. With every stage the set runs past one 10-minute device call: split it, e.g.
 # `tests host model updatekernel profile` in one call and `compile decode` in the next, while warm.
 # On a machine where deltalearn is not installed: PYTHONPATH=src and a `deltalearn` wrapper script

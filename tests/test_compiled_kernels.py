@@ -42,7 +42,7 @@ def _child_runs_kernel_tests_only(request):
 
 
 def test_kernels_under_the_interpreter():
-    run_kernel_tests_in_child(__file__, min_passed=22)
+    run_kernel_tests_in_child(__file__, min_passed=23)
 
 
 CASES = [  # (d, dv, compress, rule, value_head): odd widths, every state kind, both rules and heads
@@ -193,3 +193,17 @@ def test_eager_calls_never_take_the_ops(monkeypatch):
     monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "on")
     X, h, z, p, _ = _operands(24, 1, False)
     assert not compiled_kernels.applies([X, h, z, p], "auto")
+
+
+def test_backward_op_returns_tensors_of_its_own_as_its_fake_says(interpreted):
+    """Write-only without a read, ∂X is the upstream gradient itself: the op returns a contiguous
+    copy (an op may not return an input, and Inductor plans with the fake's strides); no gradient
+    at all gives zeros."""
+    X, h, z, p, _ = _operands(24, 1, False)
+    G = torch.randn(3, 2, 24).transpose(0, 1)  # (2, 3, 24), not contiguous
+    options = (False, False, 4.0, 1e-5)
+    gX, *rest = compiled_kernels.rewrite_backward(X, h, z, p, None, G, None, *options)
+    assert gX.is_contiguous() and gX.data_ptr() != G.data_ptr() and torch.equal(gX, G)
+    grads = compiled_kernels.rewrite_backward(X, h, z, p, None, None, None, *options)
+    assert [tuple(g.shape) for g in grads] == [(2, 3, 24), (2, 3, 24), (2, 3), (2, 3), (0,)]
+    assert all(g.is_contiguous() and not g.any() for g in grads)

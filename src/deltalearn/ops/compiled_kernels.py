@@ -131,8 +131,8 @@ def rewrite_backward(
     if gX is None:  # no gradient reached either output
         gX, gh, gz, gp = (torch.zeros_like(t) for t in (X, h, z, p))
         gC = None if C is None else torch.zeros_like(C)
-    if gX is grad_Y:  # write-only without a read: ∂X is G itself, which an op may not return
-        gX = gX.clone()
+    if gX is grad_Y or not gX.is_contiguous():  # write-only, no read: ∂X is G (or its zeros)
+        gX = gX.clone(memory_format=torch.contiguous_format)  # an op returns its own, as faked
     return gX, gh, gz, gp, (X.new_empty(0) if gC is None else gC)
 
 
