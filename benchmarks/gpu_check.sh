@@ -55,7 +55,7 @@
 # To fit a shorter lease: MODEL_IMPLS (default "default reference"), MODEL_MEASURE (default
 # train,infer,generate,memory), VARIANTS (the model and rebuild stages; default the five below) and
 # UPDATE_KERNEL_SETTINGS (default "off on"), COMPILE_VARIANTS (default baseline and the three DDL
-# presets; ddl-tc has never been compiled on a GPU: about 100 s more), DECODE_VARIANTS (default
+# presets; ddl-tc's first compiled call took 106 s on 2026-11-30), DECODE_VARIANTS (default
 # baseline, ddl-cc and ddl-tc: the two whose compiled decode step copied every conv buffer twice a
 # token until 2026-11-30, never measured on a GPU; the stage times the dynamic and the compiled
 # static-cache decode).
