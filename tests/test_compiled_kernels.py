@@ -18,7 +18,7 @@ from triton_interpreter import (  # noqa: E402
 )
 
 from deltalearn import DeltaLM, DeltaLMConfig  # noqa: E402
-from deltalearn.ops import compiled_kernels  # noqa: E402
+from deltalearn.ops import compiled_kernels, state_tape  # noqa: E402
 from deltalearn.ops import epilogue as ep  # noqa: E402
 from deltalearn.ops.mixing import channel_mix_reference  # noqa: E402
 from deltalearn.ops.token_mixing import token_mix_reference  # noqa: E402
@@ -42,7 +42,7 @@ def _child_runs_kernel_tests_only(request):
 
 
 def test_kernels_under_the_interpreter():
-    run_kernel_tests_in_child(__file__, min_passed=23)
+    run_kernel_tests_in_child(__file__, min_passed=24)
 
 
 CASES = [  # (d, dv, compress, rule, value_head): odd widths, every state kind, both rules and heads
@@ -207,3 +207,13 @@ def test_backward_op_returns_tensors_of_its_own_as_its_fake_says(interpreted):
     grads = compiled_kernels.rewrite_backward(X, h, z, p, None, None, None, *options)
     assert [tuple(g.shape) for g in grads] == [(2, 3, 24), (2, 3, 24), (2, 3), (2, 3), (0,)]
     assert all(g.is_contiguous() and not g.any() for g in grads)
+
+
+def test_ops_leave_a_recording_state_tape_alone(interpreted):
+    """The ops save X for their backward as autograd does: a state tape recording around them
+    (an eager model's forward) must not take their output for a state it could rebuild."""
+    X, h, z, p, C = _operands(40, 4, True)
+    options = {"rule": "delta", "value_head": "paper", "value_scale": 4.0, "k_eps": 1e-5}
+    with state_tape.recording() as tape:
+        Y, _ = compiled_kernels.rewrite(X, h, z, p, C, **options)
+        assert not tape.registered(Y)

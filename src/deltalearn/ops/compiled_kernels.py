@@ -35,8 +35,8 @@ COMPILED_KERNELS: str | None = None
 
 
 def enabled() -> bool:
-    """Whether a compiled graph calls the Triton rewrite kernels (`COMPILED_KERNELS`, else
-    DELTALEARN_COMPILED_KERNELS: "on" or "off", the default)."""
+    """Whether a compiled graph calls the Triton rewrite and read kernels (`COMPILED_KERNELS`,
+    else DELTALEARN_COMPILED_KERNELS: "on" or "off", the default)."""
     return switched_on(
         COMPILED_KERNELS,
         "DELTALEARN_COMPILED_KERNELS",
@@ -47,9 +47,10 @@ def enabled() -> bool:
 
 
 def applies(tensors: list[torch.Tensor], choice: str) -> bool:
-    """Whether the rewrite of `tensors` (X, h, z, p and C, if any) takes the custom ops now: being
-    compiled, switched on, the backend "auto" or "triton", triton installed, every operand on one
-    device in a kernel dtype, that device CUDA (or a CPU under Triton's interpreter)."""
+    """Whether an op on `tensors` (a rewrite's X, h, z, p and C, a read's state and weights) takes
+    the custom ops now: being compiled, switched on, the backend "auto" or "triton", triton
+    installed, every operand on one device in a kernel dtype, that device CUDA (or a CPU under
+    Triton's interpreter)."""
     if not torch.compiler.is_compiling() or choice not in ("auto", "triton") or not enabled():
         return False
     first = tensors[0]
@@ -85,7 +86,9 @@ def rewrite_forward(
     k_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(Y, x_next)` of the forward kernel; x_next empty without C (an op returns tensors)."""
-    out, _ = _kernels()._forward(NoGraph(), X, h, z, p, C, delta, official, value_scale, k_eps)
+    out, _ = _kernels()._forward(
+        NoGraph(), X, h, z, p, C, delta, official, value_scale, k_eps, taped=False
+    )
     return out if C is not None else (out, X.new_empty(0))
 
 

@@ -602,14 +602,15 @@ def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
 
 def _forward(
     ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale: float, k_eps: float,
-    projections: tuple | None = None, norm_eps: float | None = None,
+    projections: tuple | None = None, norm_eps: float | None = None, taped: bool = True,
 ):  # fmt: skip
     """Launch the forward kernel; return `(outputs, saved)`: `Y` or `(Y, XN)`, and the tensors
     backward reads, `[X, h, z, p, C]`. With `projections` `(c, x, w_g, b_g, W_v, b_v)` z and p
     are None on entry and made here: the kernel computes them from c and x and writes them (fp32,
     p shaped `(..., dv)` for any state); with `norm_eps` too (the official head: c = RMSNorm(x)
     with that ε) it also writes x's 1/rms a row, appended to `saved` (fp32, z's shape). Keeps on
-    `ctx` what `_backward` needs besides."""
+    `ctx` what `_backward` needs besides. `taped=False`: no state tape links Y, even where one
+    records (a caller that keeps X itself: `ops.compiled_kernels`)."""
     d = h.shape[-1]
     n_rows = h.numel() // d
     dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
@@ -643,7 +644,7 @@ def _forward(
         bv = b_v.contiguous() if has_bv else Y
     # Where a state tape records this forward, the kernel also writes the row scalars the
     # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
-    tape = state_tape.active()
+    tape = state_tape.active() if taped else None
     save_rows = tape is not None and n_rows > 0
     if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
         vector = X_in.dim() == h_in.dim()  # e `(...)`, as the tape takes it (p: maybe `(..., 1)`)
