@@ -105,9 +105,14 @@ class _Step:
     carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def take_carry(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(read, mixing matrix) the block before read from `X` itself, once; else None."""
-        carried, self.carry = self.carry, None
-        return None if carried is None or carried[0] is not X else carried[1:]
+        """(read, mixing matrix) the block before read from `X` itself, once; else None. Nothing
+        is written where nothing was carried: a checkpointed block (which carries nothing) may not
+        change what lies outside it under torch.compile ("HOP: Unsafe side effect")."""
+        carried = self.carry
+        if carried is None:
+            return None
+        self.carry = None
+        return None if carried[0] is not X else carried[1:]
 
 
 def _make_compressor(config: DeltaLMConfig) -> Compressor | None:
