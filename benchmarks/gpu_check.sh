@@ -21,6 +21,9 @@
 #            (DELTALEARN_COMPILED_KERNELS=on, ops/compiled_kernels.py; off by default): two layers'
 #            gradients against eager, then `bench model --compile` train/memory, to set against
 #            the traced rewrite's (the `compile` stage; on 2026-11-30 0.80 / 0.55 / 0.43x)
+#   compileckpt  `bench model --compile --activation-checkpointing` train/memory: the compiled
+#            step's peak with block inputs kept only (compiled, a DDL graph keeps every state:
+#            1.45x the baseline's peak for ddl-cc on 2026-11-30)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -62,7 +65,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compileckpt graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -166,6 +169,12 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" --measure train,memory \
             --repeats 3 --json "$out/h200_model_compiled_kernels.json" 2>&1 | tail -10
         ;;
+    compileckpt)
+        stage "bench model --compile --activation-checkpointing"
+        timeout 420 deltalearn bench model "${small[@]}" --compile --activation-checkpointing \
+            --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" --measure train,memory \
+            --repeats 3 --json "$out/h200_model_compiled_checkpointed.json" 2>&1 | tail -10
+        ;;
     compilegrads)
         stage "compiled training gradients against eager: Inductor's defaults and DeltaLM.compile"
         timeout 240 python benchmarks/compiled_gradients.py --device cuda --set num_layers=2 \
@@ -178,7 +187,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, graphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compileckpt, graphs)" >&2 ;;
     esac
 done
 stage "done"
