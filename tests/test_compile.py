@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import assert_compiled_gradients_are_eager
 from torch._dynamo.utils import counters
 
 from deltalearn import DeltaLM, DeltaLMConfig
@@ -74,7 +75,7 @@ def test_compiled_training_step_gives_the_eager_gradients(variant):
     """`deltalearn train --compile` trains on the gradients of Inductor's backward graph, which
     runs the rewrite's hand-written backward as traced code (the C and Triton kernels step aside
     under compile): they must be the eager path's, for every parameter."""
-    _assert_compiled_gradients_are_eager(*_model_and_ids(variant))
+    assert_compiled_gradients_are_eager(*_model_and_ids(variant))
 
 
 @pytest.mark.slow
@@ -84,7 +85,7 @@ def test_compiled_gradients_through_a_read_carried_to_the_next_block(variant):
     over the state, `ops.traced_epilogue`), which one block never does. Inductor's CPU code on
     torch 2.11 compiled an earlier form of that read into wrong gradients for every parameter
     below it while one-block models trained right."""
-    _assert_compiled_gradients_are_eager(*_model_and_ids(variant, layers=2))
+    assert_compiled_gradients_are_eager(*_model_and_ids(variant, layers=2))
 
 
 @pytest.mark.parametrize("variant", PRESETS)
@@ -102,23 +103,7 @@ def test_checkpointed_training_forward_has_no_graph_breaks(variant):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ddl-cc", "ddl-tc"])
 def test_compiled_checkpointed_training_gives_the_eager_gradients(variant):
-    model, ids = _model_and_ids(variant, layers=2)
-    model(ids, labels=ids).loss.backward()
-    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable()
-    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def _assert_compiled_gradients_are_eager(model: DeltaLM, ids: torch.Tensor) -> None:
-    model(ids, labels=ids).loss.backward()
-    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_gradients_are_eager(*_model_and_ids(variant, layers=2), checkpointed=True)
 
 
 def test_autocast_switch_asks_nothing_dynamo_cannot_trace(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from model_helpers import assert_compiled_gradients_are_eager  # noqa: E402
 from triton_interpreter import (  # noqa: E402
     require_interpreter,
     run_kernel_tests_in_child,
@@ -157,18 +158,10 @@ def test_compiled_model_calls_the_ops_and_trains_on_the_eager_gradients(
     the final one), and Inductor's graph around them gives the eager path's gradients."""
     model, ids = _model_and_ids(variant, layers)
     ops = _ops_in_graph(model, ids)
-    assert (ops.count(REWRITE), ops.count(READ), len(ops)) == (
-        2 * layers,
-        reads,
-        2 * layers + reads,
-    )
-    model(ids, labels=ids).loss.backward()
-    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    assert (ops.count(REWRITE), ops.count(READ)) == (2 * layers, reads)
+    assert len(ops) == 2 * layers + reads
     torch._dynamo.reset()
-    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_gradients_are_eager(model, ids)
 
 
 def test_switched_off_the_compiled_graph_traces_the_rewrite(interpreted, monkeypatch):
@@ -225,11 +218,4 @@ def test_compiled_checkpointed_model_with_the_ops_trains_on_the_eager_gradients(
 ):
     """`--compile --activation-checkpointing` with the ops: backward recomputes each block's
     forward, the ops' calls included."""
-    model, ids = _model_and_ids(variant, 2)
-    model(ids, labels=ids).loss.backward()
-    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable()
-    torch.compile(model, fullgraph=True)(ids, labels=ids).loss.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_gradients_are_eager(*_model_and_ids(variant, 2), checkpointed=True)
