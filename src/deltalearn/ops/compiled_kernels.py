@@ -116,19 +116,9 @@ def rewrite_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(∂X, ∂h, ∂z, ∂p, ∂C)` of the backward kernel (∂C empty without C)."""
     kernels = _kernels()
-    ctx = NoGraph()
-    # What the forward left on its context, from its inputs: their shapes and the rows' strides.
-    d = h.shape[-1]
-    n_rows = h.numel() // d
-    dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
-    ctx.shapes = X.shape, h.shape, z.shape, p.shape
-    rows = [
-        kernels._flat(X, n_rows, d, dv), kernels._flat(h, n_rows, d),
-        kernels._flat(z, n_rows), kernels._flat(p, n_rows, dv),
-    ]  # fmt: skip
-    ctx.rows = (n_rows, d, dv), tuple(stride for _, stride in rows)
-    ctx.delta, ctx.official, ctx.value_scale, ctx.k_eps = delta, official, value_scale, k_eps
-    saved = [t for t, _ in rows] + [C]
+    ctx = NoGraph()  # what the forward left on its context, from its inputs
+    rows = kernels.rows_on_context(ctx, X, h, z, p, delta, official, value_scale, k_eps)
+    saved = [*rows, C]
     need = (True, True, True, True, C is not None)
     gX, gh, gz, gp, gC = kernels._backward(ctx, saved, (grad_Y, grad_next), need)
     if gX is None:  # no gradient reached either output

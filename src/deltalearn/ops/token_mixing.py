@@ -140,10 +140,10 @@ def token_mix(xs: torch.Tensor, W: torch.Tensor, past: int = 0) -> torch.Tensor:
     # more than one thread, torch 2.13.0).
     if choice == "reference" and not torch.compiler.is_compiling():
         return token_mix_reference(xs, W, past)
-    if compiled_kernels.applies([xs, W], choice):  # compiled, switched on: the Triton kernels
-        return compiled_kernels.value_read(xs, W, past)
     if native.fits(xs) and backend.use_native([xs, W], choice):  # CPU: a row's taps in one loop
         return native.value_read_native(xs, W, past)
+    if compiled_kernels.applies([xs, W], choice):  # compiled, switched on: the Triton kernels
+        return compiled_kernels.value_read(xs, W, past)
     if torch.compiler.is_compiling():
         return token_mix_traced(xs, W, past)
     # E.g. one decoded token: the few ops of the plain form, on a GPU too, as the channel read

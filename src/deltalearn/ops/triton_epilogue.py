@@ -600,6 +600,23 @@ def _rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return _row_offsets_fit_int32(t.reshape(shape))
 
 
+def rows_on_context(ctx: Any, X, h, z, p, delta: bool, official: bool, value_scale, k_eps):
+    """X, h, z, p as the kernels read them (`_flat`), with what `_backward` reads of the forward
+    put on `ctx`: the operands' shapes, the rows `(n_rows, d, dv)` and their strides, the rule's
+    flags and constants. `_forward` calls it, and so does a backward without a forward's context
+    (`ops.compiled_kernels`)."""
+    d = h.shape[-1]
+    n_rows = h.numel() // d
+    dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
+    ctx.shapes = X.shape, h.shape, z.shape, p.shape
+    (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
+    (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
+    ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
+    ctx.delta, ctx.official = delta, official
+    ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
+    return X, h, z, p
+
+
 def _forward(
     ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale: float, k_eps: float,
     projections: tuple | None = None, norm_eps: float | None = None, taped: bool = True,
@@ -611,17 +628,14 @@ def _forward(
     with that ε) it also writes x's 1/rms a row, appended to `saved` (fp32, z's shape). Keeps on
     `ctx` what `_backward` needs besides. `taped=False`: no state tape links Y, even where one
     records (a caller that keeps X itself: `ops.compiled_kernels`)."""
-    d = h.shape[-1]
-    n_rows = h.numel() // d
-    dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
     if projections is not None:
+        dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
         z = new_empty(h.shape[:-1], torch.float32, X.device)
         p = new_empty((*h.shape[:-1], dv), torch.float32, X.device)
-    ctx.shapes = X.shape, h.shape, z.shape, p.shape
     Y = new_empty(X.shape, X.dtype, X.device)
     X_in, h_in = X, h
-    (X, sx), (h, sh) = _flat(X, n_rows, d, dv), _flat(h, n_rows, d)
-    (z, sz), (p, sp) = _flat(z, n_rows), _flat(p, n_rows, dv)
+    X, h, z, p = rows_on_context(ctx, X, h, z, p, delta, official, value_scale, k_eps)
+    (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     block_m, block_d, num_chunks, block_v = launch_config(d, dv)
     compress = C is not None
     Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
@@ -667,9 +681,6 @@ def _forward(
         )  # fmt: skip
     if save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
-    ctx.rows = (n_rows, d, dv), (sx, sh, sz, sp)
-    ctx.delta, ctx.official = delta, official
-    ctx.value_scale, ctx.k_eps = float(value_scale), float(k_eps)
     ctx.set_materialize_grads(False)
     return ((Y, XN) if compress else Y), [X, h, z, p, C, *((rstd,) if norm_c else ())]
 
