@@ -24,6 +24,10 @@
 #   compileckpt  `bench model --compile --activation-checkpointing` train/memory: the compiled
 #            step's peak with block inputs kept only (compiled, a DDL graph keeps every state:
 #            1.45x the baseline's peak for ddl-cc on 2026-11-30)
+#   compiledrebuild  compiled training with the states rebuilt in backward through the state chain
+#            (DELTALEARN_COMPILED_REBUILD=on, ops/state_chain.py; off by default): ddl-cc's
+#            gradients against eager (two layers), then `bench model --compile` train/memory of the
+#            CC variants, to set against the `compile` stage's peaks (1.45x for ddl-cc, 2026-11-30)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -65,7 +69,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compileckpt graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compileckpt graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -169,6 +173,17 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" --measure train,memory \
             --repeats 3 --json "$out/h200_model_compiled_kernels.json" 2>&1 | tail -10
         ;;
+    compiledrebuild)
+        stage "compiled training, states rebuilt through the state chain: gradients against eager"
+        DELTALEARN_COMPILED_REBUILD=on timeout 150 python benchmarks/compiled_gradients.py \
+            --device cuda --set num_layers=2 --variants ddl-cc --batch 8 --seq 1024 \
+            --ways deltalm-compile --json "$out/h200_compiled_rebuild_gradients.json" 2>&1 \
+            | grep -v "^W1" | tail -4
+        stage "bench model --compile, states rebuilt through the state chain"
+        DELTALEARN_COMPILED_REBUILD=on timeout 300 deltalearn bench model "${small[@]}" --compile \
+            --variants baseline,ddl-cc --measure train,memory \
+            --repeats 3 --json "$out/h200_model_compiled_rebuild.json" 2>&1 | tail -10
+        ;;
     compileckpt)
         stage "bench model --compile --activation-checkpointing"
         timeout 420 deltalearn bench model "${small[@]}" --compile --activation-checkpointing \
@@ -187,7 +202,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compileckpt, graphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compiledrebuild, compileckpt, graphs)" >&2 ;;
     esac
 done
 stage "done"

@@ -110,6 +110,7 @@ def test_report_names_the_fast_path_switches_it_ran_with(tmp_path, monkeypatch):
         monkeypatch.delenv(unset, raising=False)
     monkeypatch.setenv("DELTALEARN_COMPILED_KERNELS", "on")
     monkeypatch.setenv("DELTALEARN_FUSED_READ", "off")
+    monkeypatch.delenv("DELTALEARN_COMPILED_REBUILD", raising=False)
     path = tmp_path / "m.json"
     argv = ["model", *MINUTE, "--variants", "baseline", "--measure", "infer", "--json", str(path)]
     code, out = run_bench(argv)
@@ -120,6 +121,7 @@ def test_report_names_the_fast_path_switches_it_ran_with(tmp_path, monkeypatch):
         "fused_read": "off",
         "rebuild_states": "on",
         "compiled_kernels": "on",
+        "compiled_rebuild": "off",
     }
     assert "fast paths: backend auto, update_kernel on, fused_read off," in out
 

@@ -46,7 +46,7 @@ from deltalearn.bench.timing import (
     timed,
 )
 from deltalearn.errors import ConfigError
-from deltalearn.ops import backend, compiled_kernels, epilogue, state_tape
+from deltalearn.ops import backend, compiled_kernels, epilogue, state_chain, state_tape
 from deltalearn.train import host_allocator
 
 MEASURES = ("train", "infer", "generate", "memory")
@@ -464,6 +464,7 @@ def fast_path_switches() -> dict[str, str]:
         "fused_read": epilogue.fused_read_enabled(),
         "rebuild_states": state_tape.rebuild_enabled(),
         "compiled_kernels": compiled_kernels.enabled(),
+        "compiled_rebuild": state_chain.enabled(),
     }
     return {"backend": backend.backend(), **{k: "on" if v else "off" for k, v in flags.items()}}
 

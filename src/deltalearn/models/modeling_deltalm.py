@@ -78,7 +78,7 @@ from deltalearn.nn import (
     residual_step,
 )
 from deltalearn.nn.calls import plain_call
-from deltalearn.ops import extension, state_tape
+from deltalearn.ops import backend, extension, state_chain, state_tape
 from deltalearn.ops.backend import native_allowed
 from deltalearn.ops.epilogue import fused_read_enabled
 
@@ -103,6 +103,9 @@ class _Step:
     # (state, read, mixing matrix), taken only by a reader whose input is that very state.
     next_read: ChannelCompressor | None = None
     carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # A compiled training forward's state chain, where every rewrite takes it
+    # (`DeltaLM._starts_state_chain`): the rewrites then rebuild their input states in backward.
+    chain: state_chain.StateChain | None = None
 
     def take_carry(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(read, mixing matrix) the block before read from `X` itself, once; else None. Nothing
@@ -159,6 +162,8 @@ def _read_state(
             if read is not None:
                 return read[0]
         return compress(X)
+    if step.chain is not None:  # compiled training: the read gets X back in backward
+        return step.chain.token_read(X, compress.taps())
     if step.token_mask is not None:
         X = _mask_padding(X, step.token_mask)
     cache = step.cache
@@ -220,7 +225,7 @@ class DeltaLMBlock(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """One pre-norm sublayer: read the state, run the branch on its norm, write it back."""
         x_in = _read_state(self._modules.get("compress"), X, step, key)
-        return residual_step(X, x_in, norm, branch, update, fast=step.fast)
+        return residual_step(X, x_in, norm, branch, update, fast=step.fast, chain=step.chain)
 
     def forward(self, X: torch.Tensor, step: _Step) -> torch.Tensor:
         m = self._modules  # not nn.Module.__getattr__: ~0.5 µs a lookup, per block and token
@@ -234,14 +239,17 @@ class DeltaLMBlock(GradientCheckpointingLayer):
             if read is None and fast is not None:
                 read = compress.decode_read(fast, X)
             x_in, C = compress.read_with_matrix(X) if read is None else read  # C: both reads
-            X, x_next = residual_step(X, x_in, m["attn_norm"], attn, attn_update, C, fast)
+            chain = step.chain
+            X, x_next = residual_step(X, x_in, m["attn_norm"], attn, attn_update, C, fast, chain)
             reader = step.next_read
             C_next = None if reader is None else reader.mixing_matrix()
             if C_next is None or C_next.device != X.device:
-                return residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, fast=fast)
+                mlp = m["mlp"]
+                return residual_step(X, x_next, m["mlp_norm"], mlp, mlp_update, None, fast, chain)
             # The next reader's read too, out of the MLP rewrite: no pass of its own over the state
             # (nor, in backward, its gradient's pass and sum into the state's).
-            X, x_carry = residual_step(X, x_next, m["mlp_norm"], m["mlp"], mlp_update, C_next, fast)
+            mlp_norm, mlp = m["mlp_norm"], m["mlp"]
+            X, x_carry = residual_step(X, x_next, mlp_norm, mlp, mlp_update, C_next, fast, chain)
             step.carry = X, x_carry, C_next
             return X
         i = self.layer_idx
@@ -391,14 +399,19 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
                 if tape is not None:
                     tape.add(X)
                 readers = self._carried_reads(step, checkpointing, input_ids.shape[1])
+                if not checkpointing and self._starts_state_chain(X, step, readers, updates):
+                    step.chain = state_chain.StateChain(X)
                 for block, reader in zip(self.layers, readers, strict=True):
                     step.next_read = reader
                     X = block(X, step)
                 carried = step.take_carry(X)  # the last MLP rewrite made the final read
                 if carried is None:
-                    x = self.norm(_read_state(final_compress, X, step, "final"))
+                    x = _read_state(final_compress, X, step, "final")
                 else:
-                    x = self.norm(carried[0])  # (B, T, d)
+                    x = carried[0]  # (B, T, d)
+                if step.chain is not None:
+                    x = step.chain.finish(x)
+                x = self.norm(x)
             gates = self._collect_gates(updates) if output_gates and updates else None
         finally:
             for u in updates:
@@ -583,6 +596,31 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             r if isinstance(r, ChannelCompressor) and plain_call(r, ChannelCompressor) else None
             for r in after
         ]
+
+    def _starts_state_chain(
+        self, X: torch.Tensor, step: _Step, readers: list, updates: list[DeltaUpdate]
+    ) -> bool:
+        """Whether this forward rebuilds its states in backward through a state chain
+        (`ops/state_chain.py`, DELTALEARN_COMPILED_REBUILD; never under activation
+        checkpointing, whose recompute would run the chain twice): a compiled forward with autograd,
+        no cache and no padding, in fp32 or float64, outside the reference backend, whose every
+        state after the first is made by a plain fused `DeltaUpdate` and read either only inside
+        the rewrites (every channel read carried: `_carried_reads`) or by token compressors.
+        Eager forwards rebuild through the state tape."""
+        if not (torch.compiler.is_compiling() and torch.is_grad_enabled() and updates):
+            return False
+        if step.cache is not None or step.token_mask is not None or not state_chain.enabled():
+            return False
+        if X.dtype not in (torch.float32, torch.float64) or backend.backend() == "reference":
+            return False
+        blocks = self._modules["layers"]._modules.values()
+        reads = [b._modules.get("compress") for b in blocks] + [self.final_compress]
+        token_reads = all(
+            isinstance(r, TokenCompressor) and plain_call(r, TokenCompressor) for r in reads
+        )
+        if not token_reads and any(r is None for r in readers):
+            return False
+        return all(u.fused and plain_call(u, DeltaUpdate) for u in updates)
 
     @staticmethod
     def _fast_calls(device: torch.device) -> ModuleType | None:

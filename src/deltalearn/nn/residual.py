@@ -53,6 +53,7 @@ from deltalearn.ops.epilogue import (
     rewrite_epilogue,
     update_kernel_enabled,
 )
+from deltalearn.ops.state_chain import StateChain
 
 # Tensor types a kernel reads directly (nn.Parameter is a plain tensor; a subclass may not be).
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -129,12 +130,17 @@ class DeltaUpdate(nn.Module):
         compress: torch.Tensor | None = None,
         *,
         c_norm: nn.Module | None = None,
+        chain: StateChain | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The rewritten state; with `compress` (a channel compressor's `(d, dv)` mixing matrix)
         also the next sublayer's read of it, `(Y, x_next)`, read inside the Triton kernel when
         that runs. `c_norm`: the module that made c from u (`c = c_norm(u)`), where the caller
         knows it; an RMSNorm (`rms_norm_parameters`) lets the Triton path recompute c from u in
-        backward instead of keeping a copy of it under autocast (the official value head)."""
+        backward instead of keeping a copy of it under autocast (the official value head).
+        `chain`: a compiled DeltaLM training forward's state chain (`ops/state_chain.py`): the
+        rewrite keeps no state for backward and rebuilds X there."""
+        if chain is not None:  # compiled: the projections, then the chained rewrite
+            return self._general_update(X, h, c, u, compress, X.dim() == h.dim(), chain)
         # Without autograd on CPU: the whole update in one call whose checks run in C++
         # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
         # first: it checks torch.compile before anything untraceable. Not on another device,
@@ -185,6 +191,10 @@ class DeltaUpdate(nn.Module):
             if self.record:
                 self._record_from_inputs(X, h, c, u, vector)
             return out
+        return self._general_update(X, h, c, u, compress, vector)
+
+    def _general_update(self, X, h, c, u, compress, vector: bool, chain=None):
+        """The projections (autograd through the generators' modules), then `rewrite_epilogue`."""
         # (...) fp32, (..., dv); no saved-tensor hooks unless u is a state (ops.state_tape)
         z, p = state_tape.outside(gate_and_value, self.gate, self.value, c, u)
         if vector:
@@ -192,7 +202,7 @@ class DeltaUpdate(nn.Module):
         value_head, value_scale = self.value.kind, self.value.sigmoid_scale
         out = rewrite_epilogue(
             X, h, z, p, rule=self.rule, value_head=value_head, value_scale=value_scale,
-            k_eps=self.k_eps, compress=compress,
+            k_eps=self.k_eps, compress=compress, chain=chain,
         )  # fmt: skip
         if self.record:
             self._keep_record(X, h, z, p)
@@ -503,12 +513,15 @@ def residual_step(
     update: DeltaUpdate | None,
     compress: torch.Tensor | None = None,
     fast=None,
+    chain: StateChain | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm DDL sublayer from its read state: `c = norm(x_in)`, `h = branch(c)`, then the
     rewrite `update(X, h, c, x_in)`, or `X + h` for the additive rule (`update` None), where a
     matrix state `(..., d, dv)` receives `h` in every value channel. With `compress` (a `(d, dv)`
     mixing matrix; rewrites only) the pair `(X', x_next)` of `DeltaUpdate.forward`. `fast`: the
-    inference extension, where the caller checked that it may run (`DeltaUpdate.decode_update`)."""
+    inference extension, where the caller checked that it may run (`DeltaUpdate.decode_update`).
+    `chain`: the state chain of a compiled training forward (`DeltaUpdate.forward`), for a plain
+    `DeltaUpdate` only."""
     # Saved-tensor hooks only where a state is read (ops.state_tape.outside): not in the branch,
     # nor in the norm of a compressed state's x_in.
     c = state_tape.outside(norm, x_in)
@@ -533,5 +546,9 @@ def residual_step(
     # In training the norm that made c goes along (the Triton backward may recompute c from
     # x_in); a subclass's own forward gets the call it always had.
     if torch.is_grad_enabled() and type(update).forward is DeltaUpdate.forward:
+        if chain is not None:
+            return update(*args, c_norm=norm, chain=chain)
         return update(*args, c_norm=norm)
+    if chain is not None:
+        raise ValueError(f"a state chain goes to a plain DeltaUpdate with autograd, got {update}")
     return update(*args)

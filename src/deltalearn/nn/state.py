@@ -362,13 +362,18 @@ class TokenCompressor(_TokenConv):
         if plan is not None and not torch.compiler.is_compiling() and plan.holds(xs, params, past):
             return plan(xs)
         with no_autocast(xs):
-            # Fold the read vector into the taps: Σ_j r_j Σ_τ w_ijτ X_ij = Σ_τ Σ_j (r_j w_ijτ) X_ij.
-            w = _fold_once_in_inference(self, params, self._fold)  # (d, dv, K)
+            w = self.taps()
             # Each tap read in place on the state as it lies (token-major): no d·dv-wide conv
             # output, no transposes, no zero-filled gradient per tap (ops/token_mixing.py).
             x_in = token_mix(xs, w, past)
         _keep_plan(self, "_read_plan", lambda: prepared.prepare_read(xs, w, past, params))
         return x_in
+
+    def taps(self) -> torch.Tensor:
+        """The read vector folded into the taps, `(d, dv, K)`: Σ_j r_j Σ_τ w_ijτ X_ij =
+        Σ_τ Σ_j (r_j w_ijτ) X_ij (in inference, the last fold while the parameters hold)."""
+        params = (self._parameters["weight"], self._parameters["read"])
+        return _fold_once_in_inference(self, params, self._fold)
 
     def _fold(self) -> torch.Tensor:
         w = self.weight * self.read[:, None]  # (d, dv, K)

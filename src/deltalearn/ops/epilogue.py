@@ -40,6 +40,7 @@ from deltalearn.ops.reference import (
     normalize_direction,
     write_only_reference,
 )
+from deltalearn.ops.state_chain import StateChain
 from deltalearn.ops.switches import switched_on
 from deltalearn.ops.traced_epilogue import rewrite_epilogue_traced
 
@@ -270,16 +271,27 @@ def rewrite_epilogue(
     value_scale: float = 4.0,
     k_eps: float = 1e-5,
     compress: torch.Tensor | None = None,
+    chain: StateChain | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The fused epilogue: arguments, shapes and result as `rewrite_epilogue_reference`.
 
     One Triton kernel per direction (forward and backward) on CUDA; elsewhere one autograd Function
-    in PyTorch ops with a hand-written backward (`ops/fused_epilogue.py`).
+    in PyTorch ops with a hand-written backward (`ops/fused_epilogue.py`). `chain`: a compiled
+    DeltaLM training forward's state chain (`ops/state_chain.py`), which X must be the newest
+    state of: the rewrite then keeps no state for backward and rebuilds X there.
 
     Example:
         >>> X = torch.randn(2, 8, 64, 4); h = torch.randn(2, 8, 64)
         >>> Y = rewrite_epilogue(X, h, torch.zeros(2, 8), torch.randn(2, 8, 4))  # β = 1
     """
+    if chain is not None:
+        _check_options(rule, value_head, k_eps)
+        if not check_epilogue_inputs(X, h, z, p, compress):
+            raise ValueError(f"the state chain rebuilds matrix states only, got {_fmt(X)}")
+        k, beta, v = epilogue_generators(
+            h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
+        )
+        return chain.rewrite(X, k, beta, v, rule, compress)
     tensors = [X, h, z, p] + ([compress] if compress is not None else [])
     choice = backend.backend()
     if compiled_kernels.applies(tensors, choice):  # compiled, switched on: the Triton kernels

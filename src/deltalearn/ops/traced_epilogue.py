@@ -40,11 +40,12 @@ import torch
 from deltalearn.ops._shapes import accumulation_dtype, no_autocast, promote_float
 
 
-def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None):
+def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None, with_errors=False):
     """`rewrite_epilogue` of a matrix state X `(..., d, dv)` from its generators `(k, β, v)`
     (`ops.epilogue.epilogue_generators`, fp32 or wider; inputs checked by the caller): Y in X's
     dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the dtype of X promoted with
-    C's."""
+    C's. `with_errors`: the discrepancies `e = v − kᵀX` `(..., dv)` (fp32 or wider) appended, for
+    a backward that rebuilds X from Y (`benchmarks/compiled_state_chain.py`)."""
     with no_autocast(X):
         acc = accumulation_dtype(X, k)
         k = k.to(acc)
@@ -59,8 +60,9 @@ def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None):
             # with it into wrong gradients (AOT autograd's own graph, run eagerly, is right).
             errors = [errors[j] - (k * columns[j]).sum(-1, keepdim=True) for j in range(dv)]
         Y = torch.stack([columns[j] + beta_k * errors[j] for j in range(dv)], -1).to(X.dtype)
+        extra = (torch.cat(errors, -1),) if with_errors else ()
         if compress is None:
-            return Y
+            return (Y, *extra) if extra else Y
         C = compress.to(acc)
         # Column by column, from the columns above (the module docstring says why).
         read, written = C[:, 0] * columns[0], C[:, 0] * errors[0]
@@ -68,4 +70,4 @@ def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None):
             read = read + C[:, j] * columns[j]
             written = written + C[:, j] * errors[j]
         x_next = read + beta_k * written
-        return Y, x_next.to(promote_float(X.dtype, compress.dtype))
+        return Y, x_next.to(promote_float(X.dtype, compress.dtype)), *extra

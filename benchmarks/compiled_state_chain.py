@@ -1,0 +1,142 @@
+"""What the state chain (`ops/state_chain.py`) saves a compiled training step, on a stack of rewrites.
+
+A compiled DeltaLM step keeps every rewrite's input state for backward: the state tape that
+rebuilds them in eager runs on saved-tensor hooks, which `torch.compile` does not run inside its
+graphs. The state chain carries the rebuild through autograd instead (DELTALEARN_COMPILED_REBUILD).
+This times it apart from a model, on a stack of matrix-state rewrites shaped like ddl-cc's — each
+layer reads its input through the channel read the rewrite before it made, norms it, runs a
+`tanh(W c)` branch and linear gate and value projections, and rewrites the state:
+
+    saved   the rewrite as a compiled DeltaLM runs it by default (`rewrite_epilogue_traced`):
+            AOT autograd derives its backward and keeps each layer's input state
+    chain   `StateChain.rewrite`: k, β and e kept a row, each input state rebuilt in backward
+
+    python benchmarks/compiled_state_chain.py [--rows 2048 --width 128 --channels 4 --layers 24] \
+        [--modes saved,chain] [--no-eager] [--repeats 5] [--json FILE]
+
+Printed per mode, eager and compiled (`fullgraph=True`): the step's peak bytes above what was
+allocated before it (`bench.model.step_peak_bytes`), the median step time, and the worst relative
+gradient difference from the eager `saved` step (‖g − g_ref‖ / ‖g_ref‖ over the parameters and the
+input state). `deltalearn bench model --compile` measures the same on a DeltaLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltalearn.bench.model import step_peak_bytes
+from deltalearn.ops.epilogue import epilogue_generators
+from deltalearn.ops.state_chain import StateChain
+from deltalearn.ops.traced_epilogue import rewrite_epilogue_traced
+
+MODES = ("saved", "chain")
+
+
+class RewriteStack(nn.Module):
+    """`layers` ddl-cc-like sublayers on a `(rows, width, channels)` state (module docstring)."""
+
+    def __init__(self, width: int, channels: int, layers: int) -> None:
+        super().__init__()
+        self.branch = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.gate_value = nn.ModuleList(nn.Linear(width, 1 + channels) for _ in range(layers))
+        self.compress = nn.Parameter(torch.full((width, channels), 1.0 / channels))
+
+    def forward(self, X: torch.Tensor, mode: str) -> torch.Tensor:
+        C = self.compress
+        x = (X * C).sum(-1)
+        chain = StateChain(X) if mode == "chain" else None
+        for branch, gate_value in zip(self.branch, self.gate_value, strict=True):
+            c = F.rms_norm(x, (x.shape[-1],))
+            h = torch.tanh(branch(c))
+            zp = gate_value(c)
+            k, beta, v = epilogue_generators(h, zp[..., 0], zp[..., 1:])
+            if chain is None:
+                X, x = rewrite_epilogue_traced(X, k, beta, v, "delta", C)
+            else:
+                X, x = chain.rewrite(X, k, beta, v, "delta", C)
+        if chain is not None:
+            x = chain.finish(x)
+        return x.square().mean()
+
+
+def measure(model: RewriteStack, X0: torch.Tensor, mode: str, compiled: bool, repeats: int):
+    """`(peak bytes, median seconds, gradients)` of a training step of `model` run `mode`."""
+    torch._dynamo.reset()
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        X0.grad = None
+        forward(X0, mode).backward()
+
+    step()  # compiles; lazily made state resident
+    peak = step_peak_bytes(step, X0.device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    grads = [p.grad.clone() for p in model.parameters()] + [X0.grad.clone()]
+    return peak, statistics.median(seconds), grads
+
+
+def worst_difference(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-eager", action="store_true", help="compiled runs only")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+
+    torch.manual_seed(0)
+    model = RewriteStack(args.width, args.channels, args.layers)
+    X0 = torch.randn(args.rows, args.width, args.channels, requires_grad=True)
+    state_mb = X0.numel() * X0.element_size() / 1e6
+    reference = measure(model, X0, "saved", compiled=False, repeats=1)[2]
+    print(
+        f"{args.layers} rewrites of a ({args.rows}, {args.width}, {args.channels}) fp32 state "
+        f"({state_mb:.1f} MB), torch {torch.__version__}"
+    )
+    print("| mode | compiled | step peak MB | median step ms | worst gradient difference |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for mode in modes:
+        for compiled in (False, True) if not args.no_eager else (True,):
+            peak, seconds, grads = measure(model, X0, mode, compiled, args.repeats)
+            row = dict(
+                mode=mode, compiled=compiled, step_peak_MB=peak / 1e6, step_ms=seconds * 1e3,
+                worst_gradient_difference=worst_difference(grads, reference),
+            )  # fmt: skip
+            rows.append(row)
+            print(
+                f"| {mode} | {'yes' if compiled else 'no'} | {row['step_peak_MB']:.1f} | "
+                f"{row['step_ms']:.1f} | {row['worst_gradient_difference']:.1e} |"
+            )
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        report = dict(benchmark="compiled_state_chain", torch=torch.__version__, state_MB=state_mb)
+        with open(args.json, "w") as f:
+            json.dump({**report, "settings": settings, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
