@@ -220,7 +220,8 @@ def test_the_chain_lowers_a_compiled_steps_peak(variant, monkeypatch):
 def test_the_chain_starts_only_where_every_state_is_read_on_it(variant, monkeypatch):
     """On where switched on for ddl-cc (its reads carried into the rewrites) and ddl-tc (token
     reads on the chain); never for ddl (a vector state the norm reads), additive-cc (no
-    rewrites), with padding, without autograd or checkpointed — traced only, nothing compiled."""
+    rewrites), with padding, without autograd, checkpointed or with a hook on a block — traced
+    only, nothing compiled."""
     counts = _count_chained(monkeypatch)
     model, ids = _model(variant), _ids()
     torch._dynamo.explain(model)(ids, labels=ids)  # switched off: no chain
@@ -238,6 +239,10 @@ def test_the_chain_starts_only_where_every_state_is_read_on_it(variant, monkeypa
         torch._dynamo.explain(model)(ids)
     model.gradient_checkpointing_enable()
     torch._dynamo.explain(model)(ids, labels=ids)
+    model.gradient_checkpointing_disable()
+    hook = model.layers[0].register_forward_hook(lambda *args: None)
+    torch._dynamo.explain(model)(ids, labels=ids)  # a hook could hand on a state of its own
+    hook.remove()
     assert not counts
 
 

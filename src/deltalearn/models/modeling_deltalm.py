@@ -613,7 +613,9 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             return False
         if X.dtype not in (torch.float32, torch.float64) or backend.backend() == "reference":
             return False
-        blocks = self._modules["layers"]._modules.values()
+        blocks = list(self._modules["layers"]._modules.values())
+        if not all(plain_call(b, DeltaLMBlock) and "forward" not in b.__dict__ for b in blocks):
+            return False  # a hook or a forward of its own could hand on a state of its own
         reads = [b._modules.get("compress") for b in blocks] + [self.final_compress]
         token_reads = all(
             isinstance(r, TokenCompressor) and plain_call(r, TokenCompressor) for r in reads

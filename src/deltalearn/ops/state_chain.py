@@ -30,6 +30,8 @@ compressors (TC), in fp32 or float64 states (`DeltaLM._starts_state_chain` decid
 `benchmarks/compiled_state_chain.py` measures it on a stack of rewrites, `deltalearn bench model
 --compile` on a DeltaLM; `tests/test_state_chain.py` holds it to the plain traced path.
 Off unless `DELTALEARN_COMPILED_REBUILD=on` (`COMPILED_REBUILD` below): not yet run on a GPU.
+Where it is on, the ops on the chain take their traced form even with
+`DELTALEARN_COMPILED_KERNELS=on` (`ops/compiled_kernels.py`), whose custom ops keep their inputs.
 """
 
 from __future__ import annotations

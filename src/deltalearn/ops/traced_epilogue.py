@@ -45,7 +45,7 @@ def rewrite_epilogue_traced(X, k, beta, v, rule, compress=None, with_errors=Fals
     (`ops.epilogue.epilogue_generators`, fp32 or wider; inputs checked by the caller): Y in X's
     dtype; with `compress` `(d, dv)` also `(Y, x_next)`, x_next in the dtype of X promoted with
     C's. `with_errors`: the discrepancies `e = v − kᵀX` `(..., dv)` (fp32 or wider) appended, for
-    a backward that rebuilds X from Y (`benchmarks/compiled_state_chain.py`)."""
+    a backward that rebuilds X from Y (`ops/state_chain.py`)."""
     with no_autocast(X):
         acc = accumulation_dtype(X, k)
         k = k.to(acc)
