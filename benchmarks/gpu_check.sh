@@ -25,9 +25,10 @@
 #            step's peak with block inputs kept only (compiled, a DDL graph keeps every state:
 #            1.45x the baseline's peak for ddl-cc on 2026-11-30)
 #   compiledrebuild  compiled training with the states rebuilt in backward through the state chain
-#            (DELTALEARN_COMPILED_REBUILD=on, ops/state_chain.py; off by default): ddl-cc's
-#            gradients against eager (two layers), then `bench model --compile` train/memory of the
-#            CC variants, to set against the `compile` stage's peaks (1.45x for ddl-cc, 2026-11-30)
+#            (DELTALEARN_COMPILED_REBUILD=on, ops/state_chain.py; off by default): ddl-cc's and
+#            ddl-tc's gradients against eager (two layers), then `bench model --compile`
+#            train/memory, to set against the `compile` stage's peaks (1.45 / 1.47x, 2026-11-30);
+#            ~2 + ~6 minutes (compiling as in `compile`)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -175,13 +176,13 @@ for s in $stages; do
         ;;
     compiledrebuild)
         stage "compiled training, states rebuilt through the state chain: gradients against eager"
-        DELTALEARN_COMPILED_REBUILD=on timeout 150 python benchmarks/compiled_gradients.py \
-            --device cuda --set num_layers=2 --variants ddl-cc --batch 8 --seq 1024 \
+        DELTALEARN_COMPILED_REBUILD=on timeout 240 python benchmarks/compiled_gradients.py \
+            --device cuda --set num_layers=2 --variants ddl-cc,ddl-tc --batch 8 --seq 1024 \
             --ways deltalm-compile --json "$out/h200_compiled_rebuild_gradients.json" 2>&1 \
             | grep -v "^W1" | tail -4
         stage "bench model --compile, states rebuilt through the state chain"
-        DELTALEARN_COMPILED_REBUILD=on timeout 300 deltalearn bench model "${small[@]}" --compile \
-            --variants baseline,ddl-cc --measure train,memory \
+        DELTALEARN_COMPILED_REBUILD=on timeout 420 deltalearn bench model "${small[@]}" --compile \
+            --variants baseline,ddl-cc,ddl-tc --measure train,memory \
             --repeats 3 --json "$out/h200_model_compiled_rebuild.json" 2>&1 | tail -10
         ;;
     compileckpt)

@@ -186,9 +186,9 @@ class _ChainedTokenRead(torch.autograd.Function):
 
 
 class StateChain:
-    """One forward's chain: `token` stands for `state`, the newest state a rewrite on the chain
-    made (module docstring). `start` it from the first state, take every rewrite of the states
-    after it through `rewrite`, and `finish` it on the forward's output."""
+    """One forward's chain: `token` stands for `state`, the newest state on the chain (module
+    docstring). Made from the first state; every rewrite and TC read of the states after it goes
+    through `rewrite` and `token_read`; `finish` closes it on the forward's output."""
 
     def __init__(self, X: torch.Tensor) -> None:
         self.state, self.token = X, _Start.apply(X)
