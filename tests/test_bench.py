@@ -598,3 +598,19 @@ def test_compiled_gradients_script_compares_the_compiled_step_with_the_eager_one
     cmd = [sys.executable, "benchmarks/compiled_gradients.py", "--ways", "traced"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--ways" in proc.stderr and "'traced'" in proc.stderr
+
+
+def test_compiled_state_chain_script_compares_kept_and_rebuilt_states(tmp_path):
+    """`benchmarks/compiled_state_chain.py`: a compiled row per mode, each on the eager gradients;
+    a mode it does not know is named."""
+    out = tmp_path / "chain.json"
+    args = ["--rows", "32", "--width", "16", "--channels", "2", "--layers", "3", "--no-eager"]
+    run_script("compiled_state_chain.py", *args, "--repeats", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mode"], row["compiled"]) for row in rows] == [("saved", True), ("chain", True)]
+    for row in rows:
+        assert row["worst_gradient_difference"] < 1e-4 and row["step_peak_MB"] > 0
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/compiled_state_chain.py", "--modes", "kept"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--modes" in proc.stderr and "'kept'" in proc.stderr
