@@ -184,6 +184,12 @@ def _read_state(
     return x_in
 
 
+def _called_plainly(block: nn.Module) -> bool:
+    """Whether calling `block` runs `DeltaLMBlock.forward` alone: no hook, no forward of its own
+    (either could hand on a state other than the one its rewrites wrote)."""
+    return plain_call(block, DeltaLMBlock) and "forward" not in block.__dict__
+
+
 def _reads_in_place(cache: ConvInputCache) -> bool:
     """Whether a convolution reads its window straight out of `cache` after appending to it:
     either cache without autograd. One-token decoding then spends no concatenation of history and
@@ -587,7 +593,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if not step.fuse_reads or checkpointing or tokens < 2:
             return none
         for block in blocks:
-            if not (plain_call(block, DeltaLMBlock) and "forward" not in block.__dict__):
+            if not _called_plainly(block):
                 return none
             if not block._fuses_read(True):
                 return none
@@ -614,7 +620,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if X.dtype not in (torch.float32, torch.float64) or backend.backend() == "reference":
             return False
         blocks = list(self._modules["layers"]._modules.values())
-        if not all(plain_call(b, DeltaLMBlock) and "forward" not in b.__dict__ for b in blocks):
+        if not all(_called_plainly(b) for b in blocks):
             return False  # a hook or a forward of its own could hand on a state of its own
         reads = [b._modules.get("compress") for b in blocks] + [self.final_compress]
         token_reads = all(
