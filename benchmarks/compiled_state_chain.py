@@ -7,12 +7,20 @@ This times it apart from a model, on a stack of matrix-state rewrites shaped lik
 layer reads its input through the channel read the rewrite before it made, norms it, runs a
 `tanh(W c)` branch and linear gate and value projections, and rewrites the state:
 
-    saved   the rewrite as a compiled DeltaLM runs it by default (`rewrite_epilogue_traced`):
-            AOT autograd derives its backward and keeps each layer's input state
-    chain   `StateChain.rewrite`: k, β and e kept a row, each input state rebuilt in backward
+    saved          the rewrite as a compiled DeltaLM runs it by default (`rewrite_epilogue_traced`):
+                   AOT autograd derives its backward and keeps each layer's input state
+    chain          `StateChain.rewrite`: k, β and e kept a row, each input state rebuilt in backward
+    kernels        the Triton kernels as custom ops (`ops.compiled_kernels.rewrite`, as
+                   DELTALEARN_COMPILED_KERNELS=on runs them), keeping each input state
+    chain-kernels  `StateChain.rewrite_kernel`: the same kernels on the chain, the backward kernel
+                   rebuilding each input state (both switches on)
+
+The two kernel modes need triton and a CUDA device (`--device cuda`), or on a CPU Triton's
+interpreter (`TRITON_INTERPRET=1`, slow: small sizes only).
 
     python benchmarks/compiled_state_chain.py [--rows 2048 --width 128 --channels 4 --layers 24] \
-        [--modes saved,chain] [--no-eager] [--repeats 5] [--json FILE]
+        [--modes saved,chain,kernels,chain-kernels] [--device cpu|cuda] [--no-eager] \
+        [--repeats 5] [--json FILE]
 
 Printed per mode, eager and compiled (`fullgraph=True`): the step's peak bytes above what was
 allocated before it (`bench.model.step_peak_bytes`), the median step time, and the worst relative
@@ -32,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltalearn.bench.model import step_peak_bytes
+from deltalearn.ops import compiled_kernels
 from deltalearn.ops.epilogue import epilogue_generators
 from deltalearn.ops.state_chain import StateChain
 from deltalearn.ops.traced_epilogue import rewrite_epilogue_traced
 
-MODES = ("saved", "chain")
+MODES = ("saved", "chain", "kernels", "chain-kernels")
 
 
 class RewriteStack(nn.Module):
@@ -51,16 +60,24 @@ class RewriteStack(nn.Module):
     def forward(self, X: torch.Tensor, mode: str) -> torch.Tensor:
         C = self.compress
         x = (X * C).sum(-1)
-        chain = StateChain(X) if mode == "chain" else None
+        chain = StateChain(X) if mode.startswith("chain") else None
         for branch, gate_value in zip(self.branch, self.gate_value, strict=True):
             c = F.rms_norm(x, (x.shape[-1],))
             h = torch.tanh(branch(c))
             zp = gate_value(c)
-            k, beta, v = epilogue_generators(h, zp[..., 0], zp[..., 1:])
-            if chain is None:
-                X, x = rewrite_epilogue_traced(X, k, beta, v, "delta", C)
+            z, p = zp[..., 0], zp[..., 1:]
+            if mode == "kernels":
+                X, x = compiled_kernels.rewrite(
+                    X, h, z, p, C, rule="delta", value_head="paper", value_scale=4.0, k_eps=1e-5
+                )
+            elif mode == "chain-kernels":
+                X, x = chain.rewrite_kernel(X, h, z, p, C, False, 4.0, 1e-5)
             else:
-                X, x = chain.rewrite(X, k, beta, v, "delta", C)
+                k, beta, v = epilogue_generators(h, z, p)
+                if chain is None:
+                    X, x = rewrite_epilogue_traced(X, k, beta, v, "delta", C)
+                else:
+                    X, x = chain.rewrite(X, k, beta, v, "delta", C)
         if chain is not None:
             x = chain.finish(x)
         return x.square().mean()
@@ -97,7 +114,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="saved,chain")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-eager", action="store_true", help="compiled runs only")
     parser.add_argument("--json", default=None)
@@ -108,13 +126,13 @@ def main() -> None:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
 
     torch.manual_seed(0)
-    model = RewriteStack(args.width, args.channels, args.layers)
-    X0 = torch.randn(args.rows, args.width, args.channels, requires_grad=True)
+    model = RewriteStack(args.width, args.channels, args.layers).to(args.device)
+    X0 = torch.randn(args.rows, args.width, args.channels, device=args.device, requires_grad=True)
     state_mb = X0.numel() * X0.element_size() / 1e6
     reference = measure(model, X0, "saved", compiled=False, repeats=1)[2]
     print(
         f"{args.layers} rewrites of a ({args.rows}, {args.width}, {args.channels}) fp32 state "
-        f"({state_mb:.1f} MB), torch {torch.__version__}"
+        f"({state_mb:.1f} MB), {X0.device}, torch {torch.__version__}"
     )
     print("| mode | compiled | step peak MB | median step ms | worst gradient difference |")
     print("|---|---|---|---|---|")

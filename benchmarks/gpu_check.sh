@@ -29,6 +29,12 @@
 #            ddl-tc's gradients against eager (two layers), then `bench model --compile`
 #            train/memory, to set against the `compile` stage's peaks (1.45 / 1.47x, 2026-11-30);
 #            ~2 + ~6 minutes (compiling as in `compile`)
+#   compiledboth  both switches on (DELTALEARN_COMPILED_KERNELS=on DELTALEARN_COMPILED_REBUILD=on):
+#            the Triton kernels on the state chain, their backward rebuilding each state
+#            (StateChain.rewrite_kernel): ddl-cc's and ddl-tc's gradients against eager (two
+#            layers), `compiled_state_chain.py` on a stack of rewrites at `small`'s width (states
+#            kept or rebuilt, traced or by the kernels), then `bench model --compile` train/memory;
+#            ~2 + ~1 + ~6 minutes
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -70,7 +76,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compileckpt graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -184,6 +190,23 @@ for s in $stages; do
         DELTALEARN_COMPILED_REBUILD=on timeout 420 deltalearn bench model "${small[@]}" --compile \
             --variants baseline,ddl-cc,ddl-tc --measure train,memory \
             --repeats 3 --json "$out/h200_model_compiled_rebuild.json" 2>&1 | tail -10
+        ;;
+    compiledboth)
+        both=(env DELTALEARN_COMPILED_KERNELS=on DELTALEARN_COMPILED_REBUILD=on)
+        stage "compiled training, the Triton kernels on the state chain: gradients against eager"
+        "${both[@]}" timeout 240 python benchmarks/compiled_gradients.py \
+            --device cuda --set num_layers=2 --variants ddl-cc,ddl-tc --batch 8 --seq 1024 \
+            --ways deltalm-compile --json "$out/h200_compiled_both_gradients.json" 2>&1 \
+            | grep -v "^W1" | tail -4
+        stage "a stack of rewrites: states kept or rebuilt, traced or by the kernels"
+        timeout 180 python benchmarks/compiled_state_chain.py --device cuda --rows 8192 \
+            --width 768 --channels 4 --layers 12 --no-eager --repeats 5 \
+            --modes saved,chain,kernels,chain-kernels \
+            --json "$out/h200_compiled_state_chain.json" 2>&1 | grep -v "^W1" | tail -6
+        stage "bench model --compile, the Triton kernels on the state chain"
+        "${both[@]}" timeout 420 deltalearn bench model "${small[@]}" --compile \
+            --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" --measure train,memory \
+            --repeats 3 --json "$out/h200_model_compiled_both.json" 2>&1 | tail -10
         ;;
     compileckpt)
         stage "bench model --compile --activation-checkpointing"

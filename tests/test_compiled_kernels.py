@@ -6,6 +6,11 @@ tensors, in a subprocess (`tests/triton_interpreter.py`)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,12 +24,16 @@ from triton_interpreter import (  # noqa: E402
 )
 
 from deltalearn import DeltaLM, DeltaLMConfig  # noqa: E402
-from deltalearn.ops import compiled_kernels, state_tape  # noqa: E402
+from deltalearn.ops import compiled_kernels, state_chain, state_tape  # noqa: E402
 from deltalearn.ops import epilogue as ep  # noqa: E402
 from deltalearn.ops.mixing import channel_mix_reference  # noqa: E402
+from deltalearn.ops.state_chain import StateChain  # noqa: E402
 from deltalearn.ops.token_mixing import token_mix_reference  # noqa: E402
 
 REWRITE, READ = "deltalearn.rewrite_forward.default", "deltalearn.read_forward.default"
+CHAINED = "deltalearn.chained_rewrite_forward.default"
+CHAINED_BACKWARD = "deltalearn.chained_rewrite_backward.default"
+READ_BACKWARD = "deltalearn.read_backward.default"
 
 
 @pytest.fixture
@@ -43,7 +52,7 @@ def _child_runs_kernel_tests_only(request):
 
 
 def test_kernels_under_the_interpreter():
-    run_kernel_tests_in_child(__file__, min_passed=26)
+    run_kernel_tests_in_child(__file__, min_passed=35)
 
 
 CASES = [  # (d, dv, compress, rule, value_head): odd widths, every state kind, both rules and heads
@@ -134,7 +143,9 @@ def _model_and_ids(variant: str, layers: int) -> tuple[DeltaLM, torch.Tensor]:
     return DeltaLM(config).train(), ids
 
 
-def _ops_in_graph(model: DeltaLM, ids: torch.Tensor) -> list[str]:
+def _ops_in_graph(model: DeltaLM, ids: torch.Tensor, nested: bool = False) -> list[str]:
+    """The deltalearn ops dynamo's graph calls; `nested`: also those inside the forward and
+    backward graphs it traced of autograd Functions (the state chain's)."""
     graphs = []
 
     def capture(gm, example_inputs):
@@ -143,6 +154,8 @@ def _ops_in_graph(model: DeltaLM, ids: torch.Tensor) -> list[str]:
 
     torch._dynamo.reset()
     torch.compile(model, fullgraph=True, backend=capture)(ids, labels=ids)
+    if nested:
+        graphs = [m for gm in graphs for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
     return [str(n.target) for gm in graphs for n in gm.graph.nodes if "deltalearn" in str(n.target)]
 
 
@@ -219,3 +232,110 @@ def test_compiled_checkpointed_model_with_the_ops_trains_on_the_eager_gradients(
     """`--compile --activation-checkpointing` with the ops: backward recomputes each block's
     forward, the ops' calls included."""
     assert_compiled_gradients_are_eager(*_model_and_ids(variant, 2), checkpointed=True)
+
+
+# ---- the state chain (ops/state_chain.py) by the kernels: X rebuilt by the backward kernel ------
+
+
+def _chained_stack_loss(official: bool, read: bool, chained: bool, operands):
+    """A loss over three delta rewrites from X0, each read (with `read`) and the last state in it:
+    on a state chain by the chained kernel ops, or by the reference epilogue."""
+    X0, C, *layers = operands
+    head = "official" if official else "paper"
+    chain = StateChain(X0) if chained else None
+    X, total = X0, 0
+    for i, (h, z, p) in enumerate(zip(*(iter(layers),) * 3, strict=True)):
+        C_i = C if read else None
+        if chained:
+            out = chain.rewrite_kernel(X, h, z, p, C_i, official, 4.0, 1e-5)
+        else:
+            out = ep.rewrite_epilogue_reference(X, h, z, p, compress=C_i, value_head=head)
+        X, x = out if read else (out, None)
+        if read:
+            total = total + (x.square() * (i + 1)).sum()
+    last = X.sum(-1)
+    if chained:
+        last = chain.finish(last)
+    return total + last.pow(3).sum()
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["with-read", "no-read"])
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_chained_kernel_rewrites_give_the_reference_values_and_gradients(
+    interpreted, official, read
+):
+    """Three rewrites on a chain: each backward rebuilds its input from its output, which the
+    next one handed back; every gradient (the first state's too) as the reference's."""
+    torch.manual_seed(0)
+    d, dv = 40, 4
+    leaves = [torch.randn(2, 5, d, dv), torch.randn(d, dv) / dv]
+    for _ in range(3):
+        leaves += [torch.randn(2, 5, d) * 3, torch.randn(2, 5) * 2, torch.randn(2, 5, dv)]
+    leaves = [t.requires_grad_() for t in leaves]
+    loss = _chained_stack_loss(official, read, True, leaves)
+    expected = _chained_stack_loss(official, read, False, leaves)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad(expected, leaves, allow_unused=True)
+    for actual, wanted in zip(grads, ref_grads, strict=True):
+        if wanted is None:  # C without the read
+            assert actual is None or not actual.any()
+            continue
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-4)
+
+
+def test_chained_rewrite_ops_pass_torch_library_checks_and_rebuild_the_state(interpreted):
+    X, h, z, p, C = _operands(40, 4, True)
+    options = (True, 4.0, 1e-5)
+    torch.library.opcheck(compiled_kernels.chained_rewrite_forward, (X, h, z, p, C, *options))
+    Y, x_next, rho, beta, e = compiled_kernels.chained_rewrite_forward(X, h, z, p, C, *options)
+    grads = (torch.randn_like(Y), torch.randn_like(x_next))
+    args = (Y, h, z, p, C, rho, beta, e, *grads, *options)
+    torch.library.opcheck(compiled_kernels.chained_rewrite_backward, args)
+    *_, X_rebuilt = compiled_kernels.chained_rewrite_backward(*args)
+    torch.testing.assert_close(X_rebuilt, X, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("variant", "chained_reads"), [("ddl-cc", 0), ("ddl-tc", 5)])
+def test_compiled_model_on_the_state_chain_calls_the_kernels_and_trains_on_the_eager_gradients(
+    interpreted, monkeypatch, variant, chained_reads
+):
+    """Both switches on: every rewrite is a chained kernel op each way, and with TC every read a
+    read op each way inside the chain's Functions; CC's first read (of the chain's first state,
+    which is kept) an op of its own. The gradients are the eager ones."""
+    monkeypatch.setattr(state_chain, "COMPILED_REBUILD", "on")
+    model, ids = _model_and_ids(variant, 2)
+    ops = _ops_in_graph(model, ids, nested=True)
+    assert ops.count(CHAINED) == ops.count(CHAINED_BACKWARD) == 4
+    assert ops.count(READ_BACKWARD) == chained_reads
+    assert ops.count(READ) == chained_reads or (chained_reads == 0 and ops.count(READ) == 1)
+    assert REWRITE not in ops
+    torch._dynamo.reset()
+    assert_compiled_gradients_are_eager(model, ids)
+
+
+def test_a_chained_kernel_rewrite_keeps_no_state(interpreted):
+    """What its backward keeps: h, z, p, C and row scalars — nothing shaped as the state, which
+    arrives in backward as the token's gradient instead (a compiled graph keeps what the Function
+    saves; on a CPU under the interpreter, its copies of every operand blur a measured peak)."""
+    X, h, z, p, C = (t.requires_grad_() for t in _operands(40, 4, True))
+    chain = StateChain(X)
+    Y, _ = chain.rewrite_kernel(X, h, z, p, C, False, 4.0, 1e-5)
+    saved = Y.grad_fn.saved_tensors
+    assert len(saved) == 7 and all(t is None or t.shape != X.shape for t in saved)
+    assert sum(t.numel() for t in saved if t is not None) < X.numel() / 2
+
+
+def test_state_chain_benchmark_runs_the_kernel_modes(interpreted, tmp_path):
+    """`benchmarks/compiled_state_chain.py --modes kernels,chain-kernels`, compiled, at a tiny
+    size: both on the eager gradients (the GPU check's `compiledrebuild` stage runs it on CUDA)."""
+    out = tmp_path / "chain.json"
+    root = Path(__file__).resolve().parents[1]
+    sizes = ["--rows", "16", "--width", "16", "--channels", "2", "--layers", "2"]
+    cmd = [sys.executable, "benchmarks/compiled_state_chain.py", *sizes, "--no-eager",
+           "--modes", "kernels,chain-kernels", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["kernels", "chain-kernels"]
+    assert all(row["worst_gradient_difference"] < 1e-4 for row in rows)

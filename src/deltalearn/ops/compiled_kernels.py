@@ -15,7 +15,11 @@ forward's registered autograd formula. Off by default until a GPU run has compar
 (`benchmarks/gpu_check.sh`, stage `compiledkernels`).
 
 The ops launch what the eager Functions launch and save what they save (the rewrite: X, h, z, p,
-C; a read: its input and weights), with no state tape (a compiled DeltaLM records none). On CUDA
+C; a read: its input and weights), with no state tape (a compiled DeltaLM records none). With
+DELTALEARN_COMPILED_REBUILD=on as well, a compiled DeltaLM's delta rewrites take
+`chained_rewrite_forward` / `chained_rewrite_backward` instead, on its state chain
+(`ops/state_chain.py`): they keep the row scalars X is rebuilt from, not X, and the backward
+kernel rebuilds X from Y, which the chain hands it as a gradient. On CUDA
 tensors in the kernels' dtypes; on CPU tensors only under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests run them.
 """
@@ -92,12 +96,17 @@ def rewrite_forward(
     return out if C is not None else (out, X.new_empty(0))
 
 
-@rewrite_forward.register_fake
-def _(X, h, z, p, C, delta, official, value_scale, k_eps):
+def _rewrite_outputs(X, h, C) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fakes of a rewrite's `(Y, x_next)`."""
     Y = X.new_empty(X.shape)
     if C is None:
         return Y, X.new_empty(0)
     return Y, X.new_empty(h.shape, dtype=torch.promote_types(X.dtype, C.dtype))
+
+
+@rewrite_forward.register_fake
+def _(X, h, z, p, C, delta, official, value_scale, k_eps):
+    return _rewrite_outputs(X, h, C)
 
 
 @torch.library.custom_op("deltalearn::rewrite_backward", mutates_args=())
@@ -149,6 +158,75 @@ def _backward(ctx, grad_Y, grad_next):
 
 
 rewrite_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("deltalearn::chained_rewrite_forward", mutates_args=())
+def chained_rewrite_forward(
+    X: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    C: torch.Tensor | None,
+    official: bool,
+    value_scale: float,
+    k_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The delta rewrite on a state chain (`ops.state_chain`): `(Y, x_next, ρ, β, e)`, the forward
+    kernel's output (x_next empty without C) and the fp32 row scalars X is rebuilt from."""
+    ctx = NoGraph()
+    out, _ = _kernels()._forward(
+        ctx, X, h, z, p, C, True, official, value_scale, k_eps, taped=False, keep_rows=True
+    )
+    Y, x_next = out if C is not None else (out, X.new_empty(0))
+    return (Y, x_next, *ctx.row_scalars)
+
+
+@chained_rewrite_forward.register_fake
+def _(X, h, z, p, C, official, value_scale, k_eps):
+    Y, x_next = _rewrite_outputs(X, h, C)
+    rho = z.new_empty(z.shape, dtype=torch.float32)
+    e_shape = z.shape if X.dim() == h.dim() else p.shape
+    return Y, x_next, rho, torch.empty_like(rho), p.new_empty(e_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("deltalearn::chained_rewrite_backward", mutates_args=())
+def chained_rewrite_backward(
+    Y: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    C: torch.Tensor | None,
+    rho: torch.Tensor,
+    beta: torch.Tensor,
+    e: torch.Tensor,
+    grad_Y: torch.Tensor | None,
+    grad_next: torch.Tensor | None,
+    official: bool,
+    value_scale: float,
+    k_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(∂X, ∂h, ∂z, ∂p, ∂C, X)` of `chained_rewrite_forward` from its output Y and row scalars:
+    the backward kernel rebuilds X (returned last, for the op before on the chain) as it forms the
+    gradients (∂C empty without C)."""
+    kernels = _kernels()
+    ctx = NoGraph()
+    Y = Y.contiguous()  # the rebuilt X is written in Y's layout
+    _, h, z, p = kernels.rows_on_context(ctx, Y, h, z, p, True, official, value_scale, k_eps)
+    if grad_Y is None:  # the rebuilt X is still due: a zero gradient, not none
+        grad_Y = Y.new_zeros(()).expand(Y.shape)
+    X = torch.empty_like(Y)
+    need = (True, True, True, True, C is not None)
+    rebuild = (Y, rho.contiguous(), beta.contiguous(), e.contiguous(), X)
+    gX, gh, gz, gp, gC = kernels._backward(
+        ctx, [None, h, z, p, C], (grad_Y, grad_next), need, rebuild=rebuild
+    )
+    return gX, gh, gz, gp, (Y.new_empty(0) if gC is None else gC), X
+
+
+@chained_rewrite_backward.register_fake
+def _(Y, h, z, p, C, rho, beta, e, grad_Y, grad_next, official, value_scale, k_eps):
+    gC = Y.new_empty(0) if C is None else C.new_empty(C.shape)
+    return (*(t.new_empty(t.shape) for t in (Y, h, z, p)), gC, Y.new_empty(Y.shape))
 
 
 def _mixing():

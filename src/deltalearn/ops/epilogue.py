@@ -284,16 +284,20 @@ def rewrite_epilogue(
         >>> X = torch.randn(2, 8, 64, 4); h = torch.randn(2, 8, 64)
         >>> Y = rewrite_epilogue(X, h, torch.zeros(2, 8), torch.randn(2, 8, 4))  # β = 1
     """
+    tensors = [X, h, z, p] + ([compress] if compress is not None else [])
+    choice = backend.backend()
     if chain is not None:
         _check_options(rule, value_head, k_eps)
         if not check_epilogue_inputs(X, h, z, p, compress):
             raise ValueError(f"the state chain rebuilds matrix states only, got {_fmt(X)}")
+        # The Triton kernels rebuild a delta rewrite's input (the eager tape's REBUILD mode).
+        if rule == "delta" and compiled_kernels.applies(tensors, choice):
+            official = value_head == "official"
+            return chain.rewrite_kernel(X, h, z, p, compress, official, value_scale, k_eps)
         k, beta, v = epilogue_generators(
             h, z, p, value_head=value_head, value_scale=value_scale, k_eps=k_eps
         )
         return chain.rewrite(X, k, beta, v, rule, compress)
-    tensors = [X, h, z, p] + ([compress] if compress is not None else [])
-    choice = backend.backend()
     if compiled_kernels.applies(tensors, choice):  # compiled, switched on: the Triton kernels
         _check_options(rule, value_head, k_eps)
         check_epilogue_inputs(X, h, z, p, compress)

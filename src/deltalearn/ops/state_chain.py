@@ -30,8 +30,12 @@ compressors (TC), in fp32 or float64 states (`DeltaLM._starts_state_chain` decid
 `benchmarks/compiled_state_chain.py` measures it on a stack of rewrites, `deltalearn bench model
 --compile` on a DeltaLM; `tests/test_state_chain.py` holds it to the plain traced path.
 Off unless `DELTALEARN_COMPILED_REBUILD=on` (`COMPILED_REBUILD` below): not yet run on a GPU.
-Where it is on, the ops on the chain take their traced form even with
-`DELTALEARN_COMPILED_KERNELS=on` (`ops/compiled_kernels.py`), whose custom ops keep their inputs.
+With `DELTALEARN_COMPILED_KERNELS=on` too (`ops/compiled_kernels.py`), the chain's delta rewrites
+and token reads run the Triton kernels as custom ops (`rewrite_kernel`, `_ChainedKernelTokenRead`):
+the forward kernel writes the row scalars ρ, β, e the eager state tape rebuilds from, and the
+backward kernel rebuilds X from Y with them as it forms the gradients (its REBUILD mode) — one
+kernel each way, where the traced backward is Inductor's. The write-only rule has no REBUILD
+mode: its rewrites stay traced on the chain.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deltalearn.ops import backend, compiled_kernels
 from deltalearn.ops._shapes import no_autocast
 from deltalearn.ops.mixing import mixing_weight_grad
 from deltalearn.ops.switches import switched_on
@@ -114,11 +119,7 @@ class _ChainedRewrite(torch.autograd.Function):
     def _backward(ctx: Any, *grads):
         k, beta, e, C = ctx.saved_tensors
         gY, g_next, Y = (grads[0], None, grads[1]) if C is None else grads
-        if Y is None:
-            raise RuntimeError(
-                "internal: a rewrite on the state chain got no state back in backward (the chain "
-                "was not finished: state_chain.StateChain.finish)"
-            )
+        _missing_state(Y, "a rewrite")
         acc = e.dtype
         beta_k = beta[..., None] * k
         Cf = None if C is None or g_next is None else C.to(acc)
@@ -153,6 +154,32 @@ class _ChainedRewrite(torch.autograd.Function):
         )
 
 
+class _ChainedKernelRewrite(torch.autograd.Function):
+    """`(Y, x_next, token)` of the delta rewrite `rewrite_epilogue(X, h, z, p, compress=C)` by the
+    Triton kernels as custom ops (`ops.compiled_kernels`, switched on), keeping h, z, p and the
+    forward kernel's row scalars: the backward kernel rebuilds X from Y as it forms the gradients
+    (the eager state tape's rebuild, `REBUILD`). x_next is empty without C."""
+
+    @staticmethod
+    def forward(ctx: Any, X, h, z, p, C, token, official: bool, value_scale: float, k_eps: float):
+        Y, x_next, rho, beta, e = compiled_kernels.chained_rewrite_forward(
+            X, h, z, p, C, official, value_scale, k_eps
+        )
+        ctx.save_for_backward(h, z, p, C, rho, beta, e)
+        ctx.options = official, value_scale, k_eps
+        return Y, x_next, _token(X)
+
+    @staticmethod
+    def backward(ctx: Any, gY, g_next, Y):
+        h, z, p, C, rho, beta, e = ctx.saved_tensors
+        _missing_state(Y, "a rewrite")
+        g_next = g_next if C is not None else None
+        gX, gh, gz, gp, gC, X = compiled_kernels.chained_rewrite_backward(
+            Y, h, z, p, C, rho, beta, e, gY, g_next, *ctx.options
+        )
+        return gX, gh, gz, gp, (gC if C is not None else None), X, None, None, None
+
+
 class _ChainedTokenRead(torch.autograd.Function):
     """`(x, token)` of the TC read `token_mix_traced(X, W)` of a whole sequence (no history),
     keeping only W: X reaches backward as the token's gradient and is handed on."""
@@ -166,11 +193,7 @@ class _ChainedTokenRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, G, X):
         (W,) = ctx.saved_tensors
-        if X is None:
-            raise RuntimeError(
-                "internal: a read on the state chain got no state back in backward (the chain "
-                "was not finished: state_chain.StateChain.finish)"
-            )
+        _missing_state(X, "a read")
         with no_autocast(X):
             K, T = W.shape[-1], G.shape[1]
             Wd = W.to(G.dtype)
@@ -183,6 +206,30 @@ class _ChainedTokenRead(torch.autograd.Function):
                 gX = gX + F.pad(part, (0, 0, 0, 0, src, T - src - n))
                 gW[tap] = mixing_weight_grad(G[:, dst : dst + n], X[:, src : src + n])
             return gX.to(ctx.dtype), torch.stack(gW, -1).to(W.dtype), X
+
+
+class _ChainedKernelTokenRead(torch.autograd.Function):
+    """`_ChainedTokenRead` by the Triton read kernels as custom ops (`ops.compiled_kernels`)."""
+
+    @staticmethod
+    def forward(ctx: Any, X, W, token):
+        ctx.save_for_backward(W)
+        return compiled_kernels.read_forward(X, W, 0), _token(X)
+
+    @staticmethod
+    def backward(ctx: Any, G, X):
+        (W,) = ctx.saved_tensors
+        _missing_state(X, "a read")
+        gX, gW = compiled_kernels.read_backward(X, W, G, 0)
+        return gX, gW, X
+
+
+def _missing_state(X: torch.Tensor | None, op: str) -> None:
+    if X is None:
+        raise RuntimeError(
+            f"internal: {op} on the state chain got no state back in backward (the chain was not "
+            "finished: state_chain.StateChain.finish)"
+        )
 
 
 class StateChain:
@@ -201,11 +248,25 @@ class StateChain:
         self.state = out[0]
         return out[0] if compress is None else tuple(out)
 
+    def rewrite_kernel(self, X, h, z, p, compress, official: bool, value_scale, k_eps):
+        """The delta rule's `rewrite_epilogue(X, h, z, p, compress=...)` on the chain by the Triton
+        kernels as custom ops (`ops.compiled_kernels`; the caller checked they apply)."""
+        self._check_state(X)
+        Y, x_next, self.token = _ChainedKernelRewrite.apply(
+            X, h, z, p, compress, self.token, official, float(value_scale), float(k_eps)
+        )
+        self.state = Y
+        return Y if compress is None else (Y, x_next)
+
     def token_read(self, X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """The TC read `token_mix(X, W)` of a whole sequence, on the chain (X its newest state):
-        the read keeps its taps W only and gets X back in backward."""
+        the read keeps its taps W only and gets X back in backward. By the Triton read kernel
+        where the compiled kernels apply (`ops.compiled_kernels.applies`), else traced."""
         self._check_state(X)
-        x, self.token = _ChainedTokenRead.apply(X, W, self.token)
+        read = _ChainedTokenRead
+        if compiled_kernels.applies([X, W], backend.backend()):
+            read = _ChainedKernelTokenRead
+        x, self.token = read.apply(X, W, self.token)
         return x
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:

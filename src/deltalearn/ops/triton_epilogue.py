@@ -620,6 +620,7 @@ def rows_on_context(ctx: Any, X, h, z, p, delta: bool, official: bool, value_sca
 def _forward(
     ctx: Any, X, h, z, p, C, delta: bool, official: bool, value_scale: float, k_eps: float,
     projections: tuple | None = None, norm_eps: float | None = None, taped: bool = True,
+    keep_rows: bool = False,
 ):  # fmt: skip
     """Launch the forward kernel; return `(outputs, saved)`: `Y` or `(Y, XN)`, and the tensors
     backward reads, `[X, h, z, p, C]`. With `projections` `(c, x, w_g, b_g, W_v, b_v)` z and p
@@ -627,7 +628,9 @@ def _forward(
     p shaped `(..., dv)` for any state); with `norm_eps` too (the official head: c = RMSNorm(x)
     with that ε) it also writes x's 1/rms a row, appended to `saved` (fp32, z's shape). Keeps on
     `ctx` what `_backward` needs besides. `taped=False`: no state tape links Y, even where one
-    records (a caller that keeps X itself: `ops.compiled_kernels`)."""
+    records (a caller that keeps X itself: `ops.compiled_kernels`). `keep_rows`: the kernel
+    writes the row scalars X is rebuilt from, as for a tape, and `ctx.row_scalars` holds them,
+    `(ρ, β, e)`, no tape involved (a compiled graph's state chain: `ops.compiled_kernels`)."""
     if projections is not None:
         dv = X.shape[-1] if X.dim() == h.dim() + 1 else 1
         z = new_empty(h.shape[:-1], torch.float32, X.device)
@@ -659,8 +662,8 @@ def _forward(
     # Where a state tape records this forward, the kernel also writes the row scalars the
     # state before it is rebuilt from in backward (`ops.state_tape`); fp32, n_rows·(dv + 2).
     tape = state_tape.active() if taped else None
-    save_rows = tape is not None and n_rows > 0
-    if save_rows:  # shaped as z and p (one row each, contiguous): linked without a view
+    save_rows = (tape is not None or keep_rows) and n_rows > 0
+    if save_rows or keep_rows:  # shaped as z and p (a row each, contiguous): linked without a view
         vector = X_in.dim() == h_in.dim()  # e `(...)`, as the tape takes it (p: maybe `(..., 1)`)
         e = new_empty(ctx.shapes[2 if vector else 3], torch.float32, X.device)
         rho = new_empty(ctx.shapes[2], torch.float32, X.device)
@@ -679,7 +682,9 @@ def _forward(
             P_CONTIGUOUS=p.is_contiguous(), PROJECT=projections is not None, READS_U=reads_u,
             HAS_BV=has_bv, NORM_C=norm_c, num_warps=_num_warps(block_m, block_d, block_v),
         )  # fmt: skip
-    if save_rows:  # before saving: Y is then a state the tape knows
+    if keep_rows:
+        ctx.row_scalars = rho, beta, e
+    elif save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
     ctx.set_materialize_grads(False)
     return ((Y, XN) if compress else Y), [X, h, z, p, C, *((rstd,) if norm_c else ())]
