@@ -48,6 +48,7 @@ from deltalearn.bench.timing import (
 from deltalearn.errors import ConfigError
 from deltalearn.ops import backend, compiled_kernels, epilogue, state_chain, state_tape
 from deltalearn.train import host_allocator
+from deltalearn.train.optim import stepped_parameters
 
 MEASURES = ("train", "infer", "generate", "memory")
 DEFAULT_VARIANTS = ("baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc")
@@ -215,7 +216,7 @@ class VariantRun:
         with self.autocast():
             loss = self.model(self.ids, labels=self.ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(stepped_parameters(self.optimizer), GRAD_CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

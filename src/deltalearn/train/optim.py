@@ -9,7 +9,7 @@ from torch import nn
 
 from deltalearn.train.config import OptimConfig, ScheduleConfig
 
-__all__ = ["build_optimizer", "lr_at", "param_groups"]
+__all__ = ["build_optimizer", "lr_at", "param_groups", "stepped_parameters"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,6 +51,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
     )
+
+
+def stepped_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters `optimizer` steps, in order: what the gradient-norm clip reads. Listed once,
+    not by `model.parameters()` at every step, whose walk over every submodule is host time a
+    GPU step waits for (`small`: 170 µs for the baseline's 173 modules, 300 µs for ddl's 293, on
+    a 2-core EPYC)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def lr_at(step: int, peak_lr: float, total_steps: int, sched: ScheduleConfig) -> float:

@@ -57,7 +57,7 @@ from deltalearn.train.distributed import (
 )
 from deltalearn.train.host_allocator import keep_freed_memory
 from deltalearn.train.logging import RunLogger
-from deltalearn.train.optim import build_optimizer, lr_at
+from deltalearn.train.optim import build_optimizer, lr_at, stepped_parameters
 from deltalearn.train.runs import check_run_paths, quiet_hf
 from deltalearn.train.validation import (
     autocast_context,
@@ -167,6 +167,7 @@ class Trainer:
             model.compile()  # in place: state-dict keys stay unprefixed
         self.model = wrap_model(model, env, fsdp=cfg.run.fsdp)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self._clipped = stepped_parameters(self.optimizer)
         # Fused Adam/AdamW/SGD skip a step on the device when handed found_inf = 1.
         self._device_skip = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
         self.sampler = BatchSampler(
@@ -242,7 +243,7 @@ class Trainer:
         # The same on every rank (like the gradient norm), so every rank skips the same steps.
         loss = all_reduce_mean(torch.stack(losses).mean(), env)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._clipped, clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
