@@ -12,7 +12,7 @@ import pytest
 import torch
 from model_helpers import ALL_VARIANTS, VOCAB, random_ids, tiny_model
 
-from deltalearn.ops import compiled_kernels
+from deltalearn.ops import compiled_kernels, state_chain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -227,6 +227,21 @@ def test_compiled_training_on_cuda_gives_the_triton_gradients(variant, kernels, 
     zero gradients (`ops/projections.cast`). "compiled-kernels": the Triton kernels themselves
     as custom ops in the compiled graph (`ops/compiled_kernels.py`)."""
     monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", kernels)
+    _assert_compiled_step_gives_the_triton_gradients(variant)
+
+
+@pytest.mark.parametrize("variant", ["ddl-cc", "ddl-tc"])
+def test_compiled_training_with_the_kernels_on_the_state_chain_gives_the_triton_gradients(
+    variant, monkeypatch
+):
+    """Both switches on: the chain's rewrites are the chained kernel ops (the backward kernel
+    rebuilding each state, `StateChain.rewrite_kernel`), ddl-tc's reads the read ops."""
+    monkeypatch.setattr(compiled_kernels, "COMPILED_KERNELS", "on")
+    monkeypatch.setattr(state_chain, "COMPILED_REBUILD", "on")
+    _assert_compiled_step_gives_the_triton_gradients(variant)
+
+
+def _assert_compiled_step_gives_the_triton_gradients(variant: str) -> None:
     torch.manual_seed(0)
     model = tiny_model(variant, num_layers=2).cuda().train()
     ids = random_ids(32, 256).cuda()
