@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltalearn.bench.model import step_peak_bytes
-from deltalearn.ops import compiled_kernels
+from deltalearn.ops import backend, compiled_kernels
 from deltalearn.ops.epilogue import epilogue_generators
 from deltalearn.ops.state_chain import StateChain
 from deltalearn.ops.traced_epilogue import rewrite_epilogue_traced
@@ -124,6 +125,13 @@ def main() -> None:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    kernel_modes = [m for m in modes if m.endswith("kernels")]
+    interpreted = args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel_modes and not (backend.triton_available() and (args.device != "cpu" or interpreted)):
+        parser.error(
+            f"--modes {','.join(kernel_modes)} run the Triton kernels: they need triton and "
+            f"--device cuda (or TRITON_INTERPRET=1 on a CPU); got --device {args.device}"
+        )
 
     torch.manual_seed(0)
     model = RewriteStack(args.width, args.channels, args.layers).to(args.device)

@@ -614,3 +614,8 @@ def test_compiled_state_chain_script_compares_kept_and_rebuilt_states(tmp_path):
     cmd = [sys.executable, "benchmarks/compiled_state_chain.py", "--modes", "kept"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--modes" in proc.stderr and "'kept'" in proc.stderr
+    # the kernel modes on a CPU without Triton's interpreter: refused before anything runs
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "benchmarks/compiled_state_chain.py", "--modes", "saved,chain-kernels"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "chain-kernels" in proc.stderr and "--device cpu" in proc.stderr
