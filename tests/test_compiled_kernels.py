@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from chain_helpers import rewrite_stack_loss  # noqa: E402
 from model_helpers import assert_compiled_gradients_are_eager  # noqa: E402
 from triton_interpreter import (  # noqa: E402
     require_interpreter,
@@ -240,23 +241,16 @@ def test_compiled_checkpointed_model_with_the_ops_trains_on_the_eager_gradients(
 def _chained_stack_loss(official: bool, read: bool, chained: bool, operands):
     """A loss over three delta rewrites from X0, each read (with `read`) and the last state in it:
     on a state chain by the chained kernel ops, or by the reference epilogue."""
-    X0, C, *layers = operands
+    X0, C, *operands = operands
     head = "official" if official else "paper"
-    chain = StateChain(X0) if chained else None
-    X, total = X0, 0
-    for i, (h, z, p) in enumerate(zip(*(iter(layers),) * 3, strict=True)):
-        C_i = C if read else None
-        if chained:
-            out = chain.rewrite_kernel(X, h, z, p, C_i, official, 4.0, 1e-5)
-        else:
-            out = ep.rewrite_epilogue_reference(X, h, z, p, compress=C_i, value_head=head)
-        X, x = out if read else (out, None)
-        if read:
-            total = total + (x.square() * (i + 1)).sum()
-    last = X.sum(-1)
-    if chained:
-        last = chain.finish(last)
-    return total + last.pow(3).sum()
+
+    def rewrite(chain, X, layer, C):
+        if chain is None:
+            return ep.rewrite_epilogue_reference(X, *layer, compress=C, value_head=head)
+        return chain.rewrite_kernel(X, *layer, C, official, 4.0, 1e-5)
+
+    layers = list(zip(*(iter(operands),) * 3, strict=True))  # (h, z, p) a layer
+    return rewrite_stack_loss(X0, C, layers, rewrite, read, chained)
 
 
 @pytest.mark.parametrize("read", [True, False], ids=["with-read", "no-read"])

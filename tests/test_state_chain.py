@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chain_helpers import rewrite_stack_loss
 from model_helpers import assert_compiled_gradients_are_eager
 
 from deltalearn import DeltaLM, DeltaLMConfig
@@ -49,24 +50,15 @@ def _operands(d: int = 7, dv: int = 3, dtype=torch.float64):
 def _stack(rule: str, read: bool, chained: bool):
     """A loss over LAYERS rewrites from X0: each read (with `read`) and the last state enter it."""
 
+    def rewrite(chain, X, layer, C):
+        if chain is None:
+            return rewrite_epilogue_traced(X, *layer, rule, C)
+        return chain.rewrite(X, *layer, rule, C)
+
     def loss(X0, C, *generators):
         ks, betas, vs = (generators[i * LAYERS : (i + 1) * LAYERS] for i in range(3))
-        chain = StateChain(X0) if chained else None
-        X, total = X0, 0
-        for i, (k, beta, v) in enumerate(zip(ks, betas, vs, strict=True)):
-            C_i = C if read else None
-            out = (
-                chain.rewrite(X, k, beta, v, rule, C_i)
-                if chained
-                else rewrite_epilogue_traced(X, k, beta, v, rule, C_i)
-            )
-            X, x = out if read else (out, None)
-            if read:
-                total = total + (x.square() * (i + 1)).sum()
-        last = X.sum(-1)
-        if chained:
-            last = chain.finish(last)
-        return total + last.pow(3).sum()
+        layers = list(zip(ks, betas, vs, strict=True))
+        return rewrite_stack_loss(X0, C, layers, rewrite, read, chained)
 
     return loss
 
