@@ -34,7 +34,7 @@
 #            (StateChain.rewrite_kernel): ddl-cc's and ddl-tc's gradients against eager (two
 #            layers), `compiled_state_chain.py` on a stack of rewrites at `small`'s width (states
 #            kept or rebuilt, traced or by the kernels), then `bench model --compile` train/memory;
-#            ~2 + ~1 + ~6 minutes
+#            ~2 + ~2 + ~6 minutes (COMPILE_VARIANTS=baseline,ddl-cc,ddl-tc: ~4; ddl never chains)
 #   fusedread  `bench model` train/infer/memory for the CC variants with the compressor read fused
 #            into the rewrite kernel (DELTALEARN_FUSED_READ=on) and without, to decide its default
 #   rebuild  `bench model` train/memory with the states rebuilt in backward (ops/state_tape.py,
@@ -199,7 +199,7 @@ for s in $stages; do
             --ways deltalm-compile --json "$out/h200_compiled_both_gradients.json" 2>&1 \
             | grep -v "^W1" | tail -4
         stage "a stack of rewrites: states kept or rebuilt, traced or by the kernels"
-        timeout 180 python benchmarks/compiled_state_chain.py --device cuda --rows 8192 \
+        timeout 240 python benchmarks/compiled_state_chain.py --device cuda --rows 8192 \
             --width 768 --channels 4 --layers 12 --no-eager --repeats 5 \
             --modes saved,chain,kernels,chain-kernels \
             --json "$out/h200_compiled_state_chain.json" 2>&1 | grep -v "^W1" | tail -6
