@@ -204,6 +204,7 @@ class VariantRun:
     gen_tokens: int
     dtype: torch.dtype
     gen_instances: int = 1
+    _clipped: list[torch.Tensor] = field(default_factory=list)  # as the trainer lists them, once
     _decoders: list[torch.nn.Module] = field(default_factory=list)
     _decoded: int = 0
 
@@ -216,7 +217,9 @@ class VariantRun:
         with self.autocast():
             loss = self.model(self.ids, labels=self.ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(stepped_parameters(self.optimizer), GRAD_CLIP)
+        if not self._clipped:
+            self._clipped = stepped_parameters(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self._clipped, GRAD_CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -548,7 +548,7 @@ def residual_step(
     if torch.is_grad_enabled() and type(update).forward is DeltaUpdate.forward:
         if chain is not None:
             return update(*args, c_norm=norm, chain=chain)
-        return update(*args, c_norm=norm)
+        return update(*args, c_norm=norm)  # no chain keyword: a forward set on the instance
     if chain is not None:
         raise ValueError(f"a state chain goes to a plain DeltaUpdate with autograd, got {update}")
     return update(*args)
