@@ -41,6 +41,9 @@
 #            the default) and kept (DELTALEARN_REBUILD_STATES=off): its GPU cost and saving
 #   host     the host's time to issue a training step, a forward and a decoded token at width 64
 #            (benchmarks/host_overhead.py --device cuda): Triton launches made and recorded
+#   cudagraphs  `bench model --cuda-graphs --measure train`: the eager step recorded as a CUDA graph
+#            and replayed (`deltalearn train --cuda-graphs`, train/cuda_graph.py), then the same
+#            variants eager, one call after the other; ~2 x 1.5 minutes for four variants
 #   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
 #            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
 #            chosen on host work alone) and apart: its GPU time, to confirm or revert the default
@@ -76,7 +79,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode cudagraphs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -95,7 +98,7 @@ for s in $stages; do
         python -c "import xdist" 2>/dev/null && workers=(-n 4)  # pytest-xdist, where installed
         timeout 300 python -m pytest -v -p no:cacheprovider "${workers[@]}" -rfE --durations=12 \
             tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_distributed.py \
-            tests/test_ops_epilogue.py -k "not under_the_interpreter" >"$out/cuda_tests.txt" 2>&1
+            tests/test_train_cuda_graphs.py tests/test_ops_epilogue.py -k "not under_the_interpreter" >"$out/cuda_tests.txt" 2>&1
         echo "pytest exit $?"
         grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | grep -v "^\[gw.\] .*PASSED" | tail -30
         ;;
@@ -105,6 +108,14 @@ for s in $stages; do
             timeout 170 deltalearn bench model "${small[@]}" --variants $variants \
                 --measure "${MODEL_MEASURE:-train,infer,generate,memory}" --repeats 7 --impl "$impl" \
                 --json "$out/h200_model_${impl}.json" 2>&1 | tail -24
+        done
+        ;;
+    cudagraphs)
+        for mode in --cuda-graphs eager; do
+            stage "bench model train, $mode"
+            flag=(); [ "$mode" = eager ] || flag=("$mode")
+            timeout 150 deltalearn bench model "${small[@]}" --variants $variants --measure train \
+                --repeats 7 "${flag[@]}" --json "$out/h200_model_train_${mode#--}.json" 2>&1 | tail -12
         done
         ;;
     rebuild)
@@ -226,7 +237,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compiledrebuild, compileckpt, graphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compiledrebuild, compileckpt, graphs, cudagraphs)" >&2 ;;
     esac
 done
 stage "done"

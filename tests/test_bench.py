@@ -261,6 +261,7 @@ def test_width_256_preset_keeps_head_dim_32():
         (["--variants", "baseline,ddl-xx"], "ddl-xx"),
         (["--measure", "train,speed"], "speed"),
         (["--gen-instances", "0"], "--gen-instances"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs records the eager step on a CUDA"),
     ],
 )
 def test_bad_settings_are_one_line_errors(capsys, extra, names):
@@ -298,6 +299,25 @@ def test_activation_checkpointing_lowers_the_step_peak():
         return step_peak_bytes(run.train_step, torch.device("cpu"))
 
     assert peak(True) < 0.75 * peak(False)
+
+
+def test_cuda_graphs_train_step_replays_the_trainers_step():
+    """`--cuda-graphs` (here `StepGraph`'s CPU stand-in): the first call runs the warm-up steps and
+    the recording, each later one a replay; the weights are those of as many eager steps."""
+    from deltalearn.bench.model import ModelBench, build_variant
+    from deltalearn.train.cuda_graph import WARMUP_CALLS
+
+    def weights(graphs: bool, calls: int) -> list[torch.Tensor]:
+        bench = ModelBench(variants=["ddl-cc"], overrides=dict(num_layers=2), batch=2, seq=32)
+        bench.cuda_graphs = graphs  # past `check`, which wants a CUDA device for it
+        run = build_variant(bench, "ddl-cc")
+        for _ in range(calls):
+            run.train_step()
+        assert graphs == (run._graph is not None and run._graph.calls == WARMUP_CALLS + calls)
+        return [p.detach().clone() for p in run.model.parameters()]
+
+    replayed, eager = weights(True, 2), weights(False, WARMUP_CALLS + 2)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, eager, strict=True))
 
 
 # ---- model FLOPs and MFU -------------------------------------------------------------------------

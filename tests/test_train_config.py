@@ -144,6 +144,7 @@ BAD_VALUES = {
     "run.dtype": ["fp16"],
     "run.compile": ["yes"],
     "run.activation_checkpointing": ["yes"],
+    "run.cuda_graphs": ["yes"],
     "run.fsdp": [1],
     "run.eval_interval": [0],
     "run.eval_batches": [0],

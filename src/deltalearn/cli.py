@@ -39,6 +39,7 @@ TRAIN_FLAGS = {
     "compile": "run.compile",
     "fsdp": "run.fsdp",
     "activation_checkpointing": "run.activation_checkpointing",
+    "cuda_graphs": "run.cuda_graphs",
     "eval_interval": "run.eval_interval",
     "eval_batches": "run.eval_batches",
     "checkpoint_interval": "run.checkpoint_interval",
@@ -378,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="recompute each block's activations in backward: less memory, ~1/3 more compute",
+    )
+    t.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="record the training step as a CUDA graph and replay it: no host time a step "
+        "(one GPU; not with --compile, --fsdp, --activation-checkpointing)",
     )
     t.add_argument("--eval-interval", type=int, help="evaluate every N steps")
     t.add_argument("--eval-batches", type=int, help="validation batches per evaluation")

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="checkpoint every block in training (as `deltalearn train --activation-checkpointing`)",
     )
+    m.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="train: the step recorded as a CUDA graph and replayed (as `deltalearn train "
+        "--cuda-graphs`; memory stays the eager step's)",
+    )
     m.add_argument("--measure", default=",".join(MEASURES), help="comma-separated subset")
     m.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (prefill)")
     m.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens (timed)")
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             impl=args.impl,
             compile=args.compile,
             checkpointing=args.activation_checkpointing,
+            cuda_graphs=args.cuda_graphs,
             measures=_split(args.measure),
             gen_prompt=args.gen_prompt,
             gen_tokens=args.gen_tokens,

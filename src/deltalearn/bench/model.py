@@ -48,6 +48,7 @@ from deltalearn.bench.timing import (
 from deltalearn.errors import ConfigError
 from deltalearn.ops import backend, compiled_kernels, epilogue, state_chain, state_tape
 from deltalearn.train import host_allocator
+from deltalearn.train.cuda_graph import StepGraph
 from deltalearn.train.optim import stepped_parameters
 
 MEASURES = ("train", "infer", "generate", "memory")
@@ -119,6 +120,7 @@ class ModelBench:
     impl: str = "default"  # "reference": every DeltaUpdate uses the plain (unfused) operator
     compile: bool = False
     checkpointing: bool = False  # activation checkpointing per block (training measurements)
+    cuda_graphs: bool = False  # train: the step recorded as a CUDA graph and replayed
     measures: list[str] = field(default_factory=lambda: list(MEASURES))
     gen_prompt: int = 64
     gen_tokens: int = 64
@@ -160,6 +162,11 @@ class ModelBench:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.cuda_graphs and (device.type != "cuda" or self.compile or self.checkpointing):
+            raise ConfigError(
+                "--cuda-graphs records the eager step on a CUDA device: not with --device "
+                f"{self.device}, --compile or --activation-checkpointing"
+            )
         for variant in self.variants:
             build_config(self, variant)
 
@@ -204,24 +211,50 @@ class VariantRun:
     gen_tokens: int
     dtype: torch.dtype
     gen_instances: int = 1
+    graphs: bool = False  # train_step replays a recorded CUDA graph (`--cuda-graphs`)
+    _graph: StepGraph | None = None
     _clipped: list[torch.Tensor] = field(default_factory=list)  # as the trainer lists them, once
     _decoders: list[torch.nn.Module] = field(default_factory=list)
     _decoded: int = 0
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
         device = self.ids.device.type
-        return torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        enabled = self.dtype != torch.float32
+        return torch.autocast(device, dtype=self.dtype, enabled=enabled, cache_enabled=cache)
 
     def train_step(self) -> None:
+        """One training step; with `graphs`, replayed (the first call also runs the warm-up
+        steps and records the graph, `train.cuda_graph`)."""
+        if not self.graphs:
+            self.eager_train_step()
+            return
+        if self._graph is None:
+            for group in self.optimizer.param_groups:  # its lr stays a float: the same each step
+                group["capturable"] = True
+            self._graph = StepGraph(self._step, stand_in=self.ids.device.type != "cuda")
+        self._graph()
+        while not self._graph.recorded:
+            self._graph()
+
+    def eager_train_step(self) -> None:
+        """The step as `deltalearn train` takes it without `--cuda-graphs` (and the one `memory`
+        measures: a recorded step's pool holds the same tensors)."""
+        self._step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step(self) -> tuple[torch.Tensor]:
+        """Forward with the loss, backward, the clip and AdamW, as the trainer takes them; the
+        gradients are left for the caller (or the next recorded step) to drop."""
         self.model.train()
-        with self.autocast():
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast(cache=not self.graphs):  # a recorded step casts inside the graph
             loss = self.model(self.ids, labels=self.ids).loss
         loss.backward()
         if not self._clipped:
             self._clipped = stepped_parameters(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self._clipped, GRAD_CLIP)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return (loss.detach(),)
 
     @torch.no_grad()
     def infer(self) -> None:
@@ -272,6 +305,7 @@ def build_variant(bench: ModelBench, variant: str) -> VariantRun:
         gen_tokens=bench.gen_tokens,
         dtype=getattr(torch, bench.dtype),
         gen_instances=1 if bench.compile else bench.gen_instances,  # a copy would compile anew
+        graphs=bench.cuda_graphs,
     )
 
 
@@ -404,8 +438,8 @@ def _measure(bench: ModelBench) -> list[dict[str, object]]:
         for v, run in runs.items():
             if "error" in rows[v]:
                 continue
-            run.train_step()  # lazily created state (AdamW moments, compiled code) is resident
-            rows[v]["step_peak_MB"] = step_peak_bytes(run.train_step, device) / 2**20
+            run.eager_train_step()  # lazily created state (AdamW moments, compiled code) resident
+            rows[v]["step_peak_MB"] = step_peak_bytes(run.eager_train_step, device) / 2**20
             rows[v]["resident_MB"] = resident_bytes(run) / 2**20
         _add_ratios(rows, "step_peak_MB", "memory_ratio")
     return list(rows.values())

@@ -127,7 +127,11 @@ def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, optimizer, options=opts)
-    return optimizer.state_dict()
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:  # copies of the optimizer's own
+        if isinstance(group.get("lr"), torch.Tensor):  # a recorded step's (`train.cuda_graph`)
+            group["lr"] = group["lr"].item()  # as every other run saves it: a float
+    return state
 
 
 def _dedup(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

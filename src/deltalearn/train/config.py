@@ -92,6 +92,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # shard with FSDP2 fully_shard instead of DDP (multi-process runs)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    cuda_graphs: bool = False  # record the training step as a CUDA graph and replay it (one GPU)
     eval_interval: int = 50  # evaluate validation loss every N steps (and at the end)
     eval_batches: int = 8  # validation batches per evaluation
     log_interval: int = 1  # write a train-loss line to log.jsonl every N steps
@@ -204,6 +205,24 @@ class TrainConfig:
         _check_choice("run.dtype", r.dtype, ("auto", "fp32", "bf16"))
         if r.stop_after is not None:
             _check_range("run.stop_after", r.stop_after, low=1, note="or null to run to the end")
+        if r.cuda_graphs:
+            self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self) -> None:
+        """run.cuda_graphs records the eager step of one CUDA process (`train.cuda_graph`)."""
+        r = self.run
+        if r.device == "cpu":
+            raise _invalid("run.cuda_graphs", r.cuda_graphs, "false with run.device cpu")
+        excluded = {  # each would need its own capture rules; none is verified recorded
+            "run.compile": "a compiled step is a different program (Inductor's)",
+            "run.fsdp": "FSDP2 gathers and reduces from hooks outside the recorded kernels",
+            "run.activation_checkpointing": "its recompute saves and restores RNG state in Python",
+        }
+        for key, why in excluded.items():
+            if getattr(r, key.removeprefix("run.")):
+                raise bad_value(
+                    "run.cuda_graphs", f"run.cuda_graphs cannot be combined with {key}: {why}"
+                )
 
 
 _SECTION_NAMES = {
@@ -301,6 +320,7 @@ RESUMABLE_KEYS = frozenset(
         "run.log_interval",
         "run.compile",
         "run.activation_checkpointing",
+        "run.cuda_graphs",
         "data.cache_dir",
     }
 )

@@ -23,6 +23,7 @@ exactly. Without ``skip_nonfinite`` the run stops at the next sync point with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -43,6 +44,7 @@ from deltalearn.models.loss import next_token_loss
 from deltalearn.train import checkpoint as ckpt
 from deltalearn.train.build import build_model, model_config, prepare_data
 from deltalearn.train.config import TrainConfig, config_diff, load_config, save_config
+from deltalearn.train.cuda_graph import StepGraph, check_graphable
 from deltalearn.train.distributed import (
     DistEnv,
     all_reduce_max,
@@ -170,6 +172,20 @@ class Trainer:
         self._clipped = stepped_parameters(self.optimizer)
         # Fused Adam/AdamW/SGD skip a step on the device when handed found_inf = 1.
         self._device_skip = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        # --cuda-graphs: the step recorded once and replayed (`train.cuda_graph`); the lr then a
+        # device tensor the recorded AdamW reads, and the batch copied into the same tensors.
+        self._graph: StepGraph | None = None
+        self._lr: torch.Tensor | None = None
+        if cfg.run.cuda_graphs:
+            check_graphable(self.device, world_size=world, fused_optimizer=self._device_skip)
+            # The lr as fused AdamW reads a float one: float32 on CUDA, double on a CPU.
+            lr_dtype = torch.float32 if self.device.type == "cuda" else torch.float64
+            self._lr = torch.full((), cfg.optim.lr, dtype=lr_dtype, device=self.device)
+            micro = (self.rows // accum, cfg.run.seq_len)
+            self._inputs = torch.zeros((2, accum, *micro), dtype=torch.long, device=self.device)
+            # The step reads the tensors made here (bound now, as the graph's kernels are).
+            step = functools.partial(self._recorded_step, self._inputs)
+            self._graph = StepGraph(step, stand_in=self.device.type != "cuda")
         self.sampler = BatchSampler(
             data.tokens("train"), cfg.run.seq_len, cfg.run.batch_size, cfg.run.seed
         )
@@ -191,7 +207,8 @@ class Trainer:
     def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
         """Loss of one micro-batch; gradients (scaled for accumulation) added to ``.grad``."""
         with no_grad_sync(self.model, skip=not sync):
-            with autocast_context(self.device, self.dtype):
+            # A recorded step casts the weights inside the graph, not from autocast's cache.
+            with autocast_context(self.device, self.dtype, cache=self._graph is None):
                 logits = self.model(x).logits
             loss = next_token_loss(logits, y)
             (loss / self.cfg.run.grad_accum).backward()
@@ -218,6 +235,46 @@ class Trainer:
                     p.grad.masked_fill_(bad, 0.0)
         opt.step()
 
+    def _update(
+        self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of the micro-batches, the clip and the optimizer step: (loss, grad norm,
+        finite), device tensors."""
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = len(micro_x)
+        losses = [
+            self.forward_backward_step(x, y, sync=i == accum - 1)
+            for i, (x, y) in enumerate(zip(micro_x, micro_y, strict=True))
+        ]
+        # The same on every rank (like the gradient norm), so every rank skips the same steps.
+        loss = all_reduce_mean(torch.stack(losses).mean(), self.env)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._clipped, clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self._optimizer_step(finite)
+        return loss, grad_norm, finite
+
+    def _recorded_step(self, inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        """The step `StepGraph` records: `_update` on the micro-batches in `inputs` (x and y,
+        `(2, accum, rows, seq)`), its three numbers packed in one tensor (one copy to take before
+        the next replay overwrites it)."""
+        xs, ys = inputs
+        loss, grad_norm, finite = self._update(list(xs), list(ys))
+        return (torch.stack([loss.float(), grad_norm.float(), finite.float()]),)
+
+    def _set_lr(self, lr: float) -> None:
+        groups = self.optimizer.param_groups
+        if self._lr is None:
+            for group in groups:
+                group["lr"] = lr
+            return
+        self._lr.fill_(lr)
+        for group in groups:
+            if group["lr"] is not self._lr:  # the first step, or a checkpoint loaded over it
+                group["lr"], group["capturable"] = self._lr, True
+
     def train_step(self, step: int) -> StepStats:
         """Optimizer step ``step`` (0-based) on this rank's slice of the global batch.
 
@@ -225,29 +282,20 @@ class Trainer:
         """
         cfg, env = self.cfg, self.env
         lr = lr_at(step, cfg.optim.lr, cfg.run.steps, cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self._set_lr(lr)
         start = env.rank * self.rows
         x, y = self.sampler.batch(step, start, start + self.rows)
-        x = torch.as_tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
-        y = torch.as_tensor(y, dtype=torch.long).to(self.device, non_blocking=True)
+        x, y = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
         accum = cfg.run.grad_accum
-        micro = self.rows // accum
-        losses = [
-            self.forward_backward_step(
-                x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro], sync=i == accum - 1
-            )
-            for i in range(accum)
-        ]
-        # The same on every rank (like the gradient norm), so every rank skips the same steps.
-        loss = all_reduce_mean(torch.stack(losses).mean(), env)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._clipped, clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        self._optimizer_step(finite)
+        if self._graph is not None:
+            batch = torch.stack([x, y]).view(self._inputs.shape)
+            self._inputs.copy_(batch, non_blocking=True)
+            (packed,) = self._graph()
+            loss, grad_norm, finite = packed.clone()  # before the next replay overwrites it
+            return StepStats(step + 1, lr, loss, grad_norm, finite > 0)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        loss, grad_norm, finite = self._update(list(x.chunk(accum)), list(y.chunk(accum)))
         return StepStats(step + 1, lr, loss, grad_norm, finite)
 
     # ---- sync points ------------------------------------------------------------------------

@@ -24,11 +24,12 @@ __all__ = [
 ]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast when asked for; fp32 needs no context."""
+def autocast_context(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """bf16 autocast when asked for; fp32 needs no context. `cache`: autocast's cache of cast
+    weights (off for a step recorded as a CUDA graph, as PyTorch asks)."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 @torch.no_grad()
