@@ -102,8 +102,14 @@ class StepGraph:
         self._graph = torch.cuda.CUDAGraph()
         # The warm-up's stream: the cuBLAS handles and workspaces made for it are reused, not
         # created mid-capture.
-        with torch.cuda.graph(self._graph, stream=self._stream):
-            self._outputs = self._step()
+        try:
+            with torch.cuda.graph(self._graph, stream=self._stream):
+                self._outputs = self._step()
+        except Exception as error:  # a bug, ours or torch's: kept with its traceback
+            raise RuntimeError(
+                "recording the training step as a CUDA graph failed (something in the step is "
+                "not capturable); train without --cuda-graphs"
+            ) from error
         current.wait_stream(self._stream)
         self._graph.replay()  # capture only records: this call's step runs now
         return self._outputs
