@@ -130,7 +130,8 @@ def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     state = optimizer.state_dict()
     for group in state["param_groups"]:  # copies of the optimizer's own
         if isinstance(group.get("lr"), torch.Tensor):  # a recorded step's (`train.cuda_graph`)
-            group["lr"] = group["lr"].item()  # as every other run saves it: a float
+            # saved as every other run saves it; a recorded run sets both again on resume
+            group["lr"], group["capturable"] = group["lr"].item(), False
     return state
 
 
