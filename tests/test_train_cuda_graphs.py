@@ -21,6 +21,7 @@ from deltalearn.train import cuda_graph
 from deltalearn.train import trainer as trainer_mod
 from deltalearn.train.config import TrainConfig
 from deltalearn.train.logging import read_log
+from deltalearn.train.optim import lr_at
 from deltalearn.train.trainer import train
 
 
@@ -57,6 +58,11 @@ def test_recorded_step_trains_as_the_eager_step(tmp_path, cache, stand_in, accum
     eager = train(tiny_config(tmp_path / "eager", cache, **common))
     graphed = train(tiny_config(tmp_path / "graphed", cache, cuda_graphs=True, **common))
     assert len(stand_in) == 1 and stand_in[0].recorded and stand_in[0].calls == steps
+    # A replay reads the lr from the one tensor recorded (a float would be frozen in the graph).
+    trainer = stand_in[0]._step.func.__self__
+    groups, cfg = trainer.optimizer.param_groups, trainer.cfg
+    assert all(g["lr"] is trainer._lr and g["capturable"] for g in groups)
+    assert float(trainer._lr) == lr_at(steps - 1, cfg.optim.lr, steps, cfg.schedule)
     assert _losses(tmp_path / "graphed") == _losses(tmp_path / "eager")
     assert len(set(_losses(tmp_path / "eager"))) == steps  # every step its own loss
     assert graphed.val_loss == eager.val_loss
