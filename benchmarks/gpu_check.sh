@@ -44,6 +44,9 @@
 #   cudagraphs  `bench model --cuda-graphs --measure train`: the eager step recorded as a CUDA graph
 #            and replayed (`deltalearn train --cuda-graphs`, train/cuda_graph.py), then the same
 #            variants eager, one call after the other; ~2 x 1.5 minutes for four variants
+#   graphdecode  `bench decode --modes dynamic,static,static-graphed`: a decoded token eager and
+#            with its eager step recorded as a CUDA graph (no compiling), every variant at `small`,
+#            batch 1; ~2 minutes
 #   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
 #            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
 #            chosen on host work alone) and apart: its GPU time, to confirm or revert the default
@@ -79,7 +82,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode cudagraphs}
+stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode cudagraphs graphdecode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -174,6 +177,13 @@ for s in $stages; do
             --tokens 128 --repeats 5 --compile-mode reduce-overhead \
             --json "$out/h200_decode.json" 2>&1 | tail -12
         ;;
+    graphdecode)
+        stage "bench decode, eager and replayed"
+        timeout 200 deltalearn bench decode --size small --dtype bfloat16 \
+            --variants "${GRAPH_DECODE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
+            --modes dynamic,static,static-graphed --tokens 128 --repeats 5 \
+            --json "$out/h200_decode_graphed.json" 2>&1 | tail -16
+        ;;
     compile)
         stage "bench model --compile"
         timeout 420 deltalearn bench model "${small[@]}" --compile \
@@ -237,7 +247,7 @@ for s in $stages; do
             --variants "${COMPILE_VARIANTS:-baseline,ddl,ddl-cc,ddl-tc}" \
             --json "$out/h200_compiled_graph_2layers.json" 2>&1 | tail -8
         ;;
-    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compiledrebuild, compileckpt, graphs, cudagraphs)" >&2 ;;
+    *) echo "unknown stage $s (tests, host, model, updatekernel, rebuild, fusedread, profile, tiles, reads, decode, compilegrads, compile, compiledkernels, compiledrebuild, compileckpt, graphs, cudagraphs, graphdecode)" >&2 ;;
     esac
 done
 stage "done"

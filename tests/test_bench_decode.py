@@ -75,9 +75,45 @@ def test_the_timed_loop_decodes_greedily(mode):
     assert torch.equal(torch.cat(tokens, 1), expected[:, -4:])
 
 
+def test_graphed_decoding_feeds_each_token_back_through_its_buffer():
+    """static-graphed (here `StepGraph`'s CPU stand-in, which reruns the step at each call): two
+    repeats — the first with the warm-up calls and the recording, the second replays only —
+    decode the tokens `generate` would, each repeat from a fresh prefill."""
+    from deltalearn.train.cuda_graph import WARMUP_CALLS
+
+    bench = DecodeBench(
+        variants=["ddl-tc"],
+        overrides=dict(num_layers=2, hidden_size=32, num_heads=2, head_dim=16, vocab_size=61),
+        prompt=5,
+        tokens=WARMUP_CALLS + 3,
+    )
+    run = DecodeRun(bench, "ddl-tc", "static-graphed")
+    decoded = []
+    step = run._eager_step
+
+    def recording_step(token, cache):
+        out = step(token, cache)
+        decoded.append(out[0])
+        return out
+
+    run._eager_step = recording_step
+    with torch.no_grad():
+        expected = run.model.generate(run.prompt, max_new_tokens=bench.tokens + 1, do_sample=False)
+    for _ in range(2):
+        decoded.clear()
+        assert run.decode() > 0
+        # the prefill's token, then one a call: the stand-in runs the step's Python every call
+        assert torch.equal(torch.cat(decoded, 1), expected[:, bench.prompt :])
+    assert run._graph.recorded and run._graph.calls == 2 * bench.tokens
+
+
 @pytest.mark.parametrize(
     ("extra", "names"),
-    [(["--modes", "static,warp"], "warp"), (["--tokens", "0"], "--tokens")],
+    [
+        (["--modes", "static,warp"], "warp"),
+        (["--tokens", "0"], "--tokens"),
+        (["--modes", "static-graphed", "--device", "cpu"], "needs --device cuda"),
+    ],
 )
 def test_bad_settings_are_one_line_errors(capsys, extra, names):
     assert cli_main(["bench", "decode", *TINY, *extra]) == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from deltalearn.bench.decode import DEFAULT_MODES as DECODE_DEFAULT_MODES
 from deltalearn.bench.decode import MODES as DECODE_MODES
 from deltalearn.bench.decode import (
     DecodeBench,
@@ -152,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", default="tiny", help="preset size: tiny, small, medium")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--variants", default=",".join(DecodeBench().variants))
-    d.add_argument("--modes", default=",".join(DECODE_MODES), help="the first is the reference")
+    d.add_argument(
+        "--modes",
+        default=",".join(DECODE_DEFAULT_MODES),
+        help=f"the first is the reference; of {', '.join(DECODE_MODES)}",
+    )
     d.add_argument("--batch", type=int, default=1, help="rows decoded together")
     d.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill, not timed)")
     d.add_argument("--tokens", type=int, default=64, help="decoded tokens (timed)")

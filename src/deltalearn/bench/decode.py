@@ -4,6 +4,9 @@
     dynamic          `DeltaLMCache` (grows by concatenation), eager forward per token
     static           `DeltaLMStaticCache` (pre-allocated, written in place), eager forward
     static-compiled  `DeltaLMStaticCache`, the decode step compiled once (`fullgraph=True`)
+    static-graphed   `DeltaLMStaticCache`, the eager decode step recorded as a CUDA graph and
+                     replayed (`train.cuda_graph.StepGraph`; CUDA only, not a default mode): a
+                     token at the GPU's pace, with no host work between its kernels
 
 Each repeat prefills the prompt (not timed) and then decodes `--tokens` tokens one call each
 (greedy, the last token and the cache, no `generate` overhead). Modes and variants are timed
@@ -33,8 +36,10 @@ from deltalearn.bench.timing import (
     timed,
 )
 from deltalearn.errors import ConfigError
+from deltalearn.train.cuda_graph import StepGraph
 
-MODES = ("dynamic", "static", "static-compiled")
+MODES = ("dynamic", "static", "static-compiled", "static-graphed")
+DEFAULT_MODES = MODES[:3]
 
 
 @dataclass
@@ -48,7 +53,7 @@ class DecodeBench:
     prompt: int = 64
     tokens: int = 64
     dtype: str = "float32"
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" = CUDA graphs on a GPU
     repeats: int = 5
     device: str = "cpu"
@@ -63,6 +68,11 @@ class DecodeBench:
                 raise ConfigError(f"--{name} must be an integer >= 1, got {value!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if "static-graphed" in self.modes and torch.device(self.device).type != "cuda":
+            raise ConfigError(
+                f"--modes static-graphed records a CUDA graph: it needs --device cuda, not "
+                f"{self.device!r}"
+            )
 
 
 class DecodeRun:
@@ -86,6 +96,10 @@ class DecodeRun:
             self.cache = DeltaLMStaticCache(config=cfg, max_cache_len=length)
         self.step = self._eager_step
         self.compile_seconds = None
+        # static-graphed: the token fed back through one buffer the recorded step reads and writes
+        self.graphed = mode == "static-graphed"
+        self._token: torch.Tensor | None = None
+        self._graph: StepGraph | None = None
         self.compiled = mode == "static-compiled"
         if self.compiled:
             self.step = torch.compile(self._eager_step, fullgraph=True, mode=bench.compile_mode)
@@ -95,7 +109,10 @@ class DecodeRun:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         enabled = self.dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        # No cache of cast weights for a recorded step: a cast made before the recording would be
+        # read from memory freed when the context ends.
+        cache = not self.graphed
+        return torch.autocast(self.device.type, self.dtype, enabled=enabled, cache_enabled=cache)
 
     def _eager_step(self, token: torch.Tensor, cache) -> tuple[torch.Tensor, Any]:
         from deltalearn.models.outputs import CACHE_FIELD
@@ -103,13 +120,31 @@ class DecodeRun:
         out = self.model(token, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True), out[CACHE_FIELD]
 
+    def _graphed_step(self) -> tuple[torch.Tensor]:
+        """One decoded token from and into `_token`, the step `StepGraph` records."""
+        assert self._token is not None
+        token, _ = self._eager_step(self._token, self.cache)
+        self._token.copy_(token)
+        return (self._token,)
+
     @torch.no_grad()
     def decode(self) -> float:
-        """Prefill (not timed), then the decode loop; returns the loop's seconds."""
+        """Prefill (not timed), then the decode loop; returns the loop's seconds. static-graphed:
+        the first call's first tokens are the warm-up and the recording (`StepGraph`)."""
         with self.autocast():
             if self.cache is not None:
                 self.cache.reset()  # in place: the compiled step keeps its buffers
             token, cache = self._eager_step(self.prompt, self.cache)
+            if self.graphed:
+                if self._graph is None:
+                    self._token = token.clone()
+                    stand_in = self.device.type != "cuda"  # tests: the step rerun each call
+                    self._graph = StepGraph(self._graphed_step, stand_in=stand_in)
+                else:
+                    assert self._token is not None
+                    self._token.copy_(token)
+                graph = self._graph
+                return timed(lambda: [graph() for _ in range(self.tokens)], self.device)()
 
             def loop() -> None:
                 nonlocal token, cache
