@@ -41,9 +41,9 @@
 #            the default) and kept (DELTALEARN_REBUILD_STATES=off): its GPU cost and saving
 #   host     the host's time to issue a training step, a forward and a decoded token at width 64
 #            (benchmarks/host_overhead.py --device cuda): Triton launches made and recorded
-#   cudagraphs  `bench model --cuda-graphs --measure train`: the eager step recorded as a CUDA graph
-#            and replayed (`deltalearn train --cuda-graphs`, train/cuda_graph.py), then the same
-#            variants eager, one call after the other; ~2 x 1.5 minutes for four variants
+#   cudagraphs  `bench model --cuda-graphs --measure train,infer`: the eager training step (as
+#            `deltalearn train --cuda-graphs`, train/cuda_graph.py) and forward recorded as CUDA
+#            graphs and replayed, then the same eager; ~2 x 2 minutes for four variants
 #   graphdecode  `bench decode --modes dynamic,static,static-graphed`: a decoded token eager and
 #            with its eager step recorded as a CUDA graph (no compiling), every variant at `small`,
 #            batch 1; ~2 minutes
@@ -115,10 +115,11 @@ for s in $stages; do
         ;;
     cudagraphs)
         for mode in --cuda-graphs eager; do
-            stage "bench model train, $mode"
+            stage "bench model train and infer, $mode"
             flag=(); [ "$mode" = eager ] || flag=("$mode")
-            timeout 150 deltalearn bench model "${small[@]}" --variants $variants --measure train \
-                --repeats 7 "${flag[@]}" --json "$out/h200_model_train_${mode#--}.json" 2>&1 | tail -12
+            timeout 170 deltalearn bench model "${small[@]}" --variants $variants \
+                --measure train,infer --repeats 7 "${flag[@]}" \
+                --json "$out/h200_model_replay_${mode#--}.json" 2>&1 | tail -12
         done
         ;;
     rebuild)

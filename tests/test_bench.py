@@ -320,6 +320,25 @@ def test_cuda_graphs_train_step_replays_the_trainers_step():
     assert all(torch.equal(a, b) for a, b in zip(replayed, eager, strict=True))
 
 
+def test_cuda_graphs_infer_replays_the_forward():
+    """`infer` with `--cuda-graphs` (the CPU stand-in): warm-up forwards and the recording at the
+    first call, a replay a call after; the recorded logits are the eager forward's, in eval mode."""
+    from deltalearn.bench.model import ModelBench, build_variant
+    from deltalearn.train.cuda_graph import WARMUP_CALLS
+
+    bench = ModelBench(variants=["ddl-tc"], overrides=dict(num_layers=2), batch=2, seq=32)
+    bench.cuda_graphs = True
+    run = build_variant(bench, "ddl-tc")
+    run.infer()
+    run.infer()
+    graph = run._infer_graph
+    assert graph is not None and graph.recorded and graph.calls == WARMUP_CALLS + 2
+    assert not run.model.training
+    with torch.no_grad():
+        eager = run.model(run.ids).logits
+    assert torch.equal(graph._outputs[0], eager)
+
+
 # ---- model FLOPs and MFU -------------------------------------------------------------------------
 
 

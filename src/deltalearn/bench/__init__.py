@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="train: the step recorded as a CUDA graph and replayed (as `deltalearn train "
-        "--cuda-graphs`; memory stays the eager step's)",
+        help="train and infer: the step recorded as a CUDA graph and replayed (train as "
+        "`deltalearn train --cuda-graphs`; memory stays the eager step's)",
     )
     m.add_argument("--measure", default=",".join(MEASURES), help="comma-separated subset")
     m.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (prefill)")

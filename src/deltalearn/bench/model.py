@@ -120,7 +120,7 @@ class ModelBench:
     impl: str = "default"  # "reference": every DeltaUpdate uses the plain (unfused) operator
     compile: bool = False
     checkpointing: bool = False  # activation checkpointing per block (training measurements)
-    cuda_graphs: bool = False  # train: the step recorded as a CUDA graph and replayed
+    cuda_graphs: bool = False  # train, infer: the step recorded as a CUDA graph and replayed
     measures: list[str] = field(default_factory=lambda: list(MEASURES))
     gen_prompt: int = 64
     gen_tokens: int = 64
@@ -211,8 +211,9 @@ class VariantRun:
     gen_tokens: int
     dtype: torch.dtype
     gen_instances: int = 1
-    graphs: bool = False  # train_step replays a recorded CUDA graph (`--cuda-graphs`)
+    graphs: bool = False  # train_step and infer replay recorded CUDA graphs (`--cuda-graphs`)
     _graph: StepGraph | None = None
+    _infer_graph: StepGraph | None = None
     _clipped: list[torch.Tensor] = field(default_factory=list)  # as the trainer lists them, once
     _decoders: list[torch.nn.Module] = field(default_factory=list)
     _decoded: int = 0
@@ -258,9 +259,21 @@ class VariantRun:
 
     @torch.no_grad()
     def infer(self) -> None:
+        """One full-sequence forward; with `graphs`, replayed (the first call also runs the
+        warm-up forwards and records the graph)."""
         self.model.eval()
-        with self.autocast():
-            self.model(self.ids)
+        if not self.graphs:
+            self._forward()
+            return
+        if self._infer_graph is None:
+            self._infer_graph = StepGraph(self._forward, stand_in=self.ids.device.type != "cuda")
+        self._infer_graph()
+        while not self._infer_graph.recorded:
+            self._infer_graph()
+
+    def _forward(self) -> tuple[torch.Tensor]:
+        with self.autocast(cache=not self.graphs):
+            return (self.model(self.ids).logits,)
 
     def decode_seconds(self) -> float:
         """One timed decode, on the next of `gen_instances` copies of the model (made at the
