@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -232,7 +233,9 @@ class VariantRun:
         if self._graph is None:
             for group in self.optimizer.param_groups:  # its lr stays a float: the same each step
                 group["capturable"] = True
-            self._graph = StepGraph(self._step, stand_in=self.ids.device.type != "cuda")
+            # a recorded step casts inside the graph, not from autocast's cache
+            step = functools.partial(self._step, cast_cache=False)
+            self._graph = StepGraph(step, stand_in=self.ids.device.type != "cuda")
         self._graph()
         while not self._graph.recorded:
             self._graph()
@@ -243,12 +246,12 @@ class VariantRun:
         self._step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _step(self) -> tuple[torch.Tensor]:
+    def _step(self, cast_cache: bool = True) -> tuple[torch.Tensor]:
         """Forward with the loss, backward, the clip and AdamW, as the trainer takes them; the
         gradients are left for the caller (or the next recorded step) to drop."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast(cache=not self.graphs):  # a recorded step casts inside the graph
+        with self.autocast(cache=cast_cache):
             loss = self.model(self.ids, labels=self.ids).loss
         loss.backward()
         if not self._clipped:
@@ -266,13 +269,14 @@ class VariantRun:
             self._forward()
             return
         if self._infer_graph is None:
-            self._infer_graph = StepGraph(self._forward, stand_in=self.ids.device.type != "cuda")
+            forward = functools.partial(self._forward, cast_cache=False)
+            self._infer_graph = StepGraph(forward, stand_in=self.ids.device.type != "cuda")
         self._infer_graph()
         while not self._infer_graph.recorded:
             self._infer_graph()
 
-    def _forward(self) -> tuple[torch.Tensor]:
-        with self.autocast(cache=not self.graphs):
+    def _forward(self, cast_cache: bool = True) -> tuple[torch.Tensor]:
+        with self.autocast(cache=cast_cache):
             return (self.model(self.ids).logits,)
 
     def decode_seconds(self) -> float:

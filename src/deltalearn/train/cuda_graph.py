@@ -1,4 +1,5 @@
-"""A training step recorded once as a CUDA graph and replayed at every later step.
+"""A step recorded once as a CUDA graph and replayed at every later call: the trainer's training
+step (`deltalearn train --cuda-graphs`), and in the benchmarks a forward or a decoded token.
 
 Why: at `small`, 8 × 1024 tokens on an H200 an eager training step is bound by its host — the
 Python, autograd and dispatcher work that issues each kernel takes longer than the GPU takes to run
