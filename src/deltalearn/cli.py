@@ -384,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         default=None,
-        help="record the training step as a CUDA graph and replay it: no host time a step "
-        "(one GPU; not with --compile, --fsdp, --activation-checkpointing)",
+        help="after three eager steps, record the training step as a CUDA graph and replay it: "
+        "no Python between its kernels (one GPU; not with --compile, --fsdp, "
+        "--activation-checkpointing)",
     )
     t.add_argument("--eval-interval", type=int, help="evaluate every N steps")
     t.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
