@@ -3,11 +3,16 @@
 On a CPU there is no graph: the trainer runs with `StepGraph`'s stand-in (each call runs the step
 and copies its outputs into the tensors the recorded call returned, as a replay overwrites them),
 so what the trainer must do for a graph — the batch copied into the same tensors, the lr a tensor,
-the outputs taken before the next call — is checked here; `tests/test_cuda_model.py` replays a real
-graph on a GPU.
+the outputs taken before the next call — is checked here, and so is the GPU path's step (the
+Triton kernels, launches recorded) for operators a graph cannot hold. The tests at the end replay a
+real graph on a GPU.
 """
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +192,74 @@ def test_replayed_cuda_graph_trains_as_the_eager_step(tmp_path, cache, variant, 
     assert len(set(got)) == steps
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=0)
     assert abs(graphed.val_loss - eager.val_loss) < 2e-3 * eager.val_loss
+
+
+# ---- what a CUDA graph cannot hold, looked for on a CPU ----------------------------------------
+
+# Operators a recorded step cannot contain: a read of a device value on the host (a sync; the
+# recording would fail), an output shaped by the data, or a tensor made from Python data (on a GPU
+# a copy from host memory, not allowed while recording).
+UNRECORDABLE = {
+    "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+    "unique_dim", "unique_consecutive", "repeat_interleave", "equal", "is_nonzero", "lift_fresh",
+    "lift_fresh_copy",
+}  # fmt: skip
+
+_SCAN = """
+import collections, json, sys
+sys.path.insert(0, {tests!r})
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from train_helpers import tiny_config
+from deltalearn import DeltaLM
+from deltalearn.ops import backend, triton_aot
+from deltalearn.train import cuda_graph, trainer as trainer_mod
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {{}}))
+
+ops = Ops()
+class Scanned(cuda_graph.StepGraph):
+    def __call__(self):
+        with ops:
+            return super().__call__()
+
+backend.BACKEND = "triton"  # the kernels a GPU runs, their launches recorded (triton_aot)
+trainer_mod.check_graphable = lambda *args, **kwargs: None
+trainer_mod.StepGraph = Scanned
+DeltaLM._check_ids = lambda self, ids: None  # on CUDA a device-side assert, no host read
+found = {{}}
+with triton_aot.recording() as launches:
+    for variant in {variants!r}:
+        ops.seen.clear()
+        cfg = tiny_config({out!r} + "/" + variant, {cache!r}, variant, steps=5, grad_accum=2,
+                          cuda_graphs=True, skip_nonfinite=True)  # recorded kernels: no numbers
+        trainer_mod.train(cfg)
+        found[variant] = dict(ops.seen)
+print(json.dumps({{"ops": found, "launches": len(launches)}}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc"])
+def test_the_gpu_paths_step_holds_nothing_a_cuda_graph_cannot(tmp_path, cache, variant):
+    """The trainer's recorded step on the GPU path (the Triton kernels, their launches recorded,
+    `ops.triton_aot`; in a subprocess, as recording stubs the process's kernels), scanned for
+    operators a CUDA graph cannot hold: none, for every variant — what lets `--cuda-graphs`
+    record the step on a GPU, checked without one."""
+    pytest.importorskip("triton")
+    tests = str(Path(__file__).resolve().parent)
+    script = _SCAN.format(tests=tests, variants=[variant], out=str(tmp_path), cache=str(cache))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = report["ops"][variant]
+    assert seen.get("addmm", 0) + seen.get("mm", 0) > 0  # the scan saw the step's work
+    assert report["launches"] > 0 or variant == "baseline"  # DDL's kernels, as on a GPU
+    assert not UNRECORDABLE & set(seen), {op: seen[op] for op in UNRECORDABLE & set(seen)}
