@@ -210,8 +210,9 @@ import collections, json, sys
 sys.path.insert(0, {tests!r})
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_helpers import tiny_config
+from train_helpers import TINY_MODEL, tiny_config
 from deltalearn import DeltaLM
+from deltalearn.bench import decode as decode_mod
 from deltalearn.ops import backend, triton_aot
 from deltalearn.train import cuda_graph, trainer as trainer_mod
 
@@ -231,35 +232,42 @@ class Scanned(cuda_graph.StepGraph):
 
 backend.BACKEND = "triton"  # the kernels a GPU runs, their launches recorded (triton_aot)
 trainer_mod.check_graphable = lambda *args, **kwargs: None
-trainer_mod.StepGraph = Scanned
+trainer_mod.StepGraph = decode_mod.StepGraph = Scanned
 DeltaLM._check_ids = lambda self, ids: None  # on CUDA a device-side assert, no host read
-found = {{}}
+variant, what = {variant!r}, {what!r}
 with triton_aot.recording() as launches:
-    for variant in {variants!r}:
-        ops.seen.clear()
-        cfg = tiny_config({out!r} + "/" + variant, {cache!r}, variant, steps=5, grad_accum=2,
-                          cuda_graphs=True, skip_nonfinite=True)  # recorded kernels: no numbers
+    if what == "train":
+        cfg = tiny_config({out!r}, {cache!r}, variant, steps=5, grad_accum=2, cuda_graphs=True,
+                          skip_nonfinite=True)  # recorded kernels: no numbers to check
         trainer_mod.train(cfg)
-        found[variant] = dict(ops.seen)
-print(json.dumps({{"ops": found, "launches": len(launches)}}))
+    else:  # a decoded token, as `bench decode --modes static-graphed` records it
+        bench = decode_mod.DecodeBench(variants=[variant], overrides=dict(TINY_MODEL, vocab_size=61),
+                                       prompt=5, tokens=cuda_graph.WARMUP_CALLS + 2)
+        run = decode_mod.DecodeRun(bench, variant, "static-graphed")
+        run.decode()
+        run.decode()
+print(json.dumps({{"ops": dict(ops.seen), "launches": len(launches)}}))
 """
 
 
+@pytest.mark.parametrize("what", ["train", "decode"])
 @pytest.mark.parametrize("variant", ["baseline", "ddl", "ddl-cc", "ddl-tc", "write-only-cc"])
-def test_the_gpu_paths_step_holds_nothing_a_cuda_graph_cannot(tmp_path, cache, variant):
-    """The trainer's recorded step on the GPU path (the Triton kernels, their launches recorded,
-    `ops.triton_aot`; in a subprocess, as recording stubs the process's kernels), scanned for
-    operators a CUDA graph cannot hold: none, for every variant — what lets `--cuda-graphs`
-    record the step on a GPU, checked without one."""
+def test_the_gpu_paths_step_holds_nothing_a_cuda_graph_cannot(tmp_path, cache, variant, what):
+    """The trainer's recorded step, and `bench decode`'s recorded token, on the GPU path (the
+    Triton kernels, their launches recorded, `ops.triton_aot`; in a subprocess, as recording
+    stubs the process's kernels), scanned for operators a CUDA graph cannot hold: none, for every
+    variant — what lets them be recorded on a GPU, checked without one."""
     pytest.importorskip("triton")
     tests = str(Path(__file__).resolve().parent)
-    script = _SCAN.format(tests=tests, variants=[variant], out=str(tmp_path), cache=str(cache))
+    script = _SCAN.format(
+        tests=tests, variant=variant, what=what, out=str(tmp_path / "run"), cache=str(cache)
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    seen = report["ops"][variant]
+    seen = report["ops"]
     assert seen.get("addmm", 0) + seen.get("mm", 0) > 0  # the scan saw the step's work
     assert report["launches"] > 0 or variant == "baseline"  # DDL's kernels, as on a GPU
     assert not UNRECORDABLE & set(seen), {op: seen[op] for op in UNRECORDABLE & set(seen)}
