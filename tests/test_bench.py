@@ -126,6 +126,16 @@ def test_report_names_the_fast_path_switches_it_ran_with(tmp_path, monkeypatch):
     assert "fast paths: backend auto, update_kernel on, fused_read off," in out
 
 
+def test_table_says_when_steps_were_replayed_as_cuda_graphs(model_run):
+    """The JSON keeps `cuda_graphs` in its settings, and the table's settings line names it."""
+    from deltalearn.bench.model import format_model_report
+
+    out, report = model_run
+    assert report["settings"]["cuda_graphs"] is False and "CUDA graphs" not in out
+    replayed = {**report, "settings": {**report["settings"], "cuda_graphs": True}}
+    assert "train and infer replayed as CUDA graphs" in format_model_report(replayed)
+
+
 def test_measure_selects_columns(tmp_path):
     path = tmp_path / "m.json"
     argv = ["model", *MINUTE, "--variants", "baseline,ddl", "--measure", "infer", "--json"]

@@ -555,7 +555,8 @@ def format_model_report(report: dict[str, Any]) -> str:
     lines = [
         f"model benchmark on {report['machine']}, torch {report['torch']}, {report['date']}",
         f"{size_text(s)}, batch {s['batch']} x seq {s['seq']}, "
-        f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}, "
+        f"{s['dtype']}, impl {s['impl']}{', compiled' if s['compile'] else ''}{', checkpointed' if s.get('checkpointing') else ''}"
+        f"{', train and infer replayed as CUDA graphs' if s.get('cuda_graphs') else ''}, "
         f"generate: batch {s['gen_batch']}, prompt {s['gen_prompt']}, {s['gen_tokens']} tokens"
         f"{gen_copies}; "
         f"median of {s['repeats']} (by round: the ratio's median and quartiles over the "
