@@ -141,17 +141,20 @@ def test_config_refuses_what_a_recorded_step_cannot_hold(setting, message):
 
 
 @pytest.mark.parametrize(
-    "device, world, fused, message",
+    "device, world, distributed, fused, message",
     [
-        ("cpu", 1, True, "needs a CUDA device, got 'cpu'"),
-        ("cuda", 2, True, "got a world size of 2"),
-        ("cuda", 1, False, "needs the fused AdamW"),
+        ("cpu", 1, False, True, "needs a CUDA device, got 'cpu'"),
+        ("cuda", 2, True, True, r"not one under torchrun \(world size 2\)"),
+        ("cuda", 1, True, True, r"not one under torchrun \(world size 1\)"),
+        ("cuda", 1, False, False, "needs the fused AdamW"),
     ],
-    ids=["cpu", "torchrun", "unfused"],
+    ids=["cpu", "torchrun", "torchrun-one-process", "unfused"],
 )
-def test_trainer_refuses_an_unrecordable_step(device, world, fused, message):
+def test_trainer_refuses_an_unrecordable_step(device, world, distributed, fused, message):
     with pytest.raises(ConfigError, match=message):
-        cuda_graph.check_graphable(torch.device(device), world_size=world, fused_optimizer=fused)
+        cuda_graph.check_graphable(
+            torch.device(device), world_size=world, distributed=distributed, fused_optimizer=fused
+        )
 
 
 def test_cli_cuda_graphs_on_a_cpu_is_one_clear_line(tmp_path, cache, capsys):

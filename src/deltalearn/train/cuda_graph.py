@@ -38,16 +38,19 @@ __all__ = ["WARMUP_CALLS", "StepGraph", "check_graphable"]
 WARMUP_CALLS = 3
 
 
-def check_graphable(device: torch.device, *, world_size: int, fused_optimizer: bool) -> None:
-    """Raise ConfigError where `--cuda-graphs` cannot record the step: not a CUDA device, more than
-    one process (DDP's gradient all-reduce runs from autograd hooks a replay would not call), or an
-    optimizer that cannot skip a non-finite step on the device."""
+def check_graphable(
+    device: torch.device, *, world_size: int, distributed: bool, fused_optimizer: bool
+) -> None:
+    """Raise ConfigError where `--cuda-graphs` cannot record the step: not a CUDA device, a process
+    group (torchrun, one process or more: DDP's gradient all-reduce runs from autograd hooks, and
+    recorded collectives are not verified), or an optimizer that cannot skip a non-finite step on
+    the device."""
     if device.type != "cuda":
         raise ConfigError(f"run.cuda_graphs needs a CUDA device, got {device.type!r}")
-    if world_size > 1:
+    if distributed:
         raise ConfigError(
-            f"run.cuda_graphs records a single process's step, got a world size of {world_size}; "
-            "train without it under torchrun"
+            f"run.cuda_graphs records a single process's step, not one under torchrun (world "
+            f"size {world_size}); train without it there"
         )
     if not fused_optimizer:
         raise ConfigError("run.cuda_graphs needs the fused AdamW (plain CUDA parameters)")

@@ -177,7 +177,12 @@ class Trainer:
         self._graph: StepGraph | None = None
         self._lr: torch.Tensor | None = None
         if cfg.run.cuda_graphs:
-            check_graphable(self.device, world_size=world, fused_optimizer=self._device_skip)
+            check_graphable(
+                self.device,
+                world_size=world,
+                distributed=env.distributed,
+                fused_optimizer=self._device_skip,
+            )
             # The lr as fused AdamW reads a float one: float32 on CUDA, double on a CPU.
             lr_dtype = torch.float32 if self.device.type == "cuda" else torch.float64
             self._lr = torch.full((), cfg.optim.lr, dtype=lr_dtype, device=self.device)
