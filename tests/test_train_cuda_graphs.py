@@ -111,7 +111,7 @@ def test_stand_in_overwrites_the_recorded_outputs():
         counter.add_(1)
         return (counter * 10,)
 
-    graph = cuda_graph.StepGraph(step, stand_in=True)
+    graph = cuda_graph.StepGraph(step, torch.device("cpu"))
     warm = [graph()[0] for _ in range(cuda_graph.WARMUP_CALLS)]
     assert [float(t) for t in warm] == [10.0 * (i + 1) for i in range(cuda_graph.WARMUP_CALLS)]
     assert not graph.recorded

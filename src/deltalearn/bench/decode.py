@@ -138,8 +138,7 @@ class DecodeRun:
             if self.graphed:
                 if self._graph is None:
                     self._token = token.clone()
-                    stand_in = self.device.type != "cuda"  # tests: the step rerun each call
-                    self._graph = StepGraph(self._graphed_step, stand_in=stand_in)
+                    self._graph = StepGraph(self._graphed_step, self.device)  # CPU: stand-in
                 else:
                     assert self._token is not None
                     self._token.copy_(token)

@@ -235,10 +235,8 @@ class VariantRun:
                 group["capturable"] = True
             # a recorded step casts inside the graph, not from autocast's cache
             step = functools.partial(self._step, cast_cache=False)
-            self._graph = StepGraph(step, stand_in=self.ids.device.type != "cuda")
-        self._graph()
-        while not self._graph.recorded:
-            self._graph()
+            self._graph = StepGraph(step, self.ids.device)
+        self._graph.replay()
 
     def eager_train_step(self) -> None:
         """The step as `deltalearn train` takes it without `--cuda-graphs` (and the one `memory`
@@ -270,10 +268,8 @@ class VariantRun:
             return
         if self._infer_graph is None:
             forward = functools.partial(self._forward, cast_cache=False)
-            self._infer_graph = StepGraph(forward, stand_in=self.ids.device.type != "cuda")
-        self._infer_graph()
-        while not self._infer_graph.recorded:
-            self._infer_graph()
+            self._infer_graph = StepGraph(forward, self.ids.device)
+        self._infer_graph.replay()
 
     def _forward(self, cast_cache: bool = True) -> tuple[torch.Tensor]:
         with self.autocast(cache=cast_cache):

@@ -19,7 +19,7 @@ then on replays it. What the caller must keep (the trainer does):
 - no host sync and nothing shape-dependent inside `step`;
 - the outputs read or copied before the next call, which overwrites them.
 
-On a CPU there is no graph; `StepGraph(..., stand_in=True)` (tests) runs `step` at every call and
+On a CPU there is no graph; a `StepGraph` for a CPU device (tests) runs `step` at every call and
 copies its outputs into the tensors the first recorded call returned, so a caller that keeps an
 output past the next call reads overwritten values as it would on a GPU.
 """
@@ -59,17 +59,24 @@ def check_graphable(
 class StepGraph:
     """`step()` recorded once and replayed; see the module doc. Call it like `step`."""
 
-    def __init__(self, step: Callable[[], tuple[torch.Tensor, ...]], *, stand_in: bool = False):
+    def __init__(self, step: Callable[[], tuple[torch.Tensor, ...]], device: torch.device):
         self._step = step
-        self._stand_in = stand_in
+        self._stand_in = device.type != "cuda"  # the module doc's stand-in
         self.calls = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: tuple[torch.Tensor, ...] | None = None
-        self._stream = None if stand_in else torch.cuda.Stream()
+        self._stream = None if self._stand_in else torch.cuda.Stream()
 
     @property
     def recorded(self) -> bool:
         return self._outputs is not None
+
+    def replay(self) -> tuple[torch.Tensor, ...]:
+        """One replay; the first call runs the warm-up calls and the recording before it."""
+        outputs = self()
+        while not self.recorded:
+            outputs = self()
+        return outputs
 
     def __call__(self) -> tuple[torch.Tensor, ...]:
         self.calls += 1

@@ -190,7 +190,7 @@ class Trainer:
             self._inputs = torch.zeros((2, accum, *micro), dtype=torch.long, device=self.device)
             # The step reads the tensors made here (bound now, as the graph's kernels are).
             step = functools.partial(self._recorded_step, self._inputs)
-            self._graph = StepGraph(step, stand_in=self.device.type != "cuda")
+            self._graph = StepGraph(step, self.device)
         self.sampler = BatchSampler(
             data.tokens("train"), cfg.run.seq_len, cfg.run.batch_size, cfg.run.seed
         )
