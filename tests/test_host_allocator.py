@@ -37,18 +37,21 @@ torch.manual_seed(0)
 model = DeltaLM(DeltaLMConfig.preset("ddl-cc", "tiny", num_layers=1)).train()
 ids = torch.randint(0, 8192, (8, 256))  # logits of 64 MiB: past glibc's largest mmap threshold
 faults = []
-for _ in range(4):
+for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(ids, labels=ids).loss.backward()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[2:]))  # the third or fourth step: one spike of the machine's own is not counted
+# steps 3-6: the heap still grows at a step or two past the first (fragmentation; seen on
+# this 2-core machine: 16-33k faults at the third or fourth step), and a spike of the machine's
+# own is not counted either
+print(min(faults[2:]))
 """
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
 def test_a_training_step_reuses_the_last_ones_memory():
-    """Page faults of a third (or fourth) training step, in a fresh process each: the setting on,
-    and off."""
+    """Page faults of a training step past the second (the fewest of steps 3-6), in a fresh
+    process each: the setting on, and off."""
 
     def faults(choice: str) -> int:
         env = {**os.environ, "DELTALEARN_CPU_ALLOCATOR": choice}
