@@ -4,7 +4,9 @@
 #   tests    the CUDA tests: operator, compiled Triton kernels, model, NCCL torchrun (DDP, FSDP2)
 #   model    `bench model` at small, bf16, 8 x 1024: train, infer, generate, memory; fused and reference path
 #   profile  torch.profiler kernel tables of one training step (baseline, ddl, ddl-cc)
-#   tiles    forward/backward time of the Triton rewrite per tile size (benchmarks/epilogue_tiles.py)
+#   tiles    the update kernels' tile settings on one training step's own launches (small, 8 x 1024,
+#            bf16; benchmarks/kernel_tiles.py): each candidate checked against the default's
+#            results and timed alone as a replayed CUDA graph; ~4 minutes
 #   reads    the CC/TC compressor reads: Triton kernel vs the PyTorch Functions vs the reference
 #            (benchmarks/compressor_reads.py)
 #   decode   cached generation: dynamic vs static cache, eager vs compiled step (CUDA graphs)
@@ -165,11 +167,24 @@ for s in $stages; do
         grep -E "^==|Self CUDA time total" "$out/profile.txt"
         ;;
     tiles)
-        stage "epilogue tiles"
-        timeout 120 python benchmarks/epilogue_tiles.py --json "$out/h200_epilogue_tiles.json" \
-            >"$out/tiles.txt" 2>&1
+        stage "update kernel tiles"
+        timeout 360 python benchmarks/kernel_tiles.py --variants "${TILE_VARIANTS:-ddl-cc,ddl-tc,ddl}" \
+            --json "$out/h200_kernel_tiles.json" >"$out/tiles.txt" 2>&1
         echo "tiles exit $?"
-        cut -c1-160 "$out/tiles.txt"
+        grep -v "|" "$out/tiles.txt" | tail -5
+        python3 - "$out/h200_kernel_tiles.json" <<'PY' 2>/dev/null || tail -20 "$out/tiles.txt"
+import json, sys
+kinds = {}
+for r in json.load(open(sys.argv[1]))["rows"]:
+    kinds.setdefault((r["kernel"], r["flags"], r["launched_by"]), []).append(r)
+for kind, rows in kinds.items():
+    default = next(r for r in rows if r["default"])
+    best = min(rows, key=lambda r: r["us"])
+    print(*kind, f"x{rows[0]['launches']} a step:", f"default {default['setting']}",
+          f"{default['us']:.1f} us ({default['gb_per_s']:.0f} GB/s); fastest of {len(rows)}:",
+          f"{best['setting']} {best['us']:.1f} us ({best['gb_per_s']:.0f} GB/s)",
+          f"x{default['us'] / best['us']:.2f}")
+PY
         ;;
     decode)
         stage "bench decode"

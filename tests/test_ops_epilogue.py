@@ -222,6 +222,46 @@ def test_whole_update_matches_the_general_path(
     _check_update(monkeypatch, d, dv, rule, value_head, compress)
 
 
+@pytest.mark.parametrize(("dv", "value_head"), [(4, "official"), (1, "official"), (4, "paper")])
+def test_whole_update_with_its_sums_carried_gives_the_same_bits(
+    interpreted, monkeypatch, dv, value_head
+):
+    """With CARRY_SUMS (a row in one tile) the backward holds its partial sums (∂C, ∂w_g, ∂W_v,
+    the biases) in registers over a program's row blocks: bitwise the gradients of the sums added
+    in global memory at every row block, two programs walking 15 rows."""
+    from deltalearn.nn import DeltaUpdate
+
+    d = 96
+    assert te.backward_launch_config(d, dv)[2] == 1  # one chunk a row: the flag applies
+    monkeypatch.setattr(te, "COMPRESS_PROGRAMS", 2)
+    torch.manual_seed(1)
+    update = DeltaUpdate(d, dv, value_head=value_head)
+    update.record = False
+    X = torch.randn(3, 5, d, dv).squeeze(-1)
+    h, c, u = (torch.randn(3, 5, d) for _ in range(3))
+    compress = dv > 1
+    leaves = [t.requires_grad_() for t in (X, h, c, u, torch.randn(d, dv) / dv)]
+    real, flags = te._bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs["CARRY_SUMS"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(te, "_bwd_kernel", Spy())
+    results = []
+    for carry in (False, True):
+        monkeypatch.setattr(te, "CARRY_SUMS", carry)
+        results.append(_update_results(update, leaves, compress))
+    assert flags == [False, True]
+    (outs, grads), (carried_outs, carried_grads) = results
+    for a, b in zip(outs + grads, carried_outs + carried_grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("value_head", HEADS)
 def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, value_head):
     """Rows wider than a tile (the projections summed over chunks), and bf16 autocast (c kept in

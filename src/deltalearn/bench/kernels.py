@@ -59,19 +59,27 @@ class KernelBench:
         return build_config(ModelBench(size=self.size, overrides=shape), variant)
 
 
-def model_launches(config, batch: int, seq: int, dtype: torch.dtype, mode: str) -> list:
+def model_launches(
+    config, batch: int, seq: int, dtype: torch.dtype, mode: str, device: str = "cpu",
+    interpreted: bool = False,
+) -> list:  # fmt: skip
     """Every Triton kernel call one `mode` of a DeltaLM of `config` makes on inputs `(batch, seq)`
-    under autocast to `dtype` (none for float32), recorded, not launched (`ops.triton_aot`)."""
+    under autocast to `dtype` (none for float32), recorded, not launched (`ops.triton_aot`); the
+    model and its inputs on `device` (recorded on a GPU, the arguments are tensors a kernel can be
+    launched on). `interpreted`: kernels Triton's interpreter runs are recorded too."""
     from deltalearn import DeltaLM
     from deltalearn.ops import triton_aot
 
     torch.manual_seed(0)
-    model = DeltaLM(config)
+    model = DeltaLM(config).to(device)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator())
+    ids = ids.to(device)
     autocast = (
-        torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        torch.autocast(torch.device(device).type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
     )
-    with triton_aot.recording() as launches, autocast:
+    with triton_aot.recording(interpreted=interpreted) as launches, autocast:
         if mode == "train":
             model.train()
             model(ids, labels=ids).loss.backward()

@@ -55,6 +55,7 @@ class Launch:
     kernel: JITFunction
     args: tuple
     kwargs: dict[str, Any]
+    grid: Any = None  # as the wrapper gave it (None where the arguments are not kept)
 
     @property
     def name(self) -> str:
@@ -87,19 +88,23 @@ class _Recorder:
     def __getitem__(self, grid):
         def record(*args, **kwargs) -> None:
             if not self.keep_arguments:
-                args, kwargs = (), {}
-            self.sink.append(Launch(self.kernel, args, kwargs))
+                self.sink.append(Launch(self.kernel, (), {}))
+            else:
+                self.sink.append(Launch(self.kernel, args, kwargs, grid))
 
         return record
 
 
 @contextlib.contextmanager
-def recording(keep_arguments: bool = True) -> Iterator[list[Launch]]:
+def recording(keep_arguments: bool = True, interpreted: bool = False) -> Iterator[list[Launch]]:
     """Within: the fused ops take their Triton path (`backend.BACKEND = "triton"`) and every kernel
     call is recorded into the yielded list instead of launched. `keep_arguments=False` records
     the kernels only, without the arguments (tensors a record would keep alive: what a memory
-    measurement must not see)."""
-    if not isinstance(triton_epilogue._fwd_kernel, JITFunction):
+    measurement must not see). `interpreted=True` also records kernels Triton's interpreter runs
+    (launchable again on CPU tensors, not compilable)."""
+    if isinstance(triton_epilogue._fwd_kernel, _Recorder) or not (
+        interpreted or isinstance(triton_epilogue._fwd_kernel, JITFunction)
+    ):
         raise RuntimeError(
             "the Triton kernels are not compilable here (TRITON_INTERPRET=1 was set before "
             "triton's import, or they are being recorded already)"

@@ -75,8 +75,14 @@ MAX_COLUMNS_BWD = 512
 # Most rows one program owns (narrow rows: several per program amortise the gate/value loads).
 MAX_ROWS = 16
 # Programs of the backward when it also reduces ∂C: each owns a (d, dv) fp32 partial sum, so the
-# grid is capped (None: 4 per SM on CUDA, 2 under the interpreter, which exercises the row loop).
+# grid is capped (None: PROGRAMS_PER_SM a multiprocessor on CUDA, 2 under the interpreter, which
+# exercises the row loop). `benchmarks/kernel_tiles.py` times other settings on a GPU.
 COMPRESS_PROGRAMS: int | None = None
+PROGRAMS_PER_SM = 4
+# A backward whose row fits one tile keeps its partial sums in registers over its row blocks
+# (CARRY_SUMS; the same bits). Off until timed on a GPU: no default tile of the paper's models
+# holds a row, and `benchmarks/kernel_tiles.py` tries the tiles that do, with and without it.
+CARRY_SUMS = False
 
 
 @triton.jit
@@ -277,14 +283,14 @@ def _bwd_tile(
 
 @triton.jit
 def _projections_bwd_tile(
-    CIN, XV, WG, WV, GCIN, GXV, GW, WN, pid, part_stride, later, rows, offs, hm, vcol, vmask, d,
+    CIN, XV, WG, WV, GCIN, GXV, WN, rows, offs, hm, vcol, vmask, d,
     gz, gp, x_state, rstd, sc_m, sc_d, sxv_m, sxv_d, DV: tl.constexpr, READS_U: tl.constexpr,
     XV_STATE: tl.constexpr, NORM_C: tl.constexpr,
 ):  # fmt: skip
     """The projections' backward on one chunk of the rows: ∂c = ∂z w_g (+ W_vᵀ∂p where the value
-    head reads c), ∂u = W_vᵀ∂p (where it reads u), and program `pid`'s partial sums of ∂w_g =
-    Σ ∂z c and ∂W_v = Σ ∂p xᵀ (at GW + pid · part_stride: `(1 + dv, d)` fp32, row 0 w_g, rows
-    1.. W_v; set by the program's first row block, added to by the `later` ones); c and x as the
+    head reads c), ∂u = W_vᵀ∂p (where it reads u), and these rows' sums of ∂w_g = Σ ∂z c
+    `(BLOCK_D,)` and ∂W_v = Σ ∂p xᵀ `(BLOCK_D, BLOCK_V)`, returned for the caller to add to the
+    program's partial sums; c and x as the
     forward kept them (`ops.projections.kept_inputs`), or with XV_STATE x the state itself, which
     the caller holds as `x_state` (fp32): the official head's u of a vector state, whose ∂u the
     caller added to ∂X. With NORM_C (READS_U) c is not kept but recomputed from u as the norm
@@ -317,14 +323,14 @@ def _projections_bwd_tile(
         cf = cf.to(tl.float32)
         tl.store(gc_ptr, (g_gate + g_value).to(GCIN.dtype.element_ty), mask=hm)
         xf = cf
-    part = GW + pid * part_stride
-    gw_ptr = part + offs
-    gw = tl.load(gw_ptr, mask=dmask & later, other=0.0) + tl.sum(gz[:, None] * cf, axis=0)
-    tl.store(gw_ptr, gw, mask=dmask)
-    gW_ptr = part + (1 + vcol[None, :]) * d + offs[:, None]
-    gW = tl.load(gW_ptr, mask=wmask & later, other=0.0)
-    gW += tl.sum(gp[:, None, :] * xf[:, :, None], axis=0)
-    tl.store(gW_ptr, gW, mask=wmask)
+    return tl.sum(gz[:, None] * cf, axis=0), tl.sum(gp[:, None, :] * xf[:, :, None], axis=0)
+
+
+@triton.jit
+def _add_to_partial(ptr, mask, later, value):
+    """A program's partial sum in global memory: set by its first row block, added to by the
+    `later` ones (in the program's row order: deterministic)."""
+    tl.store(ptr, tl.load(ptr, mask=mask & later, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -339,6 +345,7 @@ def _bwd_kernel(
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
     G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr, REBUILD: tl.constexpr,
     Y_DENSE: tl.constexpr, XV_STATE: tl.constexpr, NORM_C: tl.constexpr,
+    CARRY_SUMS: tl.constexpr = False,
 ):  # fmt: skip
     # REBUILD (delta only): X is not read but formed from the output Y and the row scalars the
     # forward saved for the state tape, x = y − (βρh) eᵀ as `_rebuild_kernel` forms it, and
@@ -354,6 +361,14 @@ def _bwd_kernel(
     # order — deterministic.
     GW = PART + w_offset
     GB = PART + b_offset
+    # CARRY_SUMS (a row in one chunk): the partial sums stay in registers over the program's row
+    # blocks and are stored once at the end, where otherwise every row block loads and stores
+    # them; the same additions in the same order, so the same bits.
+    sum_c = tl.zeros([BLOCK_D, BLOCK_V], dtype=tl.float32)
+    sum_wg = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sum_wv = tl.zeros([BLOCK_D, BLOCK_V], dtype=tl.float32)
+    sum_bg = tl.zeros([BLOCK_V], dtype=tl.float32)
+    sum_bv = tl.zeros([BLOCK_V], dtype=tl.float32)
     for it in range(0, iters):
         later = it > 0  # the program's first row block sets its partial sums, later ones add
         rows = (pid + it * nprog) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -462,28 +477,47 @@ def _bwd_kernel(
                 else:
                     y = (xf + hf[:, :, None] * coef[:, None, :]).to(X.dtype.element_ty)
                     y = y.to(tl.float32)
-                cmask = (offs < d)[:, None] & vmask[None, :]
                 part = tl.sum(gn[:, :, None] * y, axis=0)  # (BLOCK_D, BLOCK_V)
-                gc_ptr = PART + pid * part_stride + offs[:, None] * DV + vcol[None, :]
-                acc = tl.load(gc_ptr, mask=cmask & later, other=0.0)
-                tl.store(gc_ptr, acc + part, mask=cmask)
+                if CARRY_SUMS:
+                    sum_c += part
+                else:
+                    gc_ptr = PART + pid * part_stride + offs[:, None] * DV + vcol[None, :]
+                    _add_to_partial(gc_ptr, (offs < d)[:, None] & vmask[None, :], later, part)
             if PROJECT:
                 if XV_STATE:  # (DELTA, DV = 1) the value head's u is the state, in hand here
                     x_state = tl.sum(xf, axis=2)
                 else:
                     x_state = gh  # unread
-                _projections_bwd_tile(
-                    CIN, XV, WG, WV, GCIN, GXV, GW, WN, pid, part_stride, later, rows, offs, hm,
-                    vcol, vmask, d, gz, gp, x_state, rstd, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U,
-                    XV_STATE, NORM_C,
+                rows_wg, rows_wv = _projections_bwd_tile(
+                    CIN, XV, WG, WV, GCIN, GXV, WN, rows, offs, hm, vcol, vmask, d, gz, gp,
+                    x_state, rstd, sc_m, sc_d, sxv_m, sxv_d, DV, READS_U, XV_STATE, NORM_C,
                 )  # fmt: skip
+                if CARRY_SUMS:
+                    sum_wg += rows_wg
+                    sum_wv += rows_wv
+                else:  # at GW + pid · part_stride: `(1 + dv, d)`, row 0 w_g, rows 1.. W_v
+                    part_w = GW + pid * part_stride
+                    _add_to_partial(part_w + offs, offs < d, later, rows_wg)
+                    wv_ptr = part_w + (1 + vcol[None, :]) * d + offs[:, None]
+                    _add_to_partial(wv_ptr, (offs < d)[:, None] & vmask[None, :], later, rows_wv)
         if PROJECT:  # the biases' partial sums: ∂b_g = Σ ∂z, ∂b_v = Σ ∂p
-            gb_ptr = GB + pid * part_stride
-            gb = tl.load(gb_ptr + vcol, mask=(vcol < 1) & later, other=0.0)
-            tl.store(gb_ptr + vcol, gb + tl.sum(gz, axis=0), mask=vcol < 1)
-            gbv_ptr = gb_ptr + 1 + vcol
-            gbv = tl.load(gbv_ptr, mask=vmask & later, other=0.0) + tl.sum(gp, axis=0)
-            tl.store(gbv_ptr, gbv, mask=vmask)
+            if CARRY_SUMS:
+                sum_bg += tl.sum(gz, axis=0)
+                sum_bv += tl.sum(gp, axis=0)
+            else:
+                gb_ptr = GB + pid * part_stride
+                _add_to_partial(gb_ptr + vcol, vcol < 1, later, tl.sum(gz, axis=0))
+                _add_to_partial(gb_ptr + 1 + vcol, vmask, later, tl.sum(gp, axis=0))
+    if CARRY_SUMS:
+        cmask = (dcol < d)[:, None] & vmask[None, :]
+        if COMPRESS:
+            tl.store(PART + pid * part_stride + dcol[:, None] * DV + vcol[None, :], sum_c, cmask)
+        if PROJECT:
+            part_w = GW + pid * part_stride
+            tl.store(part_w + dcol, sum_wg, mask=dcol < d)
+            tl.store(part_w + (1 + vcol[None, :]) * d + dcol[:, None], sum_wv, mask=cmask)
+            tl.store(GB + pid * part_stride + vcol, sum_bg, mask=vcol < 1)
+            tl.store(GB + pid * part_stride + 1 + vcol, sum_bv, mask=vmask)
 
 
 @triton.jit
@@ -553,7 +587,7 @@ def _compress_programs(num_blocks: int, device: torch.device) -> int:
     if COMPRESS_PROGRAMS is not None:
         cap = COMPRESS_PROGRAMS
     elif device.type == "cuda":
-        cap = 4 * backend.multiprocessors(device)
+        cap = PROGRAMS_PER_SM * backend.multiprocessors(device)
     else:
         cap = 2
     return max(1, min(num_blocks, cap))
@@ -786,6 +820,7 @@ def _backward(
             PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
             XV_STATE=x_is_state, NORM_C=norm is not None,
+            CARRY_SUMS=CARRY_SUMS and reduces and num_chunks == 1,
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
