@@ -29,6 +29,7 @@ COLUMNS = {
     "flags": "launch",
     "launched_by": "by",
     "launches": "a step",
+    "floor_mb": "MB touched",
     "setting": "rows×cols, warps, grid",
     "registers": "regs",
     "spilled_bytes": "spilled B",

@@ -387,6 +387,7 @@ def _sweep_launch(bench: TileSweep, launch, count: int, variants: list[str], emi
             "flags": flags_text(launch),
             "launched_by": ", ".join(variants),
             "launches": count,
+            "floor_mb": floor / 1e6,
             "setting": setting.text(),
             "default": setting == default_setting(launch),
             **dataclasses.asdict(setting),
