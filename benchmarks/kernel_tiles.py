@@ -19,8 +19,8 @@ import sys
 import torch
 from step_arguments import add_step_arguments
 
-from deltalearn.bench.kernel_tiles import TileSweep, sweep
-from deltalearn.bench.model import parse_overrides
+from deltalearn.bench import settings_from_options
+from deltalearn.bench.kernel_tiles import H200_MULTIPROCESSORS, TileSweep, sweep
 from deltalearn.bench.timing import format_table, settings_report
 from deltalearn.ops import backend
 
@@ -52,22 +52,11 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=20)
     parser.add_argument("--json")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bench = TileSweep(
-        variants=args.variants.split(","),
-        size=args.size,
-        overrides=parse_overrides(args.set),
-        dtype=args.dtype,
-        batch=args.batch,
-        seq=args.seq,
-        layers=args.layers,
-        kernels=args.kernels.split(","),
-        arch=args.arch,
-        rep_ms=args.rep_ms,
-        device=device,
+    args.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.multiprocessors = (
+        backend.multiprocessors(torch.device("cuda")) if device == "cuda" else H200_MULTIPROCESSORS
     )
-    if device == "cuda":
-        bench.multiprocessors = backend.multiprocessors(torch.device("cuda"))
+    bench = settings_from_options(TileSweep, args)
 
     made: list[dict] = []
 

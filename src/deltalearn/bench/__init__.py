@@ -201,13 +201,13 @@ def _kernels(args: argparse.Namespace) -> dict:
             "bench kernels compiles the kernels for a GPU; unset TRITON_INTERPRET (the "
             "interpreter replaces them with NumPy code)"
         )
-    bench = _settings(KernelBench, args)
+    bench = settings_from_options(KernelBench, args)
     report = kernels_report(bench, kernels_benchmark(bench))
     print(format_kernels_report(report))
     return report
 
 
-def _settings(cls, args: argparse.Namespace):
+def settings_from_options(cls, args: argparse.Namespace):
     """A benchmark's settings (dataclass `cls`) from its options of the same names: `--set` parsed
     into `overrides`, the comma-separated lists split."""
     values, defaults = {}, cls()
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_table(rows))
     elif args.what == "decode":
-        decode = _settings(DecodeBench, args)
+        decode = settings_from_options(DecodeBench, args)
         report = decode_report(decode, decode_benchmark(decode))
         print(format_decode_report(report))
     elif args.what == "kernels":
