@@ -1,10 +1,12 @@
-"""Tile settings of the Triton update kernels, tried on the launches one training step makes
-(`deltalearn.bench.kernel_tiles`): each candidate compiled for sm_<arch> (registers, spills,
-programs resident a multiprocessor); on a GPU also checked against the default setting's results
-and timed alone as a replayed CUDA graph, against the bytes its tensors hold.
+"""Tile settings of the Triton kernels on DDL's state (the update and the compressor reads), tried on
+the launches one training step makes (`deltalearn.bench.kernel_tiles`): each candidate compiled
+for sm_<arch> (registers, spills, programs resident a multiprocessor); on a GPU also checked
+against the default setting's results and timed alone as a replayed CUDA graph, against the bytes
+its tensors hold.
 
     python benchmarks/kernel_tiles.py [--size small --batch 8 --seq 1024 --dtype bfloat16] \\
-        [--variants ddl,ddl-cc,ddl-tc] [--kernels _fwd_kernel,_bwd_kernel] [--json FILE]
+        [--variants ddl,ddl-cc,ddl-tc] [--json FILE] \\
+        [--kernels _fwd_kernel,_bwd_kernel,_read_fwd_kernel,_read_bwd_kernel]
 
 Without a GPU it compiles only (TRITON_INTERPRET=1: runs and checks on CPU tensors instead). Each
 row is printed as it is made, so a sweep cut short by a time limit leaves what it measured.
@@ -20,7 +22,7 @@ import torch
 from step_arguments import add_step_arguments
 
 from deltalearn.bench import settings_from_options
-from deltalearn.bench.kernel_tiles import H200_MULTIPROCESSORS, TileSweep, sweep
+from deltalearn.bench.kernel_tiles import H200_MULTIPROCESSORS, SWEPT, TileSweep, sweep
 from deltalearn.bench.timing import format_table, settings_report
 from deltalearn.ops import backend
 
@@ -42,10 +44,10 @@ COLUMNS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
     parser.set_defaults(variants="ddl,ddl-cc,ddl-tc", batch=8)
-    parser.add_argument("--kernels", default="_fwd_kernel,_bwd_kernel")
+    parser.add_argument("--kernels", default=",".join(SWEPT))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--arch", type=int, default=90)

@@ -6,6 +6,8 @@ the default setting writes; a relaunch that drops rows is caught by that check.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ from deltalearn.bench.kernels import model_launches  # noqa: E402
 from deltalearn.errors import ConfigError  # noqa: E402
 from deltalearn.ops import triton_aot  # noqa: E402
 from deltalearn.ops import triton_epilogue as te  # noqa: E402
+from deltalearn.ops import triton_mixing as tm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +44,8 @@ def test_kernels_under_the_interpreter():
 
 
 def _bench(**changes) -> kt.TileSweep:
-    fields = dict(variants=["ddl-cc"], size="tiny", batch=2, seq=16, layers=1, device="cpu")
+    # 144 tokens: a tiny TC state over 2**16 elements, which the reads take to their kernels
+    fields = dict(variants=["ddl-cc"], size="tiny", batch=2, seq=72, layers=1, device="cpu")
     return kt.TileSweep(**{**fields, **changes})
 
 
@@ -51,6 +55,12 @@ def _launches(variant: str, interpreted: bool = False) -> list:
         bench.config(variant), bench.batch, bench.seq, torch.bfloat16, "train",
         interpreted=interpreted,
     )  # fmt: skip
+
+
+def _one_warp_count(monkeypatch) -> None:
+    """The sweep's candidates with 8 warps only: its tiles (fewer kernels to compile or run)."""
+    tilings = {name: dataclasses.replace(t, warp_options=(8,)) for name, t in kt.TILINGS.items()}
+    monkeypatch.setattr(kt, "TILINGS", tilings)
 
 
 def _first(launches, name: str):
@@ -70,7 +80,8 @@ def test_candidates_start_with_the_models_setting_and_cover_every_row():
     assert len(set(settings)) == len(settings) > 10
     for setting in settings:
         tile = setting.block_m * setting.block_d * args["BLOCK_V"]
-        assert tile <= kt.BACKWARD_MAX_TILE and setting.num_warps in kt.BACKWARD_WARPS
+        tiling = kt.TILINGS["_bwd_kernel"]
+        assert tile <= tiling.max_tile and setting.num_warps in tiling.warp_options
         for multiprocessors in (1, 3, 132):
             (programs,), relaunched = kt.relaunch_arguments(backward, setting, multiprocessors)
             rows_walked = programs * relaunched["iters"] * setting.block_m
@@ -80,8 +91,33 @@ def test_candidates_start_with_the_models_setting_and_cover_every_row():
     forward = _first(launches, "_fwd_kernel")
     (blocks,), relaunched = kt.relaunch_arguments(forward, kt.candidate_settings(forward)[-1], 1)
     assert blocks * relaunched["BLOCK_M"] >= args["n_rows"]
-    with pytest.raises(ValueError, match="_fwd_kernel, _bwd_kernel; got _rebuild_kernel"):
+    with pytest.raises(ValueError, match="_read_bwd_kernel; got _rebuild_kernel"):
         kt.candidate_settings(triton_aot.Launch(te._rebuild_kernel, (), {}))
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="records compilable kernels")
+def test_a_token_reads_candidates_cover_every_token_and_feature():
+    launches = _launches("ddl-tc")
+    backward = _first(launches, "_read_bwd_kernel")
+    args = kt.arguments(backward)
+    settings = kt.candidate_settings(backward)
+    assert settings[0].programs_per_sm == tm.PROGRAMS_PER_SM and len(settings) > 5
+    batch, d = args["XS"].shape[0], args["d"]
+    for setting in settings:
+        for multiprocessors in (1, 3, 132):
+            (programs, columns), relaunched = kt.relaunch_arguments(
+                backward, setting, multiprocessors
+            )
+            blocks = relaunched["n_blocks"]
+            assert blocks == batch * -(-args["S"] // setting.block_m)
+            assert programs * relaunched["iters"] >= blocks > programs - 1
+            assert columns * setting.block_d >= d > (columns - 1) * setting.block_d
+            assert relaunched["GW"].shape == (programs, d, args["DV"], args["K"])
+    forward = _first(launches, "_read_fwd_kernel")
+    for setting in kt.candidate_settings(forward):
+        (blocks, columns), relaunched = kt.relaunch_arguments(forward, setting, 1)
+        assert blocks == batch * relaunched["n_tblocks"]
+        assert relaunched["n_tblocks"] * setting.block_m >= args["T"]
 
 
 def test_programs_resident_follow_the_multiprocessors_limits():
@@ -100,7 +136,7 @@ def test_touched_bytes_count_each_tensor_once_and_a_broadcast_by_its_storage():
 
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="--kernels takes"):
-        _bench(kernels=["_read_fwd_kernel"]).check()
+        _bench(kernels=["_rebuild_kernel"]).check()
     with pytest.raises(ConfigError, match="--rep-ms must be an integer >= 1, got 0"):
         _bench(rep_ms=0).check()
 
@@ -108,11 +144,10 @@ def test_bad_settings_are_named():
 @pytest.mark.skipif(IN_INTERPRETER, reason="interpreted kernels do not compile for a GPU")
 @pytest.mark.skipif(not knobs.nvidia.cuobjdump.path, reason="this triton build ships no cuobjdump")
 def test_candidates_compile_for_sm90_without_spilling(monkeypatch):
-    monkeypatch.setattr(kt, "BACKWARD_WARPS", (8,))
-    monkeypatch.setattr(kt, "FORWARD_WARPS", (8,))
-    rows = kt.sweep(_bench(variants=["ddl-cc"]))
+    _one_warp_count(monkeypatch)
+    rows = kt.sweep(_bench(variants=["ddl-cc", "ddl-tc"]))
     kinds = {(r["kernel"], r["flags"]) for r in rows}
-    assert {k for k, _ in kinds} == {"_fwd_kernel", "_bwd_kernel"}
+    assert {k for k, _ in kinds} == set(kt.SWEPT)
     assert all(r["registers"] > 0 and r["spilled_bytes"] == 0 for r in rows)
     assert all(1 <= r["resident"] <= kt.SM_PROGRAMS for r in rows)
     assert all("check" not in r and "us" not in r for r in rows)  # compiled, not run
@@ -121,11 +156,15 @@ def test_candidates_compile_for_sm90_without_spilling(monkeypatch):
 
 def test_every_setting_writes_what_the_default_does(interpreted, monkeypatch):
     # One SM: a reducing backward's programs each walk several row blocks.
-    monkeypatch.setattr(kt, "BACKWARD_WARPS", (8,))
-    monkeypatch.setattr(kt, "FORWARD_WARPS", (4,))
-    rows = kt.sweep(_bench(variants=["ddl", "ddl-cc"], multiprocessors=1))
-    assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_bwd_kernel"}
-    assert {r["launched_by"] for r in rows} >= {"ddl", "ddl-cc"}
+    _one_warp_count(monkeypatch)
+    updates = kt.sweep(_bench(seq=16, kernels=["_fwd_kernel", "_bwd_kernel"], multiprocessors=1))
+    reads = kt.sweep(
+        _bench(
+            variants=["ddl-tc"], kernels=["_read_fwd_kernel", "_read_bwd_kernel"], multiprocessors=1
+        )
+    )
+    rows = updates + reads
+    assert {r["kernel"] for r in rows} == set(kt.SWEPT)
     assert len(rows) > 20 and all(r["check"] == "ok" for r in rows)
 
 
@@ -150,22 +189,29 @@ def test_on_a_gpu_the_fastest_tiles_are_tried_with_other_grids(interpreted, monk
     """The GPU's branch of the sweep, its timer and binary stood in for: every candidate is
     timed, the three fastest tiles get each count of programs a multiprocessor, and each row's
     speed is given against the default's."""
-    monkeypatch.setattr(kt, "BACKWARD_WARPS", (8,))
+    _one_warp_count(monkeypatch)
     monkeypatch.setattr(kt, "_timed", lambda bench: True)
 
     def fake_time(runner, setting, rep_ms):  # wider tiles, more programs, carried sums: faster
         area = setting.block_m * setting.block_d * (setting.programs_per_sm or 1)
-        return 1000.0 / area * (0.9 if setting.carry else 1.0)
+        tiebreak = 1 + setting.num_warps / 1e3 + setting.block_d / 1e6  # no two alike
+        return 1000.0 / area * (0.9 if setting.carry else 1.0) / tiebreak
 
     monkeypatch.setattr(kt, "time_setting", fake_time)
     resources = {"registers": 40, "spilled_bytes": 0, "shared_bytes": 0, "resident": 6}
     monkeypatch.setattr(kt.Runner, "resources", lambda self: resources)
-    rows = kt.sweep(_bench(kernels=["_bwd_kernel"], multiprocessors=1))
-    kinds = {r["flags"] for r in rows}
+    monkeypatch.setattr(kt.Runner, "check", lambda self, setting: "ok")  # run by the test above
+    backwards = ["_bwd_kernel", "_read_bwd_kernel"]
+    rows = kt.sweep(_bench(variants=["ddl-cc", "ddl-tc"], kernels=backwards, multiprocessors=1))
+    assert {r["kernel"] for r in rows} == set(backwards)
+
+    def kind(r):
+        return r["kernel"], r["flags"], r["launched_by"]
+
     assert any(r["carry"] for r in rows)
-    for kind in kinds:
-        mine = [r for r in rows if r["flags"] == kind]
-        first = [r for r in mine if r["programs_per_sm"] == te.PROGRAMS_PER_SM]
+    for each in {kind(r) for r in rows}:
+        mine = [r for r in rows if kind(r) == each]
+        first = [r for r in mine if r["programs_per_sm"] == 4]  # the wrappers' default
 
         def tile(r):
             return r["block_m"], r["block_d"], r["num_warps"], r["carry"]
@@ -176,5 +222,6 @@ def test_on_a_gpu_the_fastest_tiles_are_tried_with_other_grids(interpreted, monk
         default = next(r for r in mine if r["default"])
         fastest = [r for r in mine if r["fastest"]]
         assert default["x_default"] == 1.0 and len(fastest) == 1
-        assert fastest[0]["programs_per_sm"] == max(kt.PROGRAMS_PER_SM) and fastest[0]["carry"]
+        assert fastest[0]["programs_per_sm"] == max(kt.PROGRAMS_PER_SM)
+        assert fastest[0]["carry"] == (fastest[0]["kernel"] == "_bwd_kernel")
         assert all(r["check"] == "ok" and r["gb_per_s"] > 0 for r in mine)

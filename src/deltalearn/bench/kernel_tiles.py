@@ -1,9 +1,10 @@
-"""Tile settings of the Triton update kernels, tried on the very calls a training step makes.
+"""Tile settings of the Triton kernels on DDL's state, tried on the very calls a training step makes.
 
 One training step of each variant runs with the kernels recorded (`ops.triton_aot`); each distinct
-forward (`_fwd_kernel`) and backward (`_bwd_kernel`) launch is then launched again under candidate
-settings: the rows and columns of a tile (BLOCK_M, BLOCK_D; NUM_CHUNKS follows), the warps, and,
-for a backward that sums weight gradients a program, its programs a multiprocessor.
+launch of the update (`_fwd_kernel`, `_bwd_kernel`) and of the compressor reads (`_read_fwd_kernel`,
+`_read_bwd_kernel`) is then launched again under candidate settings: the rows (or tokens) and
+columns of a tile, the warps, whether a backward carries its partial sums in registers, and, for a
+backward that sums weight gradients a program, its programs a multiprocessor.
 
 - Anywhere (no GPU needed): each candidate is compiled for `sm_<arch>`, and its registers, spilled
   bytes and the programs one multiprocessor holds at once are reported.
@@ -30,28 +31,48 @@ from deltalearn.bench.model import ModelBench, build_config
 from deltalearn.errors import ConfigError
 from deltalearn.ops._shapes import cdiv, next_pow2
 
-SWEPT = ("_fwd_kernel", "_bwd_kernel")
 # sm_90 (H100/H200): registers, resident warps and programs, shared memory of one multiprocessor.
 SM_REGISTERS = 65536
 SM_WARPS = 64
 SM_PROGRAMS = 32
 SM_SHARED_BYTES = 228 * 1024
 H200_MULTIPROCESSORS = 132
-# Candidate warps and tile rows, and the largest tile (elements) each kernel is tried with.
-FORWARD_WARPS, FORWARD_ROWS, FORWARD_MAX_TILE = (4, 8, 16), (1, 2, 4), 8192
-BACKWARD_WARPS, BACKWARD_ROWS, BACKWARD_MAX_TILE = (4, 8, 16), (1, 2, 4), 4096
 PROGRAMS_PER_SM = (1, 2, 3, 4, 6, 8, 16)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """What a kernel's tile settings are and which are tried."""
+
+    rows: str  # the constexpr of the tile's rows (tokens for a read)
+    row_options: tuple[int, ...]
+    warp_options: tuple[int, ...]
+    max_tile: int  # elements, BLOCK_V included
+    partial: str | None = None  # the per-program partial-sum buffer of a reducing launch
+    columns_of_row: bool = True  # columns tried: the row's and halves (else 32-256)
+
+
+TILINGS = {
+    "_fwd_kernel": Tiling("BLOCK_M", (1, 2, 4), (4, 8, 16), 8192),
+    "_bwd_kernel": Tiling("BLOCK_M", (1, 2, 4), (4, 8, 16), 4096, partial="PART"),
+    "_read_fwd_kernel": Tiling("BLOCK_T", (2, 4, 8, 16), (4, 8), 4096, columns_of_row=False),
+    "_read_bwd_kernel": Tiling(
+        "BLOCK_T", (2, 4, 8, 16), (4, 8), 4096, partial="GW", columns_of_row=False
+    ),
+}
+SWEPT = tuple(TILINGS)
+PARTIALS = {t.partial for t in TILINGS.values() if t.partial}
 
 
 @dataclass(frozen=True)
 class Setting:
     """How one launch is tiled: rows × columns a tile, warps, and a reducing backward's grid."""
 
-    block_m: int
+    block_m: int  # rows (BLOCK_M) or tokens (BLOCK_T) a tile
     block_d: int
     num_warps: int
     programs_per_sm: int | None = None  # None: one program a row block
-    carry: bool = False  # a reducing backward's partial sums held in registers (CARRY_SUMS)
+    carry: bool = False  # an update backward's partial sums held in registers (CARRY_SUMS)
 
     def text(self) -> str:
         grid = f", {self.programs_per_sm}/SM" if self.programs_per_sm else ""
@@ -64,48 +85,62 @@ def arguments(launch) -> dict[str, Any]:
     return {**dict(zip(launch.kernel.arg_names, launch.args, strict=False)), **launch.kwargs}
 
 
-def _reduces(args: dict[str, Any]) -> bool:
-    """Whether a backward launch sums per-program partials (∂C, the projections' weights)."""
-    return bool(args["COMPRESS"] or args["PROJECT"])
+def _tiling(launch) -> Tiling:
+    try:
+        return TILINGS[launch.name]
+    except KeyError:
+        raise ValueError(
+            f"tile settings are swept for {', '.join(SWEPT)}; got {launch.name}"
+        ) from None
+
+
+def _reduces(launch, args: dict[str, Any]) -> bool:
+    """Whether a launch sums per-program partials (∂C, the projections' weights, ∂W of a read)."""
+    if launch.name == "_bwd_kernel":
+        return bool(args["COMPRESS"] or args["PROJECT"])
+    return launch.name == "_read_bwd_kernel" and bool(args["REDUCE_W"])
 
 
 def default_setting(launch) -> Setting:
-    """The setting the model's wrappers chose for `launch`."""
-    from deltalearn.ops import triton_epilogue
+    """The setting the model's wrappers chose for `launch` (Triton's 4 warps where none given)."""
+    from deltalearn.ops import triton_epilogue, triton_mixing
 
     args = arguments(launch)
     per_sm = None
-    if launch.name == "_bwd_kernel" and _reduces(args):
-        per_sm = triton_epilogue.PROGRAMS_PER_SM
+    if _reduces(launch, args):
+        owner = triton_epilogue if launch.name == "_bwd_kernel" else triton_mixing
+        per_sm = owner.PROGRAMS_PER_SM
+    rows = args[_tiling(launch).rows]
     carry = bool(args.get("CARRY_SUMS", False))
-    return Setting(args["BLOCK_M"], args["BLOCK_D"], args["num_warps"], per_sm, carry)
+    return Setting(rows, args["BLOCK_D"], args.get("num_warps", 4), per_sm, carry)
+
+
+def _columns(tiling: Tiling, d: int) -> list[int]:
+    full = next_pow2(d)
+    if tiling.columns_of_row:
+        return [full >> i for i in range(3) if full >> i >= 16]
+    return sorted({min(full, c) for c in (32, 64, 128, 256)}, reverse=True)
 
 
 def candidate_settings(launch) -> list[Setting]:
-    """The default first, then every tile of at most the kernel's largest size (BLOCK_D a power
-    of two down to a quarter of the row's, at least 16) with each candidate warp count; a
-    reducing backward's tiles that hold a whole row also with their sums carried."""
-    if launch.name not in SWEPT:
-        raise ValueError(f"tile settings are swept for {', '.join(SWEPT)}; got {launch.name}")
+    """The default first, then every tile of 256 elements up to the kernel's largest with each
+    candidate warp count: an update's columns a power of two down to a quarter of the row's
+    (at least 16), a read's 32-256; an update backward's tiles that hold a whole row that sums
+    partials also with their sums carried."""
+    tiling = _tiling(launch)
     args = arguments(launch)
     default = default_setting(launch)
-    forward = launch.name == "_fwd_kernel"
-    warps = FORWARD_WARPS if forward else BACKWARD_WARPS
-    rows = FORWARD_ROWS if forward else BACKWARD_ROWS
-    max_tile = FORWARD_MAX_TILE if forward else BACKWARD_MAX_TILE
-    full = next_pow2(args["d"])
     found = [default]
-    for block_d in (full >> i for i in range(3)):
-        for block_m in rows:
-            tile = block_m * block_d * args["BLOCK_V"]
-            if block_d < 16 or not 256 <= tile <= max_tile:
+    for block_d in _columns(tiling, args["d"]):
+        for rows in tiling.row_options:
+            if not 256 <= rows * block_d * args["BLOCK_V"] <= tiling.max_tile:
                 continue
-            carries = (
-                (False, True) if default.programs_per_sm and block_d >= args["d"] else (False,)
-            )
-            for num_warps in warps:
+            carries = [False]
+            if launch.name == "_bwd_kernel" and default.programs_per_sm and block_d >= args["d"]:
+                carries.append(True)
+            for num_warps in tiling.warp_options:
                 for carry in carries:
-                    setting = Setting(block_m, block_d, num_warps, default.programs_per_sm, carry)
+                    setting = Setting(rows, block_d, num_warps, default.programs_per_sm, carry)
                     if setting not in found:
                         found.append(setting)
     return found
@@ -118,33 +153,46 @@ def with_programs(setting: Setting, per_sm: Iterable[int] = PROGRAMS_PER_SM) -> 
 
 def relaunch_arguments(
     launch, setting: Setting, multiprocessors: int
-) -> tuple[tuple[int], dict[str, Any]]:
-    """`(grid, arguments)` that launch `launch`'s kernel on its own tensors under `setting`: the
-    chunks follow the columns; a reducing backward gets a fresh partial-sum buffer with a row a
-    program and the row blocks each program walks."""
+) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """`(grid, arguments)` that launch `launch`'s kernel on its own tensors under `setting`, as
+    its wrapper would: the chunks follow the columns; a reducing launch gets a fresh partial-sum
+    buffer with a row a program and the row blocks each program walks."""
+    tiling = _tiling(launch)
     args = arguments(launch)
-    n_rows, d = args["n_rows"], args["d"]
-    args.update(
-        BLOCK_M=setting.block_m,
-        BLOCK_D=setting.block_d,
-        NUM_CHUNKS=cdiv(d, setting.block_d),
-        num_warps=setting.num_warps,
-    )
-    num_blocks = cdiv(n_rows, setting.block_m)
-    if launch.name != "_bwd_kernel":
-        return (num_blocks,), args
-    if setting.carry and (args["NUM_CHUNKS"] != 1 or setting.programs_per_sm is None):
-        raise ValueError(f"{setting.text()}: sums are carried by a reducing backward in one chunk")
-    args["CARRY_SUMS"] = setting.carry
+    reduces = _reduces(launch, args)
+    if setting.programs_per_sm is not None and not reduces:
+        raise ValueError(f"{setting.text()}: programs a multiprocessor apply to a reducing launch")
+    d = args["d"]
+    args.update({tiling.rows: setting.block_m, "BLOCK_D": setting.block_d})
+    args["num_warps"] = setting.num_warps
+    if launch.name == "_fwd_kernel":
+        args["NUM_CHUNKS"] = cdiv(d, setting.block_d)
+        return (cdiv(args["n_rows"], setting.block_m),), args
+    if launch.name == "_read_fwd_kernel":
+        args["n_tblocks"] = cdiv(args["T"], setting.block_m)
+        return (args["XS"].shape[0] * args["n_tblocks"], cdiv(d, setting.block_d)), args
+    columns = 1
+    if launch.name == "_bwd_kernel":
+        args["NUM_CHUNKS"] = cdiv(d, setting.block_d)
+        if setting.carry and (args["NUM_CHUNKS"] != 1 or not reduces):
+            raise ValueError(
+                f"{setting.text()}: sums are carried by a reducing backward in one chunk"
+            )
+        args["CARRY_SUMS"] = setting.carry
+        num_blocks = cdiv(args["n_rows"], setting.block_m)
+        shape: tuple[int, ...] = (args["part_stride"],)
+    else:  # _read_bwd_kernel
+        args["n_sblocks"] = cdiv(args["S"], setting.block_m)
+        num_blocks = args["n_blocks"] = args["XS"].shape[0] * args["n_sblocks"]
+        columns = cdiv(d, setting.block_d)
+        shape = (d, args["DV"], args["K"])
     programs = num_blocks
     if setting.programs_per_sm is not None:
-        if not _reduces(args):
-            raise ValueError("programs a multiprocessor apply to a backward that sums partials")
-        programs = max(1, min(num_blocks, setting.programs_per_sm * multiprocessors))
-        part = args["PART"]
-        args["PART"] = part.new_zeros(programs, args["part_stride"])  # the padding stays 0
+        programs = max(1, min(num_blocks, setting.programs_per_sm * multiprocessors // columns))
+        part = args[tiling.partial]  # zeros: the padding a kernel leaves unwritten stays 0
+        args[tiling.partial] = part.new_zeros((programs, *shape), dtype=torch.float32)
     args["iters"] = cdiv(num_blocks, programs)
-    return (programs,), args
+    return (programs, columns) if launch.name == "_read_bwd_kernel" else (programs,), args
 
 
 def programs_resident(registers: int, num_warps: int, shared_bytes: int) -> int:
@@ -166,7 +214,7 @@ def touched_tensors(args: dict[str, Any]) -> list[torch.Tensor]:
     partial-sum buffer, whose size is the grid's, not the data's."""
     seen: dict[int, torch.Tensor] = {}
     for name, value in args.items():
-        if isinstance(value, torch.Tensor) and name != "PART":
+        if isinstance(value, torch.Tensor) and name not in PARTIALS:
             seen.setdefault(value.data_ptr(), value)
     return list(seen.values())
 
@@ -222,7 +270,8 @@ class Runner:
         def launch() -> Any:
             return kernel[grid](**args)
 
-        return launch, (args["PART"] if setting.programs_per_sm else None)
+        partial = _tiling(self.launch).partial
+        return launch, (args[partial] if setting.programs_per_sm else None)
 
     def run(self, setting: Setting) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Every touched tensor after one launch under `setting`, and the partial sums' total;
@@ -305,14 +354,15 @@ def distinct_launches(launches: Iterable, kernels: Iterable[str] = SWEPT) -> lis
 
 
 # The switches that mostly tell one launch kind of a training step from another.
-SHOWN_FLAGS = ("COMPRESS", "SAVE_ROWS", "REBUILD", "X_DENSE", "G_DENSE")
+SHOWN_FLAGS = ("COMPRESS", "SAVE_ROWS", "REBUILD", "X_DENSE", "G_DENSE", "XS_DENSE", "REDUCE_W")
 
 
 def flags_text(launch) -> str:
     """A launch kind in a few words, e.g. "d=768 DV=4 COMPRESS REBUILD G_DENSE"."""
     args = arguments(launch)
     on = [k for k in SHOWN_FLAGS if args.get(k) is True]
-    return " ".join([f"d={args['d']} DV={args['DV']}", *on])
+    taps = [f"K={args['K']}"] if "K" in args else []
+    return " ".join([f"d={args['d']} DV={args['DV']}", *taps, *on])
 
 
 @dataclass
@@ -351,9 +401,9 @@ class TileSweep:
 
 
 def sweep(bench: TileSweep, emit: Callable[[dict[str, Any]], None] = lambda row: None) -> list:
-    """One row per (launch kind, setting); `emit` sees each row as it is made (a long sweep
-    leaves its rows behind when cut short). A setting whose results differ from the default's
-    fails the sweep, naming it."""
+    """One row per (launch kind, setting), the kinds that move the most bytes a step first;
+    `emit` sees each row as it is made (a sweep cut short keeps what it measured). A setting
+    whose results differ from the default's fails the sweep, naming it."""
     from deltalearn.bench.kernels import model_launches
 
     bench.check()
@@ -367,8 +417,9 @@ def sweep(bench: TileSweep, emit: Callable[[dict[str, Any]], None] = lambda row:
             kind = kinds.setdefault(launch_key(launch), [launch, 0, []])
             kind[1] += count
             kind[2].append(variant)
+    order = sorted(kinds.values(), key=lambda k: -k[1] * touched_bytes(arguments(k[0])))
     rows = []
-    for launch, count, variants in kinds.values():
+    for launch, count, variants in order:
         rows += _sweep_launch(bench, launch, count, variants, emit)
     return rows
 

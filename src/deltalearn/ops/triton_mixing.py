@@ -42,9 +42,11 @@ from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2,
 MAX_TILE = 2048
 # Most features a tile spans (the rest of the tile goes to tokens).
 MAX_COLUMNS = 128
-# Programs along the token axis of the backward when it sums ∂W (None: 4 per SM over the feature
-# blocks on CUDA, 2 under the interpreter, which exercises the loop over row blocks).
+# Programs along the token axis of the backward when it sums ∂W (None: PROGRAMS_PER_SM a
+# multiprocessor over the feature blocks on CUDA, 2 under the interpreter, which exercises the loop
+# over row blocks). `benchmarks/kernel_tiles.py` times other settings on a GPU.
 WEIGHT_GRAD_PROGRAMS: int | None = None
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -168,7 +170,7 @@ def _weight_grad_programs(n_blocks: int, n_dblocks: int, device: torch.device) -
         cap = WEIGHT_GRAD_PROGRAMS
     elif device.type == "cuda":
         sms = backend.multiprocessors(device)
-        cap = max(1, 4 * sms // n_dblocks)
+        cap = max(1, PROGRAMS_PER_SM * sms // n_dblocks)
     else:
         cap = 2
     return max(1, min(n_blocks, cap))
