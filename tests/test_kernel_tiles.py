@@ -67,12 +67,16 @@ def _first(launches, name: str):
     return next(launch for launch in launches if launch.name == name)
 
 
+def _recorded(variant: str, kernel: str):
+    """A variant's recorded launches, the first of `kernel`, its arguments and its candidates."""
+    launches = _launches(variant)
+    launch = _first(launches, kernel)
+    return launches, launch, kt.arguments(launch), kt.candidate_settings(launch)
+
+
 @pytest.mark.skipif(IN_INTERPRETER, reason="records compilable kernels")
 def test_candidates_start_with_the_models_setting_and_cover_every_row():
-    launches = _launches("ddl-cc")
-    backward = _first(launches, "_bwd_kernel")
-    args = kt.arguments(backward)
-    settings = kt.candidate_settings(backward)
+    launches, backward, args, settings = _recorded("ddl-cc", "_bwd_kernel")
     default = settings[0]
     assert default == kt.Setting(
         args["BLOCK_M"], args["BLOCK_D"], args["num_warps"], te.PROGRAMS_PER_SM
@@ -97,10 +101,7 @@ def test_candidates_start_with_the_models_setting_and_cover_every_row():
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="records compilable kernels")
 def test_a_token_reads_candidates_cover_every_token_and_feature():
-    launches = _launches("ddl-tc")
-    backward = _first(launches, "_read_bwd_kernel")
-    args = kt.arguments(backward)
-    settings = kt.candidate_settings(backward)
+    launches, backward, args, settings = _recorded("ddl-tc", "_read_bwd_kernel")
     assert settings[0].programs_per_sm == tm.PROGRAMS_PER_SM and len(settings) > 5
     batch, d = args["XS"].shape[0], args["d"]
     for setting in settings:
