@@ -251,9 +251,9 @@ class Runner:
 
     def __init__(self, launch, multiprocessors: int, seed: int = 0) -> None:
         self.launch, self.multiprocessors = launch, multiprocessors
-        self.tensors = touched_tensors(arguments(launch))
         # The model's weights among them (detached); a broadcast (stride 0) input is read only.
-        self.tensors = [t.detach() for t in self.tensors if _own_elements(t)]
+        touched = touched_tensors(arguments(launch))
+        self.tensors = [t.detach() for t in touched if _own_elements(t)]
         gen = torch.Generator(device=self.tensors[0].device).manual_seed(seed)
         for t in self.tensors:
             t.copy_(torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype))
