@@ -430,9 +430,10 @@ def _sweep_launch(bench: TileSweep, launch, count: int, variants: list[str], emi
     runnable = timed or not compilable  # on a CPU: under the interpreter
     runner = Runner(launch, bench.multiprocessors) if runnable else None
     floor = touched_bytes(arguments(launch))
+    default = default_setting(launch)
     rows: list[dict[str, Any]] = []
 
-    def measure(setting: Setting) -> dict[str, Any]:
+    def measure(setting: Setting) -> None:
         row: dict[str, Any] = {
             "kernel": launch.name,
             "flags": flags_text(launch),
@@ -440,7 +441,7 @@ def _sweep_launch(bench: TileSweep, launch, count: int, variants: list[str], emi
             "launches": count,
             "floor_mb": floor / 1e6,
             "setting": setting.text(),
-            "default": setting == default_setting(launch),
+            "default": setting == default,
             **dataclasses.asdict(setting),
         }
         if compilable and not timed:  # on the GPU, the binary the check ran tells
@@ -455,11 +456,10 @@ def _sweep_launch(bench: TileSweep, launch, count: int, variants: list[str], emi
             row["gb_per_s"] = floor / row["us"] / 1e3
         rows.append(row)
         emit(row)
-        return row
 
     for setting in candidate_settings(launch):
         measure(setting)
-    if timed and default_setting(launch).programs_per_sm is not None:
+    if timed and default.programs_per_sm is not None:
         best = sorted(rows, key=lambda r: r["us"])[:3]
         tried = {r["setting"] for r in rows}
         for row in best:
