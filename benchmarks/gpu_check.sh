@@ -50,6 +50,9 @@
 #   graphdecode  `bench decode --modes dynamic,static,static-graphed`: a decoded token eager and
 #            with its eager step recorded as a CUDA graph (no compiling), every variant at `small`,
 #            batch 1; ~2 minutes
+#   tokenread  `bench model` train/memory for ddl-tc with each token-compressor read made by the
+#            rewrite before it (DELTALEARN_FUSED_TOKEN_READ=on: the read's gradient taken into the
+#            update's backward kernel; off by default) and without, eager and replayed; ~4 minutes
 #   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
 #            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
 #            chosen on host work alone) and apart: its GPU time, to confirm or revert the default
@@ -85,7 +88,7 @@
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
-stages=${*:-tests host reads model updatekernel rebuild fusedread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode cudagraphs graphdecode}
+stages=${*:-tests host reads model updatekernel rebuild fusedread tokenread profile tiles compilegrads compile compiledkernels compiledrebuild compiledboth compileckpt graphs decode cudagraphs graphdecode}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -147,6 +150,19 @@ for s in $stages; do
             DELTALEARN_FUSED_READ=$read timeout 100 deltalearn bench model "${small[@]}" \
                 --variants baseline,ddl-cc,write-only-cc --measure train,infer,memory --repeats 7 \
                 --json "$out/h200_model_fusedread_${read}.json" 2>&1 | tail -6
+        done
+        ;;
+    tokenread)
+        # Replayed (CUDA graphs) too: the eager step is host-bound, and the fusion saves GPU time
+        # (a ~380 MB less a sublayer at small, 8 x 1024) as well as a Function and an add.
+        for read in off on; do
+            stage "bench model, fused token read $read"
+            DELTALEARN_FUSED_TOKEN_READ=$read timeout 120 deltalearn bench model "${small[@]}" \
+                --variants baseline,ddl-tc --measure train,memory --repeats 7 \
+                --json "$out/h200_model_tokenread_${read}.json" 2>&1 | tail -5
+            DELTALEARN_FUSED_TOKEN_READ=$read timeout 150 deltalearn bench model "${small[@]}" \
+                --variants baseline,ddl-tc --measure train --repeats 7 --cuda-graphs \
+                --json "$out/h200_model_tokenread_${read}_graphs.json" 2>&1 | tail -4
         done
         ;;
     host)

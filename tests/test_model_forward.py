@@ -374,6 +374,48 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
     torch.testing.assert_close(on[2], off[2])
 
 
+def test_fused_token_read_gives_the_same_model(monkeypatch):
+    """DELTALEARN_FUSED_TOKEN_READ=on (off by default) hands each token-compressor read of a ddl-tc
+    model in training to the rewrite before it: on CUDA the Triton update then takes the read's
+    gradient into its backward kernel (tests/test_ops_epilogue.py), here the rewrite and then the
+    read run as before — the same logits, gradients and gate records. With padding, or under
+    activation checkpointing, every sublayer reads for itself."""
+    from deltalearn.nn import DeltaUpdate, TokenCompressor
+
+    model = tiny_model("ddl-tc").train()
+    ids = random_ids(2, 12)
+    taps, reads = [], []
+    real, real_read = DeltaUpdate.forward, TokenCompressor.forward
+
+    def spy(self, X, h, c, u, compress=None, **kwargs):
+        taps.append(None if compress is None else compress.dim())
+        return real(self, X, h, c, u, compress, **kwargs)
+
+    monkeypatch.setattr(DeltaUpdate, "forward", spy)
+    monkeypatch.setattr(TokenCompressor, "forward", lambda *a: reads.append(1) or real_read(*a))
+    monkeypatch.delenv("DELTALEARN_FUSED_TOKEN_READ", raising=False)
+    off = _loss_logits_and_grads(model, ids)
+    rewrites = 2 * len(model.layers)
+    assert taps == [None] * rewrites and len(reads) == rewrites + 1
+    taps.clear(), reads.clear()
+    monkeypatch.setenv("DELTALEARN_FUSED_TOKEN_READ", "on")
+    on = _loss_logits_and_grads(model, ids)
+    # Every rewrite handed taps (here it then rewrites without them, and reads); one read of its
+    # own, the first block's attention read.
+    assert [t for t in taps if t is not None] == [3] * rewrites and len(reads) == 1
+    torch.testing.assert_close(on[0], off[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(on[1], off[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(on[2], off[2])
+    taps.clear()
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    model(ids, attention_mask=padded, labels=ids).loss.backward()
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    assert len(taps) >= 2 * rewrites and all(t is None for t in taps)  # (and recomputes)
+
+
 def test_reads_are_handed_across_blocks_only_where_nothing_can_come_between(monkeypatch):
     """A hook on a block (which may change the state it returns), activation checkpointing (a
     block's recompute) and one new token (the extension's read is cheaper) each read the next

@@ -222,6 +222,22 @@ def test_whole_update_matches_the_general_path(
     _check_update(monkeypatch, d, dv, rule, value_head, compress)
 
 
+def _backward_kernel_flag(monkeypatch, flag: str) -> list:
+    """The value of the update backward kernel's option `flag` at each launch, as launched."""
+    real, seen = te._bwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs[flag])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(te, "_bwd_kernel", Spy())
+    return seen
+
+
 @pytest.mark.parametrize(("dv", "value_head"), [(4, "official"), (1, "official"), (4, "paper")])
 def test_whole_update_with_its_sums_carried_gives_the_same_bits(
     interpreted, monkeypatch, dv, value_head
@@ -241,17 +257,7 @@ def test_whole_update_with_its_sums_carried_gives_the_same_bits(
     h, c, u = (torch.randn(3, 5, d) for _ in range(3))
     compress = dv > 1
     leaves = [t.requires_grad_() for t in (X, h, c, u, torch.randn(d, dv) / dv)]
-    real, flags = te._bwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                flags.append(kwargs["CARRY_SUMS"])
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(te, "_bwd_kernel", Spy())
+    flags = _backward_kernel_flag(monkeypatch, "CARRY_SUMS")
     results = []
     for carry in (False, True):
         monkeypatch.setattr(te, "CARRY_SUMS", carry)
@@ -592,6 +598,18 @@ def test_compressor_read_and_its_gradient(interpreted, monkeypatch, rule):
     _check_against_reference(leaves, rule, "official")
 
 
+def _loss_and_grads_off_and_on(monkeypatch, model, ids, switch: str) -> list:
+    """A training step's loss and parameter gradients with `ops.epilogue.<switch>` off, then on."""
+    results = []
+    for setting in ("off", "on"):
+        monkeypatch.setattr(ep, switch, setting)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
 def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
     """A ddl-cc DeltaLM on the kernels, with each read fused into the rewrite before it (the MLP's
     into the attention rewrite, the next block's and the final one into the MLP rewrite;
@@ -610,14 +628,128 @@ def test_deltalm_with_the_read_fused_into_the_kernel(interpreted, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(te, "update_triton", spy)
-    results = []
-    for read in ("off", "on"):
-        monkeypatch.setattr(ep, "FUSED_READ", read)
-        model.zero_grad()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    results = _loss_and_grads_off_and_on(monkeypatch, model, ids, "FUSED_READ")
     assert compressed == [False] * 4 + [True] * 4  # two blocks, two rewrites each
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_on, grads_off, strict=True):
+        _close(a, b, tol=1e-4)
+
+
+def _token_read_update(d, dv, K, value_head, rule="delta"):
+    """An update with random weights, and leaves `[X (2, 7, d, dv), h, c, u, taps (d, dv, K)]`."""
+    from deltalearn.nn import DeltaUpdate
+
+    torch.manual_seed(5)
+    update = DeltaUpdate(d, dv, rule=rule, value_head=value_head)
+    update.record = False
+    with torch.no_grad():
+        for param in update.parameters():
+            param.copy_(torch.randn(param.shape) / d**0.5)
+    X = torch.randn(2, 7, d, dv)
+    h, c, u = (torch.randn(2, 7, d) for _ in range(3))
+    taps = torch.randn(d, dv, K) / dv
+    return update, [t.requires_grad_() for t in (X, h * 3, c, u, taps)]
+
+
+@pytest.mark.parametrize("value_head", HEADS)
+@pytest.mark.parametrize(
+    ("d", "dv", "K", "tile", "rule"),
+    [(40, 4, 4, None, "delta"), (96, 3, 3, 128, "delta"), (40, 4, 2, None, "write_only")],
+)
+def test_whole_update_with_the_next_token_read(
+    interpreted, monkeypatch, d, dv, K, tile, rule, value_head
+):
+    """`DeltaUpdate(..., compress=taps)` with a token compressor's taps `(d, dv, K)`: the Triton
+    update runs the next sublayer's token read of Y inside its Function and takes the read's
+    gradient into its backward kernel (K shifted rows of ∂x_next, none across a sequence's end);
+    ∂taps from the read's own kernel. Values and every gradient as the rewrite, then the read, on
+    the reference path (rows in chunks too)."""
+    if tile is not None:
+        monkeypatch.setattr(te, "MAX_TILE", tile)
+        monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
+    update, leaves = _token_read_update(d, dv, K, value_head, rule)
+    token_k = _backward_kernel_flag(monkeypatch, "TOKEN_K")
+    outs, grads = _update_results(update, leaves, True)
+    assert token_k == [K]
+    monkeypatch.setattr(backend, "BACKEND", "reference")
+    ref_outs, ref_grads = _update_results(update, leaves, True)
+    for a, b in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        _close(a, b, tol=2e-5)
+
+
+@pytest.mark.parametrize("other_reader", [False, True])
+def test_whole_update_with_the_next_token_read_rebuilds_its_state(
+    interpreted, monkeypatch, other_reader
+):
+    """Under a state tape the update with a token read rebuilds its input state in its backward
+    and sums ∂taps from the Y the tape hands it (or, where another reader had X rebuilt first,
+    from the state after it): the gradients of the same update with X kept."""
+    from deltalearn.ops import state_tape
+
+    update, (X0, h, c, u, taps) = _token_read_update(40, 4, 4, "official")
+    w = torch.randn(2, 7, 40, 4, requires_grad=True)
+
+    def loss_of(X, ups):
+        Y, x_next = update(X, h, c, u, taps)
+        loss = (Y * ups[0]).sum() + (x_next * ups[1]).sum()
+        return loss + (X * w).sum() if other_reader else loss  # X saved by `mul` too
+
+    gen = torch.Generator().manual_seed(3)
+    ups = [torch.randn(2, 7, 40, 4, generator=gen), torch.randn(2, 7, 40, generator=gen)]
+    claimed, after = [], []
+    real_claim, real_after = state_tape.StateTape.claim, state_tape.StateTape.state_after
+    monkeypatch.setattr(
+        state_tape.StateTape, "claim", lambda t, i: claimed.append(1) or real_claim(t, i)
+    )
+    monkeypatch.setattr(
+        state_tape.StateTape, "state_after", lambda t, i: after.append(1) or real_after(t, i)
+    )
+    with state_tape.recording() as tape:
+        X = X0 * 1.0  # a state with a graph, as between sublayers
+        tape.add(X)
+        loss = loss_of(X, ups)
+    inputs = [X0, h, c, u, taps, *update.parameters(), *([w] if other_reader else [])]
+    grads = torch.autograd.grad(loss, inputs)
+    assert claimed == [1] and after == ([1] if other_reader else [])
+    kept = torch.autograd.grad(loss_of(X0 * 1.0, ups), inputs)
+    for a, b in zip(grads, kept, strict=True):
+        _close(a, b, tol=2e-5)
+
+
+@pytest.mark.parametrize("rebuild", ["on", "off"])
+def test_deltalm_with_the_token_reads_fused_into_the_update(interpreted, monkeypatch, rebuild):
+    """A ddl-tc DeltaLM on the kernels with each token read made by the rewrite before it
+    (DELTALEARN_FUSED_TOKEN_READ=on) and without: the same loss and gradients, states rebuilt or
+    kept; of the five reads of two blocks one keeps its own Function (the first block's), whose
+    backward alone writes a state-sized gradient."""
+    from deltalearn import DeltaLM, DeltaLMConfig
+    from deltalearn.ops import state_tape
+    from deltalearn.ops import triton_mixing as tm
+
+    monkeypatch.setattr(state_tape, "REBUILD", rebuild)
+    monkeypatch.setattr("deltalearn.ops._shapes.SMALL_STATE", 0)  # every read on the kernels
+    shape = dict(num_layers=2, hidden_size=40, num_heads=2, head_dim=20, vocab_size=50)
+    torch.manual_seed(0)
+    model = DeltaLM(DeltaLMConfig.preset("ddl-tc", "tiny", **shape))
+    ids = torch.randint(0, 50, (2, 6))
+    with_taps, state_grads = [], []
+    real_update, real_read = te.update_triton, tm.read_backward
+
+    def update_spy(*args, **kwargs):
+        with_taps.append(args[8] is not None and args[8].dim() == 3)
+        return real_update(*args, **kwargs)
+
+    def read_spy(saved, G, past, shapes, need_xs, need_W):
+        state_grads.append(need_xs)
+        return real_read(saved, G, past, shapes, need_xs, need_W)
+
+    monkeypatch.setattr(te, "update_triton", update_spy)
+    monkeypatch.setattr(tm, "read_backward", read_spy)
+    results = _loss_and_grads_off_and_on(monkeypatch, model, ids, "FUSED_TOKEN_READ")
+    assert with_taps == [False] * 4 + [True] * 4
+    assert state_grads[:5] == [True] * 5
+    assert sorted(state_grads[5:]) == [False] * 4 + [True]
     (loss_off, grads_off), (loss_on, grads_on) = results
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_on, grads_off, strict=True):

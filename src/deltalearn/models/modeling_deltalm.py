@@ -80,7 +80,7 @@ from deltalearn.nn import (
 from deltalearn.nn.calls import plain_call
 from deltalearn.ops import backend, extension, state_chain, state_tape
 from deltalearn.ops.backend import native_allowed
-from deltalearn.ops.epilogue import fused_read_enabled
+from deltalearn.ops.epilogue import fused_read_enabled, fused_token_read_enabled
 
 Compressor = ChannelCompressor | TokenCompressor
 
@@ -98,6 +98,9 @@ class _Step:
     # and whether channel-compressor reads are fused into the rewrite before them.
     fast: ModuleType | None = None
     fuse_reads: bool = False
+    # Whether every token-compressor read comes out of the rewrite before it (training with the
+    # fused token read on: `DeltaLM._fuses_token_reads`).
+    token_reads: bool = False
     # The channel read a block's MLP rewrite makes for the next reader (`DeltaLM._carried_reads`):
     # that reader's compressor, set before the block runs; and what the rewrite hands on,
     # (state, read, mixing matrix), taken only by a reader whose input is that very state.
@@ -237,6 +240,8 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         m = self._modules  # not nn.Module.__getattr__: ~0.5 µs a lookup, per block and token
         attn = partial(m["attn"], rope=step.rope, mask=step.attn_mask, cache=step.cache)
         attn_update, mlp_update = m.get("attn_update"), m.get("mlp_update")  # None: additive
+        if step.token_reads:
+            return self._forward_token_reads(X, step, attn)
         if self._fuses_read(step.fuse_reads):
             # The MLP sublayer's channel-compressor read comes out of the attention rewrite (the
             # Triton kernel reads each row as it writes it): one pass over the state fewer.
@@ -261,6 +266,24 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         i = self.layer_idx
         X = self.sublayer(X, m["attn_norm"], attn, attn_update, step, f"{i}.attn")
         return self.sublayer(X, m["mlp_norm"], m["mlp"], mlp_update, step, f"{i}.mlp")
+
+    def _forward_token_reads(self, X: torch.Tensor, step: _Step, attn: Callable) -> torch.Tensor:
+        """The block with each token-compressor read made by the rewrite before it
+        (`DeltaUpdate(..., compress=taps)`): the attention rewrite reads for the MLP, the MLP
+        rewrite for the next block (or the final read), carried on `step`."""
+        m = self._modules
+        compress = m["compress"]
+        carried = step.take_carry(X)  # the block before read X in its MLP rewrite
+        x_in = compress(X) if carried is None else carried[0]
+        taps = compress.taps()
+        X, x_next = residual_step(X, x_in, m["attn_norm"], attn, m["attn_update"], taps)
+        reader = step.next_read
+        if reader is None:
+            return residual_step(X, x_next, m["mlp_norm"], m["mlp"], m["mlp_update"])
+        mlp_norm, mlp, mlp_update = m["mlp_norm"], m["mlp"], m["mlp_update"]
+        X, x_carry = residual_step(X, x_next, mlp_norm, mlp, mlp_update, reader.taps())
+        step.carry = X, x_carry, taps
+        return X
 
     def _fuses_read(self, switched_on: bool | None = None) -> bool:
         """The fused read (`ops.epilogue.fused_read_enabled`, unless the forward read it already:
@@ -391,6 +414,7 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         if updates or final_compress is not None:  # the baseline calls none of it
             step.fast = self._fast_calls(step.rope[0].device)
             step.fuse_reads = self.config.expanded and fused_read_enabled()
+            step.token_reads = self._fuses_token_reads(step, checkpointing)
 
         # Attributes set only where they change: nn.Module.__setattr__ costs ~2 µs, three per
         # rewrite and forward, which one decoded token at a time notices.
@@ -589,6 +613,8 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
         forming the next mixing matrix in PyTorch ops costs more host time than the read's one
         call of the inference extension."""
         blocks = list(self._modules["layers"]._modules.values())
+        if step.token_reads:  # every reader a plain TokenCompressor (`_fuses_token_reads`)
+            return [block._modules["compress"] for block in blocks[1:]] + [self.final_compress]
         none = [None] * len(blocks)
         if not step.fuse_reads or checkpointing or tokens < 2:
             return none
@@ -602,6 +628,31 @@ class DeltaLM(PreTrainedModel, GenerationMixin):
             r if isinstance(r, ChannelCompressor) and plain_call(r, ChannelCompressor) else None
             for r in after
         ]
+
+    def _fuses_token_reads(self, step: _Step, checkpointing: bool) -> bool:
+        """Whether this forward hands each token-compressor read to the rewrite before it
+        (`DeltaLMBlock._forward_token_reads`; DELTALEARN_FUSED_TOKEN_READ): training, eager, not
+        under activation checkpointing, no cache and no padding, every read a plain
+        `TokenCompressor`, every block called plainly and every update a plain fused delta or
+        write-only `DeltaUpdate` (nothing may come between a rewrite and the read it makes)."""
+        if checkpointing or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        if step.cache is not None or step.token_mask is not None or not self.config.expanded:
+            return False
+        if self.config.compressor != "tc" or not fused_token_read_enabled():
+            return False
+        blocks = list(self._modules["layers"]._modules.values())
+        reads = [b._modules.get("compress") for b in blocks] + [self.final_compress]
+        if not all(
+            isinstance(r, TokenCompressor) and plain_call(r, TokenCompressor) for r in reads
+        ):
+            return False
+        if not all(_called_plainly(b) for b in blocks):
+            return False
+        updates = [b._modules.get(name) for b in blocks for name in ("attn_update", "mlp_update")]
+        return all(
+            isinstance(u, DeltaUpdate) and u.fused and plain_call(u, DeltaUpdate) for u in updates
+        )
 
     def _starts_state_chain(
         self, X: torch.Tensor, step: _Step, readers: list, updates: list[DeltaUpdate]

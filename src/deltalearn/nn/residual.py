@@ -44,6 +44,7 @@ from deltalearn.ops import (
     native,
     prepared,
     state_tape,
+    token_mix,
     write_only_reference,
 )
 from deltalearn.ops._shapes import accumulation_dtype, autocast_on, no_autocast
@@ -141,6 +142,8 @@ class DeltaUpdate(nn.Module):
         rewrite keeps no state for backward and rebuilds X there."""
         if chain is not None:  # compiled: the projections, then the chained rewrite
             return self._general_update(X, h, c, u, compress, X.dim() == h.dim(), chain)
+        if compress is not None and compress.dim() == 3:
+            return self._update_and_token_read(X, h, c, u, compress, c_norm)
         # Without autograd on CPU: the whole update in one call whose checks run in C++
         # (ops/extension.py), else the prepared ctypes call (ops/prepared.py). native_allowed
         # first: it checks torch.compile before anything untraceable. Not on another device,
@@ -192,6 +195,25 @@ class DeltaUpdate(nn.Module):
                 self._record_from_inputs(X, h, c, u, vector)
             return out
         return self._general_update(X, h, c, u, compress, vector)
+
+    def _update_and_token_read(self, X, h, c, u, taps, c_norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(Y, x_next)`: the rewrite and the next sublayer's token-compressor read of Y, taps
+        `(d, dv, K)` (`TokenCompressor.taps`), Y `(B, T, d, dv)` read with no past. On the Triton
+        update the read runs inside its Function and its gradient joins ∂Y in the update's
+        backward kernel (`ops.triton_epilogue._bwd_tile`): Y's two gradients are never summed
+        apart. Elsewhere the rewrite, then the read, as the two calls would give them."""
+        vector = X.dim() == h.dim()
+        weights = None
+        if not vector and X.dim() == 4 and taps.shape[:2] == X.shape[-2:]:
+            weights = self._triton_update_weights(X, h, c, u, None, vector)
+        if weights is not None and taps.device == X.device and taps.dtype in backend.KERNEL_DTYPES:
+            out = self._triton_update(X, h, c, u, weights, taps, c_norm)
+            if self.record:
+                self._record_from_inputs(X, h, c, u, vector)
+            return out
+        Y = self.forward(X, h, c, u, c_norm=c_norm)
+        with no_autocast(Y):  # as `TokenCompressor.read_inputs` reads a state
+            return Y, token_mix(Y, taps, 0)
 
     def _general_update(self, X, h, c, u, compress, vector: bool, chain=None):
         """The projections (autograd through the generators' modules), then `rewrite_epilogue`."""

@@ -79,6 +79,28 @@ def update_kernel_enabled() -> bool:
     )
 
 
+# Module-level override of DELTALEARN_FUSED_TOKEN_READ (None: read the environment on each call):
+# whether a DeltaLM with token compressors (ddl-tc) hands each next sublayer's read to the rewrite
+# before it in training (`compress=` the read's taps `(d, dv, K)`), where the Triton update runs
+# the read after its own kernel and takes the read's gradient into its backward kernel: no
+# separate read Function, no sum of the state's two gradients (at `small`, 8 x 1024 a 100 MB
+# state-sized addition a sublayer on the GPU), no read writing a state-sized gradient of its own.
+# "off" until a GPU times it (benchmarks/gpu_check.sh, stage `tokenread`).
+FUSED_TOKEN_READ: str | None = None
+
+
+def fused_token_read_enabled() -> bool:
+    """Whether DeltaLM fuses each token-compressor read into the rewrite before it in training
+    (`FUSED_TOKEN_READ` above, else DELTALEARN_FUSED_TOKEN_READ: "on" or "off", the default)."""
+    return switched_on(
+        FUSED_TOKEN_READ,
+        "DELTALEARN_FUSED_TOKEN_READ",
+        "deltalearn.ops.epilogue.FUSED_TOKEN_READ",
+        "fused token read",
+        default="off",
+    )
+
+
 def fused_read_enabled() -> bool:
     """Whether DeltaLM fuses each channel-compressor read into the rewrite before it (`FUSED_READ`
     above, else DELTALEARN_FUSED_READ: "on", the default, or "off")."""

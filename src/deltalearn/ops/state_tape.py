@@ -307,6 +307,10 @@ class StateTape:
             out = torch.empty_strided(size, stride, dtype=dtype, device=device)
         return None, (above, rho, beta, e, out)
 
+    def state_after(self, index: int) -> torch.Tensor:
+        """The state the rewrite that consumed slot `index` made (kept, or rebuilt from above)."""
+        return self.state(self._slots[index].link[0])
+
     def rebuilt(self, index: int, X: torch.Tensor) -> None:
         """Slot `index` rebuilt as `X`: kept from now on until the rebuild two rewrites below."""
         self._slots[index].kept = X

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltalearn.ops import backend, no_graph, state_tape
+from deltalearn.ops import backend, no_graph, state_tape, triton_mixing
 from deltalearn.ops._shapes import cdiv, dense_past_first, new_empty, next_pow2
 from deltalearn.ops.projections import cast, kept_inputs
 
@@ -260,11 +260,15 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_tile(
-    c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d, sg_v, sn_d,
-    DV: tl.constexpr, BLOCK_D: tl.constexpr, COMPRESS: tl.constexpr, G_DENSE: tl.constexpr,
+    c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d, sg_v, sn_m,
+    sn_d, t_len, DV: tl.constexpr, BLOCK_D: tl.constexpr, COMPRESS: tl.constexpr,
+    G_DENSE: tl.constexpr, TOKEN_K: tl.constexpr,
 ):  # fmt: skip
     """Chunk `c` of the rows' feature axis, as both backward passes read it: offsets, masks, h, the
-    upstream gradient G in fp32 with the compressor read's gradient folded in (G + gn ⊗ C), gn."""
+    upstream gradient G in fp32 with the compressor read's gradient folded in (G + gn ⊗ C), gn.
+    With TOKEN_K (a token compressor's K taps, C `(d, dv, K)`) the read's gradient is that of the
+    next sublayer's token read instead: row s of a sequence of `t_len` met the outputs s + m
+    (m < K, within the sequence) through tap K − 1 − m, so G + Σ_m gn[s + m] ⊙ C[..., K − 1 − m]."""
     offs = c * BLOCK_D + dcol
     dmask = offs < d
     hm = rmask[:, None] & dmask[None, :]
@@ -273,11 +277,19 @@ def _bwd_tile(
     g_ptr = _state_ptrs(G, rows, offs, vcol, sg_m, sg_d, sg_v, DV, G_DENSE)
     gf = tl.load(g_ptr, mask=xm, other=0.0).to(tl.float32)
     gn = tl.zeros_like(hf)  # ∂L/∂x_next; only read with COMPRESS
+    cmask = dmask[:, None] & vmask[None, :]
     if COMPRESS:
         gn = tl.load(gn_row + offs[None, :] * sn_d, mask=hm, other=0.0).to(tl.float32)
-        cmask = dmask[:, None] & vmask[None, :]
         cm = tl.load(C + offs[:, None] * DV + vcol[None, :], mask=cmask, other=0.0)
         gf += gn[:, :, None] * cm.to(tl.float32)[None, :, :]
+    if TOKEN_K > 0:
+        position = rows % t_len  # the row's token within its sequence
+        for m in tl.static_range(TOKEN_K):
+            later = hm & (position + m < t_len)[:, None]
+            gm = tl.load(gn_row + m * sn_m + offs[None, :] * sn_d, mask=later, other=0.0)
+            tap = C + offs[:, None] * (DV * TOKEN_K) + vcol[None, :] * TOKEN_K + (TOKEN_K - 1 - m)
+            wm = tl.load(tap, mask=cmask, other=0.0).to(tl.float32)
+            gf += gm.to(tl.float32)[:, :, None] * wm[None, :, :]
     return offs, hm, xm, hf, gf, gn
 
 
@@ -339,13 +351,13 @@ def _bwd_kernel(
     Y, E, RHO, BETA, XO, WN, RSTD,
     n_rows, d, eps2, value_scale, iters, part_stride,
     sx_m, sx_d, sx_v, sh_m, sh_d, sz_m, sp_m, sp_v, sg_m, sg_d, sg_v, sn_m, sn_d,
-    sc_m, sc_d, sxv_m, sxv_d, sy_m, sy_d, sy_v,
+    sc_m, sc_d, sxv_m, sxv_d, sy_m, sy_d, sy_v, t_len,
     DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, DELTA: tl.constexpr, OFFICIAL: tl.constexpr,
     COMPRESS: tl.constexpr, WRITE_GX: tl.constexpr, X_DENSE: tl.constexpr, P_CONTIGUOUS: tl.constexpr,
     G_DENSE: tl.constexpr, PROJECT: tl.constexpr, READS_U: tl.constexpr, REBUILD: tl.constexpr,
     Y_DENSE: tl.constexpr, XV_STATE: tl.constexpr, NORM_C: tl.constexpr,
-    CARRY_SUMS: tl.constexpr = False,
+    CARRY_SUMS: tl.constexpr = False, TOKEN_K: tl.constexpr = 0,
 ):  # fmt: skip
     # REBUILD (delta only): X is not read but formed from the output Y and the row scalars the
     # forward saved for the state tape, x = y − (βρh) eᵀ as `_rebuild_kernel` forms it, and
@@ -402,7 +414,7 @@ def _bwd_kernel(
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
                 c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d,
-                sg_v, sn_d, DV, BLOCK_D, COMPRESS, G_DENSE,
+                sg_v, sn_m, sn_d, t_len, DV, BLOCK_D, COMPRESS, G_DENSE, TOKEN_K,
             )  # fmt: skip
             sq += tl.sum(hf * hf, axis=1)
             hg += tl.sum(hf[:, :, None] * gf, axis=1)
@@ -442,7 +454,7 @@ def _bwd_kernel(
         for c in range(NUM_CHUNKS):
             offs, hm, xm, hf, gf, gn = _bwd_tile(
                 c, dcol, d, rows, rmask, vcol, vmask, h_row, G, gn_row, C, sh_d, sg_m, sg_d,
-                sg_v, sn_d, DV, BLOCK_D, COMPRESS, G_DENSE,
+                sg_v, sn_m, sn_d, t_len, DV, BLOCK_D, COMPRESS, G_DENSE, TOKEN_K,
             )  # fmt: skip
             gk = tl.sum(gf * e[:, None, :], axis=2)
             if REBUILD:
@@ -674,7 +686,8 @@ def _forward(
     X, h, z, p = rows_on_context(ctx, X, h, z, p, delta, official, value_scale, k_eps)
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     block_m, block_d, num_chunks, block_v = launch_config(d, dv)
-    compress = C is not None
+    taps = C is not None and C.dim() == 3  # a token compressor's: read by its own kernel below
+    compress = C is not None and not taps
     Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
     if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
         xn_dtype = torch.promote_types(X.dtype, C.dtype)
@@ -721,12 +734,15 @@ def _forward(
     elif save_rows:  # before saving: Y is then a state the tape knows
         tape.link(X_in, Y, h_in, rho, beta, e)
     ctx.set_materialize_grads(False)
+    if taps:  # the next sublayer's token read of Y `(B, T, d, dv)`, its first token unpadded
+        XN = triton_mixing.read_forward(Y, C, 0)[0]
+        compress = True
     return ((Y, XN) if compress else Y), [X, h, z, p, C, *((rstd,) if norm_c else ())]
 
 
 def _backward(
     ctx: Any, saved, grads, need, projections: tuple | None = None, rebuild: tuple | None = None,
-    norm: tuple | None = None,
+    norm: tuple | None = None, Y_out: torch.Tensor | None = None,
 ) -> tuple:  # fmt: skip
     """`(∂X, ∂h, ∂z, ∂p, ∂C)` of `_forward`'s launch from its saved `[X, h, z, p, C]`, the output
     gradients `(∂Y, ∂XN)` (None where unused) and which of the five are `need`ed. With
@@ -736,15 +752,24 @@ def _backward(
     need); c_kept None and `norm` `(rstd, w_n)`: c is recomputed from u as RMSNorm formed it
     (the official head, `_forward`'s `norm_eps`). `rebuild` `(Y, rho, beta, e, X_out)`: X is None
     in `saved`; the kernel forms it from Y and the row scalars the forward saved for the state
-    tape and writes it to X_out (delta)."""
+    tape and writes it to X_out (delta). A token compressor's taps C `(d, dv, K)`: the read's
+    gradient joins ∂Y in the kernel (`_bwd_tile`), and ∂C is summed by the read's own kernel from
+    Y — `rebuild`'s, else `Y_out` (the forward's output) — before the kernel may write X over it."""
     X, h, z, p, C = saved
     if rebuild is not None:
         Y, rho_saved, beta_saved, e_saved, X = rebuild  # X: the output buffer, shape and dtype
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     X_shape, h_shape, z_shape, p_shape = ctx.shapes
     gY = grads[0]
+    taps = C is not None and C.dim() == 3
     compress = C is not None and len(grads) > 1 and grads[1] is not None
     need_X, need_h, need_z, need_p, need_C = need
+    gC_taps = None
+    if taps and compress and need_C:
+        Y_read = rebuild[0] if rebuild is not None else Y_out
+        gC_taps = triton_mixing.read_backward(
+            (Y_read, C.contiguous()), grads[1], 0, (Y_read.shape, C.shape), False, True
+        )[1]
     if gY is None:
         if not compress and projections is None:
             return (None,) * 5
@@ -755,7 +780,7 @@ def _backward(
 
     block_m, block_d, num_chunks, block_v = backward_launch_config(d, dv)
     num_blocks = cdiv(n_rows, block_m)
-    reduces = compress or projections is not None  # per-program partial sums: a capped grid
+    reduces = (compress and not taps) or projections is not None  # per-program partial sums
     nprog = _compress_programs(num_blocks, X.device) if reduces else num_blocks
     iters = cdiv(num_blocks, nprog) if num_blocks else 0
     # Written in the inputs' own shapes (contiguous): no reshape a call on the way out.
@@ -771,10 +796,12 @@ def _backward(
         gN, sn = _flat(grads[1], n_rows, d)
     else:
         Cc, gN, sn = gh, gh, (0, 0)  # unread placeholders
+    token_k = C.shape[-1] if taps and compress else 0
     # Every program's partial sums in one row of one fp32 buffer (one allocation and one sum where
     # there were up to three): ∂C (d·dv), ∂w_g and ∂W_v ((1 + dv)·d), the biases (1 + dv), and
     # padding to a multiple of 16 numbers (row starts the compiler knows aligned).
-    sizes = [d * dv if compress else 0, *((d, dv * d, 1, dv) if projections is not None else ())]
+    sums_c = compress and not taps
+    sizes = [d * dv if sums_c else 0, *((d, dv * d, 1, dv) if projections is not None else ())]
     used = sum(sizes)
     part_stride = cdiv(used, 16) * 16
     sizes.append(part_stride - used)
@@ -812,15 +839,15 @@ def _backward(
             cin, xv, wg, wv, g_c, g_u, sizes[0], used - 1 - dv,
             Yr, e_rows, rho_rows, beta_rows, XO, w_n, rstd,
             n_rows, d, ctx.k_eps**2, ctx.value_scale, iters, part_stride,
-            *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv, *sy,
+            *sx, *sh, *sz, *sp, *sg, *sn, *sc, *sxv, *sy, X_shape[1] if token_k else 1,
             DV=dv, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks, DELTA=ctx.delta, OFFICIAL=ctx.official,
-            COMPRESS=compress, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
+            COMPRESS=sums_c, WRITE_GX=write_gx, X_DENSE=dense_past_first((n_rows, d, dv), sx),
             P_CONTIGUOUS=p.is_contiguous(), G_DENSE=dense_past_first((n_rows, d, dv), sg),
             PROJECT=projections is not None, READS_U=reads_u, REBUILD=rebuild is not None,
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
             XV_STATE=x_is_state, NORM_C=norm is not None,
-            CARRY_SUMS=CARRY_SUMS and reduces and num_chunks == 1,
+            CARRY_SUMS=CARRY_SUMS and reduces and num_chunks == 1, TOKEN_K=token_k,
             num_warps=_num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
@@ -828,7 +855,9 @@ def _backward(
     # The partial sums, in program order: deterministic.
     sums = part.sum(0).split_with_sizes(sizes) if reduces else ()
     gC = None
-    if need_C:
+    if need_C and taps:
+        gC = cast(gC_taps, C.dtype) if compress else torch.zeros_like(C)
+    elif need_C:
         gC = cast(sums[0].view(d, dv), C.dtype) if compress else torch.zeros_like(C)
     if projections is not None:
         gw_g, gW_v, gb_g, gb_v = sums[1:5]
@@ -906,14 +935,19 @@ class _TritonUpdate(torch.autograd.Function):
         if slot is not None:  # backward rebuilds X from Y itself (`StateTape.claim`)
             ctx.rebuild = tape, slot
             saved[0] = None
-        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v)
+        # A token read's ∂C is summed from Y: the tape hands it over with X's rebuild, else kept
+        # (a state the tape records is kept as a handle, not as memory).
+        ctx.keeps_y = C is not None and C.dim() == 3 and slot is None
+        ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v, *out[:1] if ctx.keeps_y else ())
         bias_dtypes = (b_g.dtype, None if b_v is None else b_v.dtype)
         ctx.projection = (c.dtype, None if x is c else x.dtype, bias_dtypes)
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        X, h, z, p, C, *norm, c_kept, w_g, x_low, W_v = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        Y_out = saved[-1] if ctx.keeps_y else None
+        X, h, z, p, C, *norm, c_kept, w_g, x_low, W_v = saved[:-1] if ctx.keeps_y else saved
         norm = tuple(norm) or None  # (1/rms of u a row, norm weight) where c is recomputed
         need = ctx.needs_input_grad
         c_dtype, u_dtype, bias_dtypes = ctx.projection
@@ -922,9 +956,11 @@ class _TritonUpdate(torch.autograd.Function):
         if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
             tape, slot = ctx.rebuild
             X, rebuild = tape.claim(slot)
+            if rebuild is None and C is not None and C.dim() == 3:
+                Y_out = tape.state_after(slot)  # for the token read's ∂C
         gX, gh, projected, _, gC = _backward(
             ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections,
-            rebuild, norm,
+            rebuild, norm, Y_out,
         )  # fmt: skip
         if rebuild is not None:
             tape.rebuilt(slot, rebuild[-1])
