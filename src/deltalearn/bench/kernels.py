@@ -103,9 +103,12 @@ def kernels_benchmark(bench: KernelBench) -> list[dict[str, object]]:
         config = bench.config(variant)
         for dtype_name in bench.dtypes:
             for mode in bench.modes:
-                launches = model_launches(
-                    config, bench.batch, bench.seq, getattr(torch, dtype_name), mode
-                )
+                launches = []
+                for token_reads in _token_read_settings(config, mode):
+                    with _fused_token_read(token_reads):
+                        launches += model_launches(
+                            config, bench.batch, bench.seq, getattr(torch, dtype_name), mode
+                        )
                 for launch in launches:  # one row per binary: keyed as Triton caches them
                     key = triton_aot.launch_key(launch, bench.arch)
                     row = found.get(key)
@@ -117,6 +120,28 @@ def kernels_benchmark(bench: KernelBench) -> list[dict[str, object]]:
     for row in rows:
         row["used_by"] = ", ".join(row["used_by"])
     return rows
+
+
+def _token_read_settings(config, mode: str) -> tuple[str | None, ...]:
+    """The fused token read's settings a mode is recorded with: a TC model's training step both
+    ways (`DELTALEARN_FUSED_TOKEN_READ`: its update kernel then takes the read's gradient), else
+    as the environment has it."""
+    if mode == "train" and config.expanded and config.compressor == "tc":
+        return ("off", "on")
+    return (None,)
+
+
+@contextlib.contextmanager
+def _fused_token_read(setting: str | None):
+    from deltalearn.ops import epilogue
+
+    before = epilogue.FUSED_TOKEN_READ
+    if setting is not None:
+        epilogue.FUSED_TOKEN_READ = setting
+    try:
+        yield
+    finally:
+        epilogue.FUSED_TOKEN_READ = before
 
 
 def _operand_types(pointers: dict[str, str]) -> str:
@@ -136,7 +161,17 @@ def _compile_row(launch, arch: int, dtype_name: str) -> dict[str, object]:
         raise RuntimeError(
             f"{launch.name} ({dtype_name}) does not compile for sm_{arch}: {e}"
         ) from e
-    shown = ("DV", "BLOCK_M", "BLOCK_T", "BLOCK_D", "NUM_CHUNKS", "K", "COMPRESS", "SAVE_ROWS")
+    shown = (
+        "DV",
+        "BLOCK_M",
+        "BLOCK_T",
+        "BLOCK_D",
+        "NUM_CHUNKS",
+        "K",
+        "COMPRESS",
+        "SAVE_ROWS",
+        "TOKEN_K",
+    )
     return {
         "kernel": compiled.name,
         "autocast": dtype_name,

@@ -266,9 +266,10 @@ def _bwd_tile(
 ):  # fmt: skip
     """Chunk `c` of the rows' feature axis, as both backward passes read it: offsets, masks, h, the
     upstream gradient G in fp32 with the compressor read's gradient folded in (G + gn ⊗ C), gn.
-    With TOKEN_K (a token compressor's K taps, C `(d, dv, K)`) the read's gradient is that of the
-    next sublayer's token read instead: row s of a sequence of `t_len` met the outputs s + m
-    (m < K, within the sequence) through tap K − 1 − m, so G + Σ_m gn[s + m] ⊙ C[..., K − 1 − m]."""
+    With TOKEN_K (a token compressor's K taps, C here tap-major `(K, d, dv)`, so that a feature's
+    channels load as one vector) the read's gradient is that of the next sublayer's token read
+    instead: row s of a sequence of `t_len` met the outputs s + m (m < K, within the sequence)
+    through tap K − 1 − m, so G + Σ_m gn[s + m] ⊙ C[K − 1 − m]."""
     offs = c * BLOCK_D + dcol
     dmask = offs < d
     hm = rmask[:, None] & dmask[None, :]
@@ -287,7 +288,7 @@ def _bwd_tile(
         for m in tl.static_range(TOKEN_K):
             later = hm & (position + m < t_len)[:, None]
             gm = tl.load(gn_row + m * sn_m + offs[None, :] * sn_d, mask=later, other=0.0)
-            tap = C + offs[:, None] * (DV * TOKEN_K) + vcol[None, :] * TOKEN_K + (TOKEN_K - 1 - m)
+            tap = C + (TOKEN_K - 1 - m) * d * DV + offs[:, None] * DV + vcol[None, :]
             wm = tl.load(tap, mask=cmask, other=0.0).to(tl.float32)
             gf += gm.to(tl.float32)[:, :, None] * wm[None, :, :]
     return offs, hm, xm, hf, gf, gn
@@ -589,6 +590,13 @@ def backward_launch_config(d: int, dv: int) -> tuple[int, int, int, int]:
     return launch_config(d, dv, min(MAX_TILE_BWD, MAX_COLUMNS_BWD * next_pow2(dv)))
 
 
+# Warps of an update backward that takes a token read's gradient (TOKEN_K): its K shifted loads
+# of ∂x_next and of the taps take registers. Compiled for sm_90 at small (1 × 256 tiles): 8 warps
+# 164-169 registers a thread, one program (8 warps) an SM; 16 warps 40, three programs, 48 warps.
+# Chosen by occupancy, not timed: `benchmarks/kernel_tiles.py` times the others on a GPU.
+TOKEN_READ_WARPS = 16
+
+
 def _num_warps(block_m: int, block_d: int, block_v: int, reduces_dc: bool = False) -> int:
     # The backward that also sums ∂C ran faster with 8 (H200, d = 768, dv = 4: 289 µs a call
     # against 460 µs with 4).
@@ -792,7 +800,7 @@ def _backward(
     else:  # unwritten: the kernel forms the projections' gradients from them in registers
         gz = gp = gh
     if compress:
-        Cc = C.contiguous()
+        Cc = C.permute(2, 0, 1).contiguous() if taps else C.contiguous()  # taps: `(K, d, dv)`
         gN, sn = _flat(grads[1], n_rows, d)
     else:
         Cc, gN, sn = gh, gh, (0, 0)  # unread placeholders
@@ -848,7 +856,7 @@ def _backward(
             Y_DENSE=dense_past_first((n_rows, d, dv), sy),
             XV_STATE=x_is_state, NORM_C=norm is not None,
             CARRY_SUMS=CARRY_SUMS and reduces and num_chunks == 1, TOKEN_K=token_k,
-            num_warps=_num_warps(block_m, block_d, block_v, reduces),
+            num_warps=TOKEN_READ_WARPS if token_k else _num_warps(block_m, block_d, block_v, reduces),
         )  # fmt: skip
     if need_X and not write_gx:
         gX = cast(gY_in, X.dtype)  # write-only, no compressor read: ∂X = G
