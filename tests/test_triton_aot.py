@@ -62,7 +62,7 @@ def test_every_kernel_of_the_paper_variants_compiles_for_sm90_without_spills():
     # A dense (d, dv) state: each thread loads a channel vector 128 bits at a time, not one
     # 32-bit value per channel (the in-row strides are compile-time constants).
     # (Not the backward that takes a token read's gradient: 16 warps on a 1 x 256 x 4 tile, two
-    # values a thread, 64-bit loads, for the registers that let three programs share an SM.)
+    # values a thread, 64-bit loads, for the registers that let four programs share an SM.)
     token = [r for r in rows if "TOKEN_K=4" in r["constexprs"]]
     assert token and all(r["warps"] == 16 and r["registers"] <= 64 for r in token), token
     narrow = [

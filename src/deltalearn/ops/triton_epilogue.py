@@ -592,7 +592,7 @@ def backward_launch_config(d: int, dv: int) -> tuple[int, int, int, int]:
 
 # Warps of an update backward that takes a token read's gradient (TOKEN_K): its K shifted loads
 # of ∂x_next and of the taps take registers. Compiled for sm_90 at small (1 × 256 tiles): 8 warps
-# 164-169 registers a thread, one program (8 warps) an SM; 16 warps 40, three programs, 48 warps.
+# 164-169 registers a thread, one program (8 warps) an SM; 16 warps 32, four programs, 64 warps.
 # Chosen by occupancy, not timed: `benchmarks/kernel_tiles.py` times the others on a GPU.
 TOKEN_READ_WARPS = 16
 
