@@ -51,8 +51,9 @@
 #            with its eager step recorded as a CUDA graph (no compiling), every variant at `small`,
 #            batch 1; ~2 minutes
 #   tokenread  `bench model` train/memory for ddl-tc with each token-compressor read made by the
-#            rewrite before it (DELTALEARN_FUSED_TOKEN_READ=on: the read's gradient taken into the
-#            update's backward kernel; off by default) and without, eager and replayed; ~4 minutes
+#            rewrite before it (DELTALEARN_FUSED_TOKEN_READ=on, the default since 2026-12-02,
+#            chosen without a GPU: the read's gradient taken into the update's backward kernel)
+#            and without, eager and replayed, to confirm or revert that default; ~4 minutes
 #   updatekernel  `bench model` train/infer for the DDL variants with each update's projections
 #            inside the Triton kernel (DELTALEARN_UPDATE_KERNEL=on, the default since 2026-11-29,
 #            chosen on host work alone) and apart: its GPU time, to confirm or revert the default

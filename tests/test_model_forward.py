@@ -375,7 +375,7 @@ def test_fused_compressor_read_gives_the_same_model(variant, monkeypatch):
 
 
 def test_fused_token_read_gives_the_same_model(monkeypatch):
-    """DELTALEARN_FUSED_TOKEN_READ=on (off by default) hands each token-compressor read of a ddl-tc
+    """DELTALEARN_FUSED_TOKEN_READ=on (the default) hands each token-compressor read of a ddl-tc
     model in training to the rewrite before it: on CUDA the Triton update then takes the read's
     gradient into its backward kernel (tests/test_ops_epilogue.py), here the rewrite and then the
     read run as before — the same logits, gradients and gate records. With padding, or under
@@ -393,12 +393,12 @@ def test_fused_token_read_gives_the_same_model(monkeypatch):
 
     monkeypatch.setattr(DeltaUpdate, "forward", spy)
     monkeypatch.setattr(TokenCompressor, "forward", lambda *a: reads.append(1) or real_read(*a))
-    monkeypatch.delenv("DELTALEARN_FUSED_TOKEN_READ", raising=False)
+    monkeypatch.setenv("DELTALEARN_FUSED_TOKEN_READ", "off")
     off = _loss_logits_and_grads(model, ids)
     rewrites = 2 * len(model.layers)
     assert taps == [None] * rewrites and len(reads) == rewrites + 1
     taps.clear(), reads.clear()
-    monkeypatch.setenv("DELTALEARN_FUSED_TOKEN_READ", "on")
+    monkeypatch.delenv("DELTALEARN_FUSED_TOKEN_READ")  # on by default
     on = _loss_logits_and_grads(model, ids)
     # Every rewrite handed taps (here it then rewrites without them, and reads); one read of its
     # own, the first block's attention read.
