@@ -135,7 +135,8 @@ class DeltaUpdate(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The rewritten state; with `compress` (a channel compressor's `(d, dv)` mixing matrix)
         also the next sublayer's read of it, `(Y, x_next)`, read inside the Triton kernel when
-        that runs. `c_norm`: the module that made c from u (`c = c_norm(u)`), where the caller
+        that runs — or, for a `(B, T, d, dv)` state, a token compressor's taps `(d, dv, K)`: its
+        read of Y, whose gradient the Triton backward kernel takes in. `c_norm`: the module that made c from u (`c = c_norm(u)`), where the caller
         knows it; an RMSNorm (`rms_norm_parameters`) lets the Triton path recompute c from u in
         backward instead of keeping a copy of it under autocast (the official value head).
         `chain`: a compiled DeltaLM training forward's state chain (`ops/state_chain.py`): the
@@ -540,7 +541,7 @@ def residual_step(
     """One pre-norm DDL sublayer from its read state: `c = norm(x_in)`, `h = branch(c)`, then the
     rewrite `update(X, h, c, x_in)`, or `X + h` for the additive rule (`update` None), where a
     matrix state `(..., d, dv)` receives `h` in every value channel. With `compress` (a `(d, dv)`
-    mixing matrix; rewrites only) the pair `(X', x_next)` of `DeltaUpdate.forward`. `fast`: the
+    mixing matrix, or a token compressor's `(d, dv, K)` taps; rewrites only) the pair `(X', x_next)` of `DeltaUpdate.forward`. `fast`: the
     inference extension, where the caller checked that it may run (`DeltaUpdate.decode_update`).
     `chain`: the state chain of a compiled training forward (`DeltaUpdate.forward`), for a plain
     `DeltaUpdate` only."""
