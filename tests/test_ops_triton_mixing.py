@@ -208,14 +208,18 @@ def test_launch_config_keeps_the_tile_bound():
         assert block_t * block_d * block_v <= tm.MAX_TILE
 
 
-# Reads a step in two blocks: TC reads before each sublayer and before the head (2 · 2 + 1); CC's
-# MLP read comes out of the attention rewrite (the fused read, on by default), so one a block + 1.
-# ddl-cc: the first block's attention read only (the others come out of the rewrite before them);
-# ddl-tc: every read, two a block and the final one.
-@pytest.mark.parametrize(("variant", "reads"), [("ddl-cc", 1), ("ddl-tc", 5)])
-def test_deltalm_reads_through_the_kernels(interpreted, monkeypatch, variant, reads):
+# Reads a step in two blocks: before each sublayer and before the head (2 · 2 + 1). Through the
+# read's own Function: with the fused reads (on by default) the first block's attention read only,
+# the others come out of the rewrite before them (ddl-cc's in its kernel, ddl-tc's in its
+# Function); ddl-tc with the fused token read off, every read.
+@pytest.mark.parametrize(
+    ("variant", "token_reads", "reads"),
+    [("ddl-cc", "on", 1), ("ddl-tc", "on", 1), ("ddl-tc", "off", 5)],
+)
+def test_deltalm_reads_through_the_kernels(interpreted, monkeypatch, variant, token_reads, reads):
     """A whole model with every compressor read (and rewrite) on the kernels: the loss and every
     parameter gradient of the PyTorch path."""
+    monkeypatch.setenv("DELTALEARN_FUSED_TOKEN_READ", token_reads)
     ids = torch.randint(0, 61, (2, 12))
     results = []
     for choice in ("triton", "torch"):

@@ -354,15 +354,19 @@ def distinct_launches(launches: Iterable, kernels: Iterable[str] = SWEPT) -> lis
 
 
 # The switches that mostly tell one launch kind of a training step from another.
-SHOWN_FLAGS = ("COMPRESS", "SAVE_ROWS", "REBUILD", "X_DENSE", "G_DENSE", "XS_DENSE", "REDUCE_W")
+SHOWN_FLAGS = (
+    "COMPRESS", "SAVE_ROWS", "REBUILD", "X_DENSE", "G_DENSE", "XS_DENSE", "WRITE_GX", "REDUCE_W"
+)  # fmt: skip
 
 
 def flags_text(launch) -> str:
-    """A launch kind in a few words, e.g. "d=768 DV=4 COMPRESS REBUILD G_DENSE"."""
+    """A launch kind in a few words, e.g. "d=768 DV=4 COMPRESS REBUILD G_DENSE"; an update
+    backward that takes a token read's gradient "TOKEN_K=4"."""
     args = arguments(launch)
     on = [k for k in SHOWN_FLAGS if args.get(k) is True]
     taps = [f"K={args['K']}"] if "K" in args else []
-    return " ".join([f"d={args['d']} DV={args['DV']}", *taps, *on])
+    token = [f"TOKEN_K={args['TOKEN_K']}"] if args.get("TOKEN_K") else []
+    return " ".join([f"d={args['d']} DV={args['DV']}", *taps, *on, *token])
 
 
 @dataclass
