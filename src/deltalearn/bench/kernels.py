@@ -162,16 +162,8 @@ def _compile_row(launch, arch: int, dtype_name: str) -> dict[str, object]:
             f"{launch.name} ({dtype_name}) does not compile for sm_{arch}: {e}"
         ) from e
     shown = (
-        "DV",
-        "BLOCK_M",
-        "BLOCK_T",
-        "BLOCK_D",
-        "NUM_CHUNKS",
-        "K",
-        "COMPRESS",
-        "SAVE_ROWS",
-        "TOKEN_K",
-    )
+        "DV", "BLOCK_M", "BLOCK_T", "BLOCK_D", "NUM_CHUNKS", "K", "COMPRESS", "SAVE_ROWS", "TOKEN_K"
+    )  # fmt: skip
     return {
         "kernel": compiled.name,
         "autocast": dtype_name,

@@ -281,8 +281,9 @@ class DeltaLMBlock(GradientCheckpointingLayer):
         if reader is None:
             return residual_step(X, x_next, m["mlp_norm"], m["mlp"], m["mlp_update"])
         mlp_norm, mlp, mlp_update = m["mlp_norm"], m["mlp"], m["mlp_update"]
-        X, x_carry = residual_step(X, x_next, mlp_norm, mlp, mlp_update, reader.taps())
-        step.carry = X, x_carry, taps
+        next_taps = reader.taps()
+        X, x_carry = residual_step(X, x_next, mlp_norm, mlp, mlp_update, next_taps)
+        step.carry = X, x_carry, next_taps  # as a channel read carries its matrix
         return X
 
     def _fuses_read(self, switched_on: bool | None = None) -> bool:

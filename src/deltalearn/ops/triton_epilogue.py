@@ -566,6 +566,12 @@ def _rebuild_kernel(
         tl.store(x_row + offs[None, :, None] * DV, x.to(X.dtype.element_ty), mask=xm)
 
 
+def _token_taps(C: torch.Tensor | None) -> bool:
+    """Whether the compressor operand is a token compressor's taps `(d, dv, K)` (not a channel
+    compressor's `(d, dv)` matrix)."""
+    return C is not None and C.dim() == 3
+
+
 def _floor_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
@@ -694,7 +700,7 @@ def _forward(
     X, h, z, p = rows_on_context(ctx, X, h, z, p, delta, official, value_scale, k_eps)
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     block_m, block_d, num_chunks, block_v = launch_config(d, dv)
-    taps = C is not None and C.dim() == 3  # a token compressor's: read by its own kernel below
+    taps = _token_taps(C)  # read by its own kernel below
     compress = C is not None and not taps
     Cc = C.contiguous() if compress else Y  # unread placeholder pointers when not compressing
     if compress:  # the dtype ChannelCompressor reads a state in: X's promoted with C's
@@ -769,7 +775,7 @@ def _backward(
     (n_rows, d, dv), (sx, sh, sz, sp) = ctx.rows
     X_shape, h_shape, z_shape, p_shape = ctx.shapes
     gY = grads[0]
-    taps = C is not None and C.dim() == 3
+    taps = _token_taps(C)
     compress = C is not None and len(grads) > 1 and grads[1] is not None
     need_X, need_h, need_z, need_p, need_C = need
     gC_taps = None
@@ -863,10 +869,9 @@ def _backward(
     # The partial sums, in program order: deterministic.
     sums = part.sum(0).split_with_sizes(sizes) if reduces else ()
     gC = None
-    if need_C and taps:
-        gC = cast(gC_taps, C.dtype) if compress else torch.zeros_like(C)
-    elif need_C:
-        gC = cast(sums[0].view(d, dv), C.dtype) if compress else torch.zeros_like(C)
+    if need_C:
+        summed = gC_taps if taps else sums[0].view(d, dv) if compress else None
+        gC = torch.zeros_like(C) if summed is None else cast(summed, C.dtype)
     if projections is not None:
         gw_g, gW_v, gb_g, gb_v = sums[1:5]
         weights = (cast(gw_g.view(1, d), w_g.dtype), gb_g, cast(gW_v.view(dv, d), W_v.dtype), gb_v)
@@ -945,7 +950,7 @@ class _TritonUpdate(torch.autograd.Function):
             saved[0] = None
         # A token read's ∂C is summed from Y: the tape hands it over with X's rebuild, else kept
         # (a state the tape records is kept as a handle, not as memory).
-        ctx.keeps_y = C is not None and C.dim() == 3 and slot is None
+        ctx.keeps_y = _token_taps(C) and slot is None
         ctx.save_for_backward(*saved, c_kept, w_g, x_low, W_v, *out[:1] if ctx.keeps_y else ())
         bias_dtypes = (b_g.dtype, None if b_v is None else b_v.dtype)
         ctx.projection = (c.dtype, None if x is c else x.dtype, bias_dtypes)
@@ -964,7 +969,7 @@ class _TritonUpdate(torch.autograd.Function):
         if ctx.rebuild is not None:  # X kept already (rebuilt for another reader), or rebuilt here
             tape, slot = ctx.rebuild
             X, rebuild = tape.claim(slot)
-            if rebuild is None and C is not None and C.dim() == 3:
+            if rebuild is None and _token_taps(C):
                 Y_out = tape.state_after(slot)  # for the token read's ∂C
         gX, gh, projected, _, gC = _backward(
             ctx, (X, h, z, p, C), grads, (need[0], need[1], False, False, need[8]), projections,
