@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deltalearn.bench import timing
 from deltalearn.cli import main as cli_main
 
 MINUTE = [
@@ -81,6 +82,19 @@ def test_json_names_machine_torch_date_and_settings(model_run):
     assert (settings["batch"], settings["seq"], settings["gen_tokens"]) == (2, 16, 2)
     assert settings["impl"] == "default" and settings["dtype"] == "float32"
     assert "memory" in report["notes"]
+
+
+def test_machine_line_names_the_cpu_generation_and_vector_instructions(tmp_path):
+    """A virtual machine's CPUs may all be "AMD EPYC": the family and model tell a Zen 3 from a
+    Zen 4, whose C kernels (-march=native) differ; the first processor's block is read."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    cpuinfo.write_text(block.format(0, 25, 1) + "\n" + block.format(1, 26, 2))
+    assert timing.cpu_name(str(cpuinfo)) == "AMD EPYC (family 25, model 1)"
+    assert timing.cpu_name(str(tmp_path / "missing"))  # the platform's answer instead
+    line = timing.machine(torch.device("cpu"))
+    assert torch.backends.cpu.get_cpu_capability() in line
+    assert line.endswith(f", {torch.get_num_threads()} threads")
 
 
 def test_baseline_ratio_to_itself_is_one_and_others_are_ratios(model_run):

@@ -50,7 +50,9 @@ def test_checkpointed_grads_equal_plain(variant):
     assert model.is_activation_checkpointing
     assert all(block.gradient_checkpointing for block in model.layers)
     ckpt, ckpt_out = _grads(model, ids, mask, gates=True)
-    torch.testing.assert_close(ckpt_out.loss, plain_out.loss, rtol=0, atol=0)
+    # to round-off, not bit for bit: a checkpointed block ends its rewrite without the next block's
+    # compressor read fused in (DELTALEARN_FUSED_READ), which sums in another order
+    torch.testing.assert_close(ckpt_out.loss, plain_out.loss, rtol=1e-6, atol=0)
     _assert_same_grads(ckpt, plain)
     if plain_out.gates is None:
         assert model.config.residual == "additive" and ckpt_out.gates is None

@@ -118,23 +118,34 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what the platform says elsewhere)."""
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from `cpuinfo` with its family and model numbers (a virtual machine
+    may call every generation "AMD EPYC"), or what the platform says where there is none."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:  # the first processor's block ends here
+                    break
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine(device: torch.device) -> str:
-    """The machine line: the CUDA device name, or the CPU model and torch's thread count."""
+    """The machine line: the CUDA device name, or the CPU model, the widest vector instructions
+    torch uses there (the C kernels, built with -march=native, follow the CPU too) and torch's
+    thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_name()}, {capability}, {torch.get_num_threads()} threads"
 
 
 def run_header(device: torch.device) -> dict[str, str]:
