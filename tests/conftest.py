@@ -13,7 +13,10 @@ variables are set before torch is imported so that the subprocesses the tests st
 import os
 import tempfile
 
-if os.environ.get("DELTALEARN_TESTS_INDUCTOR", "quick") != "full":
+INDUCTOR_MODE = os.environ.get("DELTALEARN_TESTS_INDUCTOR", "quick")
+if INDUCTOR_MODE not in ("quick", "full"):
+    raise ValueError(f"DELTALEARN_TESTS_INDUCTOR must be 'quick' or 'full', got {INDUCTOR_MODE!r}")
+if INDUCTOR_MODE == "quick":
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
     os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
     os.environ.setdefault(
