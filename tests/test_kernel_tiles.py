@@ -24,6 +24,7 @@ from triton_interpreter import (  # noqa: E402
 from deltalearn.bench import kernel_tiles as kt  # noqa: E402
 from deltalearn.bench.kernels import model_launches  # noqa: E402
 from deltalearn.errors import ConfigError  # noqa: E402
+from deltalearn.ops import _shapes as shapes  # noqa: E402
 from deltalearn.ops import triton_aot  # noqa: E402
 from deltalearn.ops import triton_epilogue as te  # noqa: E402
 from deltalearn.ops import triton_mixing as tm  # noqa: E402
@@ -57,8 +58,8 @@ def _bench(**changes) -> kt.TileSweep:
     return kt.TileSweep(**{**fields, **changes})
 
 
-def _launches(variant: str, interpreted: bool = False) -> list:
-    bench = _bench(variants=[variant])
+def _launches(variant: str, interpreted: bool = False, **changes) -> list:
+    bench = _bench(variants=[variant], **changes)
     return model_launches(
         bench.config(variant), bench.batch, bench.seq, torch.bfloat16, "train",
         interpreted=interpreted,
@@ -69,6 +70,12 @@ def _one_warp_count(monkeypatch) -> None:
     """The sweep's candidates with 8 warps only: its tiles (fewer kernels to compile or run)."""
     tilings = {name: dataclasses.replace(t, warp_options=(8,)) for name, t in kt.TILINGS.items()}
     monkeypatch.setattr(kt, "TILINGS", tilings)
+
+
+def _small_states_take_the_kernels(monkeypatch) -> None:
+    """Reads of any state launch their kernels (a small one takes plain ops): the interpreter then
+    runs the sweep on a few tokens instead of the 144 that reach the threshold."""
+    monkeypatch.setattr(shapes, "SMALL_STATE", 0)
 
 
 def _first(launches, name: str):
@@ -166,10 +173,15 @@ def test_candidates_compile_for_sm90_without_spilling(monkeypatch):
 def test_every_setting_writes_what_the_default_does(interpreted, monkeypatch):
     # One SM: a reducing backward's programs each walk several row blocks.
     _one_warp_count(monkeypatch)
+    _small_states_take_the_kernels(monkeypatch)
     updates = kt.sweep(_bench(seq=16, kernels=["_fwd_kernel", "_bwd_kernel"], multiprocessors=1))
+    # 20 tokens: the widest token tile (16) leaves a ragged second block
     reads = kt.sweep(
         _bench(
-            variants=["ddl-tc"], kernels=["_read_fwd_kernel", "_read_bwd_kernel"], multiprocessors=1
+            variants=["ddl-tc"],
+            seq=20,
+            kernels=["_read_fwd_kernel", "_read_bwd_kernel"],
+            multiprocessors=1,
         )
     )
     rows = updates + reads
@@ -178,7 +190,7 @@ def test_every_setting_writes_what_the_default_does(interpreted, monkeypatch):
 
 
 def test_a_relaunch_that_skips_rows_is_caught(interpreted, monkeypatch):
-    launches = _launches("ddl-cc", interpreted=True)
+    launches = _launches("ddl-cc", interpreted=True, seq=16)
     backward = _first(launches, "_bwd_kernel")
     runner = kt.Runner(backward, multiprocessors=1)
     setting = kt.candidate_settings(backward)[1]
