@@ -111,9 +111,17 @@ def _check_against_reference(leaves, rule, value_head, tol=1e-5):
 
 RULES = ["delta", "write_only"]
 HEADS = ["paper", "official"]
-# Leading axes where rows are cut into tile-wide chunks: a row wider than a tile is a program of
-# its own, so six rows test what fifteen do, at a third of the interpreter's time.
-CHUNKED_LEAD = (2, 3)
+
+
+def _rows_in_tiles(monkeypatch, tile):
+    """Rows cut into `tile`-wide chunks (None: the kernels' own tiles), and the leading axes to
+    test them on. A row wider than a tile is a program of its own, so 2 × 3 rows test what 3 × 5
+    do, at a third of the interpreter's time."""
+    if tile is None:
+        return (3, 5)
+    monkeypatch.setattr(te, "MAX_TILE", tile)
+    monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
+    return (2, 3)
 
 
 @pytest.mark.parametrize("value_head", HEADS)
@@ -285,9 +293,7 @@ def test_whole_update_in_chunks_and_under_autocast(interpreted, monkeypatch, val
     """Rows wider than a tile (the projections summed over chunks), and bf16 autocast (c kept in
     bf16 for ∂w_g, the value product's backward in bf16, as `_LinearProjections` takes them)."""
     with monkeypatch.context() as m:
-        m.setattr(te, "MAX_TILE", 128)
-        m.setattr(te, "MAX_TILE_BWD", 128)
-        _check_update(m, 200, 4, "delta", value_head, True, lead=CHUNKED_LEAD)
+        _check_update(m, 200, 4, "delta", value_head, True, lead=_rows_in_tiles(m, 128))
     _check_update(monkeypatch, 96, 4, "delta", value_head, True, autocast=True)
 
 
@@ -298,11 +304,8 @@ def test_whole_update_whose_value_head_reads_the_state(interpreted, monkeypatch,
     delta backward forms ∂W_v from the X it reads, keeping no copy of u; values and every
     gradient as the general path's, in chunks too."""
     with monkeypatch.context() as m:
-        m.setattr(te, "MAX_TILE", 128)
-        m.setattr(te, "MAX_TILE_BWD", 128)
-        _check_update(
-            m, 200, 1, rule, "official", False, autocast=autocast, u_is_x=True, lead=CHUNKED_LEAD
-        )
+        lead = _rows_in_tiles(m, 128)
+        _check_update(m, 200, 1, rule, "official", False, autocast=autocast, u_is_x=True, lead=lead)
     _check_update(monkeypatch, 96, 1, rule, "official", False, autocast=autocast, u_is_x=True)
 
 
@@ -326,10 +329,7 @@ def test_whole_update_rebuilds_the_state_it_consumed_in_its_backward(
     from deltalearn.nn import DeltaUpdate
     from deltalearn.ops import state_tape
 
-    if tile is not None:
-        monkeypatch.setattr(te, "MAX_TILE", tile)
-        monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
-    lead = (3, 5) if tile is None else CHUNKED_LEAD
+    lead = _rows_in_tiles(monkeypatch, tile)
     torch.manual_seed(4)
     update = DeltaUpdate(d, dv, value_head="official")
     update.record = False
@@ -394,7 +394,7 @@ def test_whole_update_on_strided_and_empty_inputs(interpreted, monkeypatch, dv):
     assert all(p.grad is not None and not p.grad.any() for p in update.parameters())
 
 
-def _normed_update_run(d, dv, autocast, c_norm, lead):
+def _normed_update_run(d, dv, lead, autocast, c_norm):
     """An official-head update whose c is an RMSNorm of u (u = X for a vector state, as in a
     DeltaLM): outputs, the gradients of a fixed loss with respect to every leaf and parameter (the
     norm's weight included), and the (shape, dtype) of every tensor saved for backward."""
@@ -436,18 +436,15 @@ def test_whole_update_recomputes_the_norm_of_its_input_under_autocast(
     c or u under bf16 autocast: its backward recomputes c from u (in chunks too). The outputs are
     those of the update that keeps the copies, bit for bit, and every gradient is the fp32 run's
     (no autocast, nothing rounded) to round-off, where the kept bf16 copies miss it by ~1e-3."""
-    if tile is not None:
-        monkeypatch.setattr(te, "MAX_TILE", tile)
-        monkeypatch.setattr(te, "MAX_TILE_BWD", tile)
+    lead = _rows_in_tiles(monkeypatch, tile)
     calls = []
     real = te.update_triton
     monkeypatch.setattr(
         te, "update_triton", lambda *a, **k: calls.append(k["norm"]) or real(*a, **k)
     )
-    lead = (3, 5) if tile is None else CHUNKED_LEAD
-    outs, grads, saved = _normed_update_run(d, dv, True, c_norm=True, lead=lead)
-    kept_outs, kept_grads, kept_saved = _normed_update_run(d, dv, True, c_norm=False, lead=lead)
-    _, fp32_grads, _ = _normed_update_run(d, dv, False, c_norm=False, lead=lead)
+    outs, grads, saved = _normed_update_run(d, dv, lead, autocast=True, c_norm=True)
+    kept_outs, kept_grads, kept_saved = _normed_update_run(d, dv, lead, autocast=True, c_norm=False)
+    _, fp32_grads, _ = _normed_update_run(d, dv, lead, autocast=False, c_norm=False)
     assert calls[0] is not None and calls[1] is None
     assert [s for s in saved if s[1] == torch.bfloat16] == []
     assert (*lead, d) in [s[0] for s in kept_saved if s[1] == torch.bfloat16]
